@@ -1,0 +1,214 @@
+#include "model/engine.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include <torch/torch.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "model/config.h"
+#include "model/status_macros.h"
+#include "model/transformer.h"
+#include "model/weights.h"
+
+namespace attnscope {
+namespace {
+
+// Longest generation one request may ask for.
+constexpr int64_t kMaxNewTokensLimit = 1 << 20;
+
+absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
+  if (name == "cpu") return torch::Device(torch::kCPU);
+  if (name == "cuda" || name.rfind("cuda:", 0) == 0) {
+    if (!torch::cuda::is_available()) {
+      return absl::FailedPreconditionError(absl::StrCat("device '", name, "' requested but this build of libtorch "
+                                                        "has no CUDA or no GPU is visible; use --device cpu"));
+    }
+    int index = 0;
+    if (name.size() > 5 && !absl::SimpleAtoi(name.substr(5), &index)) {
+      return absl::InvalidArgumentError(absl::StrCat("device '", name, "' is not cpu, cuda or cuda:N"));
+    }
+    if (index < 0 || index >= static_cast<int>(torch::cuda::device_count())) {
+      return absl::OutOfRangeError(absl::StrCat("device '", name, "': ", torch::cuda::device_count(), " GPUs visible"));
+    }
+    return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  return absl::InvalidArgumentError(absl::StrCat("device '", name, "' is not cpu, cuda or cuda:N"));
+}
+
+absl::StatusOr<torch::ScalarType> ParseDType(const std::string& name, const torch::Device& device) {
+  if (name.empty()) return device.is_cuda() ? torch::kBFloat16 : torch::kFloat32;
+  if (name == "float32" || name == "fp32") return torch::kFloat32;
+  if (name == "bfloat16" || name == "bf16") return torch::kBFloat16;
+  if (name == "float16" || name == "fp16") return torch::kFloat16;
+  return absl::InvalidArgumentError(absl::StrCat("dtype '", name, "' is not float32, bfloat16 or float16"));
+}
+
+const char* DTypeName(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32: return "float32";
+    case torch::kBFloat16: return "bfloat16";
+    case torch::kFloat16: return "float16";
+    default: return "?";
+  }
+}
+
+double MsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+const char* FinishReasonName(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kEos: return "eos";
+    case FinishReason::kStopToken: return "stop_token";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kContextFull: return "context_full";
+    case FinishReason::kCancelled: return "cancelled";
+  }
+  return "?";
+}
+
+Engine::~Engine() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& options) {
+  std::unique_ptr<Engine> engine(new Engine());
+  engine->options_ = options;
+  ASSIGN_OR_RETURN(torch::Device device, ParseDevice(options.device));
+  ASSIGN_OR_RETURN(torch::ScalarType dtype, ParseDType(options.dtype, device));
+  ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
+  Weights weights;
+  {
+    c10::InferenceMode guard;
+    ASSIGN_OR_RETURN(weights, LoadWeights(options.model_dir, config, device, dtype));
+  }
+  ModelInfo& info = engine->info_;
+  info.model_dir = options.model_dir;
+  info.architecture = config.model_type;
+  info.num_layers = config.num_layers;
+  info.num_heads = config.num_heads;
+  info.num_kv_heads = config.num_kv_heads;
+  info.head_dim = config.head_dim;
+  info.hidden_size = config.hidden_size;
+  info.vocab_size = config.vocab_size;
+  info.max_positions = config.max_position_embeddings;
+  info.sliding_window = config.sliding_window;
+  info.eos_token_ids = config.eos_token_ids;
+  info.bos_token_id = config.bos_token_id.value_or(-1);
+  info.dtype = DTypeName(dtype);
+  info.device = device.str();
+  info.has_tokenizer = false;  // tokenizers: see model/tokenizer (token-id mode until then)
+  engine->transformer_ = std::make_unique<Transformer>(std::move(config), std::move(weights), device, dtype);
+  return engine;
+}
+
+absl::StatusOr<std::vector<int64_t>> Engine::Encode(const std::string& text) const {
+  return absl::FailedPreconditionError(absl::StrCat("the model in ", info_.model_dir,
+                                                    " has no tokenizer loaded; send token ids instead of text"));
+}
+
+absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec& capture) const {
+  const int64_t prompt_len = static_cast<int64_t>(request.prompt_ids.size());
+  if (prompt_len == 0) return absl::InvalidArgumentError("the prompt is empty: send at least one token");
+  for (int64_t i = 0; i < prompt_len; ++i) {
+    const int64_t id = request.prompt_ids[i];
+    if (id < 0 || id >= info_.vocab_size) {
+      return absl::OutOfRangeError(absl::StrCat("token id ", id, " at position ", i, " is outside the vocabulary (0-",
+                                                info_.vocab_size - 1, ")"));
+    }
+  }
+  if (prompt_len > info_.max_positions) {
+    return absl::OutOfRangeError(absl::StrCat("the prompt has ", prompt_len, " tokens, more than the model's context of ",
+                                              info_.max_positions, "; set max_length to truncate it in the middle"));
+  }
+  if (request.max_new_tokens < 1 || request.max_new_tokens > kMaxNewTokensLimit) {
+    return absl::OutOfRangeError(absl::StrCat("max_new_tokens = ", request.max_new_tokens, " must be in [1, ",
+                                              kMaxNewTokensLimit, "]"));
+  }
+  const auto& s = request.sampling;
+  if (!(s.temperature >= 0.0)) return absl::InvalidArgumentError("temperature must be >= 0 (0 = greedy)");
+  if (s.top_k < 0) return absl::InvalidArgumentError("top_k must be >= 0 (0 = off)");
+  if (!(s.top_p > 0.0 && s.top_p <= 1.0)) return absl::InvalidArgumentError("top_p must be in (0, 1]");
+  for (int64_t id : request.stop_token_ids) {
+    if (id < 0 || id >= info_.vocab_size) {
+      return absl::OutOfRangeError(absl::StrCat("stop token id ", id, " is outside the vocabulary (0-",
+                                                info_.vocab_size - 1, ")"));
+    }
+  }
+  return ValidateCaptureSpec(capture, info_.num_layers, info_.num_heads, prompt_len);
+}
+
+absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, const CaptureSpec& capture,
+                                                AttentionSink* sink, const CancelToken* cancel) const {
+  RETURN_IF_ERROR(Validate(request, capture));
+  try {
+    c10::InferenceMode guard;
+    const int64_t prompt_len = static_cast<int64_t>(request.prompt_ids.size());
+    // The last generated token is never fed, so the cache holds prompt + max_new_tokens - 1.
+    const int64_t capacity = std::min(prompt_len + request.max_new_tokens - 1, info_.max_positions);
+    KVCache cache = transformer_->NewCache(std::max(capacity, prompt_len));
+    CaptureProcessor processor(capture, info_.num_layers, info_.num_heads, prompt_len, sink);
+    ForwardOptions fwd;
+    fwd.query_block = options_.query_block;
+    fwd.fast_attention = options_.fast_attention;
+    Sampler sampler(request.sampling);
+    GenerateResult result;
+
+    auto is_cancelled = [&] { return cancel != nullptr && cancel->cancelled(); };
+    if (is_cancelled()) {
+      result.finish = FinishReason::kCancelled;
+      return result;
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    ASSIGN_OR_RETURN(torch::Tensor logits,
+                     transformer_->Forward(request.prompt_ids, &cache, &processor, Phase::kPrefill, 0, fwd));
+    result.timings.prefill_ms = MsSince(t0);
+    t0 = std::chrono::steady_clock::now();
+    for (int64_t step = 1;; ++step) {
+      if (sink != nullptr && sink->WantsLogits()) RETURN_IF_ERROR(sink->OnLogits(step, logits.cpu()));
+      const int64_t token = sampler.Next(logits);
+      result.tokens.push_back(token);
+      if (sink != nullptr) RETURN_IF_ERROR(sink->OnToken(step, token));
+      const auto& eos = info_.eos_token_ids;
+      const auto& stop = request.stop_token_ids;
+      if (!request.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
+        result.finish = FinishReason::kEos;
+        break;
+      }
+      if (std::find(stop.begin(), stop.end(), token) != stop.end()) {
+        result.finish = FinishReason::kStopToken;
+        break;
+      }
+      if (step == request.max_new_tokens) {
+        result.finish = FinishReason::kLength;
+        break;
+      }
+      if (cache.length >= cache.capacity) {
+        result.finish = FinishReason::kContextFull;
+        break;
+      }
+      if (is_cancelled()) {
+        result.finish = FinishReason::kCancelled;
+        break;
+      }
+      ASSIGN_OR_RETURN(logits, transformer_->Forward({token}, &cache, &processor, Phase::kDecode, step, fwd));
+      ++result.decode_steps;
+    }
+    result.timings.decode_ms = MsSince(t0);
+    RETURN_IF_ERROR(processor.Finish());
+    return result;
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    if (what.find("out of memory") != std::string::npos) {
+      return absl::ResourceExhaustedError(absl::StrCat("out of memory on ", info_.device,
+                                                       "; capture fewer layers or use statistics/pooled forms: ", what));
+    }
+    return absl::InternalError(absl::StrCat("libtorch error: ", what));
+  }
+}
+
+}  // namespace attnscope

@@ -1,0 +1,102 @@
+// The engine API: load a checkpoint folder, describe the model, generate with attention capture.
+// Nothing here knows about gRPC; the server reaches the model only through this header.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "model/capture.h"
+#include "model/sampler.h"
+
+namespace attnscope {
+
+class Transformer;
+
+struct EngineOptions {
+  std::string model_dir;      // Hugging Face checkpoint folder
+  std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
+  std::string dtype;          // "float32", "bfloat16", "float16"; empty: float32 on CPU, bfloat16 on CUDA
+  int64_t query_block = 128;  // attention rows materialized at once for captured layers
+  bool fast_attention = true;  // fused attention for layers not captured (libtorch >= 2.0)
+};
+
+struct ModelInfo {
+  std::string model_dir;
+  std::string architecture;  // config.json model_type
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t hidden_size = 0;
+  int64_t vocab_size = 0;
+  int64_t max_positions = 0;
+  std::vector<int64_t> sliding_window;  // per layer, 0 = full
+  std::vector<int64_t> eos_token_ids;
+  int64_t bos_token_id = -1;
+  std::string dtype;
+  std::string device;
+  bool has_tokenizer = false;
+};
+
+struct GenerateRequest {
+  std::vector<int64_t> prompt_ids;
+  int64_t max_new_tokens = 16;          // >= 1
+  SamplingParams sampling;
+  std::vector<int64_t> stop_token_ids;  // besides the model's eos ids
+  bool ignore_eos = false;
+};
+
+enum class FinishReason { kEos, kStopToken, kLength, kContextFull, kCancelled };
+const char* FinishReasonName(FinishReason reason);
+
+struct Timings {
+  double prefill_ms = 0;
+  double decode_ms = 0;  // all decode steps together
+};
+
+struct GenerateResult {
+  std::vector<int64_t> tokens;  // generated ids, the stop token included
+  FinishReason finish = FinishReason::kLength;
+  Timings timings;
+  int64_t decode_steps = 0;  // forward passes after prefill
+};
+
+// Set from any thread; the generation stops before its next step.
+class CancelToken {
+ public:
+  void Cancel() { cancelled_.store(true); }
+  bool cancelled() const { return cancelled_.load(); }
+
+ private:
+  std::atomic<bool> cancelled_{false};
+};
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Load(const EngineOptions& options);
+  ~Engine();
+
+  const ModelInfo& info() const { return info_; }
+
+  // Text input needs a tokenizer: FAILED_PRECONDITION in token-id mode.
+  absl::StatusOr<std::vector<int64_t>> Encode(const std::string& text) const;
+
+  // Checks a request and its capture spec without running anything.
+  absl::Status Validate(const GenerateRequest& request, const CaptureSpec& capture) const;
+
+  // Prefill, then one token per step; attention blocks and tokens go to `sink` as computed.
+  // Safe to call from several threads at once. `sink` and `cancel` may be null.
+  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request, const CaptureSpec& capture,
+                                          AttentionSink* sink, const CancelToken* cancel) const;
+
+ private:
+  Engine() = default;
+  EngineOptions options_;
+  ModelInfo info_;
+  std::unique_ptr<Transformer> transformer_;
+};
+
+}  // namespace attnscope

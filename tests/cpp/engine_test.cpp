@@ -1,0 +1,239 @@
+// The engine API: request validation, stopping rules, cancellation, concurrency, the fast path
+// against the reference path, and the capture size estimate.
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "model/attention.h"
+#include "model/engine.h"
+#include "tests/cpp/tiny_checkpoint.h"
+
+namespace attnscope {
+namespace {
+
+class EngineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new testing::TempDir();
+    ASSERT_TRUE(testing::WriteTinyCheckpoint(dir_->path(), testing::TinyLlamaConfig()).ok());
+    EngineOptions options;
+    options.model_dir = dir_->path();
+    auto engine = Engine::Load(options);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    engine_ = engine->release();
+  }
+  static void TearDownTestSuite() {
+    delete engine_;
+    delete dir_;
+  }
+  static GenerateRequest Request(int64_t max_new = 8) {
+    GenerateRequest r;
+    r.prompt_ids = {1, 5, 9, 3, 7, 11, 4};
+    r.max_new_tokens = max_new;
+    r.ignore_eos = true;
+    return r;
+  }
+  static testing::TempDir* dir_;
+  static Engine* engine_;
+};
+testing::TempDir* EngineTest::dir_ = nullptr;
+Engine* EngineTest::engine_ = nullptr;
+
+// Collects everything; optionally cancels after a given number of tokens.
+class RecordingSink : public AttentionSink {
+ public:
+  absl::Status OnAttention(const AttentionBlock& b) override {
+    bytes += b.values.numel() * b.values.element_size() + (b.indices.defined() ? b.indices.numel() * 4 : 0);
+    ++blocks;
+    return absl::OkStatus();
+  }
+  absl::Status OnStatistic(const StatBlock& s) override {
+    bytes += s.values.numel() * 4;
+    return absl::OkStatus();
+  }
+  absl::Status OnToken(int64_t step, int64_t id) override {
+    tokens.push_back(id);
+    if (cancel_after > 0 && static_cast<int64_t>(tokens.size()) == cancel_after) cancel.Cancel();
+    return absl::OkStatus();
+  }
+  std::vector<int64_t> tokens;
+  int64_t bytes = 0, blocks = 0, cancel_after = 0;
+  CancelToken cancel;
+};
+
+TEST_F(EngineTest, ModelInfo) {
+  const ModelInfo& info = engine_->info();
+  EXPECT_EQ(info.architecture, "llama");
+  EXPECT_EQ(info.num_layers, 2);
+  EXPECT_EQ(info.num_heads, 4);
+  EXPECT_EQ(info.num_kv_heads, 2);
+  EXPECT_EQ(info.head_dim, 4);
+  EXPECT_EQ(info.vocab_size, 32);
+  EXPECT_EQ(info.dtype, "float32");
+  EXPECT_EQ(info.device, "cpu");
+}
+
+TEST_F(EngineTest, BadRequestsGetPreciseStatuses) {
+  CaptureSpec none;
+  struct Case {
+    std::function<void(GenerateRequest&, CaptureSpec&)> mutate;
+    absl::StatusCode code;
+    std::string text;
+  } cases[] = {
+      {[](auto& r, auto&) { r.prompt_ids.clear(); }, absl::StatusCode::kInvalidArgument, "empty"},
+      {[](auto& r, auto&) { r.prompt_ids[2] = 32; }, absl::StatusCode::kOutOfRange, "token id 32 at position 2"},
+      {[](auto& r, auto&) { r.prompt_ids[0] = -1; }, absl::StatusCode::kOutOfRange, "outside the vocabulary (0-31)"},
+      {[](auto& r, auto&) { r.prompt_ids.assign(65, 1); }, absl::StatusCode::kOutOfRange, "max_length"},
+      {[](auto& r, auto&) { r.max_new_tokens = 0; }, absl::StatusCode::kOutOfRange, "max_new_tokens"},
+      {[](auto& r, auto&) { r.sampling.top_p = 0; }, absl::StatusCode::kInvalidArgument, "top_p"},
+      {[](auto& r, auto&) { r.sampling.temperature = -1; }, absl::StatusCode::kInvalidArgument, "temperature"},
+      {[](auto&, auto& c) { c.form = Form::kDense; c.layers = {2}; }, absl::StatusCode::kOutOfRange,
+       "layer 2 requested, model has 2 layers (0-1)"},
+      {[](auto&, auto& c) { c.form = Form::kDense; c.heads = {0, 4}; }, absl::StatusCode::kOutOfRange,
+       "head 4 requested, model has 4 attention heads (0-3)"},
+      {[](auto&, auto& c) { c.form = Form::kPooled; }, absl::StatusCode::kInvalidArgument, "pool"},
+      {[](auto&, auto& c) { c.form = Form::kTopK; }, absl::StatusCode::kInvalidArgument, "top_k"},
+      {[](auto&, auto& c) { c.form = Form::kDense; c.query_ranges = {{2, 9}}; }, absl::StatusCode::kOutOfRange,
+       "past the prompt"},
+      {[](auto&, auto& c) { c.form = Form::kDense; c.query_ranges = {{0, 3}, {2, 5}}; },
+       absl::StatusCode::kInvalidArgument, "overlap"},
+      {[](auto&, auto& c) { c.form = Form::kDense; c.prefill = c.decode = false; },
+       absl::StatusCode::kInvalidArgument, "neither"},
+  };
+  for (const auto& c : cases) {
+    GenerateRequest r = Request();
+    CaptureSpec spec = none;
+    c.mutate(r, spec);
+    auto result = engine_->Generate(r, spec, nullptr, nullptr);
+    EXPECT_EQ(result.status().code(), c.code) << result.status();
+    EXPECT_NE(result.status().message().find(c.text), std::string::npos) << result.status();
+  }
+}
+
+TEST_F(EngineTest, StopsAtMaxNewTokensEosAndStopTokens) {
+  auto r = engine_->Generate(Request(5), {}, nullptr, nullptr);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->tokens.size(), 5u);
+  EXPECT_EQ(r->finish, FinishReason::kLength);
+  EXPECT_EQ(r->decode_steps, 4);
+
+  // Stop on the third token, whatever it is.
+  GenerateRequest stop = Request(8);
+  stop.stop_token_ids = {r->tokens[2]};
+  auto s = engine_->Generate(stop, {}, nullptr, nullptr);
+  ASSERT_TRUE(s.ok());
+  const size_t first = std::find(r->tokens.begin(), r->tokens.end(), r->tokens[2]) - r->tokens.begin();
+  EXPECT_EQ(s->tokens.size(), first + 1);
+  EXPECT_EQ(s->finish, FinishReason::kStopToken);
+
+  // The model's eos id (2) ends generation unless ignored.
+  GenerateRequest eos = Request(64 - 7);
+  eos.ignore_eos = false;
+  eos.sampling.temperature = 1.0;
+  eos.sampling.seed = 3;
+  auto e = engine_->Generate(eos, {}, nullptr, nullptr);
+  ASSERT_TRUE(e.ok());
+  if (e->finish == FinishReason::kEos) {
+    EXPECT_EQ(e->tokens.back(), 2);
+    EXPECT_EQ(std::count(e->tokens.begin(), e->tokens.end(), 2), 1);
+  } else {
+    EXPECT_EQ(std::count(e->tokens.begin(), e->tokens.end(), 2), 0);
+  }
+}
+
+TEST_F(EngineTest, ContextFullEndsGeneration) {
+  GenerateRequest r = Request(100);  // 7 + 100 > 64 positions
+  auto result = engine_->Generate(r, {}, nullptr, nullptr);
+  ASSERT_TRUE(result.ok());
+  EXPECT_EQ(result->finish, FinishReason::kContextFull);
+  EXPECT_EQ(static_cast<int64_t>(result->tokens.size()), 64 - 7 + 1);
+}
+
+TEST_F(EngineTest, CancelStopsWithinOneStep) {
+  RecordingSink sink;
+  sink.cancel_after = 3;
+  CaptureSpec spec;
+  spec.form = Form::kDense;
+  auto r = engine_->Generate(Request(50), spec, &sink, &sink.cancel);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->finish, FinishReason::kCancelled);
+  EXPECT_EQ(r->tokens.size(), 3u);
+  EXPECT_EQ(r->decode_steps, 2);
+}
+
+TEST_F(EngineTest, SinkErrorAbortsGeneration) {
+  class Failing : public AttentionSink {
+    absl::Status OnAttention(const AttentionBlock&) override { return absl::CancelledError("client went away"); }
+  } sink;
+  CaptureSpec spec;
+  spec.form = Form::kDense;
+  auto r = engine_->Generate(Request(), spec, &sink, nullptr);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled);
+}
+
+TEST_F(EngineTest, ConcurrentGenerationsMatchSequential) {
+  GenerateRequest base = Request(10);
+  base.sampling.temperature = 0.8;
+  std::vector<std::vector<int64_t>> expected(4);
+  for (int i = 0; i < 4; ++i) {
+    GenerateRequest r = base;
+    r.sampling.seed = i;
+    expected[i] = engine_->Generate(r, {}, nullptr, nullptr)->tokens;
+  }
+  std::vector<std::vector<int64_t>> got(4);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      GenerateRequest r = base;
+      r.sampling.seed = i;
+      CaptureSpec spec;
+      spec.form = Form::kDense;
+      RecordingSink sink;
+      got[i] = engine_->Generate(r, spec, &sink, nullptr)->tokens;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(got, expected);
+}
+
+TEST_F(EngineTest, EstimateMatchesBytesProduced) {
+  struct Shape {
+    Form form;
+    int64_t pool, top_k, last;
+  } shapes[] = {{Form::kDense, 0, 0, 0}, {Form::kHeadMean, 0, 0, 0}, {Form::kPooled, 3, 0, 0},
+                {Form::kTopK, 0, 4, 0},  {Form::kDense, 0, 0, 2},    {Form::kNone, 0, 0, 0}};
+  for (const auto& s : shapes) {
+    CaptureSpec spec;
+    spec.form = s.form;
+    spec.pool = s.pool;
+    spec.top_k = s.top_k;
+    spec.last_queries = s.last;
+    spec.heads = {1, 3};
+    spec.element_type = ElementType::kFloat16;
+    spec.stats.row_entropy = true;
+    spec.stats.key_score_window = 3;
+    spec.stats.key_score_variance = true;
+    RecordingSink sink;
+    GenerateRequest r = Request(6);
+    ASSERT_TRUE(engine_->Generate(r, spec, &sink, nullptr).ok());
+    EXPECT_EQ(sink.bytes, EstimateCaptureBytes(spec, 2, 4, 7, 6)) << FormName(s.form);
+  }
+}
+
+TEST(AttentionPaths, FastPathMatchesReferencePath) {
+  if (!HasFusedAttention()) GTEST_SKIP() << "libtorch < 2.0: the fast path is the explicit path itself";
+  torch::manual_seed(0);
+  for (int64_t window : {0, 5}) {
+    torch::Tensor q = torch::randn({8, 37, 16}), k = torch::randn({2, 37, 16}), v = torch::randn({2, 37, 16});
+    AttentionShape shape;
+    shape.window = window;
+    shape.query_block = 8;
+    torch::Tensor ref = ExplicitAttention(q, k, v, shape, nullptr).value();
+    const double diff = (FastAttention(q, k, v, shape) - ref).abs().max().item<double>();
+    std::printf("window %ld: max |fast - reference| = %.2e\n", static_cast<long>(window), diff);
+    EXPECT_LT(diff, 1e-5);
+  }
+}
+
+}  // namespace
+}  // namespace attnscope

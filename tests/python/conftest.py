@@ -1,0 +1,87 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "tests", "tools"))
+
+import checkpoint  # noqa: E402
+import stfile  # noqa: E402
+
+BUILD = os.environ.get("ATTNSCOPE_BUILD_DIR", os.path.join(ROOT, "build"))
+
+
+def binary(name):
+    for sub in ("model", "server", "client", "bench", ""):
+        path = os.path.join(BUILD, sub, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"{name} not built under {BUILD}")
+
+
+class Run:
+    """One attnscope-run invocation and what it stored."""
+
+    def __init__(self, summary, tensors):
+        self.summary = summary
+        self.t = tensors
+        self.tokens = list(summary["tokens"])
+        self.prompt = [int(i) for i in tensors["prompt"]] if "prompt" in tensors else None
+
+    def blocks(self, kind, phase, layer):
+        """{(step, query_begin): array} for attention ("attn") or a statistic ("stat/<kind>")."""
+        out = {}
+        prefix = f"{kind}/{phase}/"
+        for name, arr in self.t.items():
+            if not name.startswith(prefix) or name.endswith("/indices"):
+                continue
+            step, lay, qb = name[len(prefix):].split("/")
+            if int(lay) == layer:
+                out[(int(step), int(qb))] = arr
+        return out
+
+    def full_attention(self, layer, num_heads):
+        """Prefill blocks and decode rows assembled into [heads, T, T] over prompt + tokens[:-1]."""
+        P = len(self.prompt)
+        T = P + len(self.tokens) - 1
+        a = np.full((num_heads, T, T), np.nan)
+        for (step, qb), blk in self.blocks("attn", "prefill", layer).items():
+            a[:, qb:qb + blk.shape[1], :P] = blk
+        for (step, qb), blk in self.blocks("attn", "decode", layer).items():
+            assert qb == P + step - 1, (qb, P, step)
+            a[:, qb, :blk.shape[2]] = blk[:, 0]
+        for r in range(T):
+            a[:, r, r + 1:] = np.where(np.isnan(a[:, r, r + 1:]), 0.0, a[:, r, r + 1:])
+        return a
+
+
+@pytest.fixture(scope="session")
+def run_engine(tmp_path_factory):
+    def run(model_dir, prompt, max_new=6, out=True, extra=()):
+        out_path = str(tmp_path_factory.mktemp("run") / "out.safetensors") if out else ""
+        cmd = [binary("attnscope-run"), f"--model_dir={model_dir}", "--prompt_ids=" + ",".join(map(str, prompt)),
+               f"--max_new_tokens={max_new}", f"--out={out_path}", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        tensors = stfile.read(out_path)[0] if out else {}
+        return Run(summary, tensors)
+    return run
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    cache = {}
+
+    def make(variant, seed=0, shards=1):
+        key = (variant, seed, shards)
+        if key not in cache:
+            d = str(tmp_path_factory.mktemp(variant))
+            cache[key] = checkpoint.make(variant, d, seed=seed, shards=shards)
+        return cache[key]
+    return make
