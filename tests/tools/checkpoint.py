@@ -47,6 +47,18 @@ VARIANTS = {
                        bos_token_id=1, eos_token_id=2),
 }
 
+# Larger random models for benchmarks (not tests).
+BENCH_VARIANTS = {
+    # Issue-2 throughput benchmark: realistic proportions scaled to a 2-core machine.
+    "bench_engine": dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                         num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, rope_theta=500000.0,
+                         max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+    # Long-context memory benchmark: small model, 32k positions.
+    "bench_long": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, vocab_size=32000, rope_theta=500000.0,
+                       max_position_embeddings=40000, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+}
+
 # Standard deviation of q/k projections: large enough that attention is clearly non-uniform,
 # small enough that it is not one-hot.
 QK_SCALE = 0.2
@@ -111,7 +123,7 @@ def write_checkpoint(out_dir, cfg, weights, dtype="F32", shards=1):
 
 
 def make(variant, out_dir, seed=0, shards=1):
-    cfg = dict(VARIANTS[variant])
+    cfg = dict(VARIANTS.get(variant) or BENCH_VARIANTS[variant])
     rng = np.random.default_rng(seed)
     weights = make_weights(cfg, rng)
     dtype = "BF16" if cfg.get("torch_dtype") == "bfloat16" else "F32"
@@ -121,7 +133,7 @@ def make(variant, out_dir, seed=0, shards=1):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=sorted(VARIANTS))
+    ap.add_argument("variant", choices=sorted(VARIANTS) + sorted(BENCH_VARIANTS))
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shards", type=int, default=1)
