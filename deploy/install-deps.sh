@@ -4,7 +4,7 @@ set -euo pipefail
 
 PACKAGES=(
   build-essential cmake pkg-config
-  libtorch-dev
+  libtorch-dev libopenblas0-pthread
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev
   libsentencepiece-dev sentencepiece
   libabsl-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libpcre2-dev libcpp-httplib-dev

@@ -305,15 +305,18 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
       const int64_t p = spec_.pool;
       const int64_t tr = CeilDiv(m, p);
       const int64_t tk = CeilDiv(key_length, p);
-      torch::Tensor padded = torch::constant_pad_nd(rows, {0, tk * p - rows.size(2), 0, tr * p - m}, 0.0);
-      torch::Tensor tiles = padded.view({rows.size(0), tr, p, tk, p});  // (heads, tr, p, tk, p)
-      if (spec_.pool_op == PoolOp::kMax) {
-        values = tiles.amax({2, 4});
+      // Keys first (the block shrinks p-fold), then rows; zero padding never wins a max of probabilities.
+      const bool max = spec_.pool_op == PoolOp::kMax;
+      torch::Tensor keys = torch::constant_pad_nd(rows, {0, tk * p - rows.size(2)}, 0.0).view({rows.size(0), m, tk, p});
+      keys = max ? keys.amax(-1) : keys.sum(-1);  // (heads, m, tk)
+      torch::Tensor tiles = torch::constant_pad_nd(keys, {0, 0, 0, tr * p - m}, 0.0).view({rows.size(0), tr, p, tk});
+      if (max) {
+        values = tiles.amax(2);
       } else {
         auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(rows.device());
         torch::Tensor row_count = (m - torch::arange(tr, opts) * p).clamp_max(p);           // (tr)
         torch::Tensor key_count = (key_length - torch::arange(tk, opts) * p).clamp_max(p);  // (tk)
-        values = tiles.sum({2, 4}) / (row_count.unsqueeze(1) * key_count.unsqueeze(0));
+        values = tiles.sum(2) / (row_count.unsqueeze(1) * key_count.unsqueeze(0));
       }
       break;
     }

@@ -77,7 +77,9 @@ def make_weights(cfg, rng):
     def normal(shape, std):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    w = {"model.embed_tokens.weight": normal((vocab, h), 1.0),
+    # Tied embeddings double as the LM head: keep them small so logits stay O(1).
+    embed_std = 2.0 / np.sqrt(h) if cfg.get("tie_word_embeddings", False) else 1.0
+    w = {"model.embed_tokens.weight": normal((vocab, h), embed_std),
          "model.norm.weight": 1.0 + normal((h,), 0.1)}
     if not cfg.get("tie_word_embeddings", False):
         w["lm_head.weight"] = normal((vocab, h), 1.0 / np.sqrt(h))
