@@ -1,0 +1,127 @@
+"""A thin, numpy-returning wrapper around the generated gRPC stubs."""
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from attnscope.v1 import attnscope_pb2 as pb
+from attnscope.v1 import attnscope_pb2_grpc as pb_grpc
+
+_DTYPES = {pb.ELEMENT_FLOAT32: np.float32, pb.ELEMENT_FLOAT16: np.float16}
+_FORMS = {"none": pb.FORM_NONE, "dense": pb.FORM_DENSE, "head_mean": pb.FORM_HEAD_MEAN,
+          "head_max": pb.FORM_HEAD_MAX, "pooled": pb.FORM_POOLED, "top_k": pb.FORM_TOP_K}
+_ELEMENTS = {"float32": pb.ELEMENT_FLOAT32, "float16": pb.ELEMENT_FLOAT16, "bfloat16": pb.ELEMENT_BFLOAT16}
+_PHASE_NAMES = {pb.PHASE_PREFILL: "prefill", pb.PHASE_DECODE: "decode"}
+
+
+def _decode(data, element_type, shape):
+    if element_type == pb.ELEMENT_BFLOAT16:
+        bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    return np.frombuffer(data, dtype=np.dtype(_DTYPES[element_type]).newbyteorder("<")).reshape(shape)
+
+
+@dataclass
+class StreamResult:
+    header: object = None
+    tokens: list = field(default_factory=list)
+    attention: dict = field(default_factory=dict)   # (phase, step, layer, query_begin) -> array
+    indices: dict = field(default_factory=dict)     # top_k: same keys -> int32 key indices
+    statistics: dict = field(default_factory=dict)  # (kind, phase, step, layer, query_begin) -> float32 array
+    trailer: object = None
+    messages: int = 0
+    max_message_bytes: int = 0
+
+
+def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, query_ranges=(), pool=0,
+                 pool_op="mean", top_k=0, element_type="float32", row_entropy=False, key_score_window=0,
+                 sink_tokens=0, local_window=0, key_score_variance=False, max_bytes=0):
+    """Builds a CaptureSpec from plain Python values."""
+    phase_ids = {"prefill": pb.PHASE_PREFILL, "decode": pb.PHASE_DECODE}
+    return pb.CaptureSpec(
+        layers=list(layers), heads=list(heads), phases=[phase_ids[p] for p in phases], last_queries=last_queries,
+        query_ranges=[pb.QueryRange(begin=a, end=b) for a, b in query_ranges], form=_FORMS[form], pool=pool,
+        pool_op=pb.POOL_MAX if pool_op == "max" else pb.POOL_MEAN, top_k=top_k,
+        element_type=_ELEMENTS[element_type], max_bytes=max_bytes,
+        statistics=pb.Statistics(row_entropy=row_entropy, key_score_window=key_score_window,
+                                 sink_tokens=sink_tokens, local_window=local_window,
+                                 key_score_variance=key_score_variance))
+
+
+class Client:
+    """Connects to an attnscope server. `token`: bearer token; `root_certificates`: PEM bytes for TLS."""
+
+    def __init__(self, target="127.0.0.1:50051", token=None, root_certificates=None, timeout=None):
+        options = [("grpc.max_receive_message_length", 256 << 20)]
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.AttentionServiceStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.timeout = timeout
+
+    def model_info(self):
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout)
+
+    def tokenize(self, text, add_special_tokens=True):
+        r = self.stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+                               metadata=self.metadata, timeout=self.timeout)
+        return list(r.ids), list(r.pieces)
+
+    def detokenize(self, ids, skip_special_tokens=False):
+        r = self.stub.Detokenize(pb.DetokenizeRequest(ids=list(ids), skip_special_tokens=skip_special_tokens),
+                                 metadata=self.metadata, timeout=self.timeout)
+        return r.text
+
+    @staticmethod
+    def request(prompt=None, token_ids=None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=0.0, seed=0,
+                stop_token_ids=(), ignore_eos=False, max_length=0, model="", capture=None, **capture_args):
+        req = pb.GenerateRequest(model=model, max_new_tokens=max_new_tokens,
+                                 sampling=pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                            seed=seed),
+                                 stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, max_length=max_length,
+                                 capture=capture if capture is not None else capture_spec(**capture_args))
+        if token_ids is not None:
+            req.token_ids.ids.extend(int(i) for i in token_ids)
+        elif prompt is not None:
+            req.text = prompt
+        return req
+
+    def generate(self, *args, **kwargs):
+        return self.stub.Generate(self.request(*args, **kwargs), metadata=self.metadata, timeout=self.timeout)
+
+    def stream_attention(self, *args, **kwargs):
+        """Runs a StreamAttention call and assembles its chunks into numpy arrays."""
+        result = StreamResult()
+        pending = {}
+        for msg in self.stream_raw(self.request(*args, **kwargs)):
+            result.messages += 1
+            result.max_message_bytes = max(result.max_message_bytes, msg.ByteSize())
+            kind = msg.WhichOneof("event")
+            if kind == "header":
+                result.header = msg.header
+            elif kind == "token":
+                result.tokens.append(msg.token.id)
+            elif kind == "attention":
+                c = msg.attention
+                key = (_PHASE_NAMES[c.phase], c.step, c.layer, c.query_begin)
+                buf = pending.setdefault(key, [bytearray(), bytearray()])
+                buf[0] += c.data
+                buf[1] += c.indices
+                if len(buf[0]) == c.block_bytes:
+                    result.attention[key] = _decode(bytes(buf[0]), c.element_type, tuple(c.shape))
+                    if buf[1]:
+                        result.indices[key] = np.frombuffer(bytes(buf[1]), dtype="<i4").reshape(tuple(c.shape))
+                    del pending[key]
+            elif kind == "statistic":
+                s = msg.statistic
+                key = (s.kind, _PHASE_NAMES[s.phase], s.step, s.layer, s.query_begin)
+                result.statistics[key] = np.frombuffer(s.data, dtype="<f4").reshape(tuple(s.shape))
+            elif kind == "trailer":
+                result.trailer = msg.trailer
+        return result
+
+    def stream_raw(self, request):
+        return self.stub.StreamAttention(request, metadata=self.metadata, timeout=self.timeout)

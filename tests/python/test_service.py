@@ -1,0 +1,265 @@
+"""The gRPC service end to end: a real attnscope-server process on loopback."""
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import reference
+from conftest import BUILD, binary
+from service_fixture import Server, setup_paths
+
+setup_paths(BUILD)
+import attnscope  # noqa: E402
+from attnscope.client import capture_spec  # noqa: E402
+from attnscope.v1 import attnscope_pb2 as pb  # noqa: E402
+
+PROMPT = [1, 17, 42, 99, 7, 23, 64, 5, 88, 31, 12, 77]
+H = 4
+
+
+@pytest.fixture(scope="module")
+def model(make_checkpoint):
+    return make_checkpoint("llama31_gqa")
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    s = Server(binary("attnscope-server"), model, "--chunk_bytes=1024", "--max_concurrent=2", "--max_queue=16",
+               "--max_capture_bytes=20000000", log_path=str(tmp_path_factory.mktemp("log") / "server.log"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return attnscope.Client(server.target, timeout=60)
+
+
+def test_model_info(client, model):
+    info = client.model_info()
+    assert (info.architecture, info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim) == \
+        ("llama", 3, 4, 2, 16)
+    assert info.vocab_size == 160 and info.dtype == "float32" and info.device == "cpu"
+    assert list(info.eos_token_ids) == [2, 3] and not info.has_tokenizer
+
+
+def test_stream_matches_reference_and_respects_chunk_size(client, model):
+    r = client.stream_attention(token_ids=PROMPT, max_new_tokens=5, ignore_eos=True, form="dense")
+    assert r.header is not None and list(r.header.prompt_token_ids) == PROMPT
+    assert r.trailer is not None and list(r.trailer.token_ids) == r.tokens and len(r.tokens) == 5
+    assert r.trailer.finish_reason == pb.FINISH_LENGTH
+    # No message's attention payload exceeds the 1024-byte chunk size (plus its small header).
+    assert r.max_message_bytes < 1024 + 200
+    _, ref = reference.forward(model, PROMPT + r.tokens[:-1])
+    P = len(PROMPT)
+    for layer in range(3):
+        np.testing.assert_allclose(r.attention[("prefill", 0, layer, 0)], ref[layer][:, :P, :P], atol=1e-5, rtol=0)
+        for t in range(1, 5):
+            row = r.attention[("decode", t, layer, P + t - 1)]
+            np.testing.assert_allclose(row[:, 0], ref[layer][:, P + t - 1, :P + t], atol=1e-5, rtol=0)
+    assert r.trailer.bytes_sent == r.header.estimated_bytes
+
+
+def test_generate_unary_with_statistics(client):
+    g = client.generate(token_ids=PROMPT, max_new_tokens=5, ignore_eos=True, row_entropy=True, key_score_window=4)
+    s = client.stream_attention(token_ids=PROMPT, max_new_tokens=5, ignore_eos=True, row_entropy=True,
+                                key_score_window=4)
+    assert list(g.token_ids) == s.tokens
+    assert g.prompt_tokens == len(PROMPT) and g.timings.prefill_ms > 0
+    kinds = {st.kind for st in g.statistics}
+    assert kinds == {"row_entropy", "key_score"}
+    for st in g.statistics:
+        key = (st.kind, {1: "prefill", 2: "decode"}[st.phase], st.step, st.layer, st.query_begin)
+        np.testing.assert_array_equal(np.frombuffer(st.data, "<f4").reshape(tuple(st.shape)), s.statistics[key])
+
+
+def test_middle_truncation(client):
+    long_prompt = list(range(10, 40))
+    g = client.generate(token_ids=long_prompt, max_new_tokens=2, ignore_eos=True, max_length=10)
+    ref = client.generate(token_ids=long_prompt[:5] + long_prompt[-5:], max_new_tokens=2, ignore_eos=True)
+    assert g.prompt_tokens == 10 and list(g.token_ids) == list(ref.token_ids)
+
+
+BAD = [
+    (dict(token_ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    (dict(), grpc.StatusCode.INVALID_ARGUMENT, "no input"),
+    (dict(token_ids=[1, 500]), grpc.StatusCode.OUT_OF_RANGE, "token id 500 at position 1"),
+    (dict(token_ids=[1] * 1025), grpc.StatusCode.OUT_OF_RANGE, "max_length"),
+    (dict(token_ids=[1, 2], max_new_tokens=-3), grpc.StatusCode.OUT_OF_RANGE, "max_new_tokens"),
+    (dict(token_ids=[1, 2], form="dense", layers=[3]), grpc.StatusCode.OUT_OF_RANGE,
+     "layer 3 requested, model has 3 layers (0-2)"),
+    (dict(token_ids=[1, 2], form="dense", heads=[9]), grpc.StatusCode.OUT_OF_RANGE, "head 9 requested"),
+    (dict(token_ids=[1, 2], form="pooled"), grpc.StatusCode.INVALID_ARGUMENT, "pool"),
+    (dict(token_ids=[1, 2], form="dense", query_ranges=[(0, 5)]), grpc.StatusCode.OUT_OF_RANGE, "past the prompt"),
+    (dict(prompt="hello"), grpc.StatusCode.FAILED_PRECONDITION, "token ids"),
+    (dict(token_ids=[1, 2], model="llama3.1-8b-128k"), grpc.StatusCode.NOT_FOUND, "this server serves"),
+    (dict(token_ids=[1, 2], temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (dict(token_ids=PROMPT, form="dense", max_new_tokens=100, max_bytes=1000), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "over the budget"),
+    (dict(token_ids=[1] * 1000, form="dense", max_new_tokens=10), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "FORM_POOLED"),
+]
+
+
+@pytest.mark.parametrize("kwargs,code,text", BAD)
+def test_bad_inputs(client, kwargs, code, text):
+    for call in (client.generate, lambda **k: list(client.stream_raw(client.request(**k)))):
+        with pytest.raises(grpc.RpcError) as e:
+            call(**kwargs)
+        assert e.value.code() == code, e.value.details()
+        assert text in e.value.details()
+
+
+def test_tokenize_without_tokenizer(client):
+    with pytest.raises(grpc.RpcError) as e:
+        client.tokenize("hello")
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as e:
+        client.detokenize([1, 999])
+    assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_budget_refusal_starts_nothing(client, server):
+    before = server.read_log().count("StreamAttention ")
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.stream_raw(client.request(token_ids=PROMPT, form="dense", max_new_tokens=50, max_bytes=100)))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "about" in e.value.details()
+    time.sleep(0.2)
+    assert server.read_log().count("StreamAttention ") == before  # no generation ran
+
+
+def test_concurrent_clients_get_identical_results(client):
+    kwargs = dict(token_ids=PROMPT, max_new_tokens=6, temperature=0.9, seed=11, form="dense", layers=[1])
+    expected = client.stream_attention(**kwargs)
+    results = [None] * 8
+
+    def work(i):
+        results[i] = client.stream_attention(**kwargs)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert r.tokens == expected.tokens
+        assert r.attention.keys() == expected.attention.keys()
+        for k, v in expected.attention.items():
+            np.testing.assert_array_equal(r.attention[k], v)
+
+
+def test_cancel_stops_generation_within_a_step(client, server):
+    stream = client.stream_raw(client.request(token_ids=PROMPT, max_new_tokens=400, ignore_eos=True,
+                                              form="dense", element_type="float16"))
+    seen = 0
+    for msg in stream:
+        if msg.WhichOneof("event") == "token":
+            seen += 1
+            if seen == 3:
+                stream.cancel()
+                break
+    deadline = time.time() + 10
+    line = None
+    while time.time() < deadline and line is None:
+        lines = [l for l in server.read_log().splitlines() if "StreamAttention" in l and "status=1 " in l]
+        line = lines[-1] if lines else None
+        time.sleep(0.1)
+    assert line is not None, server.read_log()
+    ran = int(line.split("tokens=")[1].split()[0])
+    # Generation stops within one step of the cancel (the queue may hold a few chunks).
+    assert ran <= seen + 2, line
+
+
+def test_slow_reader_keeps_memory_flat(model, tmp_path):
+    s = Server(binary("attnscope-server"), model, "--chunk_bytes=4096", log_path=str(tmp_path / "log"))
+    try:
+        c = attnscope.Client(s.target, timeout=120)
+        stream = c.stream_raw(c.request(token_ids=PROMPT * 20, max_new_tokens=40, ignore_eos=True, form="dense"))
+        rss = []
+        for i, msg in enumerate(stream):
+            if i % 50 == 0:
+                time.sleep(0.05)
+                with open(f"/proc/{s.proc.pid}/status") as f:
+                    rss.append(int([l for l in f if l.startswith("VmRSS")][0].split()[1]))
+        # The whole capture is ~25 MB; the server's resident memory may not grow by more than a few MB
+        # while the reader is slow, since the engine waits on the bounded queue.
+        assert max(rss[1:]) - rss[1] < 15_000, rss
+    finally:
+        s.stop()
+
+
+def test_auth_tokens(model, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# users\nsecret-one\nsecret-two\n")
+    s = Server(binary("attnscope-server"), model, f"--auth_tokens_file={tokens}")
+    try:
+        for token in (None, "wrong"):
+            with pytest.raises(grpc.RpcError) as e:
+                attnscope.Client(s.target, token=token).model_info()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert attnscope.Client(s.target, token="secret-two").model_info().num_layers == 3
+    finally:
+        s.stop()
+
+
+def test_refuses_public_address_without_tokens(model):
+    proc = subprocess.run([binary("attnscope-server"), f"--model_dir={model}", "--listen=0.0.0.0:0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "auth_tokens_file" in proc.stderr
+
+
+def test_tls(model, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    s = Server(binary("attnscope-server"), model, f"--tls_cert={cert}", f"--tls_key={key}")
+    try:
+        c = attnscope.Client(f"localhost:{s.port}", root_certificates=cert.read_bytes(), timeout=30)
+        assert c.model_info().num_layers == 3
+        with pytest.raises(grpc.RpcError):
+            attnscope.Client(s.target, timeout=5).model_info()  # plaintext to a TLS port fails
+    finally:
+        s.stop()
+
+
+def test_health_service(client, server):
+    check = client.channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
+                                       response_deserializer=lambda b: b)
+    assert check(b"", timeout=10) == b"\x08\x01"  # status: SERVING
+
+
+def test_sigterm_during_stream_ends_it_and_exits_cleanly(model, tmp_path):
+    s = Server(binary("attnscope-server"), model, log_path=str(tmp_path / "log"))
+    c = attnscope.Client(s.target, timeout=60)
+    stream = c.stream_raw(c.request(token_ids=PROMPT * 10, max_new_tokens=500, ignore_eos=True, form="dense"))
+    first = next(iter(stream))
+    assert first.WhichOneof("event") == "header"
+    s.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in stream:
+            pass
+    assert e.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert s.proc.wait(timeout=30) == 0
+    s.stop()
+
+
+def test_busy_server_refuses_at_once(model, tmp_path):
+    s = Server(binary("attnscope-server"), model, "--max_concurrent=1", "--max_queue=0")
+    try:
+        c = attnscope.Client(s.target, timeout=60)
+        long = c.stream_raw(c.request(token_ids=PROMPT * 10, max_new_tokens=300, ignore_eos=True, form="dense"))
+        next(iter(long))  # running now
+        t0 = time.time()
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(token_ids=PROMPT, max_new_tokens=2)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.time() - t0 < 5
+        long.cancel()
+    finally:
+        s.stop()
