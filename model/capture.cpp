@@ -251,10 +251,9 @@ absl::Status CaptureProcessor::EmitRows(Phase phase, int64_t step, int64_t layer
   const int64_t computed = rows.size(2);
   const auto& st = spec_.stats;
   if (st.row_entropy) {
-    // H = -Σ p log p, with 0 log 0 = 0.
-    torch::Tensor plogp = torch::where(rows > 0, rows * torch::log(rows), torch::zeros_like(rows));
+    // H = -Σ p log p, with 0 log 0 = 0 (xlogy); one block-sized temporary.
     RETURN_IF_ERROR(EmitStat(StatKind::kRowEntropy, phase, step, layer, row_begin, row_begin + m, key_length,
-                             -plogp.sum(-1)));
+                             -torch::xlogy(rows, rows).sum(-1)));
   }
   if (st.sink_tokens > 0) {
     const int64_t k = std::min(st.sink_tokens, computed);
@@ -268,7 +267,7 @@ absl::Status CaptureProcessor::EmitRows(Phase phase, int64_t step, int64_t layer
     torch::Tensor key = torch::arange(0, computed, opts).unsqueeze(0);               // (1, keys)
     torch::Tensor near = (key > pos - st.local_window).logical_and(key <= pos);      // (m, keys)
     RETURN_IF_ERROR(EmitStat(StatKind::kLocalMass, phase, step, layer, row_begin, row_begin + m, key_length,
-                             (rows * near.to(rows.scalar_type())).sum(-1)));
+                             torch::where(near, rows, torch::zeros({}, rows.options())).sum(-1)));
   }
   if (spec_.form != Form::kNone) RETURN_IF_ERROR(EmitForm(phase, step, layer, row_begin, rows, key_length));
   return absl::OkStatus();
