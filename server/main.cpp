@@ -6,6 +6,8 @@
 #include <sstream>
 #include <thread>
 
+#include <httplib.h>
+
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/grpcpp.h>
@@ -14,6 +16,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "model/engine.h"
 #include "model/status_macros.h"
@@ -33,6 +36,7 @@ ABSL_FLAG(int64_t, query_block, 128, "attention rows materialized at once for ca
 ABSL_FLAG(std::string, auth_tokens_file, "", "file with one accepted bearer token per line");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (TLS on when set with --tls_key)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key");
+ABSL_FLAG(std::string, metrics_listen, "", "HOST:PORT for Prometheus metrics over HTTP (/metrics); empty: off");
 ABSL_FLAG(bool, insecure, false, "allow a non-loopback address without auth tokens");
 
 namespace attnscope {
@@ -132,6 +136,25 @@ absl::Status Serve() {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
   server->GetHealthCheckService()->SetServingStatus(true);
+
+  httplib::Server metrics_http;
+  std::thread metrics_thread;
+  if (const std::string m = absl::GetFlag(FLAGS_metrics_listen); !m.empty()) {
+    const auto colon = m.find_last_of(':');
+    int metrics_port = 0;
+    if (colon == std::string::npos || !absl::SimpleAtoi(m.substr(colon + 1), &metrics_port)) {
+      return absl::InvalidArgumentError(absl::StrCat("--metrics_listen '", m, "' is not HOST:PORT"));
+    }
+    metrics_http.Get("/metrics", [&service](const httplib::Request&, httplib::Response& res) {
+      res.set_content(service.metrics().Render(service.scheduler().queued(), service.scheduler().running()),
+                      "text/plain; version=0.0.4");
+    });
+    if (!metrics_http.bind_to_port(m.substr(0, colon), metrics_port)) {
+      return absl::UnavailableError(absl::StrCat("cannot listen on ", m, " for metrics"));
+    }
+    metrics_thread = std::thread([&metrics_http] { metrics_http.listen_after_bind(); });
+    spdlog::info("metrics on http://{}/metrics", m);
+  }
   spdlog::info("attnscope-server serving '{}' ({}) on {}", name, engine->info().architecture, listen);
   std::cout << "listening on " << listen << std::endl;
 
@@ -143,6 +166,10 @@ absl::Status Serve() {
   // In-flight calls get a moment to end; then they are cancelled (their streams end with a status).
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   server->Wait();
+  if (metrics_thread.joinable()) {
+    metrics_http.stop();
+    metrics_thread.join();
+  }
   return absl::OkStatus();
 }
 

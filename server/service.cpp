@@ -28,8 +28,10 @@ void FillTimings(const GenerateResult& r, int64_t prompt_tokens, double queue_ms
   if (r.timings.decode_ms > 0) t->set_decode_tokens_per_s(r.decode_steps / (r.timings.decode_ms / 1e3));
 }
 
-grpc::ServerUnaryReactor* FinishNow(grpc::CallbackServerContext* context, const grpc::Status& status) {
-  auto* reactor = context->DefaultReactor();
+// Finishes a unary call, recording it in the metrics.
+grpc::ServerUnaryReactor* FinishUnary(Metrics* metrics, const char* method, Clock::time_point received,
+                                      grpc::ServerUnaryReactor* reactor, const grpc::Status& status) {
+  metrics->RecordRequest(method, status.error_code(), MsBetween(received, Clock::now()) / 1e3);
   reactor->Finish(status);
   return reactor;
 }
@@ -65,20 +67,20 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
       : service_(service), context_(context), request_(*req), received_(Clock::now()) {
     grpc::Status admitted = service_->Admit(context);
     if (!admitted.ok()) {
-      Finish(admitted);
+      FinishAndRecord(admitted);
       return;
     }
     auto resolved = ResolveRequest(request_, *service_->engine_, service_->options_.model_name,
                                    service_->options_.max_capture_bytes);
     if (!resolved.ok()) {
-      Finish(ToGrpcStatus(resolved.status()));
+      FinishAndRecord(ToGrpcStatus(resolved.status()));
       return;
     }
     resolved_ = std::move(*resolved);
     if (!service_->scheduler_->TrySubmit([this] { Run(); })) {
-      ++service_->counters_.rejected_busy;
-      Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                          "the server is busy: every generation slot and queue place is taken; retry later"));
+      ++service_->metrics_.rejected_busy;
+      FinishAndRecord(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                   "the server is busy: every generation slot and queue place is taken; retry later"));
     }
   }
 
@@ -111,7 +113,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
       absl::Status pushed = Push(std::move(msg));
       if (!pushed.ok()) return pushed;
       bytes_sent_ += n;
-      service_->counters_.attention_bytes += n;
+      service_->metrics_.attention_bytes += n;
     }
     return absl::OkStatus();
   }
@@ -122,7 +124,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
     return Push(std::move(msg));
   }
   absl::Status OnToken(int64_t step, int64_t id) override {
-    ++service_->counters_.tokens_generated;
+    ++service_->metrics_.tokens_generated;
     v1::StreamAttentionResponse msg;
     msg.mutable_token()->set_step(step);
     msg.mutable_token()->set_id(id);
@@ -149,7 +151,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
     service_->Unregister(&cancel_);
     grpc::Status final_status = grpc::Status::OK;
     if (result.ok()) {
-      service_->counters_.decode_steps += result->decode_steps;
+      service_->metrics_.decode_steps += result->decode_steps;
       if (result->finish == FinishReason::kCancelled) {
         final_status = service_->accepting()
                            ? grpc::Status(grpc::StatusCode::CANCELLED, "the generation was cancelled")
@@ -185,10 +187,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
     cv_.wait(lock, [&] { return cancelled_ || queue_.size() < limit; });
     if (cancelled_) return absl::CancelledError("the client cancelled the stream or disconnected");
     queue_.push_back(std::move(msg));
-    auto& hw = service_->counters_.stream_queue_high_water;
-    int64_t depth = static_cast<int64_t>(queue_.size()), seen = hw.load();
-    while (depth > seen && !hw.compare_exchange_weak(seen, depth)) {
-    }
+    service_->metrics_.UpdateQueueHighWater(static_cast<int64_t>(queue_.size()));
     if (!writing_) {
       writing_ = true;
       StartWrite(&queue_.front());
@@ -199,9 +198,15 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
   void MaybeFinishLocked() {
     if (done_ && !writing_ && !finished_) {
       finished_ = true;
-      Finish(cancelled_ && final_status_.ok() ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled")
-                                              : final_status_);
+      FinishAndRecord(cancelled_ && final_status_.ok() ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled")
+                                                       : final_status_);
     }
+  }
+
+  void FinishAndRecord(const grpc::Status& status) {
+    service_->metrics_.RecordRequest("StreamAttention", status.error_code(),
+                                     MsBetween(received_, Clock::now()) / 1e3);
+    Finish(status);
   }
 
   AttentionServiceImpl* service_;
@@ -245,7 +250,6 @@ void AttentionServiceImpl::Unregister(CancelToken* token) {
 }
 
 grpc::Status AttentionServiceImpl::Admit(grpc::CallbackServerContext* context) const {
-  ++const_cast<ServiceCounters&>(counters_).requests;
   if (!accepting_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
   if (options_.auth_tokens.empty()) return grpc::Status::OK;
   const auto& md = context->client_metadata();
@@ -264,14 +268,14 @@ grpc::Status AttentionServiceImpl::Admit(grpc::CallbackServerContext* context) c
 grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerContext* context,
                                                          const v1::GenerateRequest* request,
                                                          v1::GenerateResponse* response) {
+  const auto received = Clock::now();
+  auto* reactor = context->DefaultReactor();
   grpc::Status admitted = Admit(context);
-  if (!admitted.ok()) return FinishNow(context, admitted);
+  if (!admitted.ok()) return FinishUnary(&metrics_, "Generate", received, reactor, admitted);
   auto resolved = ResolveRequest(*request, *engine_, options_.model_name, options_.max_capture_bytes);
-  if (!resolved.ok()) return FinishNow(context, ToGrpcStatus(resolved.status()));
+  if (!resolved.ok()) return FinishUnary(&metrics_, "Generate", received, reactor, ToGrpcStatus(resolved.status()));
   // Generate returns statistics only.
   resolved->capture.form = Form::kNone;
-  auto* reactor = context->DefaultReactor();
-  const auto received = Clock::now();
   auto job = [this, context, response, reactor, received, r = std::move(*resolved)]() mutable {
     const auto started = Clock::now();
     CancelToken cancel;
@@ -281,8 +285,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerCon
     Unregister(&cancel);
     grpc::Status status = ToGrpcStatus(result.status());
     if (result.ok()) {
-      counters_.tokens_generated += static_cast<int64_t>(result->tokens.size());
-      counters_.decode_steps += result->decode_steps;
+      metrics_.tokens_generated += static_cast<int64_t>(result->tokens.size());
+      metrics_.decode_steps += result->decode_steps;
       for (int64_t id : result->tokens) response->add_token_ids(id);
       response->set_finish_reason(ToProto(result->finish));
       response->set_prompt_tokens(static_cast<int64_t>(r.generate.prompt_ids.size()));
@@ -295,12 +299,13 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerCon
     spdlog::info("Generate peer={} prompt={} tokens={} status={} ms={:.1f}", context->peer(),
                  r.generate.prompt_ids.size(), result.ok() ? result->tokens.size() : 0,
                  static_cast<int>(status.error_code()), MsBetween(started, Clock::now()));
-    reactor->Finish(status);
+    FinishUnary(&metrics_, "Generate", received, reactor, status);
   };
   if (!scheduler_->TrySubmit(std::move(job))) {
-    ++counters_.rejected_busy;
-    reactor->Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                 "the server is busy: every generation slot and queue place is taken; retry later"));
+    ++metrics_.rejected_busy;
+    FinishUnary(&metrics_, "Generate", received, reactor,
+                grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                             "the server is busy: every generation slot and queue place is taken; retry later"));
   }
   return reactor;
 }
@@ -313,37 +318,40 @@ grpc::ServerWriteReactor<v1::StreamAttentionResponse>* AttentionServiceImpl::Str
 grpc::ServerUnaryReactor* AttentionServiceImpl::Tokenize(grpc::CallbackServerContext* context,
                                                          const v1::TokenizeRequest* request,
                                                          v1::TokenizeResponse* response) {
+  const auto received = Clock::now();
   grpc::Status admitted = Admit(context);
-  if (!admitted.ok()) return FinishNow(context, admitted);
+  if (!admitted.ok()) return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(), admitted);
   auto ids = engine_->Encode(request->text());
-  if (!ids.ok()) return FinishNow(context, ToGrpcStatus(ids.status()));
+  if (!ids.ok()) return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(), ToGrpcStatus(ids.status()));
   for (int64_t id : *ids) response->add_ids(id);
-  return FinishNow(context, grpc::Status::OK);
+  return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(), grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Detokenize(grpc::CallbackServerContext* context,
                                                            const v1::DetokenizeRequest* request,
                                                            v1::DetokenizeResponse* response) {
+  const auto received = Clock::now();
   grpc::Status admitted = Admit(context);
-  if (!admitted.ok()) return FinishNow(context, admitted);
+  if (!admitted.ok()) return FinishUnary(&metrics_, "Detokenize", received, context->DefaultReactor(), admitted);
   for (int64_t id : request->ids()) {
     if (id < 0 || id >= engine_->info().vocab_size) {
-      return FinishNow(context, grpc::Status(grpc::StatusCode::OUT_OF_RANGE,
+      return FinishUnary(&metrics_, "Detokenize", received, context->DefaultReactor(), grpc::Status(grpc::StatusCode::OUT_OF_RANGE,
                                              absl::StrCat("token id ", id, " is outside the vocabulary (0-",
                                                           engine_->info().vocab_size - 1, ")")));
     }
   }
-  return FinishNow(context, grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+  return FinishUnary(&metrics_, "Detokenize", received, context->DefaultReactor(), grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                                          absl::StrCat("the model in ", engine_->info().model_dir,
                                                       " has no tokenizer loaded; ids cannot be turned into text")));
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
                                                              const v1::GetModelInfoRequest*, v1::ModelInfo* response) {
+  const auto received = Clock::now();
   grpc::Status admitted = Admit(context);
-  if (!admitted.ok()) return FinishNow(context, admitted);
+  if (!admitted.ok()) return FinishUnary(&metrics_, "GetModelInfo", received, context->DefaultReactor(), admitted);
   FillModelInfo(engine_->info(), options_.model_name, response);
-  return FinishNow(context, grpc::Status::OK);
+  return FinishUnary(&metrics_, "GetModelInfo", received, context->DefaultReactor(), grpc::Status::OK);
 }
 
 }  // namespace attnscope

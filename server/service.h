@@ -12,6 +12,7 @@
 
 #include "attnscope/v1/attnscope.grpc.pb.h"
 #include "model/engine.h"
+#include "server/metrics.h"
 #include "server/scheduler.h"
 
 namespace attnscope {
@@ -23,16 +24,6 @@ struct ServiceOptions {
   int stream_queue_messages = 8;       // outgoing messages buffered per stream before generation waits
   std::set<std::string> auth_tokens;   // bearer tokens accepted; empty: no authentication
   SchedulerOptions scheduler;
-};
-
-// Counters, read by tests and the metrics endpoint.
-struct ServiceCounters {
-  std::atomic<int64_t> requests{0};
-  std::atomic<int64_t> rejected_busy{0};
-  std::atomic<int64_t> tokens_generated{0};
-  std::atomic<int64_t> attention_bytes{0};
-  std::atomic<int64_t> decode_steps{0};
-  std::atomic<int64_t> stream_queue_high_water{0};  // most messages ever waiting in one stream
 };
 
 class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
@@ -53,7 +44,7 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
 
   // Stops admitting work (new requests get UNAVAILABLE) and cancels every running generation.
   void StopAccepting();
-  const ServiceCounters& counters() const { return counters_; }
+  Metrics& metrics() { return metrics_; }
   const Scheduler& scheduler() const { return *scheduler_; }
 
  private:
@@ -67,7 +58,7 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   const Engine* engine_;
   ServiceOptions options_;
   std::unique_ptr<Scheduler> scheduler_;
-  ServiceCounters counters_;
+  Metrics metrics_;
   std::atomic<bool> accepting_{true};
   std::atomic<int64_t> next_id_{1};
   std::mutex active_mu_;

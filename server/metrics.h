@@ -1,0 +1,41 @@
+// Service metrics in Prometheus text format: requests by method and status, latency histograms,
+// tokens, attention bytes, queue depth.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace attnscope {
+
+class Metrics {
+ public:
+  // One finished call: its method, gRPC status code and duration.
+  void RecordRequest(const std::string& method, int code, double seconds);
+  // Largest number of messages waiting in one stream's outgoing queue.
+  void UpdateQueueHighWater(int64_t depth);
+
+  // Prometheus exposition text; `queued` and `running` come from the scheduler.
+  std::string Render(int queued, int running) const;
+
+  std::atomic<int64_t> tokens_generated{0};
+  std::atomic<int64_t> attention_bytes{0};
+  std::atomic<int64_t> decode_steps{0};
+  std::atomic<int64_t> rejected_busy{0};
+  std::atomic<int64_t> stream_queue_high_water{0};
+
+ private:
+  struct Histogram {
+    std::vector<int64_t> counts;  // per bucket (cumulative when rendered)
+    double sum = 0;
+    int64_t count = 0;
+  };
+  mutable std::mutex mu_;
+  std::map<std::pair<std::string, int>, int64_t> requests_;
+  std::map<std::string, Histogram> latency_;
+};
+
+}  // namespace attnscope
