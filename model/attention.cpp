@@ -30,10 +30,16 @@ absl::StatusOr<torch::Tensor> ExplicitAttention(const torch::Tensor& q, const to
   const int64_t kv_heads = k.size(0);
   const int64_t group = heads / kv_heads;
   const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
+  const int64_t align = std::max<int64_t>(1, shape.row_multiple);
   const int64_t block = std::max<int64_t>(1, shape.query_block);
   torch::Tensor out = torch::empty({heads, n, dim}, q.options());
-  for (int64_t b = 0; b < n; b += block) {
-    const int64_t m = std::min(block, n - b);
+  for (int64_t b = 0, m = 0; b < n; b += m) {
+    // Rows this block: at most query_block, and few enough that heads × rows × keys stays within
+    // block_elements as the keys grow; a multiple of row_multiple unless it is the last block.
+    m = block;
+    if (shape.block_elements > 0) m = std::min(m, shape.block_elements / (heads * (shape.pos0 + b + block)));
+    m = std::max(align, m / align * align);
+    m = std::min(m, n - b);
     const int64_t keys = shape.pos0 + b + m;  // later keys are masked for every row of the block
     // Query heads sharing a kv head are stacked so no key or value is copied: (kv, group·m, dim).
     torch::Tensor qg = q.narrow(1, b, m).reshape({kv_heads, group * m, dim});

@@ -154,10 +154,9 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, 
     CaptureProcessor processor(capture, info_.num_layers, info_.num_heads, prompt_len, sink);
     ForwardOptions fwd;
     fwd.query_block = options_.query_block;
-    if (capture.form == Form::kPooled) {
-      // Pooled tiles start at multiples of the tile side, so blocks must not split a tile.
-      fwd.query_block = (fwd.query_block + capture.pool - 1) / capture.pool * capture.pool;
-    }
+    fwd.block_elements = options_.block_elements;
+    // Pooled tiles start at multiples of the tile side, so blocks must not split a tile.
+    if (capture.form == Form::kPooled) fwd.row_multiple = capture.pool;
     fwd.fast_attention = options_.fast_attention;
     Sampler sampler(request.sampling);
     GenerateResult result;

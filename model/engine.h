@@ -20,6 +20,7 @@ struct EngineOptions {
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
   std::string dtype;          // "float32", "bfloat16", "float16"; empty: float32 on CPU, bfloat16 on CUDA
   int64_t query_block = 128;  // attention rows materialized at once for captured layers
+  int64_t block_elements = int64_t{1} << 24;  // and at most this many probabilities at once (flat memory)
   bool fast_attention = true;  // fused attention for layers not captured (libtorch >= 2.0)
 };
 

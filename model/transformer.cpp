@@ -62,6 +62,8 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
     shape.pos0 = pos0;
     shape.window = config_.sliding_window[l];
     shape.query_block = options.query_block;
+    shape.block_elements = options.block_elements;
+    shape.row_multiple = options.row_multiple;
     torch::Tensor attn;  // (heads, n, dim)
     if (capture != nullptr && capture->Wants(phase, l)) {
       const int64_t key_length = pos0 + n;

@@ -21,6 +21,8 @@ struct KVCache {
 
 struct ForwardOptions {
   int64_t query_block = 128;   // attention rows materialized at once on the explicit path
+  int64_t block_elements = int64_t{1} << 24;  // and at most this many probabilities (64 MiB of float32)
+  int64_t row_multiple = 1;    // query blocks start at multiples of this (pooled capture)
   bool fast_attention = true;  // fused attention for layers whose probabilities are not needed
 };
 

@@ -46,6 +46,7 @@ ABSL_FLAG(std::string, query_ranges, "", "prompt rows to capture, e.g. 0:4,10:12
 ABSL_FLAG(std::string, stats, "", "entropy,key_score:W,sink:K,local:W,variance");
 ABSL_FLAG(std::string, element_type, "float32", "float32, float16 or bfloat16");
 ABSL_FLAG(int64_t, query_block, 128, "attention rows materialized at once");
+ABSL_FLAG(int64_t, block_elements, int64_t{1} << 24, "at most this many probabilities at once (0: no limit)");
 ABSL_FLAG(bool, fast_attention, true, "fused attention for layers not captured (libtorch >= 2)");
 ABSL_FLAG(bool, logits, false, "store the logits of every step");
 ABSL_FLAG(std::string, out, "", "output safetensors file (empty: count bytes only)");
@@ -164,6 +165,7 @@ absl::Status Run() {
   options.device = absl::GetFlag(FLAGS_device);
   options.dtype = absl::GetFlag(FLAGS_compute_dtype);
   options.query_block = absl::GetFlag(FLAGS_query_block);
+  options.block_elements = absl::GetFlag(FLAGS_block_elements);
   options.fast_attention = absl::GetFlag(FLAGS_fast_attention);
   auto t0 = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(auto engine, Engine::Load(options));

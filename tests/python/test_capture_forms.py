@@ -96,8 +96,17 @@ def pool(a, p, op):
 def test_pooled(model, run_engine, dense_ref, op):
     _, ref = dense_ref
     p = 4
-    # query_block 6 is rounded up to 8 so that no tile is split between blocks.
-    run = run_engine(model, PROMPT, NEW, extra=["--form=pooled", f"--pool={p}", f"--pool_op={op}", "--query_block=6"])
+    # query_block 10 becomes 8 so that no tile is split between blocks.
+    run = run_engine(model, PROMPT, NEW, extra=["--form=pooled", f"--pool={p}", f"--pool_op={op}", "--query_block=10"])
+    # An element budget small enough to force one tile row per block: tiles still whole.
+    small = run_engine(model, PROMPT, NEW, extra=["--form=pooled", f"--pool={p}", f"--pool_op={op}",
+                                                  "--block_elements=100"])
+    assert small.t.keys() != run.t.keys()
+    for layer in range(3):
+        a, _ = concat_prefill(run.blocks("attn", "prefill", layer))
+        b, starts = concat_prefill(small.blocks("attn", "prefill", layer))
+        assert starts == list(range(0, len(PROMPT), p))
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     for layer in range(3):
         got, starts = concat_prefill(run.blocks("attn", "prefill", layer))
         assert all(s % p == 0 for s in starts), starts

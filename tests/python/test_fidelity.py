@@ -71,7 +71,7 @@ def test_capture_does_not_change_tokens(variant, make_checkpoint, run_engine):
 def test_query_block_size_does_not_change_results(make_checkpoint, run_engine):
     model = make_checkpoint("mistral_hd")
     a = run_engine(model, PROMPT, NEW, extra=["--logits", "--query_block=128"])
-    b = run_engine(model, PROMPT, NEW, extra=["--logits", "--query_block=5"])
+    b = run_engine(model, PROMPT, NEW, extra=["--logits", "--query_block=5", "--block_elements=150"])
     assert a.tokens == b.tokens
     for layer in range(2):
         np.testing.assert_allclose(a.full_attention(layer, 4), b.full_attention(layer, 4), atol=1e-6, rtol=0)
