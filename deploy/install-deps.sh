@@ -7,7 +7,7 @@ PACKAGES=(
   libtorch-dev libopenblas0-pthread
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev
   libsentencepiece-dev sentencepiece
-  libabsl-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libpcre2-dev libcpp-httplib-dev
+  libabsl-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3-numpy python3-pytest python3-grpcio python3-protobuf python3-matplotlib
   openssl

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/config.h"
 #include "model/status_macros.h"
+#include "model/tokenizer.h"
 #include "model/transformer.h"
 #include "model/weights.h"
 
@@ -87,6 +88,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
     ASSIGN_OR_RETURN(weights, LoadWeights(options.model_dir, config, device, dtype));
   }
   ModelInfo& info = engine->info_;
+  const std::string model_type = config.model_type;
   info.model_dir = options.model_dir;
   info.architecture = config.model_type;
   info.num_layers = config.num_layers;
@@ -101,14 +103,47 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   info.bos_token_id = config.bos_token_id.value_or(-1);
   info.dtype = DTypeName(dtype);
   info.device = device.str();
-  info.has_tokenizer = false;  // tokenizers: see model/tokenizer (token-id mode until then)
+  auto tokenizer = Tokenizer::Load(options.model_dir);
+  if (tokenizer.ok()) {
+    engine->tokenizer_ = std::move(*tokenizer);
+    info.has_tokenizer = true;
+    info.tokenizer_kind = engine->tokenizer_->kind();
+    engine->chat_format_ = DetectChatFormat(model_type, engine->tokenizer_.get());
+    info.chat_format = ChatFormatName(engine->chat_format_);
+  } else if (!absl::IsNotFound(tokenizer.status())) {
+    return tokenizer.status();  // files present but unusable: say so rather than serve without them
+  }
   engine->transformer_ = std::make_unique<Transformer>(std::move(config), std::move(weights), device, dtype);
   return engine;
 }
 
-absl::StatusOr<std::vector<int64_t>> Engine::Encode(const std::string& text) const {
+absl::Status Engine::NeedTokenizer() const {
+  if (tokenizer_ != nullptr) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat("the model in ", info_.model_dir,
-                                                    " has no tokenizer loaded; send token ids instead of text"));
+                                                    " has no tokenizer.json or tokenizer.model; send token ids"));
+}
+
+absl::StatusOr<std::vector<int64_t>> Engine::Encode(const std::string& text, bool add_special_tokens) const {
+  RETURN_IF_ERROR(NeedTokenizer());
+  return tokenizer_->Encode(text, add_special_tokens);
+}
+
+absl::StatusOr<std::string> Engine::Decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const {
+  RETURN_IF_ERROR(NeedTokenizer());
+  return tokenizer_->Decode(ids, skip_special_tokens);
+}
+
+std::vector<std::string> Engine::Pieces(const std::vector<int64_t>& ids) const {
+  std::vector<std::string> out;
+  for (int64_t id : ids) out.push_back(tokenizer_ != nullptr ? tokenizer_->Piece(id) : "");
+  return out;
+}
+
+absl::StatusOr<std::vector<int64_t>> Engine::EncodeChat(const std::vector<ChatMessage>& messages) const {
+  RETURN_IF_ERROR(NeedTokenizer());
+  ASSIGN_OR_RETURN(std::string text, RenderChat(chat_format_, messages));
+  // The rendered text carries its special tokens (BOS included) itself.
+  return tokenizer_->Encode(text, /*add_special_tokens=*/false);
 }
 
 absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec& capture) const {

@@ -9,11 +9,13 @@
 
 #include "absl/status/statusor.h"
 #include "model/capture.h"
+#include "model/chat.h"
 #include "model/sampler.h"
 
 namespace attnscope {
 
 class Transformer;
+class Tokenizer;
 
 struct EngineOptions {
   std::string model_dir;      // Hugging Face checkpoint folder
@@ -40,6 +42,8 @@ struct ModelInfo {
   std::string dtype;
   std::string device;
   bool has_tokenizer = false;
+  std::string tokenizer_kind;  // "tokenizer.json" or "sentencepiece"
+  std::string chat_format;     // llama2, llama3, mistral, chatml; empty: none
 };
 
 struct GenerateRequest {
@@ -82,8 +86,13 @@ class Engine {
 
   const ModelInfo& info() const { return info_; }
 
-  // Text input needs a tokenizer: FAILED_PRECONDITION in token-id mode.
-  absl::StatusOr<std::vector<int64_t>> Encode(const std::string& text) const;
+  // Text needs a tokenizer: FAILED_PRECONDITION in token-id mode (a folder without tokenizer files).
+  absl::StatusOr<std::vector<int64_t>> Encode(const std::string& text, bool add_special_tokens = true) const;
+  absl::StatusOr<std::string> Decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const;
+  // Display text of each id ("" for all in token-id mode).
+  std::vector<std::string> Pieces(const std::vector<int64_t>& ids) const;
+  // The chat rendered with the model family's format, then encoded.
+  absl::StatusOr<std::vector<int64_t>> EncodeChat(const std::vector<ChatMessage>& messages) const;
 
   // Checks a request and its capture spec without running anything.
   absl::Status Validate(const GenerateRequest& request, const CaptureSpec& capture) const;
@@ -95,9 +104,12 @@ class Engine {
 
  private:
   Engine() = default;
+  absl::Status NeedTokenizer() const;
   EngineOptions options_;
   ModelInfo info_;
   std::unique_ptr<Transformer> transformer_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  ChatFormat chat_format_ = ChatFormat::kNone;
 };
 
 }  // namespace attnscope

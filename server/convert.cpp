@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "model/status_macros.h"
+#include "model/utf8.h"
 
 namespace attnscope {
 namespace {
@@ -100,13 +101,16 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
       r.generate.prompt_ids.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
       break;
     case v1::GenerateRequest::kText: {
+      if (!utf8::IsValid(request.text())) return absl::InvalidArgumentError("the text is not valid UTF-8");
       ASSIGN_OR_RETURN(r.generate.prompt_ids, engine.Encode(request.text()));
       break;
     }
-    case v1::GenerateRequest::kChat:
-      return absl::FailedPreconditionError(
-          absl::StrCat("chat input needs a tokenizer and a chat format; the model in ", engine.info().model_dir,
-                       " has none loaded; send token_ids"));
+    case v1::GenerateRequest::kChat: {
+      std::vector<ChatMessage> messages;
+      for (const auto& m : request.chat().messages()) messages.push_back({m.role(), m.content()});
+      ASSIGN_OR_RETURN(r.generate.prompt_ids, engine.EncodeChat(messages));
+      break;
+    }
     case v1::GenerateRequest::INPUT_NOT_SET:
       return absl::InvalidArgumentError("the request has no input: set text, token_ids or chat");
   }
@@ -150,6 +154,7 @@ void FillModelInfo(const ModelInfo& info, const std::string& name, v1::ModelInfo
   out->set_dtype(info.dtype);
   out->set_device(info.device);
   out->set_has_tokenizer(info.has_tokenizer);
+  out->set_chat_format(info.chat_format);
   for (int64_t id : info.eos_token_ids) out->add_eos_token_ids(id);
 }
 

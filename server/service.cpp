@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
+#include "model/utf8.h"
 #include "server/convert.h"
 #include "server/grpc_status.h"
 
@@ -128,6 +129,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
     v1::StreamAttentionResponse msg;
     msg.mutable_token()->set_step(step);
     msg.mutable_token()->set_id(id);
+    msg.mutable_token()->set_piece(service_->engine_->Pieces({id})[0]);
     return Push(std::move(msg));
   }
 
@@ -140,6 +142,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
     h->set_request_id(absl::StrCat(service_->next_id_++));
     FillModelInfo(engine.info(), service_->options_.model_name, h->mutable_model());
     for (int64_t id : resolved_.generate.prompt_ids) h->add_prompt_token_ids(id);
+    for (auto& piece : engine.Pieces(resolved_.generate.prompt_ids)) h->add_prompt_pieces(std::move(piece));
     FillCaptureSpec(resolved_.capture, engine.info().num_layers, engine.info().num_heads, h->mutable_capture());
     h->set_estimated_bytes(resolved_.estimated_bytes);
     h->set_chunk_bytes(service_->options_.chunk_bytes);
@@ -161,6 +164,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
         v1::StreamAttentionResponse trailer;
         auto* t = trailer.mutable_trailer();
         for (int64_t id : result->tokens) t->add_token_ids(id);
+        if (engine.info().has_tokenizer) t->set_text(engine.Decode(result->tokens, /*skip_special_tokens=*/true).value());
         t->set_finish_reason(ToProto(result->finish));
         FillTimings(*result, resolved_.generate.prompt_ids.size(), MsBetween(received_, started),
                     t->mutable_timings());
@@ -288,6 +292,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerCon
       metrics_.tokens_generated += static_cast<int64_t>(result->tokens.size());
       metrics_.decode_steps += result->decode_steps;
       for (int64_t id : result->tokens) response->add_token_ids(id);
+      for (auto& piece : engine_->Pieces(result->tokens)) response->add_pieces(std::move(piece));
+      if (engine_->info().has_tokenizer) response->set_text(engine_->Decode(result->tokens, true).value());
       response->set_finish_reason(ToProto(result->finish));
       response->set_prompt_tokens(static_cast<int64_t>(r.generate.prompt_ids.size()));
       FillTimings(*result, r.generate.prompt_ids.size(), MsBetween(received, started), response->mutable_timings());
@@ -321,9 +327,14 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Tokenize(grpc::CallbackServerCon
   const auto received = Clock::now();
   grpc::Status admitted = Admit(context);
   if (!admitted.ok()) return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(), admitted);
-  auto ids = engine_->Encode(request->text());
+  if (!utf8::IsValid(request->text())) {
+    return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(),
+                       grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the text is not valid UTF-8"));
+  }
+  auto ids = engine_->Encode(request->text(), request->add_special_tokens());
   if (!ids.ok()) return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(), ToGrpcStatus(ids.status()));
   for (int64_t id : *ids) response->add_ids(id);
+  for (auto& piece : engine_->Pieces(*ids)) response->add_pieces(std::move(piece));
   return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(), grpc::Status::OK);
 }
 
@@ -340,9 +351,10 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Detokenize(grpc::CallbackServerC
                                                           engine_->info().vocab_size - 1, ")")));
     }
   }
-  return FinishUnary(&metrics_, "Detokenize", received, context->DefaultReactor(), grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                                         absl::StrCat("the model in ", engine_->info().model_dir,
-                                                      " has no tokenizer loaded; ids cannot be turned into text")));
+  auto text = engine_->Decode({request->ids().begin(), request->ids().end()}, request->skip_special_tokens());
+  if (!text.ok()) return FinishUnary(&metrics_, "Detokenize", received, context->DefaultReactor(), ToGrpcStatus(text.status()));
+  response->set_text(*text);
+  return FinishUnary(&metrics_, "Detokenize", received, context->DefaultReactor(), grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
