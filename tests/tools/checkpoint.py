@@ -124,8 +124,10 @@ def write_checkpoint(out_dir, cfg, weights, dtype="F32", shards=1):
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
-def make(variant, out_dir, seed=0, shards=1):
+def make(variant, out_dir, seed=0, shards=1, vocab_size=None):
     cfg = dict(VARIANTS.get(variant) or BENCH_VARIANTS[variant])
+    if vocab_size:
+        cfg["vocab_size"] = vocab_size
     rng = np.random.default_rng(seed)
     weights = make_weights(cfg, rng)
     dtype = "BF16" if cfg.get("torch_dtype") == "bfloat16" else "F32"
@@ -139,5 +141,6 @@ if __name__ == "__main__":
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--vocab_size", type=int, default=0, help="override (to match a real tokenizer)")
     a = ap.parse_args()
-    make(a.variant, a.out_dir, a.seed, a.shards)
+    make(a.variant, a.out_dir, a.seed, a.shards, a.vocab_size or None)
