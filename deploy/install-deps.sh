@@ -10,7 +10,7 @@ PACKAGES=(
   libabsl-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3-numpy python3-pytest python3-grpcio python3-protobuf python3-matplotlib
-  openssl
+  openssl chromium
 )
 
 SUDO=""

@@ -17,7 +17,7 @@ BUILD = os.environ.get("ATTNSCOPE_BUILD_DIR", os.path.join(ROOT, "build"))
 
 
 def binary(name):
-    for sub in ("model", "server", "client", "bench", ""):
+    for sub in ("model", "server", "client/cpp", "bench", ""):
         path = os.path.join(BUILD, sub, name)
         if os.path.exists(path):
             return path

@@ -1,0 +1,75 @@
+// Writes one stored sample while it streams: attention blocks and statistics go to disk as they
+// arrive (memory stays bounded), and the file appears under its final name only when complete
+// (temporary file, then rename).
+//
+// Formats:
+//  - safetensors (default): every block as its own tensor, "attention.<phase>.<layer>.<step>.<query_begin>"
+//    (+ ".indices" for top_k), statistics as "statistic.<kind>.<phase>.<layer>.<step>.<query_begin>",
+//    "prompt_token_ids" and "token_ids" (I64); with a dense capture of every row, also the assembled
+//    lower-triangular matrix "layer.<L>" [heads, T, T] float32; JSON metadata under "attnscope".
+//  - pickle: the prototype's {layer: {'shape': [1, heads, T, T], 'tensor': float32 ndarray}}.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "model/status_macros.h"
+#include "attnscope/v1/attnscope.pb.h"
+
+namespace attnscope {
+
+enum class SampleFormat { kSafetensors, kPickle };
+
+class SampleWriter {
+ public:
+  // `path` is the final file; work files live beside it with a ".partial" suffix.
+  SampleWriter(std::string path, SampleFormat format);
+  ~SampleWriter();  // removes work files of an unfinished sample
+
+  // `max_new_tokens` bounds the rows of the assembled matrices.
+  absl::Status OnHeader(const v1::StreamHeader& header, int64_t max_new_tokens);
+  absl::Status OnAttention(const v1::AttentionChunk& chunk);
+  absl::Status OnStatistic(const v1::StatisticChunk& stat);
+  void OnToken(const v1::TokenEvent& token);
+  // Assembles the file and renames it into place.
+  absl::Status Finish(const v1::StreamTrailer& trailer, const std::string& prompt_text);
+
+  int64_t bytes_received() const { return bytes_received_; }
+  int64_t tokens() const { return static_cast<int64_t>(tokens_.size()); }
+  int num_layers_assembled() const;
+
+ private:
+  struct Entry {
+    std::string dtype;
+    std::vector<int64_t> shape;
+    int64_t offset = 0;  // in the data work file
+    int64_t bytes = 0;
+  };
+  absl::Status Append(const std::string& name, const std::string& dtype, const std::vector<int64_t>& shape,
+                      const std::string& data, int64_t byte_offset, int64_t total_bytes);
+  absl::Status WriteFull(const v1::AttentionChunk& chunk);
+  absl::Status WriteSafetensors(const std::string& tmp, const std::string& metadata);
+  absl::Status WritePickle(const std::string& tmp);
+
+  std::string path_;
+  SampleFormat format_;
+  v1::StreamHeader header_;
+  bool assemble_ = false;  // dense capture of every row: keep full matrices
+  int64_t prompt_len_ = 0;
+  int64_t max_rows_ = 0;   // prompt + max_new_tokens - 1: row capacity of the full matrices
+  int heads_ = 0;
+  std::FILE* data_ = nullptr;  // blocks, appended as they arrive
+  std::FILE* full_ = nullptr;  // full matrices: [layer][head][row][col] float32, max_rows_ square
+  std::map<std::string, Entry> entries_;
+  std::map<int, int> layer_slot_;  // layer -> slot in full_
+  std::vector<v1::TokenEvent> tokens_;
+  int64_t data_size_ = 0;
+  int64_t bytes_received_ = 0;
+  bool finished_ = false;
+};
+
+}  // namespace attnscope

@@ -1,0 +1,3 @@
+from .view import main
+
+main()

@@ -1,0 +1,181 @@
+"""The capture client and the Python package end to end, against a real server."""
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import reference
+from conftest import BUILD, ROOT, binary
+from service_fixture import Server, setup_paths
+
+setup_paths(BUILD)
+import attnscope  # noqa: E402
+
+PROMPT = [1, 17, 42, 99, 7, 23, 64, 5, 88, 31, 12, 77]
+NEW = 5
+
+
+@pytest.fixture(scope="module")
+def model(make_checkpoint):
+    return make_checkpoint("llama31_gqa")
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    s = Server(binary("attnscope-server"), model, log_path=str(tmp_path_factory.mktemp("log") / "server.log"))
+    yield s
+    s.stop()
+
+
+def capture(server, out_dir, *args, check=True):
+    proc = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={out_dir}",
+                           *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def stored(server, model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("attention_data")
+    ids = ",".join(map(str, PROMPT))
+    a = capture(server, out, f"--prompt_ids={ids}", f"--max_new_tokens={NEW}", "--format=safetensors")
+    b = capture(server, out, f"--prompt_ids={ids}", f"--max_new_tokens={NEW}", "--format=pickle")
+    return out, a.stdout + b.stdout
+
+
+def test_prints_like_the_prototype(stored):
+    _, stdout = stored
+    assert f"Processing sample 0, input length: {len(PROMPT)}" in stdout
+    assert "Generated: " in stdout
+    assert "Saved attention data for sample 0 with 3 layers" in stdout
+    assert stdout.strip().endswith("Done!")
+
+
+def test_both_formats_hold_the_engines_attention(stored, model):
+    out, _ = stored
+    st = attnscope.load(os.path.join(out, "attention_sample_0.safetensors"))
+    pk = attnscope.load(os.path.join(out, "attention_sample_0.pkl"))
+    generated = st.metadata["token_ids"]
+    assert len(generated) == NEW and st.metadata["prompt_token_ids"] == PROMPT
+    _, ref = reference.forward(model, PROMPT + generated[:-1])
+    assert st.layers == [0, 1, 2] and pk.layers == [0, 1, 2]
+    for layer in range(3):
+        np.testing.assert_allclose(st.attention(layer), ref[layer], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(pk.attention(layer), st.attention(layer))
+        # The per-block tensors assemble to the same matrix as the stored full one.
+        np.testing.assert_array_equal(st._assemble(layer), st.attention(layer))
+
+
+def test_pickle_is_the_prototypes_structure(stored):
+    out, _ = stored
+    with open(os.path.join(out, "attention_sample_0.pkl"), "rb") as f:
+        data = pickle.load(f)  # plain pickle + numpy, nothing of attnscope
+    T = len(PROMPT) + NEW - 1
+    assert type(data) is dict and list(data) == [0, 1, 2]
+    for layer, entry in data.items():
+        assert type(layer) is int and set(entry) == {"shape", "tensor"}
+        assert entry["shape"] == [1, 4, T, T]
+        assert type(entry["tensor"]) is np.ndarray and entry["tensor"].dtype == np.float32
+        assert entry["tensor"].shape == (1, 4, T, T)
+
+
+def test_safetensors_reads_with_plain_numpy_reader(stored):
+    out, _ = stored
+    sys.path.insert(0, os.path.join(ROOT, "tests", "tools"))
+    import stfile
+    tensors, meta = stfile.read(os.path.join(out, "attention_sample_0.safetensors"))
+    assert "layer.0" in tensors and "attention.prefill.0.0.0" in tensors and "token_ids" in tensors
+    assert '"generated_text"' in meta["attnscope"]
+
+
+def test_rerun_skips_and_overwrite_redoes(server, stored):
+    out, _ = stored
+    ids = ",".join(map(str, PROMPT))
+    again = capture(server, out, f"--prompt_ids={ids}", f"--max_new_tokens={NEW}")
+    assert "Skipping sample 0" in again.stdout
+    redo = capture(server, out, f"--prompt_ids={ids}", f"--max_new_tokens={NEW}", "--overwrite")
+    assert "Saved attention data for sample 0" in redo.stdout
+
+
+def test_killed_client_leaves_no_complete_looking_file(server, tmp_path):
+    out = tmp_path / "data"
+    ids = ",".join(map(str, PROMPT * 30))
+    cmd = [binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={out}", f"--prompt_ids={ids}",
+           "--max_new_tokens=400"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("Processing sample 0")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    names = os.listdir(out)
+    assert "attention_sample_0.safetensors" not in names, names
+    assert all(n.endswith(".partial") for n in names), names
+    done = capture(server, out, f"--prompt_ids={','.join(map(str, PROMPT))}", "--max_new_tokens=3")
+    assert "Saved attention data for sample 0" in done.stdout
+    assert "attention_sample_0.safetensors" in os.listdir(out)
+
+
+def test_capture_options_reach_the_server(server, tmp_path):
+    ids = ",".join(map(str, PROMPT))
+    capture(server, tmp_path, f"--prompt_ids={ids}", "--max_new_tokens=3", "--layers=1", "--heads=0,2",
+            "--form=pooled:4", "--dtype=float16", "--stats=entropy")
+    s = attnscope.load(tmp_path / "attention_sample_0.safetensors")
+    names = sorted(s.tensors)
+    assert "attention.prefill.1.0.0" in names and not any(n.startswith("layer.") for n in names)
+    assert s.tensors["attention.prefill.1.0.0"].shape == (2, 3, 3)
+    assert s.tensors["attention.prefill.1.0.0"].dtype == np.float16
+    assert any(n.startswith("statistic.row_entropy.prefill.1") for n in names)
+    bad = capture(server, tmp_path / "x", f"--prompt_ids={ids}", "--layers=7", check=False)
+    assert bad.returncode != 0 and "layer 7 requested" in bad.stderr
+
+
+def test_viewer_pngs_differ_between_layers_and_heads(stored, tmp_path):
+    out, _ = stored
+    sample = os.path.join(out, "attention_sample_0.safetensors")
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "client", "python")}
+    images = {}
+    for name, args in {"l0h0": ["--layer", "0", "--head", "0"], "l2h0": ["--layer", "2", "--head", "0"],
+                       "l0h3": ["--layer", "0", "--head", "3"], "layers": ["--compare-layers", "0,1,2"],
+                       "heads": ["--compare-heads", "--layer", "1"]}.items():
+        png = tmp_path / f"{name}.png"
+        subprocess.run([sys.executable, "-m", "attnscope.view", sample, *args, "--out", str(png)], env=env,
+                       check=True, capture_output=True)
+        import matplotlib.image as mpimg
+        images[name] = mpimg.imread(str(png))
+        assert images[name].std() > 0.01, f"{name} is blank"
+    assert not np.array_equal(images["l0h0"], images["l2h0"])
+    assert not np.array_equal(images["l0h0"], images["l0h3"])
+    # --export-pickle writes the prototype's layout from a safetensors sample.
+    pk = tmp_path / "export.pkl"
+    subprocess.run([sys.executable, "-m", "attnscope.view", sample, "--export-pickle", str(pk)], env=env, check=True)
+    with open(pk, "rb") as f:
+        assert pickle.load(f)[1]["shape"] == [1, 4, len(PROMPT) + NEW - 1, len(PROMPT) + NEW - 1]
+
+
+def test_html_page_in_headless_chromium(stored, tmp_path):
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    out, _ = stored
+    page = tmp_path / "page.html"
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "client", "python")}
+    subprocess.run([sys.executable, "-m", "attnscope.view", os.path.join(out, "attention_sample_0.safetensors"),
+                    "--html", str(page)], env=env, check=True, capture_output=True)
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    T = len(PROMPT) + NEW - 1
+    assert f'data-count="{T}"' in dom, dom[:500]
+    assert dom.count("<span") >= T
+    console_errors = [l for l in proc.stderr.splitlines() if "CONSOLE" in l and ("Error" in l or "Uncaught" in l)]
+    assert not console_errors, console_errors
