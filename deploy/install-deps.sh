@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages that attnscope's build and tests need. Idempotent.
+# Installs the Debian 12 packages attnscope needs. Idempotent.
+#   install-deps.sh            build + tests (what CI and a developer need)
+#   install-deps.sh --build    build only (the container's build stage)
+#   install-deps.sh --runtime  shared libraries the binaries need at run time (the runtime stage)
 set -euo pipefail
 
-PACKAGES=(
+BUILD=(
   build-essential cmake pkg-config
   libtorch-dev libopenblas0-pthread
   libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev
-  libsentencepiece-dev sentencepiece
+  libsentencepiece-dev
   libabsl-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3-numpy python3-pytest python3-grpcio python3-protobuf python3-matplotlib
-  openssl chromium
+  python3 python3-numpy python3-grpcio python3-protobuf python3-matplotlib
 )
+TEST=(python3-pytest sentencepiece openssl chromium docker-compose bc)
+RUNTIME=(
+  libtorch1.13 libopenblas0-pthread libgrpc++1.51 libgrpc29 libprotobuf32 libsentencepiece0 libabsl20220623
+  libspdlog1.10 libfmt9 libpcre2-8-0 libutf8proc2 libcpp-httplib0.11 ca-certificates
+)
+case "${1:-}" in
+  --build) PACKAGES=("${BUILD[@]}") ;;
+  --runtime) PACKAGES=("${RUNTIME[@]}") ;;
+  "") PACKAGES=("${BUILD[@]}" "${TEST[@]}") ;;
+  *) echo "usage: install-deps.sh [--build|--runtime]" >&2; exit 2 ;;
+esac
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

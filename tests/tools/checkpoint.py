@@ -53,6 +53,13 @@ BENCH_VARIANTS = {
     "bench_engine": dict(model_type="llama", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                          num_attention_heads=16, num_key_value_heads=4, vocab_size=32000, rope_theta=500000.0,
                          max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+    # The built-in demo: Llama 3.1 layout and rope scaling, small, paired with the real Llama 3 tokenizer.
+    "demo_llama3": dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=2, vocab_size=128256, rope_theta=500000.0,
+                        max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=128000,
+                        eos_token_id=[128001, 128008, 128009], torch_dtype="bfloat16",
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0, original_max_position_embeddings=8192)),
     # Long-context memory benchmark: small model, 32k positions.
     "bench_long": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=2, vocab_size=32000, rope_theta=500000.0,

@@ -1,0 +1,70 @@
+# syntax=docker/dockerfile:1
+# attnscope containers.
+#   CPU, from Debian 12 packages only (the same install/build scripts CI runs):
+#     docker build --target cpu -t attnscope:cpu .
+#   CUDA, with a pinned CUDA libtorch 2.x on an official CUDA base (Ubuntu 24.04 ships the same
+#   gRPC 1.51 / protobuf 3.21 / Abseil 20220623 as Debian 12):
+#     docker build --target cuda -t attnscope:cuda .
+ARG DEBIAN_IMAGE=debian:12
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:12.4.1-cudnn-devel-ubuntu24.04
+ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu24.04
+
+############################## CPU ##############################
+FROM ${DEBIAN_IMAGE} AS cpu-build
+WORKDIR /src
+COPY deploy/install-deps.sh deploy/install-deps.sh
+RUN bash deploy/install-deps.sh --build && rm -rf /var/lib/apt/lists/*
+COPY . .
+RUN rm -rf build && bash deploy/build.sh \
+ && mkdir -p /opt/attnscope/bin /opt/attnscope/lib \
+ && cp build/server/attnscope-server build/client/cpp/attnscope-capture build/model/attnscope-run \
+       build/model/attnscope-tokenize /opt/attnscope/bin/ \
+ && cp build/model/libattnscope_spm_shim.so /opt/attnscope/lib/
+
+FROM ${DEBIAN_IMAGE} AS cpu
+COPY deploy/install-deps.sh /tmp/install-deps.sh
+RUN bash /tmp/install-deps.sh --runtime && rm -rf /var/lib/apt/lists/* /tmp/install-deps.sh \
+ && useradd --system --uid 10001 --create-home attnscope
+COPY --from=cpu-build /opt/attnscope /opt/attnscope
+ENV PATH=/opt/attnscope/bin:$PATH ATTNSCOPE_SPM_SHIM=/opt/attnscope/lib/libattnscope_spm_shim.so
+USER attnscope
+EXPOSE 50051 9090
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["attnscope-capture", "--health", "--server=127.0.0.1:50051"]
+ENTRYPOINT ["attnscope-server", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090"]
+
+############################## CUDA ##############################
+FROM ${CUDA_DEVEL_IMAGE} AS cuda-build
+ARG LIBTORCH_URL=https://download.pytorch.org/libtorch/cu124/libtorch-cxx11-abi-shared-with-deps-2.4.1%2Bcu124.zip
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      build-essential cmake pkg-config curl unzip ca-certificates \
+      libgrpc++-dev protobuf-compiler-grpc protobuf-compiler libprotobuf-dev libsentencepiece-dev \
+      libabsl-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev \
+      libgtest-dev python3 \
+ && rm -rf /var/lib/apt/lists/* \
+ && curl -fsSL -o /tmp/libtorch.zip "$LIBTORCH_URL" && unzip -q /tmp/libtorch.zip -d /opt && rm /tmp/libtorch.zip
+WORKDIR /src
+COPY . .
+RUN rm -rf build \
+ && cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH=/opt/libtorch \
+      -DATTNSCOPE_BUILD_TESTS=OFF -DATTNSCOPE_BUILD_BENCH=OFF \
+ && cmake --build build -j "$(nproc)" \
+ && mkdir -p /opt/attnscope/bin /opt/attnscope/lib \
+ && cp build/server/attnscope-server build/client/cpp/attnscope-capture build/model/attnscope-run /opt/attnscope/bin/ \
+ && cp build/model/libattnscope_spm_shim.so /opt/attnscope/lib/
+
+FROM ${CUDA_RUNTIME_IMAGE} AS cuda
+RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      libgrpc++1.51t64 libprotobuf32t64 libsentencepiece0 libabsl20220623t64 libspdlog1.12 libpcre2-8-0 \
+      libutf8proc3 libcpp-httplib0.14 libgomp1 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --create-home attnscope
+COPY --from=cuda-build /opt/libtorch/lib /opt/libtorch/lib
+COPY --from=cuda-build /opt/attnscope /opt/attnscope
+ENV PATH=/opt/attnscope/bin:$PATH LD_LIBRARY_PATH=/opt/libtorch/lib \
+    ATTNSCOPE_SPM_SHIM=/opt/attnscope/lib/libattnscope_spm_shim.so
+USER attnscope
+EXPOSE 50051 9090
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
+  CMD ["attnscope-capture", "--health", "--server=127.0.0.1:50051"]
+ENTRYPOINT ["attnscope-server", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090", "--device=cuda"]

