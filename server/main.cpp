@@ -33,6 +33,8 @@ ABSL_FLAG(int, max_queue, 16, "generations waiting; beyond: RESOURCE_EXHAUSTED")
 ABSL_FLAG(int64_t, chunk_bytes, 1 << 20, "attention payload bytes per streamed message");
 ABSL_FLAG(int64_t, max_capture_bytes, int64_t{64} << 30, "capture byte budget per request (0: none)");
 ABSL_FLAG(int64_t, query_block, 128, "attention rows materialized at once for captured layers");
+ABSL_FLAG(int64_t, block_elements, int64_t{1} << 24,
+          "at most this many attention probabilities materialized at once (memory per captured layer)");
 ABSL_FLAG(std::string, auth_tokens_file, "", "file with one accepted bearer token per line");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (TLS on when set with --tls_key)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key");
@@ -107,6 +109,7 @@ absl::Status Serve() {
   engine_options.device = absl::GetFlag(FLAGS_device);
   engine_options.dtype = absl::GetFlag(FLAGS_dtype);
   engine_options.query_block = absl::GetFlag(FLAGS_query_block);
+  engine_options.block_elements = absl::GetFlag(FLAGS_block_elements);
   spdlog::info("loading {} on {}", model_dir, engine_options.device);
   ASSIGN_OR_RETURN(auto engine, Engine::Load(engine_options));
 

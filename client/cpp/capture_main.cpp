@@ -39,7 +39,7 @@ ABSL_FLAG(bool, health, false, "only check the server's health service; exit 0 w
 // Inputs.
 ABSL_FLAG(std::string, prompt, "", "one prompt text");
 ABSL_FLAG(std::string, prompt_file, "", "a file whose whole content is one prompt");
-ABSL_FLAG(std::string, prompt_ids, "", "one prompt as token ids, e.g. 1,2,3");
+ABSL_FLAG(std::string, prompt_ids, "", "one prompt as token ids, e.g. 1,2,3 (or @FILE holding them)");
 ABSL_FLAG(std::string, dataset, "", "JSONL file: LongBench fields context + input, or prompt");
 ABSL_FLAG(bool, chat, false, "send each prompt as a user chat message (the model's chat format)");
 // Capture.
@@ -90,7 +90,12 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 
 absl::StatusOr<std::vector<Sample>> Samples() {
   std::vector<Sample> out;
-  if (const auto ids = absl::GetFlag(FLAGS_prompt_ids); !ids.empty()) {
+  if (auto ids = absl::GetFlag(FLAGS_prompt_ids); !ids.empty()) {
+    if (ids[0] == '@') {  // long prompts do not fit on a command line
+      auto text = ReadFile(ids.substr(1));
+      if (!text.ok()) return text.status();
+      ids = *text;
+    }
     Sample s;
     auto parsed = ParseInts(ids, "--prompt_ids");
     if (!parsed.ok()) return parsed.status();

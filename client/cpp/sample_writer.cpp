@@ -165,9 +165,12 @@ absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_
   heads_ = c.heads_size();
   bool prefill = false, decode = false;
   for (int p : c.phases()) prefill |= p == v1::PHASE_PREFILL, decode |= p == v1::PHASE_DECODE;
-  assemble_ = c.form() == v1::FORM_DENSE && c.last_queries() == 0 && c.query_ranges_size() == 0 && prefill;
+  // Full matrices are assembled only for the pickle layout; safetensors readers assemble them
+  // from the blocks (attnscope.load does), which saves writing every value twice.
+  assemble_ = format_ == SampleFormat::kPickle && c.form() == v1::FORM_DENSE && c.last_queries() == 0 &&
+              c.query_ranges_size() == 0 && prefill;
   max_rows_ = prompt_len_ + (decode ? std::max<int64_t>(0, max_new_tokens - 1) : 0);
-  if (format_ == SampleFormat::kPickle && !assemble_) {
+  if (format_ == SampleFormat::kPickle && !assemble_) {  // the prototype's layout needs full matrices
     return absl::InvalidArgumentError(
         "--format pickle stores full matrices: it needs --form dense over every query row with the prefill phase");
   }

@@ -5,8 +5,8 @@
 // Formats:
 //  - safetensors (default): every block as its own tensor, "attention.<phase>.<layer>.<step>.<query_begin>"
 //    (+ ".indices" for top_k), statistics as "statistic.<kind>.<phase>.<layer>.<step>.<query_begin>",
-//    "prompt_token_ids" and "token_ids" (I64); with a dense capture of every row, also the assembled
-//    lower-triangular matrix "layer.<L>" [heads, T, T] float32; JSON metadata under "attnscope".
+//    "prompt_token_ids" and "token_ids" (I64); JSON metadata under "attnscope". Readers assemble the
+//    full lower-triangular matrices from the blocks (attnscope.load does).
 //  - pickle: the prototype's {layer: {'shape': [1, heads, T, T], 'tensor': float32 ndarray}}.
 #pragma once
 

@@ -69,8 +69,6 @@ def test_both_formats_hold_the_engines_attention(stored, model):
     for layer in range(3):
         np.testing.assert_allclose(st.attention(layer), ref[layer], atol=1e-5, rtol=0)
         np.testing.assert_array_equal(pk.attention(layer), st.attention(layer))
-        # The per-block tensors assemble to the same matrix as the stored full one.
-        np.testing.assert_array_equal(st._assemble(layer), st.attention(layer))
 
 
 def test_pickle_is_the_prototypes_structure(stored):
@@ -91,7 +89,8 @@ def test_safetensors_reads_with_plain_numpy_reader(stored):
     sys.path.insert(0, os.path.join(ROOT, "tests", "tools"))
     import stfile
     tensors, meta = stfile.read(os.path.join(out, "attention_sample_0.safetensors"))
-    assert "layer.0" in tensors and "attention.prefill.0.0.0" in tensors and "token_ids" in tensors
+    assert "attention.prefill.0.0.0" in tensors and "attention.decode.2.1.12" in tensors and "token_ids" in tensors
+    assert tensors["attention.prefill.0.0.0"].shape == (4, len(PROMPT), len(PROMPT))
     assert '"generated_text"' in meta["attnscope"]
 
 
