@@ -309,3 +309,17 @@ def test_metrics_and_reflection(model, tmp_path):
         assert b"attnscope.v1.AttentionService" in replies[0]
     finally:
         s.stop()
+
+
+def test_deadline_ends_a_long_stream(client):
+    c = client
+    req = c.request(token_ids=PROMPT * 20, max_new_tokens=780, ignore_eos=True, row_entropy=True)
+    t0 = time.time()
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in c.stub.StreamAttention(req, timeout=0.3):
+            pass
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.time() - t0 < 10
+    with pytest.raises(grpc.RpcError) as e:
+        c.stub.Generate(c.request(token_ids=PROMPT * 20, max_new_tokens=780, ignore_eos=True), timeout=0.2)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -45,6 +45,10 @@ VARIANTS = {
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128, rope_theta=10000.0,
                        max_position_embeddings=256, rms_norm_eps=1e-5, torch_dtype="bfloat16",
                        bos_token_id=1, eos_token_id=2),
+    # Qwen2 layout with every weight stored as float16.
+    "qwen2_f16": dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=150, rope_theta=10000.0,
+                      max_position_embeddings=512, rms_norm_eps=1e-6, torch_dtype="float16", eos_token_id=6),
 }
 
 # Larger random models for benchmarks (not tests).
@@ -60,6 +64,10 @@ BENCH_VARIANTS = {
                         eos_token_id=[128001, 128008, 128009], torch_dtype="bfloat16",
                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                           high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    # Streaming benchmark: many heads, little compute, so that the bytes dominate.
+    "bench_stream": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=4, vocab_size=1000, rope_theta=10000.0,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
     # Long-context memory benchmark: small model, 32k positions.
     "bench_long": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=2, vocab_size=32000, rope_theta=500000.0,
@@ -137,7 +145,7 @@ def make(variant, out_dir, seed=0, shards=1, vocab_size=None):
         cfg["vocab_size"] = vocab_size
     rng = np.random.default_rng(seed)
     weights = make_weights(cfg, rng)
-    dtype = "BF16" if cfg.get("torch_dtype") == "bfloat16" else "F32"
+    dtype = {"bfloat16": "BF16", "float16": "F16"}.get(cfg.get("torch_dtype"), "F32")
     write_checkpoint(out_dir, cfg, weights, dtype=dtype, shards=shards)
     return out_dir
 
