@@ -162,9 +162,9 @@ int Main() {
   const Sample off_s = run_engine(off);
   const Sample full_s = run_engine(full);
   std::printf("model: %ld layers, hidden %ld, %ld heads / %ld kv heads, vocab %ld; prompt %ld, %ld new tokens; "
-              "libtorch %s, %d threads, median of %d\n\n",
+              "libtorch %s, median of %d\n\n",
               (long)info.num_layers, (long)info.hidden_size, (long)info.num_heads, (long)info.num_kv_heads,
-              (long)info.vocab_size, (long)prompt, (long)new_tokens, TORCH_VERSION, at::get_num_threads(), reps);
+              (long)info.vocab_size, (long)prompt, (long)new_tokens, TORCH_VERSION, reps);
   std::printf("| run | prefill tok/s | decode tok/s | prefill vs bare | decode vs bare | captured MB |\n");
   std::printf("| --- | ---: | ---: | ---: | ---: | ---: |\n");
   auto row = [&](const char* name, const Sample& s) {
