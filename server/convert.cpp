@@ -203,7 +203,9 @@ v1::FinishReason ToProto(FinishReason reason) {
 
 v1::Phase ToProto(Phase phase) { return phase == Phase::kPrefill ? v1::PHASE_PREFILL : v1::PHASE_DECODE; }
 
-void FillStatistic(const StatBlock& stat, v1::StatisticChunk* out) {
+namespace {
+
+void FillStatisticHeader(const StatBlock& stat, v1::StatisticChunk* out) {
   out->set_kind(StatKindName(stat.kind));
   out->set_phase(ToProto(stat.phase));
   out->set_step(stat.step);
@@ -213,7 +215,31 @@ void FillStatistic(const StatBlock& stat, v1::StatisticChunk* out) {
   out->set_query_end(stat.query_end);
   out->set_key_length(stat.key_length);
   for (int64_t d : stat.values.sizes()) out->add_shape(d);
+  out->set_block_bytes(stat.values.numel() * static_cast<int64_t>(sizeof(float)));
+}
+
+}  // namespace
+
+void FillStatistic(const StatBlock& stat, v1::StatisticChunk* out) {
+  FillStatisticHeader(stat, out);
   out->set_data(stat.values.data_ptr(), stat.values.numel() * sizeof(float));
+}
+
+std::vector<v1::StreamAttentionResponse> ChunkStatistic(const StatBlock& stat, int64_t chunk_bytes) {
+  const int64_t total = stat.values.numel() * static_cast<int64_t>(sizeof(float));
+  const int64_t piece = std::max<int64_t>(sizeof(float), chunk_bytes / sizeof(float) * sizeof(float));
+  const auto* data = static_cast<const char*>(stat.values.data_ptr());
+  std::vector<v1::StreamAttentionResponse> out;
+  for (int64_t offset = 0; offset < total || (total == 0 && out.empty()); offset += piece) {
+    v1::StreamAttentionResponse msg;
+    auto* c = msg.mutable_statistic();
+    FillStatisticHeader(stat, c);
+    c->set_byte_offset(offset);
+    c->set_data(data + offset, std::min(piece, total - offset));
+    out.push_back(std::move(msg));
+    if (total == 0) break;
+  }
+  return out;
 }
 
 std::vector<v1::StreamAttentionResponse> ChunkAttention(const AttentionBlock& block, ElementType element_type,

@@ -30,7 +30,10 @@ void FillModelInfo(const ModelInfo& info, const std::string& name, v1::ModelInfo
 void FillCaptureSpec(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads, v1::CaptureSpec* out);
 v1::FinishReason ToProto(FinishReason reason);
 v1::Phase ToProto(Phase phase);
+// The whole block in one message (Generate's response).
 void FillStatistic(const StatBlock& stat, v1::StatisticChunk* out);
+// The block in pieces of at most `chunk_bytes` (StreamAttention).
+std::vector<v1::StreamAttentionResponse> ChunkStatistic(const StatBlock& stat, int64_t chunk_bytes);
 
 // Splits a block into messages whose payload is at most `chunk_bytes`.
 std::vector<v1::StreamAttentionResponse> ChunkAttention(const AttentionBlock& block, ElementType element_type,

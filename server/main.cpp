@@ -135,7 +135,9 @@ absl::Status Serve() {
   int port = 0;
   builder.AddListeningPort(listen, creds, &port);
   builder.RegisterService(&service);
-  builder.SetMaxSendMessageSize(static_cast<int>(options.chunk_bytes * 2 + (1 << 20)));
+  // Streams chunk their payload (chunk_bytes); Generate answers statistics in one message, which at
+  // long context can be tens of MB: allow that much.
+  builder.SetMaxSendMessageSize(512 << 20);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
   server->GetHealthCheckService()->SetServingStatus(true);

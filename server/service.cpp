@@ -119,10 +119,13 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
     return absl::OkStatus();
   }
   absl::Status OnStatistic(const StatBlock& stat) override {
-    v1::StreamAttentionResponse msg;
-    FillStatistic(stat, msg.mutable_statistic());
-    bytes_sent_ += static_cast<int64_t>(msg.statistic().data().size());
-    return Push(std::move(msg));
+    for (auto& msg : ChunkStatistic(stat, service_->options_.chunk_bytes)) {
+      const int64_t n = static_cast<int64_t>(msg.statistic().data().size());
+      absl::Status pushed = Push(std::move(msg));
+      if (!pushed.ok()) return pushed;
+      bytes_sent_ += n;
+    }
+    return absl::OkStatus();
   }
   absl::Status OnToken(int64_t step, int64_t id) override {
     ++service_->metrics_.tokens_generated;

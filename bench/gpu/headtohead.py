@@ -217,6 +217,7 @@ def main():
     ap.add_argument("--build", default="build-gpu")
     ap.add_argument("--out", default="/tmp")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--long_only", action="store_true", help="only the statistics runs from 32k up, attnscope only")
     ap.add_argument("--via", choices=["run", "server"], default="run",
                     help="attnscope through attnscope-run (engine direct) or server + capture client")
     a = ap.parse_args()
@@ -240,6 +241,8 @@ def main():
     plan = [("dense", 1024), ("dense", 4096), ("stats", 1024), ("stats", 4096), ("stats", 16384),
             ("stats", 32768), ("stats", 65536), ("stats", 131072)]
     hf_oom = False
+    if a.long_only:
+        plan, hf_oom = [p for p in plan if p[0] == "stats" and p[1] >= 32768], True
     for mode, n in plan:
         if time.time() > deadline - 45:
             print(f"deadline: skipping {mode} {n} and later")

@@ -251,7 +251,8 @@ absl::Status SampleWriter::OnStatistic(const v1::StatisticChunk& s) {
   if (format_ != SampleFormat::kSafetensors) return absl::OkStatus();
   const std::string name = absl::StrCat("statistic.", s.kind(), ".", PhaseName(s.phase()), ".", s.layer(), ".",
                                         s.step(), ".", s.query_begin());
-  return Append(name, "F32", {s.shape().begin(), s.shape().end()}, s.data(), 0, static_cast<int64_t>(s.data().size()));
+  const int64_t total = s.block_bytes() > 0 ? s.block_bytes() : static_cast<int64_t>(s.data().size());
+  return Append(name, "F32", {s.shape().begin(), s.shape().end()}, s.data(), s.byte_offset(), total);
 }
 
 void SampleWriter::OnToken(const v1::TokenEvent& token) { tokens_.push_back(token); }

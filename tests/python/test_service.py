@@ -48,6 +48,23 @@ def test_model_info(client, model):
     assert list(info.eos_token_ids) == [2, 3] and not info.has_tokenizer
 
 
+def test_statistics_larger_than_a_chunk_come_in_pieces(client):
+    # key_score over a 480-token prompt: 4 heads x 480 x 4 bytes = 7.7 KB, over the 1 KiB chunk size.
+    prompt = PROMPT * 40
+    r = client.stream_attention(token_ids=prompt, max_new_tokens=3, ignore_eos=True, key_score_window=8,
+                                key_score_variance=True)
+    g = client.generate(token_ids=prompt, max_new_tokens=3, ignore_eos=True, key_score_window=8,
+                        key_score_variance=True)
+    raw = client.stream_raw(client.request(token_ids=prompt, max_new_tokens=3, ignore_eos=True, key_score_window=8))
+    sizes = [m.ByteSize() for m in raw if m.WhichOneof("event") == "statistic"]
+    assert len(sizes) > 8 and max(sizes) < 1024 + 200
+    whole = {(st.kind, {1: "prefill", 2: "decode"}[st.phase], st.step, st.layer, st.query_begin):
+             np.frombuffer(st.data, "<f4").reshape(tuple(st.shape)) for st in g.statistics}
+    assert whole.keys() == r.statistics.keys() and whole[("key_score", "prefill", 0, 0, 0)].shape == (4, 480)
+    for k, v in whole.items():
+        np.testing.assert_array_equal(r.statistics[k], v)
+
+
 def test_stream_matches_reference_and_respects_chunk_size(client, model):
     r = client.stream_attention(token_ids=PROMPT, max_new_tokens=5, ignore_eos=True, form="dense")
     assert r.header is not None and list(r.header.prompt_token_ids) == PROMPT

@@ -118,7 +118,11 @@ class Client:
             elif kind == "statistic":
                 s = msg.statistic
                 key = (s.kind, _PHASE_NAMES[s.phase], s.step, s.layer, s.query_begin)
-                result.statistics[key] = np.frombuffer(s.data, dtype="<f4").reshape(tuple(s.shape))
+                buf = pending.setdefault(("statistic",) + key, bytearray())
+                buf += s.data
+                if len(buf) == (s.block_bytes or len(s.data)):
+                    result.statistics[key] = np.frombuffer(bytes(buf), dtype="<f4").reshape(tuple(s.shape))
+                    del pending[("statistic",) + key]
             elif kind == "trailer":
                 result.trailer = msg.trailer
         return result
