@@ -14,6 +14,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "bench/counting_sink.h"
 #include "model/engine.h"
 
 ABSL_FLAG(std::string, model_dir, "", "checkpoint folder (tests/tools/checkpoint.py bench_engine DIR)");
@@ -29,16 +30,6 @@ using Clock = std::chrono::steady_clock;
 struct Sample {
   double prefill_ms, decode_ms;
   int64_t bytes;
-};
-
-// Consumes blocks the way a server would: reads every byte once.
-class CountingSink : public AttentionSink {
- public:
-  absl::Status OnAttention(const AttentionBlock& b) override {
-    bytes += b.values.numel() * b.values.element_size();
-    return absl::OkStatus();
-  }
-  int64_t bytes = 0;
 };
 
 // The bare forward pass: same math, plain libtorch calls, weights random of the engine's shapes.

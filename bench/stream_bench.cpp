@@ -12,6 +12,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "attnscope/v1/attnscope.grpc.pb.h"
+#include "bench/counting_sink.h"
 #include "model/engine.h"
 #include "server/service.h"
 
@@ -24,15 +25,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-class CountingSink : public AttentionSink {
- public:
-  absl::Status OnAttention(const AttentionBlock& b) override {
-    bytes += b.values.numel() * b.values.element_size();
-    return absl::OkStatus();
-  }
-  int64_t bytes = 0;
-};
 
 int Main() {
   EngineOptions eo;
