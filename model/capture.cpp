@@ -251,9 +251,11 @@ absl::Status CaptureProcessor::EmitRows(Phase phase, int64_t step, int64_t layer
   const int64_t computed = rows.size(2);
   const auto& st = spec_.stats;
   if (st.row_entropy) {
-    // H = -Σ p log p, with 0 log 0 = 0 (xlogy); one block-sized temporary.
+    // H = -Σ p log p, with 0 log 0 = 0: log(p + 1e-30) is log p for every p a float32 softmax
+    // produces above 1e-30 and finite at 0; one block-sized temporary (xlogy is far slower on CPU).
+    torch::Tensor logp = (rows + 1e-30f).log_();
     RETURN_IF_ERROR(EmitStat(StatKind::kRowEntropy, phase, step, layer, row_begin, row_begin + m, key_length,
-                             -torch::xlogy(rows, rows).sum(-1)));
+                             -(logp.mul_(rows)).sum(-1)));
   }
   if (st.sink_tokens > 0) {
     const int64_t k = std::min(st.sink_tokens, computed);
@@ -261,13 +263,15 @@ absl::Status CaptureProcessor::EmitRows(Phase phase, int64_t step, int64_t layer
                              rows.narrow(-1, 0, k).sum(-1)));
   }
   if (st.local_window > 0) {
-    // Row at position i: mass on keys (i - w, i].
+    // Row at position i: mass on keys (i - w, i], gathered (w per row) rather than masked (all keys).
+    const int64_t w = std::min(st.local_window, computed);
     auto opts = torch::TensorOptions().dtype(torch::kInt64).device(rows.device());
     torch::Tensor pos = torch::arange(row_begin, row_begin + m, opts).unsqueeze(1);  // (m, 1)
-    torch::Tensor key = torch::arange(0, computed, opts).unsqueeze(0);               // (1, keys)
-    torch::Tensor near = (key > pos - st.local_window).logical_and(key <= pos);      // (m, keys)
+    torch::Tensor key = pos - torch::arange(0, w, opts).unsqueeze(0);                // (m, w)
+    torch::Tensor valid = (key >= 0).to(rows.scalar_type());                         // (m, w)
+    torch::Tensor index = key.clamp_min(0).unsqueeze(0).expand({rows.size(0), m, w});
     RETURN_IF_ERROR(EmitStat(StatKind::kLocalMass, phase, step, layer, row_begin, row_begin + m, key_length,
-                             torch::where(near, rows, torch::zeros({}, rows.options())).sum(-1)));
+                             (rows.gather(-1, index) * valid).sum(-1)));
   }
   if (spec_.form != Form::kNone) RETURN_IF_ERROR(EmitForm(phase, step, layer, row_begin, rows, key_length));
   return absl::OkStatus();

@@ -160,6 +160,9 @@ def test_statistics(model, run_engine, dense_ref):
         for t in range(1, NEW):
             e = run.blocks("stat/row_entropy", "decode", layer)[(t, P + t - 1)]
             np.testing.assert_allclose(e[:, 0], entropy(rows_of(a, "decode", t)[:, 0]), atol=TOL, rtol=0)
+            row = rows_of(a, "decode", t)[:, 0]
+            loc = run.blocks("stat/local_mass", "decode", layer)[(t, P + t - 1)]
+            np.testing.assert_allclose(loc[:, 0], row[:, P + t - L:].sum(-1), atol=TOL, rtol=0)
         # Temporal variance over decode steps of the attention each prompt key receives.
         var = run.blocks("stat/key_score_variance", "decode", layer)[(NEW - 1, 0)]
         steps = np.stack([a[:, P + t - 1, :P] for t in range(1, NEW)], axis=0)
