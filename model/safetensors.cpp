@@ -254,10 +254,4 @@ absl::StatusOr<TensorView> CheckpointTensors::Get(const std::string& name) const
   return *it->second;
 }
 
-std::vector<std::string> CheckpointTensors::Names() const {
-  std::vector<std::string> names;
-  for (const auto& [name, view] : index_) names.push_back(name);
-  return names;
-}
-
 }  // namespace attnscope

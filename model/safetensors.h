@@ -62,7 +62,6 @@ class CheckpointTensors {
   bool Has(const std::string& name) const { return index_.count(name) > 0; }
   // NOT_FOUND naming the tensor and the file(s) searched when absent.
   absl::StatusOr<TensorView> Get(const std::string& name) const;
-  std::vector<std::string> Names() const;
 
  private:
   std::string description_;  // files searched, for messages

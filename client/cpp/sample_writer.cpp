@@ -257,8 +257,6 @@ absl::Status SampleWriter::OnStatistic(const v1::StatisticChunk& s) {
 
 void SampleWriter::OnToken(const v1::TokenEvent& token) { tokens_.push_back(token); }
 
-int SampleWriter::num_layers_assembled() const { return static_cast<int>(layer_slot_.size()); }
-
 absl::Status SampleWriter::WriteSafetensors(const std::string& tmp, const std::string& metadata) {
   const int64_t T = std::min<int64_t>(max_rows_, prompt_len_ + std::max<int64_t>(0, tokens() - 1));
   std::vector<int64_t> prompt_ids(header_.prompt_token_ids().begin(), header_.prompt_token_ids().end());

@@ -40,7 +40,6 @@ class SampleWriter {
 
   int64_t bytes_received() const { return bytes_received_; }
   int64_t tokens() const { return static_cast<int64_t>(tokens_.size()); }
-  int num_layers_assembled() const;
 
  private:
   struct Entry {
