@@ -10,6 +10,7 @@ OUT="${ATTNSCOPE_DEMO_DIR:-$ROOT/demo_output}"
 NPM="${ATTNSCOPE_NPM_DIR:-$HOME/.cache/attnscope/npm}"
 MODEL="$OUT/model"
 PORT="${ATTNSCOPE_DEMO_PORT:-50151}"
+BUILD="${ATTNSCOPE_BUILD_DIR:-$ROOT/build}"  # CTest passes its own build tree
 
 if [ -z "${ATTNSCOPE_DEMO_SKIP_SETUP:-}" ]; then  # tests set it: they run on a finished build
   bash deploy/install-deps.sh
@@ -29,20 +30,20 @@ fi
 cp "$TOKENIZER" "$MODEL/tokenizer.json"
 
 mkdir -p "$OUT"
-build/server/attnscope-server --model_dir="$MODEL" --listen="127.0.0.1:$PORT" > "$OUT/server.log" 2>&1 &
+"$BUILD"/server/attnscope-server --model_dir="$MODEL" --listen="127.0.0.1:$PORT" > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do
-  build/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --health >/dev/null 2>&1 && break
+  "$BUILD"/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --health >/dev/null 2>&1 && break
   kill -0 $SERVER 2>/dev/null || { cat "$OUT/server.log"; exit 1; }
   sleep 0.5
 done
 
 # The prototype's basic command, against the demo server.
-build/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --output_dir="$OUT/attention_data" \
+"$BUILD"/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --output_dir="$OUT/attention_data" \
   --max_new_tokens=16 --overwrite
 
-export PYTHONPATH="$ROOT/client/python:$ROOT/build/python"
+export PYTHONPATH="$ROOT/client/python:$BUILD/python"
 SAMPLE="$OUT/attention_data/attention_sample_1.safetensors"
 mkdir -p "$OUT/plots"
 /usr/bin/python3 -m attnscope.view "$SAMPLE" --layer 3 --head 0 --out "$OUT/plots/heatmap_layer3_head0.png"

@@ -305,7 +305,8 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
       break;
     case Form::kPooled: {
       // Tiles start at the block's first row and at key 0; edge tiles average what they cover.
-      const int64_t p = spec_.pool;
+      // A tile side past the block is one tile either way; clamping it keeps the padding small.
+      const int64_t p = std::min(spec_.pool, std::max(m, key_length));
       const int64_t tr = CeilDiv(m, p);
       const int64_t tk = CeilDiv(key_length, p);
       // Keys first (the block shrinks p-fold), then rows; zero padding never wins a max of probabilities.

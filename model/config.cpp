@@ -1,11 +1,13 @@
 #include "model/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "model/files.h"
 #include "model/status_macros.h"
 
 namespace attnscope {
@@ -13,13 +15,19 @@ namespace {
 
 using json = nlohmann::json;
 
+// config.json and generation_config.json are small; anything larger is not one.
+constexpr int64_t kMaxConfigBytes = 16 << 20;
+
 absl::StatusOr<json> ReadJson(const std::string& path, bool required) {
-  std::ifstream in(path);
-  if (!in) {
-    if (required) return absl::NotFoundError(absl::StrCat(path, " does not exist or cannot be read"));
-    return json();
+  absl::StatusOr<std::string> text = ReadRegularFile(path, kMaxConfigBytes);
+  if (!text.ok()) {
+    if (absl::IsNotFound(text.status())) {
+      if (required) return absl::NotFoundError(absl::StrCat(path, " does not exist or cannot be read"));
+      return json();
+    }
+    return text.status();
   }
-  json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  json j = json::parse(*text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(path, " is not a valid JSON object"));
   }
@@ -50,7 +58,9 @@ absl::StatusOr<double> GetDouble(const json& j, const std::string& path, const c
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return fallback;
   if (!it->is_number()) return absl::InvalidArgumentError(absl::StrCat(path, ": field '", key, "' must be a number"));
-  return it->get<double>();
+  const double v = it->get<double>();
+  if (!std::isfinite(v)) return absl::InvalidArgumentError(absl::StrCat(path, ": field '", key, "' must be finite"));
+  return v;
 }
 
 bool GetBool(const json& j, const char* key, bool fallback) {
@@ -87,6 +97,9 @@ absl::Status ParseRope(const json& j, const std::string& path, RopeConfig* rope)
     ASSIGN_OR_RETURN(rope->high_freq_factor, GetDouble(*it, path, "high_freq_factor", 4.0));
     ASSIGN_OR_RETURN(rope->original_max_positions,
                      GetInt(*it, path, "original_max_position_embeddings", 8192, 1, int64_t{1} << 40));
+    if (!(rope->low_freq_factor > 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": llama3 rope_scaling needs low_freq_factor > 0"));
+    }
     if (!(rope->high_freq_factor > rope->low_freq_factor)) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": llama3 rope_scaling needs high_freq_factor > low_freq_factor"));
     }
@@ -138,6 +151,13 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir) {
   }
   ASSIGN_OR_RETURN(c.rms_norm_eps, GetDouble(j, path, "rms_norm_eps", 1e-6));
   ASSIGN_OR_RETURN(c.rope.theta, GetDouble(j, path, "rope_theta", c.arch->default_rope_theta));
+  // Both appear under a root or a logarithm: zero or negative values make every output NaN.
+  if (!(c.rms_norm_eps > 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": rms_norm_eps = ", c.rms_norm_eps, " must be > 0"));
+  }
+  if (!(c.rope.theta > 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": rope_theta = ", c.rope.theta, " must be > 0"));
+  }
   RETURN_IF_ERROR(ParseRope(j, path, &c.rope));
   ASSIGN_OR_RETURN(c.max_position_embeddings, GetInt(j, path, "max_position_embeddings", 4096, 1, int64_t{1} << 40));
   c.tie_word_embeddings = GetBool(j, "tie_word_embeddings", false);

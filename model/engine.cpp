@@ -44,7 +44,14 @@ absl::StatusOr<torch::ScalarType> ParseDType(const std::string& name, const torc
   if (name.empty()) return device.is_cuda() ? torch::kBFloat16 : torch::kFloat32;
   if (name == "float32" || name == "fp32") return torch::kFloat32;
   if (name == "bfloat16" || name == "bf16") return torch::kBFloat16;
-  if (name == "float16" || name == "fp16") return torch::kFloat16;
+  if (name == "float16" || name == "fp16") {
+    if (!device.is_cuda()) {
+      return absl::FailedPreconditionError(
+          "dtype float16 is for CUDA: libtorch's CPU kernels lack float16 matrix products; use float32 or bfloat16 "
+          "on the CPU");
+    }
+    return torch::kFloat16;
+  }
   return absl::InvalidArgumentError(absl::StrCat("dtype '", name, "' is not float32, bfloat16 or float16"));
 }
 
@@ -174,7 +181,24 @@ absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec&
                                                 info_.vocab_size - 1, ")"));
     }
   }
-  return ValidateCaptureSpec(capture, info_.num_layers, info_.num_heads, prompt_len);
+  RETURN_IF_ERROR(ValidateCaptureSpec(capture, info_.num_layers, info_.num_heads, prompt_len));
+  if (capture.form == Form::kPooled) {
+    // A tile's rows are computed together (blocks never split a tile): pool rows over the prompt's
+    // keys for every head. Up to kPoolRowsAlwaysAllowed rows are always allowed; more must fit
+    // the block budget.
+    constexpr int64_t kPoolRowsAlwaysAllowed = 64;
+    const int64_t rows = std::min(capture.pool, prompt_len);
+    const int64_t limit = std::max(options_.block_elements, info_.num_heads * prompt_len * kPoolRowsAlwaysAllowed);
+    if (rows > kPoolRowsAlwaysAllowed && info_.num_heads * rows * prompt_len > limit) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "pool ", capture.pool, " needs ", rows, " attention rows at once (", info_.num_heads, " heads x ", rows,
+          " rows x ", prompt_len, " keys = ", info_.num_heads * rows * prompt_len,
+          " probabilities), over the server's block budget of ", limit, "; use pool <= ",
+          std::max(kPoolRowsAlwaysAllowed, limit / std::max<int64_t>(1, info_.num_heads * prompt_len)),
+          " (or start the server with a larger --block_elements)"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, const CaptureSpec& capture,

@@ -15,12 +15,18 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "model/files.h"
 #include "model/status_macros.h"
 #include "model/tokenizer.h"
 #include "model/utf8.h"
 
 namespace attnscope {
 namespace {
+
+// Real tokenizer.json files are under 20 MB.
+constexpr int64_t kMaxTokenizerJsonBytes = int64_t{256} << 20;
+// Ids past the number of entries that a tokenizer may use (holes in the id space).
+constexpr int64_t kIdSlack = 4096;
 
 using json = nlohmann::json;
 
@@ -122,8 +128,8 @@ struct AddedToken {
 };
 
 absl::StatusOr<std::string> PatternString(const json& pattern, const std::string& where) {
-  if (pattern.contains("String")) return pattern["String"].get<std::string>();
-  if (pattern.contains("Regex")) return pattern["Regex"].get<std::string>();
+  if (pattern.contains("String")) return pattern.at("String").get<std::string>();
+  if (pattern.contains("Regex")) return pattern.at("Regex").get<std::string>();
   return absl::InvalidArgumentError(absl::StrCat(where, ": pattern is neither String nor Regex"));
 }
 
@@ -155,7 +161,7 @@ class HfTokenizer : public Tokenizer {
   std::string kind() const override { return "tokenizer.json"; }
 
  private:
-  absl::Status ParseModel(const json& model, const std::string& path);
+  absl::Status ParseModel(const json& model, int64_t max_id_limit, const std::string& path);
   absl::Status ParseNormalizer(const json& n, const std::string& path);
   absl::Status ParsePreTokenizer(const json& p, const std::string& path);
   absl::Status ParseDecoder(const json& d, const std::string& path);
@@ -185,24 +191,32 @@ class HfTokenizer : public Tokenizer {
   mutable std::unordered_map<std::string, std::vector<int64_t>> cache_;
 };
 
-absl::Status HfTokenizer::ParseModel(const json& m, const std::string& path) {
+absl::Status HfTokenizer::ParseModel(const json& m, int64_t max_id_limit, const std::string& path) {
   if (!m.is_object() || m.value("type", "BPE") != "BPE") {
     return absl::UnimplementedError(absl::StrCat(path, ": only BPE tokenizer models are supported, not '",
                                                  m.is_object() ? m.value("type", "?") : "?", "'"));
   }
-  if (!m.contains("vocab") || !m["vocab"].is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": model.vocab missing"));
-  for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
+  if (!m.contains("vocab") || !m.at("vocab").is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": model.vocab missing"));
+  // Ids are dense in real tokenizers: one past the largest is bounded by the entries (plus slack
+  // for holes), so a crafted id cannot make the id table huge.
+  const json& vocab = m.at("vocab");
+  int64_t max_id = -1;
+  for (auto it = vocab.begin(); it != vocab.end(); ++it) {
     const int64_t id = it.value().get<int64_t>();
-    if (id < 0 || id > (int64_t{1} << 24)) return absl::InvalidArgumentError(absl::StrCat(path, ": bad id ", id));
+    if (id < 0 || id >= max_id_limit) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": vocabulary id ", id, " is outside [0, ", max_id_limit,
+                                                     ") for ", vocab.size(), " entries"));
+    }
     vocab_[it.key()] = id;
-    if (static_cast<int64_t>(id_to_token_.size()) <= id) id_to_token_.resize(id + 1);
-    id_to_token_[id] = it.key();
+    max_id = std::max(max_id, id);
   }
+  id_to_token_.resize(max_id + 1);
+  for (const auto& [token, id] : vocab_) id_to_token_[id] = token;
   byte_fallback_ = m.value("byte_fallback", false) == true;
   fuse_unk_ = m.value("fuse_unk", false) == true;
   ignore_merges_ = m.value("ignore_merges", false) == true;
-  if (m.contains("unk_token") && m["unk_token"].is_string()) {
-    auto it = vocab_.find(m["unk_token"].get<std::string>());
+  if (m.contains("unk_token") && m.at("unk_token").is_string()) {
+    auto it = vocab_.find(m.at("unk_token").get<std::string>());
     if (it != vocab_.end()) unk_id_ = it->second;
   }
   for (int b = 0; b < 256; ++b) {
@@ -221,8 +235,8 @@ absl::Status HfTokenizer::ParseModel(const json& m, const std::string& path) {
       a = s.substr(0, space);
       b = s.substr(space + 1);
     } else if (merge.is_array() && merge.size() == 2) {
-      a = merge[0].get<std::string>();
-      b = merge[1].get<std::string>();
+      a = merge.at(0).get<std::string>();
+      b = merge.at(1).get<std::string>();
     } else {
       return absl::InvalidArgumentError(absl::StrCat(path, ": merge ", rank, " is neither \"a b\" nor [a, b]"));
     }
@@ -241,7 +255,7 @@ absl::Status HfTokenizer::ParseNormalizer(const json& n, const std::string& path
   if (n.is_null()) return absl::OkStatus();
   const std::string type = n.value("type", "");
   if (type == "Sequence") {
-    for (const json& s : n["normalizers"]) RETURN_IF_ERROR(ParseNormalizer(s, path));
+    for (const json& s : n.at("normalizers")) RETURN_IF_ERROR(ParseNormalizer(s, path));
   } else if (type == "NFC") {
     normalizers_.push_back({Normalizer::kNfc, "", ""});
   } else if (type == "NFKC") {
@@ -253,12 +267,12 @@ absl::Status HfTokenizer::ParseNormalizer(const json& n, const std::string& path
   } else if (type == "Lowercase") {
     normalizers_.push_back({Normalizer::kLowercase, "", ""});
   } else if (type == "Prepend") {
-    normalizers_.push_back({Normalizer::kPrepend, n["prepend"].get<std::string>(), ""});
+    normalizers_.push_back({Normalizer::kPrepend, n.at("prepend").get<std::string>(), ""});
   } else if (type == "Replace") {
-    if (!n["pattern"].contains("String")) {
+    if (!n.at("pattern").contains("String")) {
       return absl::UnimplementedError(absl::StrCat(path, ": Replace normalizer with a regex pattern is not supported"));
     }
-    normalizers_.push_back({Normalizer::kReplace, n["pattern"]["String"].get<std::string>(), n["content"].get<std::string>()});
+    normalizers_.push_back({Normalizer::kReplace, n.at("pattern").at("String").get<std::string>(), n.at("content").get<std::string>()});
   } else {
     return absl::UnimplementedError(absl::StrCat(path, ": normalizer '", type, "' is not supported"));
   }
@@ -270,14 +284,14 @@ absl::Status HfTokenizer::ParsePreTokenizer(const json& p, const std::string& pa
   const std::string type = p.value("type", "");
   PreTokenizer t{};
   if (type == "Sequence") {
-    for (const json& s : p["pretokenizers"]) RETURN_IF_ERROR(ParsePreTokenizer(s, path));
+    for (const json& s : p.at("pretokenizers")) RETURN_IF_ERROR(ParsePreTokenizer(s, path));
     return absl::OkStatus();
   } else if (type == "Split") {
     if (p.value("behavior", "") != "Isolated" || p.value("invert", false)) {
       return absl::UnimplementedError(absl::StrCat(path, ": Split pre-tokenizer supports behavior Isolated only"));
     }
-    ASSIGN_OR_RETURN(std::string pattern, PatternString(p["pattern"], path));
-    if (p["pattern"].contains("String")) pattern = RegexQuote(pattern);
+    ASSIGN_OR_RETURN(std::string pattern, PatternString(p.at("pattern"), path));
+    if (p.at("pattern").contains("String")) pattern = RegexQuote(pattern);
     t.kind = PreTokenizer::kSplit;
     ASSIGN_OR_RETURN(t.regex, Regex::Compile(pattern));
   } else if (type == "ByteLevel") {
@@ -307,21 +321,21 @@ absl::Status HfTokenizer::ParseDecoder(const json& d, const std::string& path) {
   const std::string type = d.value("type", "");
   Decoder t{};
   if (type == "Sequence") {
-    for (const json& s : d["decoders"]) RETURN_IF_ERROR(ParseDecoder(s, path));
+    for (const json& s : d.at("decoders")) RETURN_IF_ERROR(ParseDecoder(s, path));
     return absl::OkStatus();
   } else if (type == "ByteLevel") {
     t.kind = Decoder::kByteLevel;
   } else if (type == "Replace") {
     t.kind = Decoder::kReplace;
-    ASSIGN_OR_RETURN(t.a, PatternString(d["pattern"], path));
-    t.b = d["content"].get<std::string>();
+    ASSIGN_OR_RETURN(t.a, PatternString(d.at("pattern"), path));
+    t.b = d.at("content").get<std::string>();
   } else if (type == "ByteFallback") {
     t.kind = Decoder::kByteFallback;
   } else if (type == "Fuse") {
     t.kind = Decoder::kFuse;
   } else if (type == "Strip") {
     t.kind = Decoder::kStrip;
-    t.a = d["content"].get<std::string>();
+    t.a = d.at("content").get<std::string>();
     t.start = d.value("start", 0);
     t.stop = d.value("stop", 0);
   } else if (type == "Metaspace") {
@@ -339,17 +353,17 @@ absl::Status HfTokenizer::ParsePostProcessor(const json& p, const std::string& p
   if (p.is_null()) return absl::OkStatus();
   const std::string type = p.value("type", "");
   if (type == "Sequence") {
-    for (const json& s : p["processors"]) RETURN_IF_ERROR(ParsePostProcessor(s, path));
+    for (const json& s : p.at("processors")) RETURN_IF_ERROR(ParsePostProcessor(s, path));
   } else if (type == "TemplateProcessing") {
     bool seen_sequence = false;
-    for (const json& piece : p["single"]) {
+    for (const json& piece : p.at("single")) {
       if (piece.contains("Sequence")) {
         seen_sequence = true;
         continue;
       }
-      const std::string name = piece["SpecialToken"]["id"].get<std::string>();
-      const json& special = p["special_tokens"][name];
-      for (const json& id : special["ids"]) (seen_sequence ? suffix_ids_ : prefix_ids_).push_back(id.get<int64_t>());
+      const std::string name = piece.at("SpecialToken").at("id").get<std::string>();
+      const json& special = p.at("special_tokens").at(name);
+      for (const json& id : special.at("ids")) (seen_sequence ? suffix_ids_ : prefix_ids_).push_back(id.get<int64_t>());
     }
   } else if (type == "ByteLevel") {
     // Offsets only; ids are unchanged.
@@ -360,21 +374,26 @@ absl::Status HfTokenizer::ParsePostProcessor(const json& p, const std::string& p
 }
 
 absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, " cannot be read"));
-  json j = json::parse(in, nullptr, /*allow_exceptions=*/false);
+  ASSIGN_OR_RETURN(std::string text, ReadRegularFile(path, kMaxTokenizerJsonBytes));
+  const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, " is not valid JSON"));
   auto t = std::unique_ptr<HfTokenizer>(new HfTokenizer());
   try {
-    RETURN_IF_ERROR(t->ParseModel(j["model"], path));
+    const json& vocab = j.at("model").at("vocab");
+    const json& added = j.contains("added_tokens") ? j.at("added_tokens") : json::array();
+    const int64_t max_id_limit = static_cast<int64_t>(vocab.size() + added.size()) + kIdSlack;
+    RETURN_IF_ERROR(t->ParseModel(j.at("model"), max_id_limit, path));
     RETURN_IF_ERROR(t->ParseNormalizer(j.value("normalizer", json()), path));
     RETURN_IF_ERROR(t->ParsePreTokenizer(j.value("pre_tokenizer", json()), path));
     RETURN_IF_ERROR(t->ParseDecoder(j.value("decoder", json()), path));
     RETURN_IF_ERROR(t->ParsePostProcessor(j.value("post_processor", json()), path));
     for (const json& a : j.value("added_tokens", json::array())) {
-      AddedToken tok{a["content"].get<std::string>(), a["id"].get<int64_t>(), a.value("special", false),
+      AddedToken tok{a.at("content").get<std::string>(), a.at("id").get<int64_t>(), a.value("special", false),
                      a.value("lstrip", false), a.value("rstrip", false), a.value("single_word", false)};
-      if (tok.id < 0 || tok.id > (int64_t{1} << 24)) return absl::InvalidArgumentError(absl::StrCat(path, ": bad added id"));
+      if (tok.id < 0 || tok.id >= max_id_limit) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": added token id ", tok.id, " is outside [0, ",
+                                                       max_id_limit, ")"));
+      }
       if (static_cast<int64_t>(t->id_to_token_.size()) <= tok.id) t->id_to_token_.resize(tok.id + 1);
       t->id_to_token_[tok.id] = tok.content;
       t->vocab_[tok.content] = tok.id;

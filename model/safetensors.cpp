@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "model/files.h"
 #include "model/status_macros.h"
 
 namespace attnscope {
@@ -25,6 +26,8 @@ using json = nlohmann::json;
 
 // A header larger than this is refused rather than parsed (real ones are well under 1 MiB).
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
+// model.safetensors.index.json lists tensor names only; real ones are well under a megabyte.
+constexpr int64_t kMaxIndexBytes = 64 << 20;
 
 struct DTypeEntry {
   const char* name;
@@ -74,17 +77,15 @@ SafetensorsFile::~SafetensorsFile() {
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    const int err = errno;
-    if (err == ENOENT) return absl::NotFoundError(absl::StrCat("checkpoint file ", path, " does not exist"));
-    return absl::PermissionDeniedError(absl::StrCat("cannot open ", path, ": ", std::strerror(err)));
-  }
   struct stat st {};
-  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-    ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, " is not a regular file"));
+  absl::StatusOr<int> opened = OpenRegularFile(path, &st);  // a FIFO is refused, not waited on
+  if (!opened.ok()) {
+    if (absl::IsNotFound(opened.status())) {
+      return absl::NotFoundError(absl::StrCat("checkpoint file ", path, " does not exist"));
+    }
+    return opened.status();
   }
+  const int fd = *opened;
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < 8) {
     ::close(fd);
@@ -198,8 +199,8 @@ absl::StatusOr<std::unique_ptr<CheckpointTensors>> CheckpointTensors::Open(const
   std::vector<std::string> shard_names;
   std::map<std::string, std::string> weight_map;
   if (access(index_path.c_str(), F_OK) == 0) {
-    std::ifstream in(index_path);
-    json index = json::parse(in, nullptr, /*allow_exceptions=*/false);
+    ASSIGN_OR_RETURN(std::string index_text, ReadRegularFile(index_path, kMaxIndexBytes));
+    json index = json::parse(index_text, nullptr, /*allow_exceptions=*/false);
     if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
         !index["weight_map"].is_object()) {
       return absl::InvalidArgumentError(absl::StrCat(index_path, ": not valid JSON with a weight_map object"));

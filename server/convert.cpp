@@ -92,7 +92,10 @@ std::vector<int64_t> TruncateMiddle(const std::vector<int64_t>& ids, int64_t max
 absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& request, const Engine& engine,
                                                const std::string& served_name, int64_t budget_bytes) {
   if (!request.model().empty() && request.model() != served_name) {
-    return absl::NotFoundError(absl::StrCat("this server serves model '", served_name, "', not '", request.model(),
+    constexpr size_t kShown = 80;  // a name is echoed only this far
+    const std::string& asked = request.model();
+    const std::string shown = asked.size() > kShown ? utf8::Lossy(asked.substr(0, kShown)) + "..." : utf8::Lossy(asked);
+    return absl::NotFoundError(absl::StrCat("this server serves model '", served_name, "', not '", shown,
                                             "'; connect to the server of that model"));
   }
   ResolvedRequest r;

@@ -16,10 +16,13 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "model/engine.h"
+#include "model/files.h"
 #include "model/status_macros.h"
+#include "server/registry.h"
 #include "server/service.h"
 
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint folder to serve");
@@ -39,70 +42,152 @@ ABSL_FLAG(std::string, auth_tokens_file, "", "file with one accepted bearer toke
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (TLS on when set with --tls_key)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key");
 ABSL_FLAG(std::string, metrics_listen, "", "HOST:PORT for Prometheus metrics over HTTP (/metrics); empty: off");
-ABSL_FLAG(bool, insecure, false, "allow a non-loopback address without auth tokens");
+ABSL_FLAG(bool, insecure, false, "allow a non-loopback address (gRPC or metrics) without auth tokens");
+ABSL_FLAG(double, stall_timeout_s, 30,
+          "stop a stream whose client has taken no message for this many seconds, freeing its slot");
+ABSL_FLAG(int64_t, max_request_bytes, 4 << 20, "largest request message accepted (prompts included)");
 
 namespace attnscope {
 namespace {
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+// Token files, registries and PEM files are small.
+constexpr int64_t kMaxSmallFileBytes = 16 << 20;
 
 bool IsLoopback(const std::string& address) {
   return address.rfind("127.", 0) == 0 || address.rfind("localhost:", 0) == 0 || address.rfind("[::1]:", 0) == 0 ||
          address.rfind("unix:", 0) == 0;
 }
 
-absl::Status Serve() {
-  std::string model_dir = absl::GetFlag(FLAGS_model_dir);
-  std::string name = absl::GetFlag(FLAGS_model);
-  if (!name.empty()) {
-    if (absl::GetFlag(FLAGS_models).empty()) {
+// HOST:PORT with PORT in [0, 65535] (0: any free port).
+absl::Status SplitHostPort(const std::string& address, const char* flag, std::string* host, int* port) {
+  const auto colon = address.find_last_of(':');
+  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), port) || *port < 0 ||
+      *port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, " '", address, "' is not HOST:PORT with a port in 0-65535"));
+  }
+  *host = address.substr(0, colon);
+  return absl::OkStatus();
+}
+
+// The served name and folder, from --model_dir or from --model through the registry.
+absl::Status ResolveModel(std::string* name, std::string* model_dir) {
+  *model_dir = absl::GetFlag(FLAGS_model_dir);
+  *name = absl::GetFlag(FLAGS_model);
+  if (!name->empty()) {
+    const std::string registry = absl::GetFlag(FLAGS_models);
+    if (registry.empty()) {
       return absl::InvalidArgumentError("--model NAME needs --models REGISTRY.json (see deploy/models.example.json)");
     }
-    ASSIGN_OR_RETURN(std::string text, ReadFile(absl::GetFlag(FLAGS_models)));
-    auto registry = nlohmann::json::parse(text, nullptr, false);
-    if (registry.is_discarded() || !registry.is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(absl::GetFlag(FLAGS_models), " is not a JSON object"));
-    }
-    if (!registry.contains(name) || !registry[name].contains("path")) {
-      return absl::NotFoundError(absl::StrCat("model '", name, "' is not in ", absl::GetFlag(FLAGS_models)));
-    }
-    model_dir = registry[name]["path"].get<std::string>();
+    ASSIGN_OR_RETURN(std::string text, ReadRegularFile(registry, kMaxSmallFileBytes));
+    ASSIGN_OR_RETURN(RegistryEntry entry, LookupModel(text, *name, registry));
+    *model_dir = entry.path;
   }
-  if (model_dir.empty()) return absl::InvalidArgumentError("give --model_dir DIR, or --model NAME with --models");
-  if (name.empty()) name = model_dir.substr(model_dir.find_last_of('/') + 1);
+  if (model_dir->empty()) return absl::InvalidArgumentError("give --model_dir DIR, or --model NAME with --models");
+  if (name->empty()) {
+    std::string dir = *model_dir;
+    while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+    *name = dir.substr(dir.find_last_of('/') + 1);
+    if (name->empty() || *name == "." || *name == "..") *name = "model";
+  }
+  return absl::OkStatus();
+}
 
+absl::StatusOr<ServiceOptions> ServiceOptionsFromFlags(const std::string& name) {
   ServiceOptions options;
   options.model_name = name;
   options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
   options.max_capture_bytes = absl::GetFlag(FLAGS_max_capture_bytes);
   options.scheduler.max_concurrent = absl::GetFlag(FLAGS_max_concurrent);
   options.scheduler.max_queue = absl::GetFlag(FLAGS_max_queue);
+  options.stall_timeout_s = absl::GetFlag(FLAGS_stall_timeout_s);
   if (options.chunk_bytes < 1024 || options.chunk_bytes > (64 << 20)) {
     return absl::InvalidArgumentError("--chunk_bytes must be in [1024, 64 MiB]");
   }
-  if (options.scheduler.max_concurrent < 1 || options.scheduler.max_queue < 0) {
-    return absl::InvalidArgumentError("--max_concurrent must be >= 1 and --max_queue >= 0");
+  if (options.max_capture_bytes < 0) return absl::InvalidArgumentError("--max_capture_bytes must be >= 0 (0: none)");
+  if (options.scheduler.max_concurrent < 1 || options.scheduler.max_concurrent > Scheduler::kMaxConcurrent) {
+    return absl::InvalidArgumentError(absl::StrCat("--max_concurrent must be in [1, ", Scheduler::kMaxConcurrent, "]"));
+  }
+  if (options.scheduler.max_queue < 0 || options.scheduler.max_queue > Scheduler::kMaxQueue) {
+    return absl::InvalidArgumentError(absl::StrCat("--max_queue must be in [0, ", Scheduler::kMaxQueue, "]"));
+  }
+  if (!(options.stall_timeout_s >= 0.1 && options.stall_timeout_s <= 3600)) {
+    return absl::InvalidArgumentError("--stall_timeout_s must be in [0.1, 3600]");
   }
   if (const std::string f = absl::GetFlag(FLAGS_auth_tokens_file); !f.empty()) {
-    ASSIGN_OR_RETURN(std::string text, ReadFile(f));
-    std::istringstream lines(text);
-    for (std::string line; std::getline(lines, line);) {
-      while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
-      if (!line.empty() && line[0] != '#') options.auth_tokens.insert(line);
+    ASSIGN_OR_RETURN(std::string text, ReadRegularFile(f, kMaxSmallFileBytes));
+    ASSIGN_OR_RETURN(options.auth, BearerTokens::Parse(text, f));
+  }
+  return options;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials() {
+  const std::string cert_file = absl::GetFlag(FLAGS_tls_cert), key_file = absl::GetFlag(FLAGS_tls_key);
+  if (cert_file.empty() && key_file.empty()) return grpc::InsecureServerCredentials();
+  if (cert_file.empty() || key_file.empty()) return absl::InvalidArgumentError("TLS needs both --tls_cert and --tls_key");
+  grpc::SslServerCredentialsOptions ssl;
+  ASSIGN_OR_RETURN(std::string cert, ReadRegularFile(cert_file, kMaxSmallFileBytes));
+  ASSIGN_OR_RETURN(std::string key, ReadRegularFile(key_file, kMaxSmallFileBytes));
+  ssl.pem_key_cert_pairs.push_back({key, cert});
+  return grpc::SslServerCredentials(ssl);
+}
+
+// Prometheus text on GET /metrics; with auth tokens, the same bearer token is required.
+class MetricsEndpoint {
+ public:
+  absl::Status Start(const std::string& address, AttentionServiceImpl* service, const BearerTokens* auth) {
+    std::string host;
+    int port = 0;
+    RETURN_IF_ERROR(SplitHostPort(address, "--metrics_listen", &host, &port));
+    http_.Get("/metrics", [service, auth](const httplib::Request& req, httplib::Response& res) {
+      if (!auth->empty()) {
+        const std::string value = req.get_header_value("Authorization");
+        const absl::string_view view(value);
+        absl::Status ok = auth->Check(req.has_header("Authorization") ? &view : nullptr);
+        if (!ok.ok()) {
+          res.status = 401;
+          res.set_content(std::string(ok.message()) + "\n", "text/plain");
+          return;
+        }
+      }
+      res.set_content(service->metrics().Render(service->scheduler().queued(), service->scheduler().running()),
+                      "text/plain; version=0.0.4");
+    });
+    const int bound = port == 0 ? http_.bind_to_any_port(host) : (http_.bind_to_port(host, port) ? port : -1);
+    if (bound <= 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", address, " for metrics"));
+    thread_ = std::thread([this] { http_.listen_after_bind(); });
+    spdlog::info("metrics on http://{}:{}/metrics", host, bound);
+    return absl::OkStatus();
+  }
+  ~MetricsEndpoint() {
+    if (thread_.joinable()) {
+      http_.stop();
+      thread_.join();
     }
-    if (options.auth_tokens.empty()) return absl::InvalidArgumentError(absl::StrCat(f, " holds no token"));
   }
+
+ private:
+  httplib::Server http_;
+  std::thread thread_;
+};
+
+absl::Status Serve() {
+  std::string name, model_dir;
+  RETURN_IF_ERROR(ResolveModel(&name, &model_dir));
+  ASSIGN_OR_RETURN(ServiceOptions options, ServiceOptionsFromFlags(name));
   const std::string listen = absl::GetFlag(FLAGS_listen);
-  if (!IsLoopback(listen) && options.auth_tokens.empty() && !absl::GetFlag(FLAGS_insecure)) {
-    return absl::FailedPreconditionError(absl::StrCat("refusing to listen on ", listen,
-                                                      " without --auth_tokens_file; pass --insecure to do it anyway"));
+  const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  const bool insecure = absl::GetFlag(FLAGS_insecure);
+  for (const std::string& address : {listen, metrics_listen}) {
+    if (!address.empty() && !IsLoopback(address) && options.auth.empty() && !insecure) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "refusing to listen on ", address, " without --auth_tokens_file; pass --insecure to do it anyway"));
+    }
   }
+  const int64_t max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  if (max_request_bytes < 1024 || max_request_bytes > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError("--max_request_bytes must be in [1 KiB, 1 GiB]");
+  }
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, ServerCredentials());
 
   EngineOptions engine_options;
   engine_options.model_dir = model_dir;
@@ -110,6 +195,9 @@ absl::Status Serve() {
   engine_options.dtype = absl::GetFlag(FLAGS_dtype);
   engine_options.query_block = absl::GetFlag(FLAGS_query_block);
   engine_options.block_elements = absl::GetFlag(FLAGS_block_elements);
+  if (engine_options.query_block < 1 || engine_options.block_elements < 1) {
+    return absl::InvalidArgumentError("--query_block and --block_elements must be >= 1");
+  }
   spdlog::info("loading {} on {}", model_dir, engine_options.device);
   ASSIGN_OR_RETURN(auto engine, Engine::Load(engine_options));
 
@@ -123,18 +211,11 @@ absl::Status Serve() {
   AttentionServiceImpl service(engine.get(), options);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
-  if (!absl::GetFlag(FLAGS_tls_cert).empty() || !absl::GetFlag(FLAGS_tls_key).empty()) {
-    grpc::SslServerCredentialsOptions ssl;
-    ASSIGN_OR_RETURN(std::string cert, ReadFile(absl::GetFlag(FLAGS_tls_cert)));
-    ASSIGN_OR_RETURN(std::string key, ReadFile(absl::GetFlag(FLAGS_tls_key)));
-    ssl.pem_key_cert_pairs.push_back({key, cert});
-    creds = grpc::SslServerCredentials(ssl);
-  }
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, creds, &port);
   builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(max_request_bytes));
   // Streams chunk their payload (chunk_bytes); Generate answers statistics in one message, which at
   // long context can be tens of MB: allow that much.
   builder.SetMaxSendMessageSize(512 << 20);
@@ -142,26 +223,12 @@ absl::Status Serve() {
   if (server == nullptr || port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
   server->GetHealthCheckService()->SetServingStatus(true);
 
-  httplib::Server metrics_http;
-  std::thread metrics_thread;
-  if (const std::string m = absl::GetFlag(FLAGS_metrics_listen); !m.empty()) {
-    const auto colon = m.find_last_of(':');
-    int metrics_port = 0;
-    if (colon == std::string::npos || !absl::SimpleAtoi(m.substr(colon + 1), &metrics_port)) {
-      return absl::InvalidArgumentError(absl::StrCat("--metrics_listen '", m, "' is not HOST:PORT"));
-    }
-    metrics_http.Get("/metrics", [&service](const httplib::Request&, httplib::Response& res) {
-      res.set_content(service.metrics().Render(service.scheduler().queued(), service.scheduler().running()),
-                      "text/plain; version=0.0.4");
-    });
-    if (!metrics_http.bind_to_port(m.substr(0, colon), metrics_port)) {
-      return absl::UnavailableError(absl::StrCat("cannot listen on ", m, " for metrics"));
-    }
-    metrics_thread = std::thread([&metrics_http] { metrics_http.listen_after_bind(); });
-    spdlog::info("metrics on http://{}/metrics", m);
-  }
-  spdlog::info("attnscope-server serving '{}' ({}) on {}", name, engine->info().architecture, listen);
-  std::cout << "listening on " << listen << std::endl;
+  MetricsEndpoint metrics;
+  if (!metrics_listen.empty()) RETURN_IF_ERROR(metrics.Start(metrics_listen, &service, &options.auth));
+  const std::string bound = listen.rfind("unix:", 0) == 0 ? listen
+                                                          : absl::StrCat(listen.substr(0, listen.find_last_of(':')), ":", port);
+  spdlog::info("attnscope-server serving '{}' ({}) on {}", name, engine->info().architecture, bound);
+  std::cout << "listening on " << bound << std::endl;
 
   int sig = 0;
   sigwait(&signals, &sig);
@@ -171,10 +238,6 @@ absl::Status Serve() {
   // In-flight calls get a moment to end; then they are cancelled (their streams end with a status).
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   server->Wait();
-  if (metrics_thread.joinable()) {
-    metrics_http.stop();
-    metrics_thread.join();
-  }
   return absl::OkStatus();
 }
 
@@ -182,6 +245,10 @@ absl::Status Serve() {
 }  // namespace attnscope
 
 int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "Serves one resident Llama-family model over gRPC with exact attention capture.\n"
+      "  attnscope-server --model_dir DIR [--device cuda] [--listen HOST:PORT] ...\n"
+      "Options: --helpfull");
   absl::ParseCommandLine(argc, argv);
   absl::Status status = attnscope::Serve();
   if (!status.ok()) {

@@ -45,6 +45,10 @@ std::string Metrics::Render(int queued, int running) const {
   gauge("attnscope_attention_bytes_total", "Attention payload bytes streamed.", "counter", attention_bytes.load());
   gauge("attnscope_rejected_busy_total", "Requests refused because every slot and queue place was taken.", "counter",
         rejected_busy.load());
+  gauge("attnscope_withdrawn_total", "Queued requests whose client left before they ran (their place was freed).",
+        "counter", withdrawn.load());
+  gauge("attnscope_stalled_streams_total", "Streams stopped because the client took no message for the stall timeout.",
+        "counter", stalled_streams.load());
   gauge("attnscope_stream_queue_high_water", "Most messages ever waiting in one stream's outgoing queue.", "gauge",
         stream_queue_high_water.load());
   std::lock_guard<std::mutex> lock(mu_);

@@ -25,6 +25,8 @@ class Metrics {
   std::atomic<int64_t> attention_bytes{0};
   std::atomic<int64_t> decode_steps{0};
   std::atomic<int64_t> rejected_busy{0};
+  std::atomic<int64_t> withdrawn{0};        // queued requests whose client left before they ran
+  std::atomic<int64_t> stalled_streams{0};  // streams stopped because the client stopped reading
   std::atomic<int64_t> stream_queue_high_water{0};
 
  private:

@@ -1,13 +1,13 @@
 #include "server/service.h"
 
 #include <chrono>
-#include <condition_variable>
 #include <deque>
-#include <mutex>
+#include <functional>
 
 #include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
+#include "model/status_macros.h"
 #include "model/utf8.h"
 #include "server/convert.h"
 #include "server/grpc_status.h"
@@ -29,80 +29,125 @@ void FillTimings(const GenerateResult& r, int64_t prompt_tokens, double queue_ms
   if (r.timings.decode_ms > 0) t->set_decode_tokens_per_s(r.decode_steps / (r.timings.decode_ms / 1e3));
 }
 
-// Finishes a unary call, recording it in the metrics.
-grpc::ServerUnaryReactor* FinishUnary(Metrics* metrics, const char* method, Clock::time_point received,
-                                      grpc::ServerUnaryReactor* reactor, const grpc::Status& status) {
-  metrics->RecordRequest(method, status.error_code(), MsBetween(received, Clock::now()) / 1e3);
-  reactor->Finish(status);
-  return reactor;
+absl::Status BusyError() {
+  return absl::ResourceExhaustedError(
+      "the server is busy: every generation slot and queue place is taken; retry later");
 }
 
-// Unary generation: keeps statistics, stops when the call is cancelled or past its deadline.
+absl::Status CancelledStatus(bool accepting) {
+  return accepting ? absl::CancelledError("the generation was cancelled")
+                   : absl::UnavailableError("the server is shutting down; the generation was stopped");
+}
+
+// Unary generation keeps statistics only.
 class CollectingSink : public AttentionSink {
  public:
-  CollectingSink(grpc::CallbackServerContext* context, CancelToken* cancel, v1::GenerateResponse* response)
-      : context_(context), cancel_(cancel), response_(response) {}
+  explicit CollectingSink(v1::GenerateResponse* response) : response_(response) {}
   absl::Status OnStatistic(const StatBlock& stat) override {
     FillStatistic(stat, response_->add_statistics());
     return absl::OkStatus();
   }
-  absl::Status OnToken(int64_t, int64_t) override {
-    if (context_->IsCancelled()) cancel_->Cancel();
-    return absl::OkStatus();
-  }
 
  private:
-  grpc::CallbackServerContext* context_;
-  CancelToken* cancel_;
   v1::GenerateResponse* response_;
 };
 
 }  // namespace
 
-// StreamAttention: the engine thread produces messages into a bounded queue; the reactor writes
-// one at a time, starting the next from OnWriteDone. A full queue makes the engine thread wait
-// (back-pressure); a cancelled call wakes it and stops the generation at its next block or step.
+class StreamReactor;
+
+// What a stream's reactor (gRPC threads), its job (an engine thread) and the stall watchdog share.
+// Each holds a shared_ptr, so the state outlives the reactor, which gRPC frees in OnDone.
+//
+// Lifetime rules: the reactor may be finished only when the job will not touch it again
+// (`job_done`), no write is in flight (`writing`) and no other thread is using its context
+// (`pinned`); whoever sees all three first sets `finishing` under the lock and calls Finish after
+// releasing it, as its last use of the reactor. Nothing touches `reactor` or `context` once
+// `finishing` is set.
+struct StreamState {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<v1::StreamAttentionResponse> queue;  // front is in flight while `writing`
+  bool writing = false;
+  bool cancelled = false;  // the client left, or the server stopped the stream
+  bool stalled = false;    // stopped because the client took no message for stall_timeout_s
+  bool job_done = false;   // the job has ended (or was withdrawn before it started)
+  int pinned = 0;          // threads using `context` outside the lock
+  bool finishing = false;
+  absl::Status final_status;
+  Clock::time_point last_progress = Clock::now();  // last write started or completed
+  StreamReactor* reactor = nullptr;
+  grpc::CallbackServerContext* context = nullptr;
+  CancelToken cancel;
+
+  // Under `mu`: whether the caller must now finish the call, with `*status`.
+  bool TakeFinish(absl::Status* status) {
+    if (!job_done || writing || pinned > 0 || finishing) return false;
+    finishing = true;
+    *status = cancelled && final_status.ok() ? absl::CancelledError("the stream was cancelled") : final_status;
+    return true;
+  }
+};
+
+// StreamAttention: the job produces messages into a bounded queue; the reactor writes one at a
+// time, starting the next from OnWriteDone. A full queue makes the job wait (back-pressure); a
+// cancelled or stalled call wakes it and stops the generation at its next block or step.
 class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionResponse>, public AttentionSink {
  public:
   StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context, const v1::GenerateRequest* req)
-      : service_(service), context_(context), request_(*req), received_(Clock::now()) {
-    grpc::Status admitted = service_->Admit(context);
+      : service_(service), request_(req), received_(Clock::now()), state_(std::make_shared<StreamState>()) {
+    state_->reactor = this;
+    state_->context = context;
+    absl::Status admitted = service_->Admit(context);
     if (!admitted.ok()) {
-      FinishAndRecord(admitted);
+      FinishBeforeJob(admitted);
       return;
     }
-    auto resolved = ResolveRequest(request_, *service_->engine_, service_->options_.model_name,
-                                   service_->options_.max_capture_bytes);
-    if (!resolved.ok()) {
-      FinishAndRecord(ToGrpcStatus(resolved.status()));
-      return;
-    }
-    resolved_ = std::move(*resolved);
-    if (!service_->scheduler_->TrySubmit([this] { Run(); })) {
+    // OnCancel, which reads ticket_, runs only after this constructor has returned.
+    ticket_ = service_->scheduler_->TrySubmit([this, state = state_] { Run(); });
+    if (ticket_ == 0) {
       ++service_->metrics_.rejected_busy;
-      FinishAndRecord(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                                   "the server is busy: every generation slot and queue place is taken; retry later"));
+      FinishBeforeJob(BusyError());
+      return;
     }
+    service_->Watch(state_);
   }
 
   void OnWriteDone(bool ok) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    queue_.pop_front();  // the message just written
-    if (!ok) cancelled_ = true;
-    if (!queue_.empty() && !cancelled_) {
-      StartWrite(&queue_.front());
-    } else {
-      writing_ = false;
-      MaybeFinishLocked();
+    std::shared_ptr<StreamState> state = state_;
+    absl::Status status;
+    {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->queue.pop_front();  // the message just written
+      state->last_progress = Clock::now();
+      if (!ok) Stop(state.get());
+      if (!state->queue.empty() && !state->cancelled) {
+        StartWrite(&state->queue.front());
+      } else {
+        state->writing = false;
+        if (state->cancelled) state->queue.clear();
+      }
+      state->cv.notify_all();
+      if (!state->TakeFinish(&status)) return;
     }
-    cv_.notify_all();
+    FinishAndRecord(status);
   }
 
   void OnCancel() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    cancelled_ = true;
-    cancel_.Cancel();
-    cv_.notify_all();
+    std::shared_ptr<StreamState> state = state_;
+    absl::Status status;
+    {
+      std::lock_guard<std::mutex> lock(state->mu);
+      Stop(state.get());
+      if (!state->job_done && service_->scheduler_->Withdraw(ticket_)) {
+        // Still queued: it gives its place back now and never runs.
+        ++service_->metrics_.withdrawn;
+        state->job_done = true;
+        state->final_status = absl::CancelledError("the client left while the request was queued");
+      }
+      if (!state->TakeFinish(&status)) return;
+    }
+    FinishAndRecord(status);
   }
 
   void OnDone() override { delete this; }
@@ -111,8 +156,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
   absl::Status OnAttention(const AttentionBlock& block) override {
     for (auto& msg : ChunkAttention(block, resolved_.capture.element_type, service_->options_.chunk_bytes)) {
       const int64_t n = static_cast<int64_t>(msg.attention().data().size() + msg.attention().indices().size());
-      absl::Status pushed = Push(std::move(msg));
-      if (!pushed.ok()) return pushed;
+      RETURN_IF_ERROR(Push(std::move(msg)));
       bytes_sent_ += n;
       service_->metrics_.attention_bytes += n;
     }
@@ -121,8 +165,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
   absl::Status OnStatistic(const StatBlock& stat) override {
     for (auto& msg : ChunkStatistic(stat, service_->options_.chunk_bytes)) {
       const int64_t n = static_cast<int64_t>(msg.statistic().data().size());
-      absl::Status pushed = Push(std::move(msg));
-      if (!pushed.ok()) return pushed;
+      RETURN_IF_ERROR(Push(std::move(msg)));
       bytes_sent_ += n;
     }
     return absl::OkStatus();
@@ -136,10 +179,55 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
     return Push(std::move(msg));
   }
 
+  // Under state->mu: the call is over for the generation (client gone, stalled, shut down).
+  static void Stop(StreamState* state) {
+    state->cancelled = true;
+    state->cancel.Cancel();
+    state->cv.notify_all();
+  }
+
+  // Ends the call; the caller's last use of this reactor.
+  void FinishAndRecord(const absl::Status& status) {
+    service_->metrics_.RecordRequest("StreamAttention", static_cast<int>(status.code()),
+                                     MsBetween(received_, Clock::now()) / 1e3);
+    Finish(ToGrpcStatus(status));
+  }
+
  private:
+  // Refusal in the constructor: no job exists, nothing else can race.
+  void FinishBeforeJob(const absl::Status& status) {
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->job_done = true;
+      state_->finishing = true;
+    }
+    FinishAndRecord(status);
+  }
+
+  // The job, on an engine thread.
   void Run() {
+    std::shared_ptr<StreamState> state = state_;
+    service_->Register(&state->cancel);
+    absl::Status status = Stream();
+    service_->Unregister(&state->cancel);
+    {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->job_done = true;
+      state->final_status = status;
+      if (!state->TakeFinish(&status)) return;
+    }
+    FinishAndRecord(status);
+  }
+
+  // Resolves the request, then streams header, blocks, tokens and trailer. Returns how the call ends.
+  absl::Status Stream() {
     const auto started = Clock::now();
     const Engine& engine = *service_->engine_;
+    if (state_->cancel.cancelled()) return CancelledStatus(service_->accepting());
+    auto resolved = ResolveRequest(*request_, engine, service_->options_.model_name,
+                                   service_->options_.max_capture_bytes);
+    if (!resolved.ok()) return resolved.status();
+    resolved_ = std::move(*resolved);
     v1::StreamAttentionResponse header;
     auto* h = header.mutable_header();
     h->set_request_id(absl::StrCat(service_->next_id_++));
@@ -149,95 +237,144 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
     FillCaptureSpec(resolved_.capture, engine.info().num_layers, engine.info().num_heads, h->mutable_capture());
     h->set_estimated_bytes(resolved_.estimated_bytes);
     h->set_chunk_bytes(service_->options_.chunk_bytes);
+    h->set_max_new_tokens(resolved_.generate.max_new_tokens);
     absl::Status pushed_header = Push(std::move(header));
-    service_->Register(&cancel_);
     absl::StatusOr<GenerateResult> result =
-        pushed_header.ok() ? engine.Generate(resolved_.generate, resolved_.capture, this, &cancel_)
+        pushed_header.ok() ? engine.Generate(resolved_.generate, resolved_.capture, this, &state_->cancel)
                            : absl::StatusOr<GenerateResult>(pushed_header);
-    service_->Unregister(&cancel_);
-    grpc::Status final_status = grpc::Status::OK;
+    absl::Status final_status;
     if (result.ok()) {
       service_->metrics_.decode_steps += result->decode_steps;
       if (result->finish == FinishReason::kCancelled) {
-        final_status = service_->accepting()
-                           ? grpc::Status(grpc::StatusCode::CANCELLED, "the generation was cancelled")
-                           : grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                          "the server is shutting down; the generation was stopped");
+        final_status = StoppedStatus();
       } else {
         v1::StreamAttentionResponse trailer;
         auto* t = trailer.mutable_trailer();
         for (int64_t id : result->tokens) t->add_token_ids(id);
-        if (engine.info().has_tokenizer) t->set_text(engine.Decode(result->tokens, /*skip_special_tokens=*/true).value());
+        if (engine.info().has_tokenizer) {
+          auto text = engine.Decode(result->tokens, /*skip_special_tokens=*/true);
+          if (text.ok()) t->set_text(*text);
+        }
         t->set_finish_reason(ToProto(result->finish));
         FillTimings(*result, resolved_.generate.prompt_ids.size(), MsBetween(received_, started),
                     t->mutable_timings());
         t->set_bytes_sent(bytes_sent_);
-        absl::Status pushed = Push(std::move(trailer));
-        if (!pushed.ok()) final_status = ToGrpcStatus(pushed);
+        final_status = Push(std::move(trailer));
       }
     } else {
-      final_status = ToGrpcStatus(result.status());
+      final_status = absl::IsCancelled(result.status()) ? StoppedStatus() : result.status();
     }
-    spdlog::info("StreamAttention peer={} prompt={} tokens={} bytes={} status={} ms={:.1f}", context_->peer(),
+    spdlog::info("StreamAttention peer={} prompt={} tokens={} bytes={} status={} ms={:.1f}", state_->context->peer(),
                  resolved_.generate.prompt_ids.size(), result.ok() ? result->tokens.size() : 0, bytes_sent_,
-                 static_cast<int>(final_status.error_code()), MsBetween(started, Clock::now()));
-    std::lock_guard<std::mutex> lock(mu_);
-    final_status_ = final_status;
-    done_ = true;
-    MaybeFinishLocked();
+                 static_cast<int>(final_status.code()), MsBetween(started, Clock::now()));
+    return final_status;
   }
 
-  // Queues a message; waits while the queue is full. CANCELLED once the client is gone.
+  // Why a generation that saw its cancel token ended.
+  absl::Status StoppedStatus() {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    if (state_->stalled) {
+      return absl::DeadlineExceededError(absl::StrCat("the client read nothing for ", service_->options_.stall_timeout_s,
+                                                      " s (--stall_timeout_s); the stream was stopped"));
+    }
+    return CancelledStatus(service_->accepting());
+  }
+
+  // Queues a message; waits while the queue is full. An error once the stream is stopped.
   absl::Status Push(v1::StreamAttentionResponse msg) {
-    std::unique_lock<std::mutex> lock(mu_);
+    StreamState& s = *state_;
+    std::unique_lock<std::mutex> lock(s.mu);
     const size_t limit = static_cast<size_t>(service_->options_.stream_queue_messages);
-    cv_.wait(lock, [&] { return cancelled_ || queue_.size() < limit; });
-    if (cancelled_) return absl::CancelledError("the client cancelled the stream or disconnected");
-    queue_.push_back(std::move(msg));
-    service_->metrics_.UpdateQueueHighWater(static_cast<int64_t>(queue_.size()));
-    if (!writing_) {
-      writing_ = true;
-      StartWrite(&queue_.front());
+    s.cv.wait(lock, [&] { return s.cancelled || s.queue.size() < limit; });
+    if (s.cancelled) return absl::CancelledError("the client cancelled the stream or disconnected");
+    s.queue.push_back(std::move(msg));
+    service_->metrics_.UpdateQueueHighWater(static_cast<int64_t>(s.queue.size()));
+    if (!s.writing) {
+      s.writing = true;
+      s.last_progress = Clock::now();
+      StartWrite(&s.queue.front());
     }
     return absl::OkStatus();
   }
 
-  void MaybeFinishLocked() {
-    if (done_ && !writing_ && !finished_) {
-      finished_ = true;
-      FinishAndRecord(cancelled_ && final_status_.ok() ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled")
-                                                       : final_status_);
+  AttentionServiceImpl* service_;
+  const v1::GenerateRequest* request_;  // gRPC's, valid until OnDone
+  const Clock::time_point received_;
+  std::shared_ptr<StreamState> state_;
+  Scheduler::Ticket ticket_ = 0;
+  ResolvedRequest resolved_;  // the job's
+  int64_t bytes_sent_ = 0;    // the job's
+};
+
+// A unary call whose work runs on a scheduler thread. A client that leaves while the call is
+// queued frees its place at once; one that leaves while it runs cancels it (the work sees `cancel`).
+class JobReactor : public grpc::ServerUnaryReactor {
+ public:
+  using Work = std::function<absl::Status(const CancelToken& cancel)>;
+
+  JobReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context, const char* method,
+             Scheduler* scheduler, Work work)
+      : service_(service), method_(method), scheduler_(scheduler), received_(Clock::now()), work_(std::move(work)) {
+    absl::Status admitted = service_->Admit(context);
+    if (!admitted.ok()) {
+      FinishAndRecord(admitted);
+      return;
+    }
+    ticket_ = scheduler_->TrySubmit([this] { Run(); });
+    if (ticket_ == 0) {
+      ++service_->metrics_.rejected_busy;
+      FinishAndRecord(BusyError());
     }
   }
 
-  void FinishAndRecord(const grpc::Status& status) {
-    service_->metrics_.RecordRequest("StreamAttention", status.error_code(),
-                                     MsBetween(received_, Clock::now()) / 1e3);
-    Finish(status);
+  void OnCancel() override {
+    cancel_.Cancel();
+    if (scheduler_->Withdraw(ticket_)) {
+      ++service_->metrics_.withdrawn;
+      FinishAndRecord(absl::CancelledError("the client left while the request was queued"));
+    }
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void Run() {
+    service_->Register(&cancel_);
+    absl::Status status = cancel_.cancelled() ? CancelledStatus(service_->accepting()) : work_(cancel_);
+    service_->Unregister(&cancel_);
+    FinishAndRecord(status);
+  }
+
+  void FinishAndRecord(const absl::Status& status) {
+    service_->metrics_.RecordRequest(method_, static_cast<int>(status.code()), MsBetween(received_, Clock::now()) / 1e3);
+    Finish(ToGrpcStatus(status));
   }
 
   AttentionServiceImpl* service_;
-  grpc::CallbackServerContext* context_;
-  v1::GenerateRequest request_;
-  ResolvedRequest resolved_;
-  Clock::time_point received_;
+  const char* method_;
+  Scheduler* scheduler_;
+  const Clock::time_point received_;
+  Work work_;
   CancelToken cancel_;
-  int64_t bytes_sent_ = 0;
-
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<v1::StreamAttentionResponse> queue_;  // front is in flight while writing_
-  bool writing_ = false;
-  bool cancelled_ = false;
-  bool done_ = false;
-  bool finished_ = false;
-  grpc::Status final_status_;
+  Scheduler::Ticket ticket_ = 0;
 };
 
 AttentionServiceImpl::AttentionServiceImpl(const Engine* engine, ServiceOptions options)
-    : engine_(engine), options_(std::move(options)), scheduler_(std::make_unique<Scheduler>(options_.scheduler)) {}
+    : engine_(engine),
+      options_(std::move(options)),
+      scheduler_(std::make_unique<Scheduler>(options_.scheduler)),
+      tokenizer_scheduler_(std::make_unique<Scheduler>(options_.tokenizer)) {
+  watchdog_ = std::thread([this] { WatchdogLoop(); });
+}
 
-AttentionServiceImpl::~AttentionServiceImpl() = default;
+AttentionServiceImpl::~AttentionServiceImpl() {
+  {
+    std::lock_guard<std::mutex> lock(watch_mu_);
+    watch_stop_ = true;
+  }
+  watch_cv_.notify_all();
+  watchdog_.join();
+}
 
 void AttentionServiceImpl::StopAccepting() {
   accepting_ = false;
@@ -247,76 +384,108 @@ void AttentionServiceImpl::StopAccepting() {
 
 void AttentionServiceImpl::Register(CancelToken* token) {
   std::lock_guard<std::mutex> lock(active_mu_);
-  active_.insert(token);
+  active_.push_back(token);
   if (!accepting_) token->Cancel();
 }
 
 void AttentionServiceImpl::Unregister(CancelToken* token) {
   std::lock_guard<std::mutex> lock(active_mu_);
-  active_.erase(token);
+  active_.remove(token);
 }
 
-grpc::Status AttentionServiceImpl::Admit(grpc::CallbackServerContext* context) const {
-  if (!accepting_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
-  if (options_.auth_tokens.empty()) return grpc::Status::OK;
+void AttentionServiceImpl::Watch(const std::shared_ptr<StreamState>& state) {
+  std::lock_guard<std::mutex> lock(watch_mu_);
+  watched_.push_back(state);
+}
+
+void AttentionServiceImpl::WatchdogLoop() {
+  const auto stall = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(std::max(0.05, options_.stall_timeout_s)));
+  const auto tick = std::min<Clock::duration>(std::chrono::seconds(1), stall / 4);
+  std::unique_lock<std::mutex> lock(watch_mu_);
+  while (!watch_stop_) {
+    watch_cv_.wait_for(lock, tick);
+    const auto now = Clock::now();
+    for (auto it = watched_.begin(); it != watched_.end();) {
+      std::shared_ptr<StreamState> state = it->lock();
+      if (state == nullptr) {
+        it = watched_.erase(it);
+        continue;
+      }
+      grpc::CallbackServerContext* context = nullptr;
+      {
+        std::lock_guard<std::mutex> state_lock(state->mu);
+        if (state->finishing) {
+          it = watched_.erase(it);
+          continue;
+        }
+        if (state->writing && !state->stalled && now - state->last_progress > stall) {
+          state->stalled = true;
+          StreamReactor::Stop(state.get());
+          ++state->pinned;  // the reactor stays unfinished while its context is in use below
+          context = state->context;
+        }
+      }
+      ++it;
+      if (context == nullptr) continue;
+      ++metrics_.stalled_streams;
+      spdlog::warn("StreamAttention peer={}: no message taken for {} s; stopping the stream and freeing its slot",
+                   context->peer(), options_.stall_timeout_s);
+      // Fails the pending write (OnWriteDone(false)), possibly on this thread: called unlocked.
+      context->TryCancel();
+      absl::Status status;
+      {
+        std::lock_guard<std::mutex> state_lock(state->mu);
+        --state->pinned;
+        if (!state->TakeFinish(&status)) continue;
+      }
+      state->reactor->FinishAndRecord(status);
+    }
+  }
+}
+
+absl::Status AttentionServiceImpl::Admit(grpc::CallbackServerContext* context) const {
+  if (!accepting_) return absl::UnavailableError("the server is shutting down");
+  if (options_.auth.empty()) return absl::OkStatus();
   const auto& md = context->client_metadata();
   auto it = md.find("authorization");
-  if (it == md.end()) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata");
-  }
-  const std::string value(it->second.data(), it->second.size());
-  const std::string prefix = "Bearer ";
-  if (value.compare(0, prefix.size(), prefix) != 0 || !options_.auth_tokens.count(value.substr(prefix.size()))) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "the bearer token is not valid for this server");
-  }
-  return grpc::Status::OK;
+  if (it == md.end()) return options_.auth.Check(nullptr);
+  const absl::string_view value(it->second.data(), it->second.size());
+  return options_.auth.Check(&value);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerContext* context,
                                                          const v1::GenerateRequest* request,
                                                          v1::GenerateResponse* response) {
   const auto received = Clock::now();
-  auto* reactor = context->DefaultReactor();
-  grpc::Status admitted = Admit(context);
-  if (!admitted.ok()) return FinishUnary(&metrics_, "Generate", received, reactor, admitted);
-  auto resolved = ResolveRequest(*request, *engine_, options_.model_name, options_.max_capture_bytes);
-  if (!resolved.ok()) return FinishUnary(&metrics_, "Generate", received, reactor, ToGrpcStatus(resolved.status()));
-  // Generate returns statistics only.
-  resolved->capture.form = Form::kNone;
-  auto job = [this, context, response, reactor, received, r = std::move(*resolved)]() mutable {
+  auto work = [this, context, request, response, received](const CancelToken& cancel) -> absl::Status {
     const auto started = Clock::now();
-    CancelToken cancel;
-    CollectingSink sink(context, &cancel, response);
-    Register(&cancel);
+    ASSIGN_OR_RETURN(ResolvedRequest r, ResolveRequest(*request, *engine_, options_.model_name,
+                                                       options_.max_capture_bytes));
+    r.capture.form = Form::kNone;  // Generate returns statistics only
+    CollectingSink sink(response);
     auto result = engine_->Generate(r.generate, r.capture, &sink, &cancel);
-    Unregister(&cancel);
-    grpc::Status status = ToGrpcStatus(result.status());
+    absl::Status status = result.status();
     if (result.ok()) {
       metrics_.tokens_generated += static_cast<int64_t>(result->tokens.size());
       metrics_.decode_steps += result->decode_steps;
       for (int64_t id : result->tokens) response->add_token_ids(id);
       for (auto& piece : engine_->Pieces(result->tokens)) response->add_pieces(std::move(piece));
-      if (engine_->info().has_tokenizer) response->set_text(engine_->Decode(result->tokens, true).value());
+      if (engine_->info().has_tokenizer) {
+        auto text = engine_->Decode(result->tokens, /*skip_special_tokens=*/true);
+        if (text.ok()) response->set_text(*text);
+      }
       response->set_finish_reason(ToProto(result->finish));
       response->set_prompt_tokens(static_cast<int64_t>(r.generate.prompt_ids.size()));
       FillTimings(*result, r.generate.prompt_ids.size(), MsBetween(received, started), response->mutable_timings());
-      if (result->finish == FinishReason::kCancelled) {
-        status = accepting_ ? grpc::Status(grpc::StatusCode::CANCELLED, "the generation was cancelled")
-                            : grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
-      }
+      if (result->finish == FinishReason::kCancelled) status = CancelledStatus(accepting_);
     }
     spdlog::info("Generate peer={} prompt={} tokens={} status={} ms={:.1f}", context->peer(),
                  r.generate.prompt_ids.size(), result.ok() ? result->tokens.size() : 0,
-                 static_cast<int>(status.error_code()), MsBetween(started, Clock::now()));
-    FinishUnary(&metrics_, "Generate", received, reactor, status);
+                 static_cast<int>(status.code()), MsBetween(started, Clock::now()));
+    return status;
   };
-  if (!scheduler_->TrySubmit(std::move(job))) {
-    ++metrics_.rejected_busy;
-    FinishUnary(&metrics_, "Generate", received, reactor,
-                grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                             "the server is busy: every generation slot and queue place is taken; retry later"));
-  }
-  return reactor;
+  return new JobReactor(this, context, "Generate", scheduler_.get(), std::move(work));
 }
 
 grpc::ServerWriteReactor<v1::StreamAttentionResponse>* AttentionServiceImpl::StreamAttention(
@@ -327,46 +496,43 @@ grpc::ServerWriteReactor<v1::StreamAttentionResponse>* AttentionServiceImpl::Str
 grpc::ServerUnaryReactor* AttentionServiceImpl::Tokenize(grpc::CallbackServerContext* context,
                                                          const v1::TokenizeRequest* request,
                                                          v1::TokenizeResponse* response) {
-  const auto received = Clock::now();
-  grpc::Status admitted = Admit(context);
-  if (!admitted.ok()) return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(), admitted);
-  if (!utf8::IsValid(request->text())) {
-    return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(),
-                       grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the text is not valid UTF-8"));
-  }
-  auto ids = engine_->Encode(request->text(), request->add_special_tokens());
-  if (!ids.ok()) return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(), ToGrpcStatus(ids.status()));
-  for (int64_t id : *ids) response->add_ids(id);
-  for (auto& piece : engine_->Pieces(*ids)) response->add_pieces(std::move(piece));
-  return FinishUnary(&metrics_, "Tokenize", received, context->DefaultReactor(), grpc::Status::OK);
+  auto work = [this, request, response](const CancelToken&) -> absl::Status {
+    if (!utf8::IsValid(request->text())) return absl::InvalidArgumentError("the text is not valid UTF-8");
+    ASSIGN_OR_RETURN(std::vector<int64_t> ids, engine_->Encode(request->text(), request->add_special_tokens()));
+    for (int64_t id : ids) response->add_ids(id);
+    for (auto& piece : engine_->Pieces(ids)) response->add_pieces(std::move(piece));
+    return absl::OkStatus();
+  };
+  return new JobReactor(this, context, "Tokenize", tokenizer_scheduler_.get(), std::move(work));
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Detokenize(grpc::CallbackServerContext* context,
                                                            const v1::DetokenizeRequest* request,
                                                            v1::DetokenizeResponse* response) {
-  const auto received = Clock::now();
-  grpc::Status admitted = Admit(context);
-  if (!admitted.ok()) return FinishUnary(&metrics_, "Detokenize", received, context->DefaultReactor(), admitted);
-  for (int64_t id : request->ids()) {
-    if (id < 0 || id >= engine_->info().vocab_size) {
-      return FinishUnary(&metrics_, "Detokenize", received, context->DefaultReactor(), grpc::Status(grpc::StatusCode::OUT_OF_RANGE,
-                                             absl::StrCat("token id ", id, " is outside the vocabulary (0-",
-                                                          engine_->info().vocab_size - 1, ")")));
+  auto work = [this, request, response](const CancelToken&) -> absl::Status {
+    for (int64_t id : request->ids()) {
+      if (id < 0 || id >= engine_->info().vocab_size) {
+        return absl::OutOfRangeError(absl::StrCat("token id ", id, " is outside the vocabulary (0-",
+                                                  engine_->info().vocab_size - 1, ")"));
+      }
     }
-  }
-  auto text = engine_->Decode({request->ids().begin(), request->ids().end()}, request->skip_special_tokens());
-  if (!text.ok()) return FinishUnary(&metrics_, "Detokenize", received, context->DefaultReactor(), ToGrpcStatus(text.status()));
-  response->set_text(*text);
-  return FinishUnary(&metrics_, "Detokenize", received, context->DefaultReactor(), grpc::Status::OK);
+    ASSIGN_OR_RETURN(std::string text,
+                     engine_->Decode({request->ids().begin(), request->ids().end()}, request->skip_special_tokens()));
+    response->set_text(std::move(text));
+    return absl::OkStatus();
+  };
+  return new JobReactor(this, context, "Detokenize", tokenizer_scheduler_.get(), std::move(work));
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
                                                              const v1::GetModelInfoRequest*, v1::ModelInfo* response) {
   const auto received = Clock::now();
-  grpc::Status admitted = Admit(context);
-  if (!admitted.ok()) return FinishUnary(&metrics_, "GetModelInfo", received, context->DefaultReactor(), admitted);
-  FillModelInfo(engine_->info(), options_.model_name, response);
-  return FinishUnary(&metrics_, "GetModelInfo", received, context->DefaultReactor(), grpc::Status::OK);
+  absl::Status status = Admit(context);
+  if (status.ok()) FillModelInfo(engine_->info(), options_.model_name, response);
+  metrics_.RecordRequest("GetModelInfo", static_cast<int>(status.code()), MsBetween(received, Clock::now()) / 1e3);
+  auto* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
 }
 
 }  // namespace attnscope

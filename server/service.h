@@ -1,29 +1,42 @@
 // The gRPC front door: AttentionService over the callback API. It maps requests to the engine
-// API, owns admission, streaming back-pressure, cancellation and authentication; no tensor math.
+// API and owns admission, streaming back-pressure, cancellation, stall detection and
+// authentication; no tensor math (tensors stay behind convert.h).
+//
+// Threads: gRPC's callback threads only admit, queue and react; every request's resolution
+// (tokenizing, chat rendering, truncation, budget) and generation run on a scheduler thread, so
+// they count against --max_concurrent / --max_queue. A call's reactor is freed only in OnDone;
+// the engine thread and the reactor share a StreamState that outlives both (see service.cpp).
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <list>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <string>
+#include <thread>
 
 #include <grpcpp/grpcpp.h>
 
 #include "attnscope/v1/attnscope.grpc.pb.h"
 #include "model/engine.h"
+#include "server/auth.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 
 namespace attnscope {
 
+struct StreamState;
+
 struct ServiceOptions {
-  std::string model_name = "model";    // what requests may name in `model`
-  int64_t chunk_bytes = 1 << 20;       // payload bytes per streamed message
-  int64_t max_capture_bytes = 0;       // byte budget per request; 0: none
-  int stream_queue_messages = 8;       // outgoing messages buffered per stream before generation waits
-  std::set<std::string> auth_tokens;   // bearer tokens accepted; empty: no authentication
-  SchedulerOptions scheduler;
+  std::string model_name = "model";     // what requests may name in `model`
+  int64_t chunk_bytes = 1 << 20;        // payload bytes per streamed message
+  int64_t max_capture_bytes = 0;        // byte budget per request; 0: none
+  int stream_queue_messages = 8;        // outgoing messages buffered per stream before generation waits
+  double stall_timeout_s = 30;          // a write not taken by the client for this long cancels the stream
+  BearerTokens auth;                    // accepted bearer tokens; empty: no authentication
+  SchedulerOptions scheduler;           // generations (and their request resolution)
+  SchedulerOptions tokenizer{2, 64};    // Tokenize / Detokenize calls
 };
 
 class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
@@ -49,20 +62,31 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
 
  private:
   friend class StreamReactor;
-  grpc::Status Admit(grpc::CallbackServerContext* context) const;
+  friend class JobReactor;
+  absl::Status Admit(grpc::CallbackServerContext* context) const;
   // Running generations, so that a shutdown can cancel them.
   void Register(CancelToken* token);
   void Unregister(CancelToken* token);
   bool accepting() const { return accepting_; }
+  // Streams the stall watchdog looks at.
+  void Watch(const std::shared_ptr<StreamState>& state);
+  void WatchdogLoop();
 
   const Engine* engine_;
   ServiceOptions options_;
   std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<Scheduler> tokenizer_scheduler_;
   Metrics metrics_;
   std::atomic<bool> accepting_{true};
   std::atomic<int64_t> next_id_{1};
   std::mutex active_mu_;
-  std::set<CancelToken*> active_;
+  std::list<CancelToken*> active_;
+
+  std::mutex watch_mu_;
+  std::condition_variable watch_cv_;
+  bool watch_stop_ = false;
+  std::list<std::weak_ptr<StreamState>> watched_;
+  std::thread watchdog_;
 };
 
 }  // namespace attnscope

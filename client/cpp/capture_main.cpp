@@ -2,6 +2,9 @@
 // attention from an attnscope server and stores one file per sample.
 #include <sys/stat.h>
 
+#include <cerrno>
+#include <cstring>
+
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -22,6 +25,7 @@
 #include "absl/strings/str_split.h"
 #include "attnscope/v1/attnscope.grpc.pb.h"
 #include "client/cpp/sample_writer.h"
+#include "model/files.h"
 
 // The prototype's options, same names.
 ABSL_FLAG(std::string, model, "", "model name the server must be serving (e.g. llama3.1-8b-128k); empty: any");
@@ -80,13 +84,8 @@ absl::StatusOr<std::vector<int64_t>> ParseInts(const std::string& text, const ch
   return out;
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+// Prompt and id files: at most 1 GiB.
+absl::StatusOr<std::string> ReadFile(const std::string& path) { return ReadRegularFile(path, int64_t{1} << 30); }
 
 absl::StatusOr<std::vector<Sample>> Samples() {
   std::vector<Sample> out;
@@ -110,8 +109,9 @@ absl::StatusOr<std::vector<Sample>> Samples() {
     out.push_back({*text, {}, false});
   }
   if (const auto d = absl::GetFlag(FLAGS_dataset); !d.empty()) {
-    std::ifstream in(d);
-    if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", d));
+    auto content = ReadFile(d);
+    if (!content.ok()) return content.status();
+    std::istringstream in(*content);
     int line_no = 0;
     for (std::string line; std::getline(in, line);) {
       ++line_no;
@@ -120,10 +120,18 @@ absl::StatusOr<std::vector<Sample>> Samples() {
       if (j.is_discarded() || !j.is_object()) {
         return absl::InvalidArgumentError(absl::StrCat(d, ":", line_no, ": not a JSON object"));
       }
-      if (j.contains("prompt") && j["prompt"].is_string()) {
-        out.push_back({j["prompt"].get<std::string>(), {}, false});
+      auto text = [&](const char* key) -> const std::string* {
+        auto it = j.find(key);
+        return it != j.end() && it->is_string() ? &it->get_ref<const std::string&>() : nullptr;
+      };
+      if (j.contains("prompt")) {
+        if (text("prompt") == nullptr) return absl::InvalidArgumentError(absl::StrCat(d, ":", line_no, ": 'prompt' must be a string"));
+        out.push_back({*text("prompt"), {}, false});
       } else if (j.contains("context") && j.contains("input")) {
-        out.push_back({absl::StrCat(j["context"].get<std::string>(), "\n\n", j["input"].get<std::string>()), {}, false});
+        if (text("context") == nullptr || text("input") == nullptr) {
+          return absl::InvalidArgumentError(absl::StrCat(d, ":", line_no, ": 'context' and 'input' must be strings"));
+        }
+        out.push_back({absl::StrCat(*text("context"), "\n\n", *text("input")), {}, false});
       } else {
         return absl::InvalidArgumentError(absl::StrCat(d, ":", line_no, ": needs 'prompt', or 'context' and 'input'"));
       }
@@ -181,11 +189,16 @@ absl::StatusOr<v1::CaptureSpec> CaptureFromFlags() {
   return c;
 }
 
-std::shared_ptr<grpc::Channel> Connect() {
+absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect() {
   std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
   if (const auto ca = absl::GetFlag(FLAGS_tls_ca); !ca.empty()) {
     grpc::SslCredentialsOptions ssl;
-    ssl.pem_root_certs = ReadFile(ca).value_or("");
+    auto pem = ReadRegularFile(ca, 16 << 20);
+    if (!pem.ok()) return absl::InvalidArgumentError(absl::StrCat("--tls_ca: ", pem.status().message()));
+    if (pem->find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("--tls_ca: ", ca, " holds no PEM certificate"));
+    }
+    ssl.pem_root_certs = *pem;
     creds = grpc::SslCredentials(ssl);
   }
   grpc::ChannelArguments args;
@@ -230,8 +243,29 @@ int Health(const std::shared_ptr<grpc::Channel>& channel) {
   return serving ? 0 : 1;
 }
 
+// mkdir -p
+absl::Status MakeDirs(const std::string& path) {
+  for (size_t i = 1; i <= path.size(); ++i) {
+    if (i < path.size() && path[i] != '/') continue;
+    const std::string prefix = path.substr(0, i);
+    if (mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) {
+      return absl::PermissionDeniedError(absl::StrCat("cannot create ", prefix, ": ", std::strerror(errno)));
+    }
+  }
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return absl::FailedPreconditionError(absl::StrCat(path, " is not a directory"));
+  }
+  return absl::OkStatus();
+}
+
 int Run() {
-  auto channel = Connect();
+  auto connected = Connect();
+  if (!connected.ok()) {
+    std::cerr << "attnscope-capture: " << connected.status().message() << std::endl;
+    return 2;
+  }
+  auto channel = *connected;
   if (absl::GetFlag(FLAGS_health)) return Health(channel);
   auto stub = v1::AttentionService::NewStub(channel);
   auto samples = Samples();
@@ -261,7 +295,10 @@ int Run() {
                 << " (the device is chosen where the server starts)" << std::endl;
     }
   }
-  mkdir(absl::GetFlag(FLAGS_output_dir).c_str(), 0755);
+  if (absl::Status made = MakeDirs(absl::GetFlag(FLAGS_output_dir)); !made.ok()) {
+    std::cerr << "attnscope-capture: " << made.message() << std::endl;
+    return 1;
+  }
   const bool save = absl::GetFlag(FLAGS_save_attention);
   int failures = 0;
   for (size_t i = 0; i < samples->size(); ++i) {
@@ -298,6 +335,7 @@ int Run() {
     v1::StreamAttentionResponse msg;
     absl::Status local;
     v1::StreamTrailer trailer;
+    bool have_trailer = false;
     auto last_progress = std::chrono::steady_clock::now();
     int layers_captured = 0;
     while (local.ok() && reader->Read(&msg)) {
@@ -309,7 +347,7 @@ int Run() {
           if (save) local = writer.OnHeader(msg.header(), req.max_new_tokens());
           break;
         case v1::StreamAttentionResponse::kToken:
-          writer.OnToken(msg.token());
+          local = writer.OnToken(msg.token());
           break;
         case v1::StreamAttentionResponse::kAttention:
           if (save) local = writer.OnAttention(msg.attention());
@@ -318,7 +356,9 @@ int Run() {
           if (save) local = writer.OnStatistic(msg.statistic());
           break;
         case v1::StreamAttentionResponse::kTrailer:
+          if (have_trailer) local = absl::DataLossError("malformed stream from the server: a second trailer");
           trailer = msg.trailer();
+          have_trailer = true;
           break;
         default:
           break;
@@ -332,6 +372,9 @@ int Run() {
     }
     if (!local.ok()) ctx.TryCancel();
     grpc::Status status = reader->Finish();
+    if (local.ok() && status.ok() && !have_trailer) {
+      local = absl::DataLossError("the stream ended without its trailer (a proxy cut it short?)");
+    }
     if (!local.ok() || !status.ok()) {
       std::cerr << "\nSample " << i << " failed: " << (local.ok() ? status.error_message() : std::string(local.message()))
                 << std::endl;

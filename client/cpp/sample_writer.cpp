@@ -2,11 +2,15 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cstring>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace attnscope {
 namespace {
@@ -58,6 +62,32 @@ float ToFloat(const char* p, v1::ElementType t) {
   std::memcpy(&f, &bits, 4);
   return f;
 }
+
+// Largest dimension and element count a block may claim; real ones are far smaller.
+constexpr int64_t kMaxDim = int64_t{1} << 31;
+constexpr int64_t kMaxElements = int64_t{1} << 40;
+constexpr int kMaxModelLayers = 4096;
+constexpr int kMaxModelHeads = 4096;
+constexpr int64_t kMaxPositions = int64_t{1} << 26;
+
+absl::Status Malformed(const std::string& what) {
+  return absl::DataLossError(absl::StrCat("malformed stream from the server: ", what));
+}
+
+// Product of `shape`, checked: every dimension in [0, kMaxDim], the product at most kMaxElements.
+absl::StatusOr<int64_t> CheckedElements(const google::protobuf::RepeatedField<int64_t>& shape, int rank,
+                                        const std::string& what) {
+  if (shape.size() != rank) return Malformed(absl::StrCat(what, " has ", shape.size(), " dimensions, not ", rank));
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    if (d < 0 || d > kMaxDim) return Malformed(absl::StrCat(what, " has a dimension of ", d));
+    if (d != 0 && n > kMaxElements / d) return Malformed(absl::StrCat(what, " is too large"));
+    n *= d;
+  }
+  return n;
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 absl::Status WriteAll(std::FILE* f, const void* data, size_t n, const std::string& what) {
   if (n > 0 && std::fwrite(data, 1, n, f) != n) return absl::DataLossError(absl::StrCat("cannot write ", what));
@@ -159,8 +189,34 @@ SampleWriter::~SampleWriter() {
 }
 
 absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_new_tokens) {
-  header_ = header;
+  if (have_header_) return Malformed("a second stream header");
   const auto& c = header.capture();
+  const int num_layers = header.model().num_layers(), num_heads = header.model().num_heads();
+  if (num_layers < 1 || num_layers > kMaxModelLayers || num_heads < 1 || num_heads > kMaxModelHeads) {
+    return Malformed(absl::StrCat("the header describes a model of ", num_layers, " layers and ", num_heads, " heads"));
+  }
+  std::set<int> seen;
+  for (int l : c.layers()) {
+    if (l < 0 || l >= num_layers || !seen.insert(l).second) return Malformed(absl::StrCat("header layer ", l));
+  }
+  seen.clear();
+  for (int h : c.heads()) {
+    if (h < 0 || h >= num_heads || !seen.insert(h).second) return Malformed(absl::StrCat("header head ", h));
+  }
+  if (header.max_new_tokens() > 0) max_new_tokens = header.max_new_tokens();  // as the server resolved it
+  if (header.prompt_token_ids_size() < 1 || header.prompt_token_ids_size() > kMaxPositions || max_new_tokens < 0 ||
+      max_new_tokens > kMaxPositions) {
+    return Malformed(absl::StrCat("a prompt of ", header.prompt_token_ids_size(), " tokens and ", max_new_tokens,
+                                  " new tokens"));
+  }
+  if (c.element_type() != v1::ELEMENT_FLOAT32 && c.element_type() != v1::ELEMENT_FLOAT16 &&
+      c.element_type() != v1::ELEMENT_BFLOAT16) {
+    return Malformed(absl::StrCat("element type ", c.element_type()));
+  }
+  have_header_ = true;
+  header_ = header;
+  max_new_tokens_ = max_new_tokens;
+  for (int l : c.layers()) header_layers_.insert(l);
   prompt_len_ = header.prompt_token_ids_size();
   heads_ = c.heads_size();
   bool prefill = false, decode = false;
@@ -169,7 +225,7 @@ absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_
   // from the blocks (attnscope.load does), which saves writing every value twice.
   assemble_ = format_ == SampleFormat::kPickle && c.form() == v1::FORM_DENSE && c.last_queries() == 0 &&
               c.query_ranges_size() == 0 && prefill;
-  max_rows_ = prompt_len_ + (decode ? std::max<int64_t>(0, max_new_tokens - 1) : 0);
+  max_rows_ = prompt_len_ + (decode ? std::max<int64_t>(0, max_new_tokens_ - 1) : 0);
   if (format_ == SampleFormat::kPickle && !assemble_) {  // the prototype's layout needs full matrices
     return absl::InvalidArgumentError(
         "--format pickle stores full matrices: it needs --form dense over every query row with the prefill phase");
@@ -191,12 +247,20 @@ absl::Status SampleWriter::Append(const std::string& name, const std::string& dt
                                   const std::string& data, int64_t byte_offset, int64_t total_bytes) {
   auto it = entries_.find(name);
   if (it == entries_.end()) {
-    if (byte_offset != 0) return absl::DataLossError(absl::StrCat("block ", name, " starts mid-way"));
+    if (byte_offset != 0) return Malformed(absl::StrCat("block ", name, " starts mid-way"));
     it = entries_.emplace(name, Entry{dtype, shape, data_size_, total_bytes}).first;
   }
-  if (it->second.offset + byte_offset != data_size_) {
-    return absl::DataLossError(absl::StrCat("chunks of block ", name, " arrived out of order"));
+  Entry& e = it->second;
+  if (e.dtype != dtype || e.shape != shape || e.bytes != total_bytes) {
+    return Malformed(absl::StrCat("chunks of block ", name, " disagree on its type, shape or size"));
   }
+  if (e.offset + byte_offset != data_size_ || byte_offset != e.written) {
+    return Malformed(absl::StrCat("chunks of block ", name, " arrived out of order or twice"));
+  }
+  if (static_cast<int64_t>(data.size()) > e.bytes - e.written) {
+    return Malformed(absl::StrCat("block ", name, " has more data than its ", e.bytes, " bytes"));
+  }
+  e.written += static_cast<int64_t>(data.size());
   if (!data.empty() && std::fwrite(data.data(), 1, data.size(), data_) != data.size()) {
     return absl::DataLossError(absl::StrCat("cannot write ", path_, ".data.partial (disk full?)"));
   }
@@ -228,7 +292,67 @@ absl::Status SampleWriter::WriteFull(const v1::AttentionChunk& c) {
   return absl::OkStatus();
 }
 
+absl::Status SampleWriter::CheckAttention(const v1::AttentionChunk& c) const {
+  if (!have_header_) return Malformed("an attention chunk before the stream header");
+  const auto& spec = header_.capture();
+  if (!header_layers_.count(c.layer())) return Malformed(absl::StrCat("attention for layer ", c.layer(), ", not captured"));
+  if (c.phase() != v1::PHASE_PREFILL && c.phase() != v1::PHASE_DECODE) return Malformed("an unknown phase");
+  if (c.form() != spec.form() || c.element_type() != spec.element_type()) {
+    return Malformed("a chunk whose form or element type differs from the header's");
+  }
+  const int64_t elem = ElementSize(c.element_type());
+  ASSIGN_OR_RETURN(const int64_t elements, CheckedElements(c.shape(), 3, "an attention block"));
+  const int64_t max_positions = prompt_len_ + max_new_tokens_;
+  const int64_t rows = c.query_end() - c.query_begin();
+  if (c.query_begin() < 0 || rows < 1 || c.query_end() > max_positions || c.key_length() < 1 ||
+      c.key_length() > max_positions || c.step() < 0 || c.step() > max_new_tokens_) {
+    return Malformed(absl::StrCat("rows [", c.query_begin(), ", ", c.query_end(), ") over ", c.key_length(),
+                                  " keys at step ", c.step()));
+  }
+  // The shape each form gives a block of `rows` rows over `key_length` keys.
+  const int64_t heads = heads_, keys = c.key_length();
+  std::vector<int64_t> expected;
+  switch (c.form()) {
+    case v1::FORM_DENSE: expected = {heads, rows, keys}; break;
+    case v1::FORM_HEAD_MEAN:
+    case v1::FORM_HEAD_MAX: expected = {1, rows, keys}; break;
+    case v1::FORM_POOLED:
+      if (c.pool() < 1) return Malformed(absl::StrCat("pool ", c.pool()));
+      expected = {heads, CeilDiv(rows, c.pool()), CeilDiv(keys, c.pool())};
+      break;
+    case v1::FORM_TOP_K:
+      if (spec.top_k() < 1) return Malformed("a top_k block without k in the header");
+      expected = {heads, rows, std::min<int64_t>(spec.top_k(), keys)};
+      break;
+    default: return Malformed(absl::StrCat("form ", c.form()));
+  }
+  if (!std::equal(expected.begin(), expected.end(), c.shape().begin())) {
+    return Malformed(absl::StrCat("a ", v1::Form_Name(c.form()), " block of shape [", absl::StrJoin(c.shape(), ", "),
+                                  "], expected [", absl::StrJoin(expected, ", "), "]"));
+  }
+  if (c.block_bytes() != elements * elem) {
+    return Malformed(absl::StrCat("block_bytes ", c.block_bytes(), " for ", elements, " elements"));
+  }
+  const int64_t n = static_cast<int64_t>(c.data().size());
+  if (c.byte_offset() < 0 || c.byte_offset() % elem != 0 || n % elem != 0 || n > c.block_bytes() - c.byte_offset()) {
+    return Malformed(absl::StrCat("a chunk of ", n, " bytes at offset ", c.byte_offset(), " of a ", c.block_bytes(),
+                                  "-byte block"));
+  }
+  if (c.form() == v1::FORM_TOP_K) {
+    if (static_cast<int64_t>(c.indices().size()) != n / elem * 4) return Malformed("top_k indices do not match values");
+    for (size_t i = 0; i < c.indices().size(); i += 4) {
+      int32_t index;
+      std::memcpy(&index, c.indices().data() + i, 4);
+      if (index < 0 || index >= keys) return Malformed(absl::StrCat("top_k index ", index, " outside the keys"));
+    }
+  } else if (!c.indices().empty()) {
+    return Malformed("indices in a block that is not top_k");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status SampleWriter::OnAttention(const v1::AttentionChunk& c) {
+  RETURN_IF_ERROR(CheckAttention(c));
   bytes_received_ += static_cast<int64_t>(c.data().size() + c.indices().size());
   const std::string name = absl::StrCat("attention.", PhaseName(c.phase()), ".", c.layer(), ".", c.step(), ".",
                                         c.query_begin());
@@ -242,20 +366,52 @@ absl::Status SampleWriter::OnAttention(const v1::AttentionChunk& c) {
       if (!s.ok()) return s;
     }
   }
+  if (format_ == SampleFormat::kPickle) {
+    // No block store: only check that every block arrives whole and in order.
+    auto [it, added] = pickle_blocks_.try_emplace(name, c.block_bytes(), 0);
+    if (it->second.first != c.block_bytes() || c.byte_offset() != it->second.second) {
+      return Malformed(absl::StrCat("chunks of block ", name, " arrived out of order or disagree on its size"));
+    }
+    it->second.second += static_cast<int64_t>(c.data().size());
+  }
   if (assemble_ && c.form() == v1::FORM_DENSE) return WriteFull(c);
   return absl::OkStatus();
 }
 
 absl::Status SampleWriter::OnStatistic(const v1::StatisticChunk& s) {
-  bytes_received_ += static_cast<int64_t>(s.data().size());
+  if (!have_header_) return Malformed("a statistic chunk before the stream header");
+  if (!header_layers_.count(s.layer())) return Malformed(absl::StrCat("a statistic for layer ", s.layer(), ", not captured"));
+  if (s.phase() != v1::PHASE_PREFILL && s.phase() != v1::PHASE_DECODE) return Malformed("an unknown phase");
+  if (s.kind().empty() || s.kind().size() > 64 ||
+      !std::all_of(s.kind().begin(), s.kind().end(), [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_'; })) {
+    return Malformed("a statistic kind that is not a plain name");
+  }
+  if (s.step() < 0 || s.step() > max_new_tokens_ || s.query_begin() < 0 || s.query_begin() > prompt_len_ + max_new_tokens_) {
+    return Malformed(absl::StrCat("a statistic at step ", s.step(), " row ", s.query_begin()));
+  }
+  ASSIGN_OR_RETURN(const int64_t elements, CheckedElements(s.shape(), s.shape_size() == 1 ? 1 : 2, "a statistic"));
+  const int64_t n = static_cast<int64_t>(s.data().size());
+  const int64_t total = s.block_bytes() > 0 ? s.block_bytes() : n;
+  if (total != elements * 4 || s.byte_offset() < 0 || s.byte_offset() % 4 != 0 || n % 4 != 0 ||
+      n > total - s.byte_offset()) {
+    return Malformed(absl::StrCat("a statistic chunk of ", n, " bytes at offset ", s.byte_offset(), " of a ", total,
+                                  "-byte block of ", elements, " values"));
+  }
+  bytes_received_ += n;
   if (format_ != SampleFormat::kSafetensors) return absl::OkStatus();
   const std::string name = absl::StrCat("statistic.", s.kind(), ".", PhaseName(s.phase()), ".", s.layer(), ".",
                                         s.step(), ".", s.query_begin());
-  const int64_t total = s.block_bytes() > 0 ? s.block_bytes() : static_cast<int64_t>(s.data().size());
   return Append(name, "F32", {s.shape().begin(), s.shape().end()}, s.data(), s.byte_offset(), total);
 }
 
-void SampleWriter::OnToken(const v1::TokenEvent& token) { tokens_.push_back(token); }
+absl::Status SampleWriter::OnToken(const v1::TokenEvent& token) {
+  if (!have_header_) return Malformed("a token before the stream header");
+  if (static_cast<int64_t>(tokens_.size()) >= max_new_tokens_) {
+    return Malformed(absl::StrCat("more than the ", max_new_tokens_, " tokens asked for"));
+  }
+  tokens_.push_back(token);
+  return absl::OkStatus();
+}
 
 absl::Status SampleWriter::WriteSafetensors(const std::string& tmp, const std::string& metadata) {
   const int64_t T = std::min<int64_t>(max_rows_, prompt_len_ + std::max<int64_t>(0, tokens() - 1));
@@ -337,6 +493,17 @@ absl::Status SampleWriter::WritePickle(const std::string& tmp) {
 }
 
 absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer, const std::string& prompt_text) {
+  if (!have_header_) return Malformed("the stream ended without a header");
+  for (const auto& [name, e] : entries_) {
+    if (e.written != e.bytes) {
+      return Malformed(absl::StrCat("block ", name, " is incomplete: ", e.written, " of ", e.bytes, " bytes"));
+    }
+  }
+  for (const auto& [name, sizes] : pickle_blocks_) {
+    if (sizes.second != sizes.first) {
+      return Malformed(absl::StrCat("block ", name, " is incomplete: ", sizes.second, " of ", sizes.first, " bytes"));
+    }
+  }
   nlohmann::json meta = {
       {"format_version", 1},
       {"model", header_.model().name()},

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -34,8 +35,8 @@ class SampleWriter {
   absl::Status OnHeader(const v1::StreamHeader& header, int64_t max_new_tokens);
   absl::Status OnAttention(const v1::AttentionChunk& chunk);
   absl::Status OnStatistic(const v1::StatisticChunk& stat);
-  void OnToken(const v1::TokenEvent& token);
-  // Assembles the file and renames it into place.
+  absl::Status OnToken(const v1::TokenEvent& token);
+  // Assembles the file and renames it into place; refuses a sample with a missing or incomplete block.
   absl::Status Finish(const v1::StreamTrailer& trailer, const std::string& prompt_text);
 
   int64_t bytes_received() const { return bytes_received_; }
@@ -47,7 +48,11 @@ class SampleWriter {
     std::vector<int64_t> shape;
     int64_t offset = 0;  // in the data work file
     int64_t bytes = 0;
+    int64_t written = 0;  // bytes received so far
   };
+  // Every chunk is checked against the header before it costs anything: a hostile or broken server
+  // gets a clear error, never a crash or a file that does not load.
+  absl::Status CheckAttention(const v1::AttentionChunk& chunk) const;
   absl::Status Append(const std::string& name, const std::string& dtype, const std::vector<int64_t>& shape,
                       const std::string& data, int64_t byte_offset, int64_t total_bytes);
   absl::Status WriteFull(const v1::AttentionChunk& chunk);
@@ -57,6 +62,9 @@ class SampleWriter {
   std::string path_;
   SampleFormat format_;
   v1::StreamHeader header_;
+  bool have_header_ = false;
+  std::set<int> header_layers_;
+  int64_t max_new_tokens_ = 0;
   bool assemble_ = false;  // dense capture of every row: keep full matrices
   int64_t prompt_len_ = 0;
   int64_t max_rows_ = 0;   // prompt + max_new_tokens - 1: row capacity of the full matrices
@@ -64,6 +72,7 @@ class SampleWriter {
   std::FILE* data_ = nullptr;  // blocks, appended as they arrive
   std::FILE* full_ = nullptr;  // full matrices: [layer][head][row][col] float32, max_rows_ square
   std::map<std::string, Entry> entries_;
+  std::map<std::string, std::pair<int64_t, int64_t>> pickle_blocks_;  // pickle: block -> (bytes, received)
   std::map<int, int> layer_slot_;  // layer -> slot in full_
   std::vector<v1::TokenEvent> tokens_;
   int64_t data_size_ = 0;

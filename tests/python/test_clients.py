@@ -105,13 +105,12 @@ def test_rerun_skips_and_overwrite_redoes(server, stored):
 
 def test_killed_client_leaves_no_complete_looking_file(server, tmp_path):
     out = tmp_path / "data"
-    ids = ",".join(map(str, PROMPT * 30))
+    ids = ",".join(map(str, PROMPT * 80))  # 960 tokens: a 47 MB dense capture, killed right after its header
     cmd = [binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={out}", f"--prompt_ids={ids}",
-           "--max_new_tokens=400"]
+           "--max_new_tokens=60"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("Processing sample 0")
-    time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     names = os.listdir(out)
@@ -178,3 +177,17 @@ def test_html_page_in_headless_chromium(stored, tmp_path):
     assert dom.count("<span") >= T
     console_errors = [l for l in proc.stderr.splitlines() if "CONSOLE" in l and ("Error" in l or "Uncaught" in l)]
     assert not console_errors, console_errors
+
+
+def test_capture_client_small_things(server, tmp_path):
+    """Issue 11.12: --format pickle with --max_new_tokens 0 (the server's default) failed every
+    sample; a missing --tls_ca was ignored; the output folder was not created recursively."""
+    ids = ",".join(map(str, PROMPT))
+    out = tmp_path / "a" / "b" / "c"
+    capture(server, out, f"--prompt_ids={ids}", "--max_new_tokens=0", "--format=pickle")
+    with open(out / "attention_sample_0.pkl", "rb") as f:
+        data = pickle.load(f)
+    T = data[0]["shape"][2]
+    assert T > len(PROMPT) and data[0]["tensor"].shape == (1, 4, T, T)
+    proc = capture(server, tmp_path / "x", f"--prompt_ids={ids}", f"--tls_ca={tmp_path}/missing.pem", check=False)
+    assert proc.returncode == 2 and "--tls_ca" in proc.stderr and "missing.pem" in proc.stderr

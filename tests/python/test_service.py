@@ -111,7 +111,9 @@ BAD = [
     (dict(token_ids=[1, 2], form="dense", layers=[3]), grpc.StatusCode.OUT_OF_RANGE,
      "layer 3 requested, model has 3 layers (0-2)"),
     (dict(token_ids=[1, 2], form="dense", heads=[9]), grpc.StatusCode.OUT_OF_RANGE, "head 9 requested"),
-    (dict(token_ids=[1, 2], form="pooled"), grpc.StatusCode.INVALID_ARGUMENT, "pool"),
+    # The Python client refuses these itself; the server must too (other clients).
+    (dict(token_ids=[1, 2], capture=pb.CaptureSpec(form=pb.FORM_POOLED)), grpc.StatusCode.INVALID_ARGUMENT, "pool"),
+    (dict(token_ids=[1, 2], capture=pb.CaptureSpec(form=pb.FORM_TOP_K)), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
     (dict(token_ids=[1, 2], form="dense", query_ranges=[(0, 5)]), grpc.StatusCode.OUT_OF_RANGE, "past the prompt"),
     (dict(prompt="hello"), grpc.StatusCode.FAILED_PRECONDITION, "token ids"),
     (dict(token_ids=[1, 2], model="llama3.1-8b-128k"), grpc.StatusCode.NOT_FOUND, "this server serves"),

@@ -34,14 +34,27 @@ class StreamResult:
 
 
 def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, query_ranges=(), pool=0,
-                 pool_op="mean", top_k=0, element_type="float32", row_entropy=False, key_score_window=0,
+                 pool_op="mean", capture_top_k=0, element_type="float32", row_entropy=False, key_score_window=0,
                  sink_tokens=0, local_window=0, key_score_variance=False, max_bytes=0):
-    """Builds a CaptureSpec from plain Python values."""
+    """Builds a CaptureSpec from plain Python values. `capture_top_k` is the k of form="top_k" (the
+    sampling parameter of the same idea is `top_k` on the request)."""
     phase_ids = {"prefill": pb.PHASE_PREFILL, "decode": pb.PHASE_DECODE}
+    for name, value, table in (("form", form, _FORMS), ("element_type", element_type, _ELEMENTS)):
+        if value not in table:
+            raise ValueError(f"{name}={value!r}: expected one of {sorted(table)}")
+    for p in phases:
+        if p not in phase_ids:
+            raise ValueError(f"phase {p!r}: expected 'prefill' or 'decode'")
+    if pool_op not in ("mean", "max"):
+        raise ValueError(f"pool_op={pool_op!r}: expected 'mean' or 'max'")
+    if form == "top_k" and capture_top_k <= 0:
+        raise ValueError("form='top_k' needs capture_top_k=K (top_k is the sampling parameter)")
+    if form == "pooled" and pool <= 0:
+        raise ValueError("form='pooled' needs pool=P (the tile side)")
     return pb.CaptureSpec(
         layers=list(layers), heads=list(heads), phases=[phase_ids[p] for p in phases], last_queries=last_queries,
         query_ranges=[pb.QueryRange(begin=a, end=b) for a, b in query_ranges], form=_FORMS[form], pool=pool,
-        pool_op=pb.POOL_MAX if pool_op == "max" else pb.POOL_MEAN, top_k=top_k,
+        pool_op=pb.POOL_MAX if pool_op == "max" else pb.POOL_MEAN, top_k=capture_top_k,
         element_type=_ELEMENTS[element_type], max_bytes=max_bytes,
         statistics=pb.Statistics(row_entropy=row_entropy, key_score_window=key_score_window,
                                  sink_tokens=sink_tokens, local_window=local_window,

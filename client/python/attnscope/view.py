@@ -113,7 +113,12 @@ def html_page(sample, title=None):
         if pool > 1:
             a = _pool(a, pool)
         data[str(layer)] = np.round(a, 5).tolist()
+    # Token pieces are untrusted text: inside <script>, '<', '>' and '&' must not appear literally
+    # (a piece "</script>" would end the script), nor U+2028/2029 (line ends in older JavaScript).
     payload = json.dumps({"tokens": tokens, "layers": layers, "pool": pool, "attention": data})
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                    ("\u2029", "\\u2029")):
+        payload = payload.replace(ch, esc)
     return _TEMPLATE.replace("__TITLE__", html.escape(title or str(sample.path))).replace("__DATA__", payload)
 
 
@@ -176,6 +181,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m attnscope.view", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sample")
+    ap.add_argument("--allow-unsafe-pickle", action="store_true",
+                    help="load a .pkl with plain pickle (runs whatever it holds: only for files you trust)")
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--head", type=int, default=0)
     ap.add_argument("--compare-layers", default=None, help="comma-separated layers")
@@ -187,7 +194,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")
-    s = load(a.sample)
+    s = load(a.sample, allow_unsafe_pickle=a.allow_unsafe_pickle)
     layer = s.layers[0] if a.layer is None else a.layer
     if a.export_pickle:
         s.to_pickle(a.export_pickle)
