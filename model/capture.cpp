@@ -20,6 +20,21 @@ torch::ScalarType TorchType(ElementType t) {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The host memory of a CPU, contiguous tensor (which must outlive the view).
+HostArray HostView(const torch::Tensor& t) {
+  HostArray a;
+  switch (t.scalar_type()) {
+    case torch::kFloat16: a.dtype = "F16"; break;
+    case torch::kBFloat16: a.dtype = "BF16"; break;
+    case torch::kInt32: a.dtype = "I32"; break;
+    default: a.dtype = "F32"; break;
+  }
+  a.data = t.data_ptr();
+  a.shape.assign(t.sizes().begin(), t.sizes().end());
+  a.bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  return a;
+}
+
 // Pads the last dimension with zeros up to `length` (keys past the causal limit are masked).
 torch::Tensor PadKeys(const torch::Tensor& t, int64_t length) {
   const int64_t have = t.size(-1);
@@ -290,7 +305,7 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
   block.key_length = key_length;
   block.form = spec_.form;
   block.pool = spec_.pool;
-  torch::Tensor values;
+  torch::Tensor values, indices;
   switch (spec_.form) {
     case Form::kNone:
       return absl::OkStatus();
@@ -328,11 +343,13 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
       const int64_t k = std::min(spec_.top_k, key_length);
       auto [v, idx] = PadKeys(rows, key_length).topk(k, /*dim=*/-1);
       values = v;
-      block.indices = idx.to(torch::kInt32).cpu().contiguous();
+      indices = idx.to(torch::kInt32).cpu().contiguous();
+      block.indices = HostView(indices);
       break;
     }
   }
-  block.values = values.to(TorchType(spec_.element_type)).cpu().contiguous();
+  const torch::Tensor host = values.to(TorchType(spec_.element_type)).cpu().contiguous();
+  block.values = HostView(host);
   return sink_->OnAttention(block);
 }
 
@@ -347,7 +364,8 @@ absl::Status CaptureProcessor::EmitStat(StatKind kind, Phase phase, int64_t step
   stat.query_begin = row_begin;
   stat.query_end = row_end;
   stat.key_length = key_length;
-  stat.values = values.to(torch::kFloat32).cpu().contiguous();
+  const torch::Tensor host = values.to(torch::kFloat32).cpu().contiguous();
+  stat.values = HostView(host);
   return sink_->OnStatistic(stat);
 }
 

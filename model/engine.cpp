@@ -9,7 +9,9 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "model/capture.h"
 #include "model/config.h"
+#include "model/sampler.h"
 #include "model/status_macros.h"
 #include "model/tokenizer.h"
 #include "model/transformer.h"
@@ -231,7 +233,14 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, 
     result.timings.prefill_ms = MsSince(t0);
     t0 = std::chrono::steady_clock::now();
     for (int64_t step = 1;; ++step) {
-      if (sink != nullptr && sink->WantsLogits()) RETURN_IF_ERROR(sink->OnLogits(step, logits.cpu()));
+      if (sink != nullptr && sink->WantsLogits()) {
+        const torch::Tensor host = logits.to(torch::kFloat32).cpu().contiguous();
+        HostArray view;
+        view.data = host.data_ptr();
+        view.shape = {host.numel()};
+        view.bytes = host.numel() * 4;
+        RETURN_IF_ERROR(sink->OnLogits(step, view));
+      }
       const int64_t token = sampler.Next(logits);
       result.tokens.push_back(token);
       if (sink != nullptr) RETURN_IF_ERROR(sink->OnToken(step, token));

@@ -1,5 +1,5 @@
 // The engine API: load a checkpoint folder, describe the model, generate with attention capture.
-// Nothing here knows about gRPC; the server reaches the model only through this header.
+// Nothing here knows about gRPC or libtorch; the server reaches the model only through this header.
 #pragma once
 
 #include <atomic>
@@ -8,9 +8,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "model/capture.h"
+#include "model/capture_types.h"
 #include "model/chat.h"
-#include "model/sampler.h"
+#include "model/sampling.h"
 
 namespace attnscope {
 

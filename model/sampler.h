@@ -6,14 +6,10 @@
 
 #include <torch/torch.h>
 
+#include "model/sampling.h"
+
 namespace attnscope {
 
-struct SamplingParams {
-  double temperature = 0.0;  // <= 0: greedy (argmax, lowest id on ties)
-  int64_t top_k = 0;         // 0: off
-  double top_p = 1.0;        // 1: off
-  uint64_t seed = 0;         // same seed, same logits -> same tokens
-};
 
 class Sampler {
  public:

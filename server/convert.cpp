@@ -8,7 +8,6 @@
 #include "model/utf8.h"
 
 namespace attnscope {
-namespace {
 
 absl::StatusOr<CaptureSpec> ToCaptureSpec(const v1::CaptureSpec& p) {
   CaptureSpec s;
@@ -54,6 +53,8 @@ absl::StatusOr<CaptureSpec> ToCaptureSpec(const v1::CaptureSpec& p) {
   if (p.max_bytes() < 0) return absl::InvalidArgumentError("capture.max_bytes must be >= 0");
   return s;
 }
+
+namespace {
 
 v1::ElementType ToProto(ElementType t) {
   switch (t) {
@@ -217,21 +218,21 @@ void FillStatisticHeader(const StatBlock& stat, v1::StatisticChunk* out) {
   out->set_query_begin(stat.query_begin);
   out->set_query_end(stat.query_end);
   out->set_key_length(stat.key_length);
-  for (int64_t d : stat.values.sizes()) out->add_shape(d);
-  out->set_block_bytes(stat.values.numel() * static_cast<int64_t>(sizeof(float)));
+  for (int64_t d : stat.values.shape) out->add_shape(d);
+  out->set_block_bytes(stat.values.bytes);
 }
 
 }  // namespace
 
 void FillStatistic(const StatBlock& stat, v1::StatisticChunk* out) {
   FillStatisticHeader(stat, out);
-  out->set_data(stat.values.data_ptr(), stat.values.numel() * sizeof(float));
+  out->set_data(stat.values.data, stat.values.bytes);
 }
 
 std::vector<v1::StreamAttentionResponse> ChunkStatistic(const StatBlock& stat, int64_t chunk_bytes) {
-  const int64_t total = stat.values.numel() * static_cast<int64_t>(sizeof(float));
+  const int64_t total = stat.values.bytes;
   const int64_t piece = std::max<int64_t>(sizeof(float), chunk_bytes / sizeof(float) * sizeof(float));
-  const auto* data = static_cast<const char*>(stat.values.data_ptr());
+  const auto* data = static_cast<const char*>(stat.values.data);
   std::vector<v1::StreamAttentionResponse> out;
   for (int64_t offset = 0; offset < total || (total == 0 && out.empty()); offset += piece) {
     v1::StreamAttentionResponse msg;
@@ -251,8 +252,8 @@ std::vector<v1::StreamAttentionResponse> ChunkAttention(const AttentionBlock& bl
   const int64_t index_size = block.indices.defined() ? 4 : 0;
   const int64_t count = block.values.numel();
   const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / (elem + index_size));
-  const auto* values = static_cast<const char*>(block.values.data_ptr());
-  const auto* indices = block.indices.defined() ? static_cast<const char*>(block.indices.data_ptr()) : nullptr;
+  const auto* values = static_cast<const char*>(block.values.data);
+  const auto* indices = block.indices.defined() ? static_cast<const char*>(block.indices.data) : nullptr;
   std::vector<v1::StreamAttentionResponse> out;
   for (int64_t first = 0; first < count || (count == 0 && first == 0); first += per_chunk) {
     const int64_t n = std::min(per_chunk, count - first);
@@ -268,7 +269,7 @@ std::vector<v1::StreamAttentionResponse> ChunkAttention(const AttentionBlock& bl
     c->set_form(ToProto(block.form));
     c->set_pool(static_cast<int32_t>(block.pool));
     c->set_element_type(ToProto(element_type));
-    for (int64_t d : block.values.sizes()) c->add_shape(d);
+    for (int64_t d : block.values.shape) c->add_shape(d);
     c->set_byte_offset(first * elem);
     c->set_block_bytes(count * elem);
     c->set_data(values + first * elem, n * elem);

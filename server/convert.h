@@ -3,7 +3,7 @@
 
 #include "absl/status/statusor.h"
 #include "attnscope/v1/attnscope.pb.h"
-#include "model/capture.h"
+#include "model/capture_types.h"
 #include "model/engine.h"
 
 namespace attnscope {
@@ -16,6 +16,10 @@ struct ResolvedRequest {
   CaptureSpec capture;
   int64_t estimated_bytes = 0;
 };
+
+// The capture spec of a request, its enums and fields checked (the model-dependent checks are
+// the engine's Validate).
+absl::StatusOr<CaptureSpec> ToCaptureSpec(const v1::CaptureSpec& proto);
 
 // Resolves the input (token ids, or text/chat through the engine's tokenizer), middle truncation,
 // generation parameters and capture spec; checks everything the engine checks and the byte budget

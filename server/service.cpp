@@ -172,6 +172,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
   }
   absl::Status OnToken(int64_t step, int64_t id) override {
     ++service_->metrics_.tokens_generated;
+    ++tokens_;
     v1::StreamAttentionResponse msg;
     msg.mutable_token()->set_step(step);
     msg.mutable_token()->set_id(id);
@@ -265,7 +266,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
       final_status = absl::IsCancelled(result.status()) ? StoppedStatus() : result.status();
     }
     spdlog::info("StreamAttention peer={} prompt={} tokens={} bytes={} status={} ms={:.1f}", state_->context->peer(),
-                 resolved_.generate.prompt_ids.size(), result.ok() ? result->tokens.size() : 0, bytes_sent_,
+                 resolved_.generate.prompt_ids.size(), tokens_, bytes_sent_,
                  static_cast<int>(final_status.code()), MsBetween(started, Clock::now()));
     return final_status;
   }
@@ -304,6 +305,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
   Scheduler::Ticket ticket_ = 0;
   ResolvedRequest resolved_;  // the job's
   int64_t bytes_sent_ = 0;    // the job's
+  int64_t tokens_ = 0;        // the job's: tokens generated, also when the stream ends early
 };
 
 // A unary call whose work runs on a scheduler thread. A client that leaves while the call is

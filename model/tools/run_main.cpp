@@ -64,20 +64,9 @@ absl::StatusOr<std::vector<int64_t>> ParseInts(const std::string& text) {
   return out;
 }
 
-const char* SafetensorsDType(const torch::Tensor& t) {
-  switch (t.scalar_type()) {
-    case torch::kFloat32: return "F32";
-    case torch::kFloat16: return "F16";
-    case torch::kBFloat16: return "BF16";
-    case torch::kInt32: return "I32";
-    case torch::kInt64: return "I64";
-    default: return "?";
-  }
-}
-
 class StoringSink : public AttentionSink {
  public:
-  StoringSink(SafetensorsWriter* writer, bool logits) : writer_(writer), logits_(logits) {}
+  StoringSink(SafetensorsWriter* writer, bool logits) : writer_(writer), want_logits_(logits) {}
   absl::Status OnAttention(const AttentionBlock& b) override {
     const std::string name = absl::StrCat("attn/", PhaseName(b.phase), "/", b.step, "/", b.layer, "/", b.query_begin);
     Store(name, b.values);
@@ -90,28 +79,31 @@ class StoringSink : public AttentionSink {
           s.values);
     return absl::OkStatus();
   }
-  bool WantsLogits() const override { return logits_; }
-  absl::Status OnLogits(int64_t step, const torch::Tensor& logits) override {
-    logits_rows_.push_back(logits.clone());
+  bool WantsLogits() const override { return want_logits_; }
+  absl::Status OnLogits(int64_t step, const HostArray& logits) override {
+    const auto* begin = static_cast<const float*>(logits.data);
+    logits_.insert(logits_.end(), begin, begin + logits.numel());
+    ++logits_steps_;
     return absl::OkStatus();
   }
   int64_t bytes() const { return bytes_; }
   int64_t blocks() const { return blocks_; }
-  const std::vector<torch::Tensor>& logits_rows() const { return logits_rows_; }
+  // [steps, vocab] float32, row-major.
+  const std::vector<float>& logits() const { return logits_; }
+  int64_t logits_steps() const { return logits_steps_; }
 
  private:
-  void Store(const std::string& name, const torch::Tensor& t) {
-    bytes_ += t.numel() * t.element_size();
+  void Store(const std::string& name, const HostArray& a) {
+    bytes_ += a.bytes;
     ++blocks_;
-    if (writer_ != nullptr) {
-      writer_->Add(name, SafetensorsDType(t), t.sizes().vec(), t.data_ptr(), t.numel() * t.element_size());
-    }
+    if (writer_ != nullptr) writer_->Add(name, a.dtype, a.shape, a.data, a.bytes);
   }
   SafetensorsWriter* writer_;
-  bool logits_;
+  bool want_logits_;
   int64_t bytes_ = 0;
   int64_t blocks_ = 0;
-  std::vector<torch::Tensor> logits_rows_;
+  std::vector<float> logits_;
+  int64_t logits_steps_ = 0;
 };
 
 absl::StatusOr<CaptureSpec> SpecFromFlags() {
@@ -198,9 +190,9 @@ absl::Status Run() {
                request.prompt_ids.size() * sizeof(int64_t));
     writer.Add("tokens", "I64", {static_cast<int64_t>(result.tokens.size())}, result.tokens.data(),
                result.tokens.size() * sizeof(int64_t));
-    if (!sink.logits_rows().empty()) {
-      torch::Tensor logits = torch::stack(sink.logits_rows()).contiguous();
-      writer.Add("logits", "F32", logits.sizes().vec(), logits.data_ptr(), logits.numel() * sizeof(float));
+    if (sink.logits_steps() > 0) {
+      const int64_t steps = sink.logits_steps(), vocab = static_cast<int64_t>(sink.logits().size()) / steps;
+      writer.Add("logits", "F32", {steps, vocab}, sink.logits().data(), sink.logits().size() * sizeof(float));
     }
     RETURN_IF_ERROR(writer.Write(out));
   }

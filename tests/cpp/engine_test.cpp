@@ -43,12 +43,12 @@ Engine* EngineTest::engine_ = nullptr;
 class RecordingSink : public AttentionSink {
  public:
   absl::Status OnAttention(const AttentionBlock& b) override {
-    bytes += b.values.numel() * b.values.element_size() + (b.indices.defined() ? b.indices.numel() * 4 : 0);
+    bytes += b.values.bytes + b.indices.bytes;
     ++blocks;
     return absl::OkStatus();
   }
   absl::Status OnStatistic(const StatBlock& s) override {
-    bytes += s.values.numel() * 4;
+    bytes += s.values.bytes;
     return absl::OkStatus();
   }
   absl::Status OnToken(int64_t step, int64_t id) override {
