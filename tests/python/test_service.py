@@ -225,8 +225,11 @@ def test_slow_reader_keeps_memory_flat(model, tmp_path):
                 with open(f"/proc/{s.proc.pid}/status") as f:
                     rss.append(int([l for l in f if l.startswith("VmRSS")][0].split()[1]))
         # The whole capture is ~40 MB; the server's resident memory may not grow by more than a few MB
-        # while the reader is slow, since the engine waits on the bounded queue.
-        assert len(rss) > 50 and max(rss[1:]) - rss[1] < 10_000, rss
+        # while the reader is slow, since the engine waits on the bounded queue. (Under
+        # AddressSanitizer freed memory sits in its quarantine: resident size says nothing there.)
+        assert len(rss) > 50
+        if not os.environ.get("ATTNSCOPE_SANITIZED"):
+            assert max(rss[1:]) - rss[1] < 10_000, rss
         # The outgoing queue never held more than its bound (8 messages) although ~6000 were sent.
         text = metrics(mport)
         assert metric_value(text, "attnscope_stream_queue_high_water") <= 8
