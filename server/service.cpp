@@ -39,6 +39,22 @@ absl::Status CancelledStatus(bool accepting) {
                    : absl::UnavailableError("the server is shutting down; the generation was stopped");
 }
 
+// Decodes a raw request; INVALID_ARGUMENT naming the expected message when it does not decode.
+template <typename Message>
+absl::Status Decode(const grpc::ByteBuffer* raw, Message* out) {
+  grpc::ByteBuffer copy(*raw);  // shares the slices; decoding consumes the buffer
+  grpc::Status s = grpc::SerializationTraits<Message>::Deserialize(&copy, out);
+  if (s.ok()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("the request could not be decoded as ",
+                                                 Message::descriptor()->full_name(), ": ", s.error_message()));
+}
+
+absl::Status Encode(const google::protobuf::Message& message, grpc::ByteBuffer* out) {
+  bool own = false;
+  grpc::Status s = grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, out, &own);
+  return s.ok() ? absl::OkStatus() : absl::InternalError(absl::StrCat("cannot encode the response: ", s.error_message()));
+}
+
 // Unary generation keeps statistics only.
 class CollectingSink : public AttentionSink {
  public:
@@ -67,7 +83,7 @@ class StreamReactor;
 struct StreamState {
   std::mutex mu;
   std::condition_variable cv;
-  std::deque<v1::StreamAttentionResponse> queue;  // front is in flight while `writing`
+  std::deque<grpc::ByteBuffer> queue;  // encoded messages; front is in flight while `writing`
   bool writing = false;
   bool cancelled = false;  // the client left, or the server stopped the stream
   bool stalled = false;    // stopped because the client took no message for stall_timeout_s
@@ -92,13 +108,14 @@ struct StreamState {
 // StreamAttention: the job produces messages into a bounded queue; the reactor writes one at a
 // time, starting the next from OnWriteDone. A full queue makes the job wait (back-pressure); a
 // cancelled or stalled call wakes it and stops the generation at its next block or step.
-class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionResponse>, public AttentionSink {
+class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public AttentionSink {
  public:
-  StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context, const v1::GenerateRequest* req)
-      : service_(service), request_(req), received_(Clock::now()), state_(std::make_shared<StreamState>()) {
+  StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw)
+      : service_(service), received_(Clock::now()), state_(std::make_shared<StreamState>()) {
     state_->reactor = this;
     state_->context = context;
     absl::Status admitted = service_->Admit(context);
+    if (admitted.ok()) admitted = Decode(raw, &request_);
     if (!admitted.ok()) {
       FinishBeforeJob(admitted);
       return;
@@ -225,7 +242,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
     const auto started = Clock::now();
     const Engine& engine = *service_->engine_;
     if (state_->cancel.cancelled()) return CancelledStatus(service_->accepting());
-    auto resolved = ResolveRequest(*request_, engine, service_->options_.model_name,
+    auto resolved = ResolveRequest(request_, engine, service_->options_.model_name,
                                    service_->options_.max_capture_bytes);
     if (!resolved.ok()) return resolved.status();
     resolved_ = std::move(*resolved);
@@ -282,13 +299,15 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
   }
 
   // Queues a message; waits while the queue is full. An error once the stream is stopped.
-  absl::Status Push(v1::StreamAttentionResponse msg) {
+  absl::Status Push(const v1::StreamAttentionResponse& msg) {
+    grpc::ByteBuffer encoded;
+    RETURN_IF_ERROR(Encode(msg, &encoded));
     StreamState& s = *state_;
     std::unique_lock<std::mutex> lock(s.mu);
     const size_t limit = static_cast<size_t>(service_->options_.stream_queue_messages);
     s.cv.wait(lock, [&] { return s.cancelled || s.queue.size() < limit; });
     if (s.cancelled) return absl::CancelledError("the client cancelled the stream or disconnected");
-    s.queue.push_back(std::move(msg));
+    s.queue.push_back(std::move(encoded));
     service_->metrics_.UpdateQueueHighWater(static_cast<int64_t>(s.queue.size()));
     if (!s.writing) {
       s.writing = true;
@@ -299,7 +318,7 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
   }
 
   AttentionServiceImpl* service_;
-  const v1::GenerateRequest* request_;  // gRPC's, valid until OnDone
+  v1::GenerateRequest request_;
   const Clock::time_point received_;
   std::shared_ptr<StreamState> state_;
   Scheduler::Ticket ticket_ = 0;
@@ -310,14 +329,21 @@ class StreamReactor : public grpc::ServerWriteReactor<v1::StreamAttentionRespons
 
 // A unary call whose work runs on a scheduler thread. A client that leaves while the call is
 // queued frees its place at once; one that leaves while it runs cancels it (the work sees `cancel`).
+template <typename Request, typename Response>
 class JobReactor : public grpc::ServerUnaryReactor {
  public:
-  using Work = std::function<absl::Status(const CancelToken& cancel)>;
+  using Work = std::function<absl::Status(const Request& request, Response* response, const CancelToken& cancel)>;
 
   JobReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context, const char* method,
-             Scheduler* scheduler, Work work)
-      : service_(service), method_(method), scheduler_(scheduler), received_(Clock::now()), work_(std::move(work)) {
+             Scheduler* scheduler, const grpc::ByteBuffer* raw_request, grpc::ByteBuffer* raw_response, Work work)
+      : service_(service),
+        method_(method),
+        scheduler_(scheduler),
+        received_(Clock::now()),
+        raw_response_(raw_response),
+        work_(std::move(work)) {
     absl::Status admitted = service_->Admit(context);
+    if (admitted.ok()) admitted = Decode(raw_request, &request_);
     if (!admitted.ok()) {
       FinishAndRecord(admitted);
       return;
@@ -342,8 +368,9 @@ class JobReactor : public grpc::ServerUnaryReactor {
  private:
   void Run() {
     service_->Register(&cancel_);
-    absl::Status status = cancel_.cancelled() ? CancelledStatus(service_->accepting()) : work_(cancel_);
+    absl::Status status = cancel_.cancelled() ? CancelledStatus(service_->accepting()) : work_(request_, &response_, cancel_);
     service_->Unregister(&cancel_);
+    if (status.ok()) status = Encode(response_, raw_response_);
     FinishAndRecord(status);
   }
 
@@ -356,7 +383,10 @@ class JobReactor : public grpc::ServerUnaryReactor {
   const char* method_;
   Scheduler* scheduler_;
   const Clock::time_point received_;
+  grpc::ByteBuffer* raw_response_;  // gRPC's, valid until OnDone
   Work work_;
+  Request request_;
+  Response response_;
   CancelToken cancel_;
   Scheduler::Ticket ticket_ = 0;
 };
@@ -457,12 +487,13 @@ absl::Status AttentionServiceImpl::Admit(grpc::CallbackServerContext* context) c
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerContext* context,
-                                                         const v1::GenerateRequest* request,
-                                                         v1::GenerateResponse* response) {
+                                                         const grpc::ByteBuffer* raw_request,
+                                                         grpc::ByteBuffer* raw_response) {
   const auto received = Clock::now();
-  auto work = [this, context, request, response, received](const CancelToken& cancel) -> absl::Status {
+  auto work = [this, context, received](const v1::GenerateRequest& request, v1::GenerateResponse* response,
+                                        const CancelToken& cancel) -> absl::Status {
     const auto started = Clock::now();
-    ASSIGN_OR_RETURN(ResolvedRequest r, ResolveRequest(*request, *engine_, options_.model_name,
+    ASSIGN_OR_RETURN(ResolvedRequest r, ResolveRequest(request, *engine_, options_.model_name,
                                                        options_.max_capture_bytes));
     r.capture.form = Form::kNone;  // Generate returns statistics only
     CollectingSink sink(response);
@@ -487,50 +518,62 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerCon
                  static_cast<int>(status.code()), MsBetween(started, Clock::now()));
     return status;
   };
-  return new JobReactor(this, context, "Generate", scheduler_.get(), std::move(work));
+  return new JobReactor<v1::GenerateRequest, v1::GenerateResponse>(this, context, "Generate", scheduler_.get(),
+                                                                    raw_request, raw_response, std::move(work));
 }
 
-grpc::ServerWriteReactor<v1::StreamAttentionResponse>* AttentionServiceImpl::StreamAttention(
-    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* AttentionServiceImpl::StreamAttention(grpc::CallbackServerContext* context,
+                                                                                  const grpc::ByteBuffer* request) {
   return new StreamReactor(this, context, request);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Tokenize(grpc::CallbackServerContext* context,
-                                                         const v1::TokenizeRequest* request,
-                                                         v1::TokenizeResponse* response) {
-  auto work = [this, request, response](const CancelToken&) -> absl::Status {
-    if (!utf8::IsValid(request->text())) return absl::InvalidArgumentError("the text is not valid UTF-8");
-    ASSIGN_OR_RETURN(std::vector<int64_t> ids, engine_->Encode(request->text(), request->add_special_tokens()));
+                                                         const grpc::ByteBuffer* raw_request,
+                                                         grpc::ByteBuffer* raw_response) {
+  auto work = [this](const v1::TokenizeRequest& request, v1::TokenizeResponse* response,
+                     const CancelToken&) -> absl::Status {
+    if (!utf8::IsValid(request.text())) return absl::InvalidArgumentError("the text is not valid UTF-8");
+    ASSIGN_OR_RETURN(std::vector<int64_t> ids, engine_->Encode(request.text(), request.add_special_tokens()));
     for (int64_t id : ids) response->add_ids(id);
     for (auto& piece : engine_->Pieces(ids)) response->add_pieces(std::move(piece));
     return absl::OkStatus();
   };
-  return new JobReactor(this, context, "Tokenize", tokenizer_scheduler_.get(), std::move(work));
+  return new JobReactor<v1::TokenizeRequest, v1::TokenizeResponse>(
+      this, context, "Tokenize", tokenizer_scheduler_.get(), raw_request, raw_response, std::move(work));
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Detokenize(grpc::CallbackServerContext* context,
-                                                           const v1::DetokenizeRequest* request,
-                                                           v1::DetokenizeResponse* response) {
-  auto work = [this, request, response](const CancelToken&) -> absl::Status {
-    for (int64_t id : request->ids()) {
+                                                           const grpc::ByteBuffer* raw_request,
+                                                           grpc::ByteBuffer* raw_response) {
+  auto work = [this](const v1::DetokenizeRequest& request, v1::DetokenizeResponse* response,
+                     const CancelToken&) -> absl::Status {
+    for (int64_t id : request.ids()) {
       if (id < 0 || id >= engine_->info().vocab_size) {
         return absl::OutOfRangeError(absl::StrCat("token id ", id, " is outside the vocabulary (0-",
                                                   engine_->info().vocab_size - 1, ")"));
       }
     }
     ASSIGN_OR_RETURN(std::string text,
-                     engine_->Decode({request->ids().begin(), request->ids().end()}, request->skip_special_tokens()));
+                     engine_->Decode({request.ids().begin(), request.ids().end()}, request.skip_special_tokens()));
     response->set_text(std::move(text));
     return absl::OkStatus();
   };
-  return new JobReactor(this, context, "Detokenize", tokenizer_scheduler_.get(), std::move(work));
+  return new JobReactor<v1::DetokenizeRequest, v1::DetokenizeResponse>(
+      this, context, "Detokenize", tokenizer_scheduler_.get(), raw_request, raw_response, std::move(work));
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
-                                                             const v1::GetModelInfoRequest*, v1::ModelInfo* response) {
+                                                             const grpc::ByteBuffer* raw_request,
+                                                             grpc::ByteBuffer* raw_response) {
   const auto received = Clock::now();
+  v1::GetModelInfoRequest request;
+  v1::ModelInfo info;
   absl::Status status = Admit(context);
-  if (status.ok()) FillModelInfo(engine_->info(), options_.model_name, response);
+  if (status.ok()) status = Decode(raw_request, &request);
+  if (status.ok()) {
+    FillModelInfo(engine_->info(), options_.model_name, &info);
+    status = Encode(info, raw_response);
+  }
   metrics_.RecordRequest("GetModelInfo", static_cast<int>(status.code()), MsBetween(received, Clock::now()) / 1e3);
   auto* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));

@@ -39,21 +39,34 @@ struct ServiceOptions {
   SchedulerOptions tokenizer{2, 64};    // Tokenize / Detokenize calls
 };
 
-class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
+// Every method is registered raw (bytes in, bytes out): a request that does not decode is answered
+// INVALID_ARGUMENT here, where gRPC itself would answer UNIMPLEMENTED with no message, and streamed
+// messages are serialized on the engine thread rather than on gRPC's.
+using RawAttentionService = v1::AttentionService::WithRawCallbackMethod_Generate<
+    v1::AttentionService::WithRawCallbackMethod_StreamAttention<v1::AttentionService::WithRawCallbackMethod_Tokenize<
+        v1::AttentionService::WithRawCallbackMethod_Detokenize<
+            v1::AttentionService::WithRawCallbackMethod_GetModelInfo<v1::AttentionService::Service>>>>>;
+
+class AttentionServiceImpl final : public RawAttentionService {
  public:
   AttentionServiceImpl(const Engine* engine, ServiceOptions options);
   ~AttentionServiceImpl() override;
 
-  grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context, const v1::GenerateRequest* request,
-                                     v1::GenerateResponse* response) override;
-  grpc::ServerWriteReactor<v1::StreamAttentionResponse>* StreamAttention(
-      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
-  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context, const v1::TokenizeRequest* request,
-                                     v1::TokenizeResponse* response) override;
-  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context, const v1::DetokenizeRequest* request,
-                                       v1::DetokenizeResponse* response) override;
-  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
-                                         const v1::GetModelInfoRequest* request, v1::ModelInfo* response) override;
+  // GenerateRequest -> GenerateResponse
+  grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
+  // GenerateRequest -> stream of StreamAttentionResponse
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* StreamAttention(grpc::CallbackServerContext* context,
+                                                              const grpc::ByteBuffer* request) override;
+  // TokenizeRequest -> TokenizeResponse
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
+  // DetokenizeRequest -> DetokenizeResponse
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
+  // GetModelInfoRequest -> ModelInfo
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                         grpc::ByteBuffer* response) override;
 
   // Stops admitting work (new requests get UNAVAILABLE) and cancels every running generation.
   void StopAccepting();
@@ -62,6 +75,7 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
 
  private:
   friend class StreamReactor;
+  template <typename Request, typename Response>
   friend class JobReactor;
   absl::Status Admit(grpc::CallbackServerContext* context) const;
   // Running generations, so that a shutdown can cancel them.

@@ -348,3 +348,31 @@ def test_python_client_keeps_sampling_and_capture_top_k_apart(model, tmp_path):
         assert r.header.capture.top_k == 3
     finally:
         s.stop()
+
+
+def test_undecodable_requests_get_invalid_argument(model, tmp_path):
+    """Issue 11.12: bytes that do not decode as the method's request got UNIMPLEMENTED, no message."""
+    s = start(model, tmp_path)
+    try:
+        channel = grpc.insecure_channel(s.target)
+        garbage = b"\xff\xff\xff\xff"  # not a field tag
+
+        def bad_utf8(message):  # a string field holding bytes that are not UTF-8
+            number = message.DESCRIPTOR.fields_by_name["text"].number
+            return bytes([number << 3 | 2, 2, 0xC3, 0x28])
+        for method, stream, invalid in [("Generate", False, [garbage, bad_utf8(pb.GenerateRequest)]),
+                                        ("StreamAttention", True, [garbage, bad_utf8(pb.GenerateRequest)]),
+                                        ("Tokenize", False, [garbage, bad_utf8(pb.TokenizeRequest)]),
+                                        ("Detokenize", False, [garbage]), ("GetModelInfo", False, [garbage])]:
+            path = f"/attnscope.v1.AttentionService/{method}"
+            call = channel.unary_stream(path) if stream else channel.unary_unary(path)
+            for payload in invalid:
+                with pytest.raises(grpc.RpcError) as e:
+                    r = call(payload, timeout=10)
+                    if stream:
+                        list(r)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, e.value)
+                assert "could not be decoded as attnscope.v1." in e.value.details()
+        assert s.proc.poll() is None
+    finally:
+        s.stop()
