@@ -1,6 +1,8 @@
 #include "model/capture.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -161,26 +163,28 @@ int64_t EstimateCaptureBytes(const CaptureSpec& spec, int64_t num_layers, int64_
   const int64_t rows = spec.prefill ? RowCount(PromptRows(spec, prompt_len)) : 0;
   const int64_t steps = spec.decode ? std::max<int64_t>(0, max_new_tokens - 1) : 0;
   const int64_t elem = ElementSize(spec.element_type);
-  // Bytes of one block of `r` rows over `keys` keys.
-  auto block_bytes = [&](int64_t r, int64_t keys) -> int64_t {
+  // Bytes of one block of `r` rows over `keys` keys. In double: a request may describe more bytes
+  // than int64 holds (exact below 2^53, 9 PB); the result saturates.
+  auto block_bytes = [&](double r, int64_t keys) -> double {
     switch (spec.form) {
       case Form::kNone: return 0;
       case Form::kDense: return heads * r * keys * elem;
       case Form::kHeadMean:
       case Form::kHeadMax: return r * keys * elem;
-      case Form::kPooled: return heads * CeilDiv(r, spec.pool) * CeilDiv(keys, spec.pool) * elem;
+      case Form::kPooled: return heads * std::ceil(r / spec.pool) * std::ceil(static_cast<double>(keys) / spec.pool) * elem;
       case Form::kTopK: return heads * r * std::min(spec.top_k, keys) * (elem + 4);
     }
     return 0;
   };
-  int64_t per_layer = rows > 0 ? block_bytes(rows, prompt_len) : 0;
+  double per_layer = rows > 0 ? block_bytes(rows, prompt_len) : 0;
   for (int64_t t = 1; t <= steps; ++t) per_layer += block_bytes(1, prompt_len + t);
   const auto& st = spec.stats;
   const int64_t row_stats = (st.row_entropy ? 1 : 0) + (st.sink_tokens > 0 ? 1 : 0) + (st.local_window > 0 ? 1 : 0);
-  per_layer += row_stats * heads * (rows + steps) * 4;
-  if (st.key_score_window > 0 && spec.prefill) per_layer += heads * prompt_len * 4;
-  if (st.key_score_variance && steps > 0) per_layer += heads * prompt_len * 4;
-  return per_layer * layers;
+  per_layer += 4.0 * row_stats * heads * (rows + steps);
+  if (st.key_score_window > 0 && spec.prefill) per_layer += 4.0 * heads * prompt_len;
+  if (st.key_score_variance && steps > 0) per_layer += 4.0 * heads * prompt_len;
+  const double total = per_layer * layers;
+  return total >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(total);
 }
 
 CaptureProcessor::CaptureProcessor(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <mutex>
 #include <queue>
+#include <stdexcept>
 #include <unordered_map>
 
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -27,6 +28,18 @@ namespace {
 constexpr int64_t kMaxTokenizerJsonBytes = int64_t{256} << 20;
 // Ids past the number of entries that a tokenizer may use (holes in the id space).
 constexpr int64_t kIdSlack = 4096;
+
+// An integer field: a float there (1e106) would be converted with undefined behaviour, so it is
+// refused like any other wrong type (json::exception is caught where the file is parsed).
+int64_t JsonInt(const nlohmann::json& v) {
+  if (!v.is_number_integer()) throw std::invalid_argument("an integer was expected, found " + v.dump().substr(0, 40));
+  return v.get<int64_t>();
+}
+
+int64_t JsonIntOr(const nlohmann::json& object, const char* key, int64_t fallback) {
+  auto it = object.find(key);
+  return it == object.end() ? fallback : JsonInt(*it);
+}
 
 using json = nlohmann::json;
 
@@ -202,7 +215,7 @@ absl::Status HfTokenizer::ParseModel(const json& m, int64_t max_id_limit, const 
   const json& vocab = m.at("vocab");
   int64_t max_id = -1;
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    const int64_t id = it.value().get<int64_t>();
+    const int64_t id = JsonInt(it.value());
     if (id < 0 || id >= max_id_limit) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": vocabulary id ", id, " is outside [0, ", max_id_limit,
                                                      ") for ", vocab.size(), " entries"));
@@ -336,8 +349,12 @@ absl::Status HfTokenizer::ParseDecoder(const json& d, const std::string& path) {
   } else if (type == "Strip") {
     t.kind = Decoder::kStrip;
     t.a = d.at("content").get<std::string>();
-    t.start = d.value("start", 0);
-    t.stop = d.value("stop", 0);
+    const int64_t start = JsonIntOr(d, "start", 0), stop = JsonIntOr(d, "stop", 0);
+    if (t.a.empty() || start < 0 || stop < 0 || start > 1024 || stop > 1024) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": Strip decoder needs a content and start/stop in [0, 1024]"));
+    }
+    t.start = static_cast<int>(start);
+    t.stop = static_cast<int>(stop);
   } else if (type == "Metaspace") {
     t.kind = Decoder::kMetaspace;
     t.a = d.value("replacement", "\u2581");
@@ -363,7 +380,7 @@ absl::Status HfTokenizer::ParsePostProcessor(const json& p, const std::string& p
       }
       const std::string name = piece.at("SpecialToken").at("id").get<std::string>();
       const json& special = p.at("special_tokens").at(name);
-      for (const json& id : special.at("ids")) (seen_sequence ? suffix_ids_ : prefix_ids_).push_back(id.get<int64_t>());
+      for (const json& id : special.at("ids")) (seen_sequence ? suffix_ids_ : prefix_ids_).push_back(JsonInt(id));
     }
   } else if (type == "ByteLevel") {
     // Offsets only; ids are unchanged.
@@ -388,7 +405,7 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const std::strin
     RETURN_IF_ERROR(t->ParseDecoder(j.value("decoder", json()), path));
     RETURN_IF_ERROR(t->ParsePostProcessor(j.value("post_processor", json()), path));
     for (const json& a : j.value("added_tokens", json::array())) {
-      AddedToken tok{a.at("content").get<std::string>(), a.at("id").get<int64_t>(), a.value("special", false),
+      AddedToken tok{a.at("content").get<std::string>(), JsonInt(a.at("id")), a.value("special", false),
                      a.value("lstrip", false), a.value("rstrip", false), a.value("single_word", false)};
       if (tok.id < 0 || tok.id >= max_id_limit) {
         return absl::InvalidArgumentError(absl::StrCat(path, ": added token id ", tok.id, " is outside [0, ",
@@ -400,6 +417,8 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const std::strin
       t->added_.push_back(std::move(tok));
     }
   } catch (const json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": unexpected structure: ", e.what()));
+  } catch (const std::invalid_argument& e) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": unexpected structure: ", e.what()));
   }
   // Longest first, so that matching at a position prefers the longest added token.

@@ -470,7 +470,8 @@ absl::Status SampleWriter::WritePickle(const std::string& tmp) {
   p.Byte('}');
   p.Byte('(');
   absl::Status s;
-  for (const auto& [layer, slot] : layer_slot_) {
+  for (const auto& [layer, layer_slot] : layer_slot_) {
+    const int64_t slot = layer_slot;  // (C++17 lambdas cannot capture structured bindings)
     p.Int(layer);
     p.Byte('}');
     p.Byte('(');

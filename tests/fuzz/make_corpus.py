@@ -1,5 +1,6 @@
 """Writes the fuzz targets' seed corpus (tests/fuzz/corpus/<target>/): small valid inputs of each
-kind, so that mutations start from what the parsers accept. Rerun after a format change:
+kind, so that mutations start from what the parsers accept. Files named regression-* beside them
+are inputs the fuzzers found (kept as found, each with a test elsewhere). Rerun after a format change:
     /usr/bin/python3 tests/fuzz/make_corpus.py build"""
 import json
 import os

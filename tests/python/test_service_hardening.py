@@ -290,7 +290,11 @@ def refusals(model, tmp_path):
     shutil.copytree(model, no_pattern)
     (no_pattern / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
                                                            "decoder": {"type": "Replace", "content": "x"}}))
+    float_id = tmp_path / "floatid"  # found by libFuzzer: a float id was converted with undefined behaviour
+    shutil.copytree(model, float_id)
+    (float_id / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 1.1e106}, "merges": []}}')
     return [
+        ("tokenizer float id", str(float_id), [], "an integer was expected"),
         ("max_concurrent", model, ["--max_concurrent=100000"], "--max_concurrent must be in"),
         ("metrics port", model, ["--metrics_listen=127.0.0.1:99999"], "port in 0-65535"),
         ("public metrics", model, [f"--metrics_listen=0.0.0.0:{free_port()}"], "refusing to listen on 0.0.0.0"),
