@@ -229,34 +229,31 @@ void FillStatistic(const StatBlock& stat, v1::StatisticChunk* out) {
   out->set_data(stat.values.data, stat.values.bytes);
 }
 
-std::vector<v1::StreamAttentionResponse> ChunkStatistic(const StatBlock& stat, int64_t chunk_bytes) {
+absl::Status ChunkStatistic(const StatBlock& stat, int64_t chunk_bytes, const MessageSink& emit) {
   const int64_t total = stat.values.bytes;
   const int64_t piece = std::max<int64_t>(sizeof(float), chunk_bytes / sizeof(float) * sizeof(float));
   const auto* data = static_cast<const char*>(stat.values.data);
-  std::vector<v1::StreamAttentionResponse> out;
-  for (int64_t offset = 0; offset < total || (total == 0 && out.empty()); offset += piece) {
+  for (int64_t offset = 0; offset == 0 || offset < total; offset += piece) {
     v1::StreamAttentionResponse msg;
     auto* c = msg.mutable_statistic();
     FillStatisticHeader(stat, c);
     c->set_byte_offset(offset);
-    c->set_data(data + offset, std::min(piece, total - offset));
-    out.push_back(std::move(msg));
-    if (total == 0) break;
+    c->set_data(data + offset, std::max<int64_t>(0, std::min(piece, total - offset)));
+    RETURN_IF_ERROR(emit(msg));
   }
-  return out;
+  return absl::OkStatus();
 }
 
-std::vector<v1::StreamAttentionResponse> ChunkAttention(const AttentionBlock& block, ElementType element_type,
-                                                        int64_t chunk_bytes) {
+absl::Status ChunkAttention(const AttentionBlock& block, ElementType element_type, int64_t chunk_bytes,
+                            const MessageSink& emit) {
   const int64_t elem = ElementSize(element_type);
   const int64_t index_size = block.indices.defined() ? 4 : 0;
   const int64_t count = block.values.numel();
   const int64_t per_chunk = std::max<int64_t>(1, chunk_bytes / (elem + index_size));
   const auto* values = static_cast<const char*>(block.values.data);
   const auto* indices = block.indices.defined() ? static_cast<const char*>(block.indices.data) : nullptr;
-  std::vector<v1::StreamAttentionResponse> out;
-  for (int64_t first = 0; first < count || (count == 0 && first == 0); first += per_chunk) {
-    const int64_t n = std::min(per_chunk, count - first);
+  for (int64_t first = 0; first == 0 || first < count; first += per_chunk) {
+    const int64_t n = std::max<int64_t>(0, std::min(per_chunk, count - first));
     v1::StreamAttentionResponse msg;
     auto* c = msg.mutable_attention();
     c->set_phase(ToProto(block.phase));
@@ -274,10 +271,9 @@ std::vector<v1::StreamAttentionResponse> ChunkAttention(const AttentionBlock& bl
     c->set_block_bytes(count * elem);
     c->set_data(values + first * elem, n * elem);
     if (indices != nullptr) c->set_indices(indices + first * 4, n * 4);
-    out.push_back(std::move(msg));
-    if (count == 0) break;
+    RETURN_IF_ERROR(emit(msg));
   }
-  return out;
+  return absl::OkStatus();
 }
 
 }  // namespace attnscope

@@ -1,6 +1,8 @@
 // Mapping between the public contract (attnscope.v1) and the engine API.
 #pragma once
 
+#include <functional>
+
 #include "absl/status/statusor.h"
 #include "attnscope/v1/attnscope.pb.h"
 #include "model/capture_types.h"
@@ -36,11 +38,13 @@ v1::FinishReason ToProto(FinishReason reason);
 v1::Phase ToProto(Phase phase);
 // The whole block in one message (Generate's response).
 void FillStatistic(const StatBlock& stat, v1::StatisticChunk* out);
-// The block in pieces of at most `chunk_bytes` (StreamAttention).
-std::vector<v1::StreamAttentionResponse> ChunkStatistic(const StatBlock& stat, int64_t chunk_bytes);
+// Receives the messages of a chunked block one at a time; an error stops the chunking.
+using MessageSink = std::function<absl::Status(const v1::StreamAttentionResponse& message)>;
 
-// Splits a block into messages whose payload is at most `chunk_bytes`.
-std::vector<v1::StreamAttentionResponse> ChunkAttention(const AttentionBlock& block, ElementType element_type,
-                                                         int64_t chunk_bytes);
+// The block in messages whose payload is at most `chunk_bytes` (StreamAttention), each made just
+// before `emit` takes it: one chunk's copy exists at a time, not the whole block's.
+absl::Status ChunkStatistic(const StatBlock& stat, int64_t chunk_bytes, const MessageSink& emit);
+absl::Status ChunkAttention(const AttentionBlock& block, ElementType element_type, int64_t chunk_bytes,
+                            const MessageSink& emit);
 
 }  // namespace attnscope

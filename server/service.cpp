@@ -171,21 +171,22 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
 
   // AttentionSink, on the engine thread.
   absl::Status OnAttention(const AttentionBlock& block) override {
-    for (auto& msg : ChunkAttention(block, resolved_.capture.element_type, service_->options_.chunk_bytes)) {
-      const int64_t n = static_cast<int64_t>(msg.attention().data().size() + msg.attention().indices().size());
-      RETURN_IF_ERROR(Push(std::move(msg)));
-      bytes_sent_ += n;
-      service_->metrics_.attention_bytes += n;
-    }
-    return absl::OkStatus();
+    return ChunkAttention(block, resolved_.capture.element_type, service_->options_.chunk_bytes,
+                          [this](const v1::StreamAttentionResponse& msg) {
+                            const int64_t n = static_cast<int64_t>(msg.attention().data().size() +
+                                                                   msg.attention().indices().size());
+                            RETURN_IF_ERROR(Push(msg));
+                            bytes_sent_ += n;
+                            service_->metrics_.attention_bytes += n;
+                            return absl::OkStatus();
+                          });
   }
   absl::Status OnStatistic(const StatBlock& stat) override {
-    for (auto& msg : ChunkStatistic(stat, service_->options_.chunk_bytes)) {
-      const int64_t n = static_cast<int64_t>(msg.statistic().data().size());
-      RETURN_IF_ERROR(Push(std::move(msg)));
-      bytes_sent_ += n;
-    }
-    return absl::OkStatus();
+    return ChunkStatistic(stat, service_->options_.chunk_bytes, [this](const v1::StreamAttentionResponse& msg) {
+      RETURN_IF_ERROR(Push(msg));
+      bytes_sent_ += static_cast<int64_t>(msg.statistic().data().size());
+      return absl::OkStatus();
+    });
   }
   absl::Status OnToken(int64_t step, int64_t id) override {
     ++service_->metrics_.tokens_generated;
@@ -194,7 +195,7 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     msg.mutable_token()->set_step(step);
     msg.mutable_token()->set_id(id);
     msg.mutable_token()->set_piece(service_->engine_->Pieces({id})[0]);
-    return Push(std::move(msg));
+    return Push(msg);
   }
 
   // Under state->mu: the call is over for the generation (client gone, stalled, shut down).
@@ -256,7 +257,7 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     h->set_estimated_bytes(resolved_.estimated_bytes);
     h->set_chunk_bytes(service_->options_.chunk_bytes);
     h->set_max_new_tokens(resolved_.generate.max_new_tokens);
-    absl::Status pushed_header = Push(std::move(header));
+    absl::Status pushed_header = Push(header);
     absl::StatusOr<GenerateResult> result =
         pushed_header.ok() ? engine.Generate(resolved_.generate, resolved_.capture, this, &state_->cancel)
                            : absl::StatusOr<GenerateResult>(pushed_header);
@@ -277,7 +278,7 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
         FillTimings(*result, resolved_.generate.prompt_ids.size(), MsBetween(received_, started),
                     t->mutable_timings());
         t->set_bytes_sent(bytes_sent_);
-        final_status = Push(std::move(trailer));
+        final_status = Push(trailer);
       }
     } else {
       final_status = absl::IsCancelled(result.status()) ? StoppedStatus() : result.status();

@@ -22,13 +22,14 @@ def free_port():
 
 
 class Server:
-    def __init__(self, binary, model_dir, *args, log_path=None):
+    def __init__(self, binary, model_dir, *args, log_path=None, env=None):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen([binary, f"--model_dir={model_dir}", f"--listen={self.target}", *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=None if env is None else {**os.environ, **env})
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -213,10 +213,16 @@ def metric_value(text, name):
 def test_slow_reader_keeps_memory_flat(model, tmp_path):
     from service_fixture import free_port
     mport = free_port()
+    # glibc keeps freed blocks above its (self-raising) mmap threshold on the heap, so resident
+    # size would include what the allocator caches; a fixed threshold makes it follow live memory.
     s = Server(binary("attnscope-server"), model, "--chunk_bytes=4096", f"--metrics_listen=127.0.0.1:{mport}",
-               log_path=str(tmp_path / "log"))
+               log_path=str(tmp_path / "log"), env={"MALLOC_MMAP_THRESHOLD_": "131072"})
     try:
         c = attnscope.Client(s.target, timeout=120)
+        # A fixed flow-control window (no BDP probing): otherwise the transport may hold up to the
+        # window it grew to, several MB depending on how busy the machine is, which is not ours to bound.
+        from attnscope.v1 import attnscope_pb2_grpc as pb_grpc
+        c.stub = pb_grpc.AttentionServiceStub(grpc.insecure_channel(s.target, options=[("grpc.http2.bdp_probe", 0)]))
         stream = c.stream_raw(c.request(token_ids=PROMPT * 75, max_new_tokens=10, ignore_eos=True, form="dense"))
         rss = []
         for i, msg in enumerate(stream):
