@@ -191,3 +191,13 @@ def test_capture_client_small_things(server, tmp_path):
     assert T > len(PROMPT) and data[0]["tensor"].shape == (1, 4, T, T)
     proc = capture(server, tmp_path / "x", f"--prompt_ids={ids}", f"--tls_ca={tmp_path}/missing.pem", check=False)
     assert proc.returncode == 2 and "--tls_ca" in proc.stderr and "missing.pem" in proc.stderr
+
+
+def test_dataset_lines_of_the_wrong_type_are_a_clear_error(server, tmp_path):
+    """Issue 11.9: a --dataset line {"context": 5, "input": "x"} ended in an uncaught JSON exception (abort)."""
+    for line, text in [('{"context": 5, "input": "x"}', "must be strings"), ('{"prompt": ["x"]}', "must be a string"),
+                       ('[1, 2]', "not a JSON object"), ('{"other": 1}', "needs 'prompt'")]:
+        data = tmp_path / "data.jsonl"
+        data.write_text('{"prompt": "fine"}\n' + line + "\n")
+        proc = capture(server, tmp_path / "out", f"--dataset={data}", check=False)
+        assert proc.returncode == 2 and f"{data}:2: " in proc.stderr and text in proc.stderr, (line, proc.stderr)
