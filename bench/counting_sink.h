@@ -1,4 +1,5 @@
-// A sink that consumes attention blocks the way a server would (reads their size) and keeps nothing.
+// A sink that consumes attention blocks the way a server would (reads their size) and keeps
+// nothing.
 #pragma once
 
 #include "model/capture_types.h"

@@ -3,21 +3,22 @@
 //
 //   bench/attnscope-bench-engine --model_dir DIR [--prompt 512] [--new_tokens 32] [--reps 3]
 // Prints a Markdown table; every row is measured in the same process, one after another.
+#include <torch/torch.h>
+#include <torch/version.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <vector>
 
-#include <torch/torch.h>
-#include <torch/version.h>
-
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "bench/counting_sink.h"
 #include "model/engine.h"
 
-ABSL_FLAG(std::string, model_dir, "", "checkpoint folder (tests/tools/checkpoint.py bench_engine DIR)");
+ABSL_FLAG(std::string, model_dir, "",
+          "checkpoint folder (tests/tools/checkpoint.py bench_engine DIR)");
 ABSL_FLAG(int64_t, prompt, 512, "prompt tokens");
 ABSL_FLAG(int64_t, new_tokens, 32, "generated tokens");
 ABSL_FLAG(int, reps, 3, "repetitions per row (the median is reported)");
@@ -37,15 +38,18 @@ class BareModel {
  public:
   explicit BareModel(const ModelInfo& info, int64_t intermediate) : info_(info) {
     torch::manual_seed(0);
-    const int64_t h = info.hidden_size, q = info.num_heads * info.head_dim, kv = info.num_kv_heads * info.head_dim;
+    const int64_t h = info.hidden_size, q = info.num_heads * info.head_dim,
+                  kv = info.num_kv_heads * info.head_dim;
     embed_ = torch::randn({info.vocab_size, h});
     head_ = torch::randn({info.vocab_size, h}) * 0.03;
     for (int64_t l = 0; l < info.num_layers; ++l) {
-      layers_.push_back({torch::randn({q, h}) * 0.03, torch::randn({kv, h}) * 0.03, torch::randn({kv, h}) * 0.03,
-                         torch::randn({h, q}) * 0.03, torch::randn({intermediate, h}) * 0.03,
-                         torch::randn({intermediate, h}) * 0.03, torch::randn({h, intermediate}) * 0.03});
+      layers_.push_back(
+          {torch::randn({q, h}) * 0.03, torch::randn({kv, h}) * 0.03, torch::randn({kv, h}) * 0.03,
+           torch::randn({h, q}) * 0.03, torch::randn({intermediate, h}) * 0.03,
+           torch::randn({intermediate, h}) * 0.03, torch::randn({h, intermediate}) * 0.03});
     }
-    inv_freq_ = 1.0 / torch::pow(500000.0, torch::arange(0, info.head_dim, 2).to(torch::kFloat32) / info.head_dim);
+    inv_freq_ = 1.0 / torch::pow(500000.0, torch::arange(0, info.head_dim, 2).to(torch::kFloat32) /
+                                               info.head_dim);
   }
 
   // Feeds ids at position cache_len_; returns last logits.
@@ -59,7 +63,9 @@ class BareModel {
       auto half = D / 2;
       return t * cos + torch::cat({-t.narrow(-1, half, half), t.narrow(-1, 0, half)}, -1) * sin;
     };
-    auto norm = [](const torch::Tensor& t) { return t * torch::rsqrt(t.pow(2).mean(-1, true) + 1e-5); };
+    auto norm = [](const torch::Tensor& t) {
+      return t * torch::rsqrt(t.pow(2).mean(-1, true) + 1e-5);
+    };
     if (k_.empty()) k_.resize(layers_.size()), v_.resize(layers_.size());
     for (size_t l = 0; l < layers_.size(); ++l) {
       const auto& w = layers_[l];
@@ -69,10 +75,13 @@ class BareModel {
       torch::Tensor v = torch::matmul(h, w[2].t()).view({n, KV, D}).transpose(0, 1);
       k_[l] = k_[l].defined() ? torch::cat({k_[l], k}, 1) : k;
       v_[l] = v_[l].defined() ? torch::cat({v_[l], v}, 1) : v;
-      torch::Tensor kk = k_[l].repeat_interleave(H / KV, 0), vv = v_[l].repeat_interleave(H / KV, 0);
+      torch::Tensor kk = k_[l].repeat_interleave(H / KV, 0),
+                    vv = v_[l].repeat_interleave(H / KV, 0);
       torch::Tensor o;
 #if TORCH_VERSION_MAJOR >= 2
-      o = at::scaled_dot_product_attention(q.unsqueeze(0), kk.unsqueeze(0), vv.unsqueeze(0), {}, 0.0, n > 1).squeeze(0);
+      o = at::scaled_dot_product_attention(q.unsqueeze(0), kk.unsqueeze(0), vv.unsqueeze(0), {},
+                                           0.0, n > 1)
+              .squeeze(0);
 #else
       torch::Tensor s = torch::matmul(q, kk.transpose(1, 2)) / std::sqrt(static_cast<double>(D));
       if (n > 1) s = s + torch::full({n, n}, -INFINITY).triu(1);
@@ -80,7 +89,8 @@ class BareModel {
 #endif
       x = x + torch::matmul(o.transpose(0, 1).reshape({n, H * D}), w[3].t());
       h = norm(x);
-      x = x + torch::matmul(torch::silu(torch::matmul(h, w[4].t())) * torch::matmul(h, w[5].t()), w[6].t());
+      x = x + torch::matmul(torch::silu(torch::matmul(h, w[4].t())) * torch::matmul(h, w[5].t()),
+                            w[6].t());
     }
     pos_ += n;
     return torch::matmul(norm(x.narrow(0, n - 1, 1)), head_.t());
@@ -111,7 +121,8 @@ int Main() {
   const int64_t prompt = absl::GetFlag(FLAGS_prompt), new_tokens = absl::GetFlag(FLAGS_new_tokens);
   const int reps = absl::GetFlag(FLAGS_reps);
   GenerateRequest request;
-  for (int64_t i = 0; i < prompt; ++i) request.prompt_ids.push_back((i * 7919 + 13) % info.vocab_size);
+  for (int64_t i = 0; i < prompt; ++i)
+    request.prompt_ids.push_back((i * 7919 + 13) % info.vocab_size);
   request.max_new_tokens = new_tokens;
   request.ignore_eos = true;
 
@@ -139,8 +150,10 @@ int Main() {
       torch::Tensor logits = model.Step(request.prompt_ids);
       pre.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
       t0 = Clock::now();
-      for (int64_t t = 1; t < new_tokens; ++t) logits = model.Step({logits.argmax(-1).item<int64_t>()});
-      dec.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count() / (new_tokens - 1));
+      for (int64_t t = 1; t < new_tokens; ++t)
+        logits = model.Step({logits.argmax(-1).item<int64_t>()});
+      dec.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count() /
+                    (new_tokens - 1));
     }
     return Sample{Median(pre), Median(dec), 0};
   };
@@ -152,21 +165,25 @@ int Main() {
   const Sample bare_s = run_bare();
   const Sample off_s = run_engine(off);
   const Sample full_s = run_engine(full);
-  std::printf("model: %ld layers, hidden %ld, %ld heads / %ld kv heads, vocab %ld; prompt %ld, %ld new tokens; "
-              "libtorch %s, median of %d\n\n",
-              (long)info.num_layers, (long)info.hidden_size, (long)info.num_heads, (long)info.num_kv_heads,
-              (long)info.vocab_size, (long)prompt, (long)new_tokens, TORCH_VERSION, reps);
-  std::printf("| run | prefill tok/s | decode tok/s | prefill vs bare | decode vs bare | captured MB |\n");
+  std::printf(
+      "model: %ld layers, hidden %ld, %ld heads / %ld kv heads, vocab %ld; prompt %ld, %ld new "
+      "tokens; "
+      "libtorch %s, median of %d\n\n",
+      (long)info.num_layers, (long)info.hidden_size, (long)info.num_heads, (long)info.num_kv_heads,
+      (long)info.vocab_size, (long)prompt, (long)new_tokens, TORCH_VERSION, reps);
+  std::printf(
+      "| run | prefill tok/s | decode tok/s | prefill vs bare | decode vs bare | captured MB |\n");
   std::printf("| --- | ---: | ---: | ---: | ---: | ---: |\n");
   auto row = [&](const char* name, const Sample& s) {
-    std::printf("| %s | %.0f | %.1f | %.3f | %.3f | %.1f |\n", name, prompt / (s.prefill_ms / 1e3), 1e3 / s.decode_ms,
-                bare_s.prefill_ms / s.prefill_ms, bare_s.decode_ms / s.decode_ms, s.bytes / 1e6);
+    std::printf("| %s | %.0f | %.1f | %.3f | %.3f | %.1f |\n", name, prompt / (s.prefill_ms / 1e3),
+                1e3 / s.decode_ms, bare_s.prefill_ms / s.prefill_ms, bare_s.decode_ms / s.decode_ms,
+                s.bytes / 1e6);
   };
   row("bare libtorch forward", bare_s);
   row("engine, capture off", off_s);
   row("engine, full dense capture", full_s);
-  std::printf("\ncapture on / off: prefill %.3f, decode %.3f (throughput ratio)\n", off_s.prefill_ms / full_s.prefill_ms,
-              off_s.decode_ms / full_s.decode_ms);
+  std::printf("\ncapture on / off: prefill %.3f, decode %.3f (throughput ratio)\n",
+              off_s.prefill_ms / full_s.prefill_ms, off_s.decode_ms / full_s.decode_ms);
   return 0;
 }
 

@@ -2,12 +2,12 @@
 // engine alone (same capture, counting sink) and a plain memcpy of the same bytes, with a sweep of
 // chunk sizes. All in one process and one run:
 //   bench/attnscope-bench-stream --model_dir DIR [--prompt 1024] [--new_tokens 8]
+#include <grpcpp/grpcpp.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -24,7 +24,9 @@ namespace attnscope {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-double Seconds(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double Seconds(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
 int Main() {
   EngineOptions eo;
@@ -36,7 +38,8 @@ int Main() {
   }
   const int64_t prompt = absl::GetFlag(FLAGS_prompt);
   v1::GenerateRequest request;
-  for (int64_t i = 0; i < prompt; ++i) request.mutable_token_ids()->add_ids((i * 7919 + 13) % (*engine)->info().vocab_size);
+  for (int64_t i = 0; i < prompt; ++i)
+    request.mutable_token_ids()->add_ids((i * 7919 + 13) % (*engine)->info().vocab_size);
   request.set_max_new_tokens(static_cast<int32_t>(absl::GetFlag(FLAGS_new_tokens)));
   request.set_ignore_eos(true);
   request.mutable_capture()->set_form(v1::FORM_DENSE);
@@ -65,12 +68,14 @@ int Main() {
   }
   const double memcpy_s = Seconds(t0);
 
-  std::printf("dense capture of %.1f MB (prompt %ld, %d new tokens, %ld layers x %ld heads)\n\n", bytes / 1e6,
-              (long)prompt, request.max_new_tokens(), (long)(*engine)->info().num_layers,
-              (long)(*engine)->info().num_heads);
-  std::printf("| path | chunk | seconds | GB/s | vs engine alone |\n| --- | ---: | ---: | ---: | ---: |\n");
+  std::printf("dense capture of %.1f MB (prompt %ld, %d new tokens, %ld layers x %ld heads)\n\n",
+              bytes / 1e6, (long)prompt, request.max_new_tokens(),
+              (long)(*engine)->info().num_layers, (long)(*engine)->info().num_heads);
+  std::printf(
+      "| path | chunk | seconds | GB/s | vs engine alone |\n| --- | ---: | ---: | ---: | ---: |\n");
   std::printf("| memcpy | 1 MiB | %.4f | %.2f | |\n", memcpy_s, bytes / memcpy_s / 1e9);
-  std::printf("| engine alone (no transport) | - | %.3f | %.3f | 1.00 |\n", engine_s, bytes / engine_s / 1e9);
+  std::printf("| engine alone (no transport) | - | %.3f | %.3f | 1.00 |\n", engine_s,
+              bytes / engine_s / 1e9);
   for (int64_t chunk : {64 << 10, 256 << 10, 1 << 20, 4 << 20}) {
     ServiceOptions so;
     so.chunk_bytes = chunk;
@@ -83,8 +88,8 @@ int Main() {
     auto server = builder.BuildAndStart();
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(64 << 20);
-    auto channel = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials(),
-                                             args);
+    auto channel = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
+                                             grpc::InsecureChannelCredentials(), args);
     auto stub = v1::AttentionService::NewStub(channel);
     grpc::ClientContext ctx;
     t0 = Clock::now();
@@ -97,12 +102,12 @@ int Main() {
     grpc::Status st = reader->Finish();
     const double s = Seconds(t0);
     if (!st.ok() || received != bytes) {
-      std::fprintf(stderr, "stream failed: %s (%ld of %ld bytes)\n", st.error_message().c_str(), (long)received,
-                   (long)bytes);
+      std::fprintf(stderr, "stream failed: %s (%ld of %ld bytes)\n", st.error_message().c_str(),
+                   (long)received, (long)bytes);
       return 1;
     }
-    std::printf("| gRPC stream (engine + transport) | %ld KiB | %.3f | %.3f | %.2f |\n", (long)(chunk >> 10), s,
-                bytes / s / 1e9, engine_s / s);
+    std::printf("| gRPC stream (engine + transport) | %ld KiB | %.3f | %.3f | %.2f |\n",
+                (long)(chunk >> 10), s, bytes / s / 1e9, engine_s / s);
     server->Shutdown();
   }
   return 0;

@@ -8,9 +8,9 @@ namespace {
 
 constexpr ArchTraits kArchs[] = {
     // model_type  qkv_bias bias_from_config sliding                           rope_theta
-    {"llama",      false,   true,            SlidingWindowRule::kNever,        10000.0},
-    {"mistral",    false,   false,           SlidingWindowRule::kAllLayers,    10000.0},
-    {"qwen2",      true,    false,           SlidingWindowRule::kQwenFlagged,  10000.0},
+    {"llama", false, true, SlidingWindowRule::kNever, 10000.0},
+    {"mistral", false, false, SlidingWindowRule::kAllLayers, 10000.0},
+    {"qwen2", true, false, SlidingWindowRule::kQwenFlagged, 10000.0},
 };
 
 struct NameEntry {
@@ -56,7 +56,8 @@ const ArchTraits* FindArch(std::string_view model_type) {
 
 std::string SupportedModelTypes() {
   std::string out;
-  for (const auto& a : kArchs) absl::StrAppend(&out, out.empty() ? "" : ", ", std::string(a.model_type));
+  for (const auto& a : kArchs)
+    absl::StrAppend(&out, out.empty() ? "" : ", ", std::string(a.model_type));
   return out;
 }
 
@@ -65,33 +66,47 @@ std::vector<TensorSpec> ExpectedTensors(const ModelConfig& c) {
   const int64_t kv_dim = c.num_kv_heads * c.head_dim;
   auto shape_of = [&](TensorId id) -> std::vector<int64_t> {
     switch (id) {
-      case TensorId::kTokenEmbedding: return {c.vocab_size, c.hidden_size};
-      case TensorId::kLmHead: return {c.vocab_size, c.hidden_size};
+      case TensorId::kTokenEmbedding:
+        return {c.vocab_size, c.hidden_size};
+      case TensorId::kLmHead:
+        return {c.vocab_size, c.hidden_size};
       case TensorId::kFinalNorm:
       case TensorId::kAttnNorm:
       case TensorId::kMlpNorm:
-      case TensorId::kBo: return {c.hidden_size};
-      case TensorId::kWq: return {q_dim, c.hidden_size};
-      case TensorId::kBq: return {q_dim};
+      case TensorId::kBo:
+        return {c.hidden_size};
+      case TensorId::kWq:
+        return {q_dim, c.hidden_size};
+      case TensorId::kBq:
+        return {q_dim};
       case TensorId::kWk:
-      case TensorId::kWv: return {kv_dim, c.hidden_size};
+      case TensorId::kWv:
+        return {kv_dim, c.hidden_size};
       case TensorId::kBk:
-      case TensorId::kBv: return {kv_dim};
-      case TensorId::kWo: return {c.hidden_size, q_dim};
+      case TensorId::kBv:
+        return {kv_dim};
+      case TensorId::kWo:
+        return {c.hidden_size, q_dim};
       case TensorId::kWGate:
-      case TensorId::kWUp: return {c.intermediate_size, c.hidden_size};
-      case TensorId::kWDown: return {c.hidden_size, c.intermediate_size};
+      case TensorId::kWUp:
+        return {c.intermediate_size, c.hidden_size};
+      case TensorId::kWDown:
+        return {c.hidden_size, c.intermediate_size};
     }
     return {};
   };
   auto required = [&](TensorId id) {
     switch (id) {
-      case TensorId::kLmHead: return !c.tie_word_embeddings;
+      case TensorId::kLmHead:
+        return !c.tie_word_embeddings;
       case TensorId::kBq:
       case TensorId::kBk:
-      case TensorId::kBv: return c.attention_bias;
-      case TensorId::kBo: return c.o_proj_bias;
-      default: return true;
+      case TensorId::kBv:
+        return c.attention_bias;
+      case TensorId::kBo:
+        return c.o_proj_bias;
+      default:
+        return true;
     }
   };
   std::vector<TensorSpec> specs;
@@ -100,7 +115,8 @@ std::vector<TensorSpec> ExpectedTensors(const ModelConfig& c) {
   }
   for (int64_t l = 0; l < c.num_layers; ++l) {
     for (const auto& e : kTensorNames) {
-      if (e.per_layer) specs.push_back({e.id, LayerName(e.name, l), shape_of(e.id), required(e.id), l});
+      if (e.per_layer)
+        specs.push_back({e.id, LayerName(e.name, l), shape_of(e.id), required(e.id), l});
     }
   }
   return specs;

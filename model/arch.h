@@ -12,17 +12,17 @@ namespace attnscope {
 struct ModelConfig;
 
 enum class SlidingWindowRule {
-  kNever,           // Llama: full causal attention
-  kAllLayers,       // Mistral: `sliding_window` applies to every layer when set
-  kQwenFlagged,     // Qwen2: only with `use_sliding_window`, on layers >= `max_window_layers`
+  kNever,        // Llama: full causal attention
+  kAllLayers,    // Mistral: `sliding_window` applies to every layer when set
+  kQwenFlagged,  // Qwen2: only with `use_sliding_window`, on layers >= `max_window_layers`
 };
 
 enum class ChatFormat { kNone, kLlama2, kLlama3, kMistral, kChatML };
 
 struct ArchTraits {
   std::string_view model_type;
-  bool qkv_bias;             // q/k/v projections always carry a bias (Qwen2)
-  bool bias_from_config;     // `attention_bias` in config.json adds q/k/v/o biases (Llama)
+  bool qkv_bias;          // q/k/v projections always carry a bias (Qwen2)
+  bool bias_from_config;  // `attention_bias` in config.json adds q/k/v/o biases (Llama)
   SlidingWindowRule sliding;
   double default_rope_theta;
 };

@@ -1,9 +1,9 @@
 // Causal (optionally sliding-window) grouped-query attention over a KV cache.
 #pragma once
 
-#include <functional>
-
 #include <torch/torch.h>
+
+#include <functional>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -11,14 +11,16 @@
 namespace attnscope {
 
 struct AttentionShape {
-  int64_t pos0 = 0;         // absolute position of the first query
-  int64_t window = 0;       // sliding window (keys with pos > query - window); 0: full causal
+  int64_t pos0 = 0;           // absolute position of the first query
+  int64_t window = 0;         // sliding window (keys with pos > query - window); 0: full causal
   int64_t query_block = 128;  // rows of probabilities materialized at once, at most
-  int64_t block_elements = 0;  // > 0: also at most this many probabilities (heads × rows × keys) at once
-  int64_t row_multiple = 1;    // block starts are multiples of this (pooled tiles stay whole)
+  int64_t block_elements =
+      0;  // > 0: also at most this many probabilities (heads × rows × keys) at once
+  int64_t row_multiple = 1;  // block starts are multiples of this (pooled tiles stay whole)
 };
 
-// Receives the float32 probabilities [heads, m, computed_keys] of query rows [pos0 + b, pos0 + b + m).
+// Receives the float32 probabilities [heads, m, computed_keys] of query rows [pos0 + b, pos0 + b +
+// m).
 using ProbsCallback = std::function<absl::Status(int64_t query_begin, const torch::Tensor& probs)>;
 
 // Reference path: explicit softmax(q·kᵀ·scale + mask) in float32, one block of queries at a time,

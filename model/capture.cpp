@@ -13,9 +13,12 @@ namespace {
 
 torch::ScalarType TorchType(ElementType t) {
   switch (t) {
-    case ElementType::kFloat32: return torch::kFloat32;
-    case ElementType::kFloat16: return torch::kFloat16;
-    case ElementType::kBFloat16: return torch::kBFloat16;
+    case ElementType::kFloat32:
+      return torch::kFloat32;
+    case ElementType::kFloat16:
+      return torch::kFloat16;
+    case ElementType::kBFloat16:
+      return torch::kBFloat16;
   }
   return torch::kFloat32;
 }
@@ -26,10 +29,18 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 HostArray HostView(const torch::Tensor& t) {
   HostArray a;
   switch (t.scalar_type()) {
-    case torch::kFloat16: a.dtype = "F16"; break;
-    case torch::kBFloat16: a.dtype = "BF16"; break;
-    case torch::kInt32: a.dtype = "I32"; break;
-    default: a.dtype = "F32"; break;
+    case torch::kFloat16:
+      a.dtype = "F16";
+      break;
+    case torch::kBFloat16:
+      a.dtype = "BF16";
+      break;
+    case torch::kInt32:
+      a.dtype = "I32";
+      break;
+    default:
+      a.dtype = "F32";
+      break;
   }
   a.data = t.data_ptr();
   a.shape.assign(t.sizes().begin(), t.sizes().end());
@@ -51,7 +62,8 @@ std::vector<QueryRange> PromptRows(const CaptureSpec& spec, int64_t prompt_len) 
     rows.push_back({std::max<int64_t>(0, prompt_len - spec.last_queries), prompt_len});
   } else if (!spec.query_ranges.empty()) {
     rows = spec.query_ranges;
-    std::sort(rows.begin(), rows.end(), [](const QueryRange& a, const QueryRange& b) { return a.begin < b.begin; });
+    std::sort(rows.begin(), rows.end(),
+              [](const QueryRange& a, const QueryRange& b) { return a.begin < b.begin; });
     for (auto& r : rows) r.end = std::min(r.end, prompt_len);
   } else {
     rows.push_back({0, prompt_len});
@@ -71,21 +83,30 @@ const char* PhaseName(Phase phase) { return phase == Phase::kPrefill ? "prefill"
 
 const char* FormName(Form form) {
   switch (form) {
-    case Form::kNone: return "none";
-    case Form::kDense: return "dense";
-    case Form::kHeadMean: return "head_mean";
-    case Form::kHeadMax: return "head_max";
-    case Form::kPooled: return "pooled";
-    case Form::kTopK: return "top_k";
+    case Form::kNone:
+      return "none";
+    case Form::kDense:
+      return "dense";
+    case Form::kHeadMean:
+      return "head_mean";
+    case Form::kHeadMax:
+      return "head_max";
+    case Form::kPooled:
+      return "pooled";
+    case Form::kTopK:
+      return "top_k";
   }
   return "?";
 }
 
 const char* ElementTypeName(ElementType type) {
   switch (type) {
-    case ElementType::kFloat32: return "float32";
-    case ElementType::kFloat16: return "float16";
-    case ElementType::kBFloat16: return "bfloat16";
+    case ElementType::kFloat32:
+      return "float32";
+    case ElementType::kFloat16:
+      return "float16";
+    case ElementType::kBFloat16:
+      return "bfloat16";
   }
   return "?";
 }
@@ -94,11 +115,16 @@ int64_t ElementSize(ElementType type) { return type == ElementType::kFloat32 ? 4
 
 const char* StatKindName(StatKind kind) {
   switch (kind) {
-    case StatKind::kRowEntropy: return "row_entropy";
-    case StatKind::kSinkMass: return "sink_mass";
-    case StatKind::kLocalMass: return "local_mass";
-    case StatKind::kKeyScore: return "key_score";
-    case StatKind::kKeyScoreVariance: return "key_score_variance";
+    case StatKind::kRowEntropy:
+      return "row_entropy";
+    case StatKind::kSinkMass:
+      return "sink_mass";
+    case StatKind::kLocalMass:
+      return "local_mass";
+    case StatKind::kKeyScore:
+      return "key_score";
+    case StatKind::kKeyScoreVariance:
+      return "key_score_variance";
   }
   return "?";
 }
@@ -108,10 +134,11 @@ absl::Status ValidateCaptureSpec(const CaptureSpec& spec, int64_t num_layers, in
   std::set<int64_t> seen;
   for (int64_t l : spec.layers) {
     if (l < 0 || l >= num_layers) {
-      return absl::OutOfRangeError(absl::StrCat("layer ", l, " requested, model has ", num_layers, " layers (0-",
-                                                num_layers - 1, ")"));
+      return absl::OutOfRangeError(absl::StrCat("layer ", l, " requested, model has ", num_layers,
+                                                " layers (0-", num_layers - 1, ")"));
     }
-    if (!seen.insert(l).second) return absl::InvalidArgumentError(absl::StrCat("layer ", l, " is listed twice"));
+    if (!seen.insert(l).second)
+      return absl::InvalidArgumentError(absl::StrCat("layer ", l, " is listed twice"));
   }
   seen.clear();
   for (int64_t h : spec.heads) {
@@ -119,7 +146,8 @@ absl::Status ValidateCaptureSpec(const CaptureSpec& spec, int64_t num_layers, in
       return absl::OutOfRangeError(absl::StrCat("head ", h, " requested, model has ", num_heads,
                                                 " attention heads (0-", num_heads - 1, ")"));
     }
-    if (!seen.insert(h).second) return absl::InvalidArgumentError(absl::StrCat("head ", h, " is listed twice"));
+    if (!seen.insert(h).second)
+      return absl::InvalidArgumentError(absl::StrCat("head ", h, " is listed twice"));
   }
   if (spec.Enabled() && !spec.prefill && !spec.decode) {
     return absl::InvalidArgumentError("capture selects neither the prefill nor the decode phase");
@@ -129,25 +157,30 @@ absl::Status ValidateCaptureSpec(const CaptureSpec& spec, int64_t num_layers, in
     return absl::InvalidArgumentError("give either last_queries or query_ranges, not both");
   }
   std::vector<QueryRange> ranges = spec.query_ranges;
-  std::sort(ranges.begin(), ranges.end(), [](const QueryRange& a, const QueryRange& b) { return a.begin < b.begin; });
+  std::sort(ranges.begin(), ranges.end(),
+            [](const QueryRange& a, const QueryRange& b) { return a.begin < b.begin; });
   for (size_t i = 0; i < ranges.size(); ++i) {
     const auto& r = ranges[i];
     if (r.begin < 0 || r.end <= r.begin) {
-      return absl::InvalidArgumentError(absl::StrCat("query range [", r.begin, ", ", r.end, ") is empty or negative"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("query range [", r.begin, ", ", r.end, ") is empty or negative"));
     }
     if (i > 0 && r.begin < ranges[i - 1].end) {
-      return absl::InvalidArgumentError(absl::StrCat("query ranges [", ranges[i - 1].begin, ", ", ranges[i - 1].end,
-                                                     ") and [", r.begin, ", ", r.end, ") overlap"));
+      return absl::InvalidArgumentError(absl::StrCat("query ranges [", ranges[i - 1].begin, ", ",
+                                                     ranges[i - 1].end, ") and [", r.begin, ", ",
+                                                     r.end, ") overlap"));
     }
     if (prompt_len >= 0 && r.end > prompt_len) {
-      return absl::OutOfRangeError(absl::StrCat("query range [", r.begin, ", ", r.end, ") goes past the prompt of ",
-                                                prompt_len, " tokens"));
+      return absl::OutOfRangeError(absl::StrCat("query range [", r.begin, ", ", r.end,
+                                                ") goes past the prompt of ", prompt_len,
+                                                " tokens"));
     }
   }
   if (spec.form == Form::kPooled && spec.pool <= 0) {
     return absl::InvalidArgumentError("pooled form needs a tile size pool >= 1");
   }
-  if (spec.form == Form::kTopK && spec.top_k <= 0) return absl::InvalidArgumentError("top_k form needs k >= 1");
+  if (spec.form == Form::kTopK && spec.top_k <= 0)
+    return absl::InvalidArgumentError("top_k form needs k >= 1");
   const auto& st = spec.stats;
   if (st.key_score_window < 0 || st.sink_tokens < 0 || st.local_window < 0) {
     return absl::InvalidArgumentError("statistics windows must be >= 0");
@@ -158,7 +191,8 @@ absl::Status ValidateCaptureSpec(const CaptureSpec& spec, int64_t num_layers, in
 int64_t EstimateCaptureBytes(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
                              int64_t prompt_len, int64_t max_new_tokens) {
   if (!spec.Enabled()) return 0;
-  const int64_t layers = spec.layers.empty() ? num_layers : static_cast<int64_t>(spec.layers.size());
+  const int64_t layers =
+      spec.layers.empty() ? num_layers : static_cast<int64_t>(spec.layers.size());
   const int64_t heads = spec.heads.empty() ? num_heads : static_cast<int64_t>(spec.heads.size());
   const int64_t rows = spec.prefill ? RowCount(PromptRows(spec, prompt_len)) : 0;
   const int64_t steps = spec.decode ? std::max<int64_t>(0, max_new_tokens - 1) : 0;
@@ -167,19 +201,26 @@ int64_t EstimateCaptureBytes(const CaptureSpec& spec, int64_t num_layers, int64_
   // than int64 holds (exact below 2^53, 9 PB); the result saturates.
   auto block_bytes = [&](double r, int64_t keys) -> double {
     switch (spec.form) {
-      case Form::kNone: return 0;
-      case Form::kDense: return heads * r * keys * elem;
+      case Form::kNone:
+        return 0;
+      case Form::kDense:
+        return heads * r * keys * elem;
       case Form::kHeadMean:
-      case Form::kHeadMax: return r * keys * elem;
-      case Form::kPooled: return heads * std::ceil(r / spec.pool) * std::ceil(static_cast<double>(keys) / spec.pool) * elem;
-      case Form::kTopK: return heads * r * std::min(spec.top_k, keys) * (elem + 4);
+      case Form::kHeadMax:
+        return r * keys * elem;
+      case Form::kPooled:
+        return heads * std::ceil(r / spec.pool) * std::ceil(static_cast<double>(keys) / spec.pool) *
+               elem;
+      case Form::kTopK:
+        return heads * r * std::min(spec.top_k, keys) * (elem + 4);
     }
     return 0;
   };
   double per_layer = rows > 0 ? block_bytes(rows, prompt_len) : 0;
   for (int64_t t = 1; t <= steps; ++t) per_layer += block_bytes(1, prompt_len + t);
   const auto& st = spec.stats;
-  const int64_t row_stats = (st.row_entropy ? 1 : 0) + (st.sink_tokens > 0 ? 1 : 0) + (st.local_window > 0 ? 1 : 0);
+  const int64_t row_stats =
+      (st.row_entropy ? 1 : 0) + (st.sink_tokens > 0 ? 1 : 0) + (st.local_window > 0 ? 1 : 0);
   per_layer += 4.0 * row_stats * heads * (rows + steps);
   if (st.key_score_window > 0 && spec.prefill) per_layer += 4.0 * heads * prompt_len;
   if (st.key_score_variance && steps > 0) per_layer += 4.0 * heads * prompt_len;
@@ -209,8 +250,9 @@ bool CaptureProcessor::Wants(Phase phase, int64_t layer) const {
   return phase == Phase::kPrefill ? spec_.prefill : spec_.decode;
 }
 
-absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer, int64_t query_begin,
-                                       const torch::Tensor& probs, int64_t key_length) {
+absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
+                                       int64_t query_begin, const torch::Tensor& probs,
+                                       int64_t key_length) {
   torch::Tensor p = probs;  // [heads, m, computed_keys]
   if (!all_heads_) {
     if (!head_index_.defined() || head_index_.device() != probs.device()) {
@@ -231,11 +273,13 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
         key_score_[layer] = torch::zeros({p.size(0), prompt_len_}, p.options());
       }
       if (from < to) {
-        key_score_[layer].narrow(1, 0, computed).add_(p.narrow(1, from - query_begin, to - from).sum(1));
+        key_score_[layer]
+            .narrow(1, 0, computed)
+            .add_(p.narrow(1, from - query_begin, to - from).sum(1));
       }
       if (to == prompt_len_) {
-        RETURN_IF_ERROR(EmitStat(StatKind::kKeyScore, phase, step, layer, 0, prompt_len_, prompt_len_,
-                                 key_score_[layer]));
+        RETURN_IF_ERROR(EmitStat(StatKind::kKeyScore, phase, step, layer, 0, prompt_len_,
+                                 prompt_len_, key_score_[layer]));
         key_score_[layer] = torch::Tensor();
       }
     }
@@ -244,7 +288,8 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
       const int64_t a = std::max(r.begin, query_begin);
       const int64_t b = std::min(r.end, query_begin + m);
       if (a >= b) continue;
-      RETURN_IF_ERROR(EmitRows(phase, step, layer, a, p.narrow(1, a - query_begin, b - a), key_length));
+      RETURN_IF_ERROR(
+          EmitRows(phase, step, layer, a, p.narrow(1, a - query_begin, b - a), key_length));
     }
     return absl::OkStatus();
   }
@@ -273,26 +318,28 @@ absl::Status CaptureProcessor::EmitRows(Phase phase, int64_t step, int64_t layer
     // H = -Σ p log p, with 0 log 0 = 0: log(p + 1e-30) is log p for every p a float32 softmax
     // produces above 1e-30 and finite at 0; one block-sized temporary (xlogy is far slower on CPU).
     torch::Tensor logp = (rows + 1e-30f).log_();
-    RETURN_IF_ERROR(EmitStat(StatKind::kRowEntropy, phase, step, layer, row_begin, row_begin + m, key_length,
-                             -(logp.mul_(rows)).sum(-1)));
+    RETURN_IF_ERROR(EmitStat(StatKind::kRowEntropy, phase, step, layer, row_begin, row_begin + m,
+                             key_length, -(logp.mul_(rows)).sum(-1)));
   }
   if (st.sink_tokens > 0) {
     const int64_t k = std::min(st.sink_tokens, computed);
-    RETURN_IF_ERROR(EmitStat(StatKind::kSinkMass, phase, step, layer, row_begin, row_begin + m, key_length,
-                             rows.narrow(-1, 0, k).sum(-1)));
+    RETURN_IF_ERROR(EmitStat(StatKind::kSinkMass, phase, step, layer, row_begin, row_begin + m,
+                             key_length, rows.narrow(-1, 0, k).sum(-1)));
   }
   if (st.local_window > 0) {
-    // Row at position i: mass on keys (i - w, i], gathered (w per row) rather than masked (all keys).
+    // Row at position i: mass on keys (i - w, i], gathered (w per row) rather than masked (all
+    // keys).
     const int64_t w = std::min(st.local_window, computed);
     auto opts = torch::TensorOptions().dtype(torch::kInt64).device(rows.device());
     torch::Tensor pos = torch::arange(row_begin, row_begin + m, opts).unsqueeze(1);  // (m, 1)
     torch::Tensor key = pos - torch::arange(0, w, opts).unsqueeze(0);                // (m, w)
     torch::Tensor valid = (key >= 0).to(rows.scalar_type());                         // (m, w)
     torch::Tensor index = key.clamp_min(0).unsqueeze(0).expand({rows.size(0), m, w});
-    RETURN_IF_ERROR(EmitStat(StatKind::kLocalMass, phase, step, layer, row_begin, row_begin + m, key_length,
-                             (rows.gather(-1, index) * valid).sum(-1)));
+    RETURN_IF_ERROR(EmitStat(StatKind::kLocalMass, phase, step, layer, row_begin, row_begin + m,
+                             key_length, (rows.gather(-1, index) * valid).sum(-1)));
   }
-  if (spec_.form != Form::kNone) RETURN_IF_ERROR(EmitForm(phase, step, layer, row_begin, rows, key_length));
+  if (spec_.form != Form::kNone)
+    RETURN_IF_ERROR(EmitForm(phase, step, layer, row_begin, rows, key_length));
   return absl::OkStatus();
 }
 
@@ -328,11 +375,14 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
       const int64_t p = std::min(spec_.pool, std::max(m, key_length));
       const int64_t tr = CeilDiv(m, p);
       const int64_t tk = CeilDiv(key_length, p);
-      // Keys first (the block shrinks p-fold), then rows; zero padding never wins a max of probabilities.
+      // Keys first (the block shrinks p-fold), then rows; zero padding never wins a max of
+      // probabilities.
       const bool max = spec_.pool_op == PoolOp::kMax;
-      torch::Tensor keys = torch::constant_pad_nd(rows, {0, tk * p - rows.size(2)}, 0.0).view({rows.size(0), m, tk, p});
+      torch::Tensor keys = torch::constant_pad_nd(rows, {0, tk * p - rows.size(2)}, 0.0)
+                               .view({rows.size(0), m, tk, p});
       keys = max ? keys.amax(-1) : keys.sum(-1);  // (heads, m, tk)
-      torch::Tensor tiles = torch::constant_pad_nd(keys, {0, 0, 0, tr * p - m}, 0.0).view({rows.size(0), tr, p, tk});
+      torch::Tensor tiles =
+          torch::constant_pad_nd(keys, {0, 0, 0, tr * p - m}, 0.0).view({rows.size(0), tr, p, tk});
       if (max) {
         values = tiles.amax(2);
       } else {
@@ -357,8 +407,9 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
   return sink_->OnAttention(block);
 }
 
-absl::Status CaptureProcessor::EmitStat(StatKind kind, Phase phase, int64_t step, int64_t layer, int64_t row_begin,
-                                        int64_t row_end, int64_t key_length, const torch::Tensor& values) {
+absl::Status CaptureProcessor::EmitStat(StatKind kind, Phase phase, int64_t step, int64_t layer,
+                                        int64_t row_begin, int64_t row_end, int64_t key_length,
+                                        const torch::Tensor& values) {
   StatBlock stat;
   stat.kind = kind;
   stat.phase = phase;

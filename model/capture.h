@@ -2,10 +2,10 @@
 // the engine's device and hands them to the sink (model/capture_types.h) as host memory.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <cstdint>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "absl/status/status.h"
 #include "model/capture_types.h"
@@ -16,8 +16,8 @@ namespace attnscope {
 // them to the sink. One per generation.
 class CaptureProcessor {
  public:
-  CaptureProcessor(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads, int64_t prompt_len,
-                   AttentionSink* sink);
+  CaptureProcessor(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
+                   int64_t prompt_len, AttentionSink* sink);
 
   // Whether layer `layer` needs probabilities in this phase (else the fast path runs).
   bool Wants(Phase phase, int64_t layer) const;
@@ -45,10 +45,10 @@ class CaptureProcessor {
   std::vector<int64_t> heads_;           // resolved query heads
   std::vector<QueryRange> prompt_rows_;  // resolved prompt row ranges, sorted
   bool all_heads_ = true;
-  torch::Tensor head_index_;             // on the probabilities' device, lazily
-  std::vector<torch::Tensor> key_score_;      // per layer [heads, prompt] float32
-  std::vector<torch::Tensor> var_sum_;        // per layer [heads, prompt] float64
-  std::vector<torch::Tensor> var_sum_sq_;     // per layer [heads, prompt] float64
+  torch::Tensor head_index_;               // on the probabilities' device, lazily
+  std::vector<torch::Tensor> key_score_;   // per layer [heads, prompt] float32
+  std::vector<torch::Tensor> var_sum_;     // per layer [heads, prompt] float64
+  std::vector<torch::Tensor> var_sum_sq_;  // per layer [heads, prompt] float64
   int64_t decode_steps_seen_ = 0;
 };
 

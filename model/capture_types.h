@@ -50,7 +50,8 @@ struct StatisticsSpec {
   bool key_score_variance = false;  // per prompt key, variance (ddof 0) over decode steps of the
                                     // attention it receives: [heads, prompt]
   bool Any() const {
-    return row_entropy || key_score_window > 0 || sink_tokens > 0 || local_window > 0 || key_score_variance;
+    return row_entropy || key_score_window > 0 || sink_tokens > 0 || local_window > 0 ||
+           key_score_variance;
   }
 };
 
@@ -100,12 +101,13 @@ struct HostArray {
 // One block of captured attention, handed out as soon as it is computed.
 struct AttentionBlock {
   Phase phase = Phase::kPrefill;
-  int64_t step = 0;   // 0 for prefill; t = 1, 2, ... for the token fed at decode step t
+  int64_t step = 0;  // 0 for prefill; t = 1, 2, ... for the token fed at decode step t
   int64_t layer = 0;
-  const std::vector<int64_t>* heads = nullptr;  // query heads covered (reduced over, for head forms)
+  const std::vector<int64_t>* heads =
+      nullptr;              // query heads covered (reduced over, for head forms)
   int64_t query_begin = 0;  // absolute positions of the rows: [query_begin, query_end)
   int64_t query_end = 0;
-  int64_t key_length = 0;   // keys [0, key_length); prefill: prompt length; decode t: prompt + t
+  int64_t key_length = 0;  // keys [0, key_length); prefill: prompt length; decode t: prompt + t
   Form form = Form::kDense;
   int64_t pool = 0;
   HostArray values;   // element type; shape per Form

@@ -11,10 +11,11 @@ absl::Status CheckRoles(const std::vector<ChatMessage>& messages) {
   for (size_t i = 0; i < messages.size(); ++i) {
     const auto& r = messages[i].role;
     if (r != "system" && r != "user" && r != "assistant") {
-      return absl::InvalidArgumentError(absl::StrCat("message ", i, " has role '", r,
-                                                     "'; roles are system, user and assistant"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("message ", i, " has role '", r, "'; roles are system, user and assistant"));
     }
-    if (r == "system" && i != 0) return absl::InvalidArgumentError("only the first message may be a system message");
+    if (r == "system" && i != 0)
+      return absl::InvalidArgumentError("only the first message may be a system message");
   }
   return absl::OkStatus();
 }
@@ -56,16 +57,22 @@ ChatFormat DetectChatFormat(const std::string& model_type, const Tokenizer* toke
 
 const char* ChatFormatName(ChatFormat format) {
   switch (format) {
-    case ChatFormat::kNone: return "";
-    case ChatFormat::kLlama2: return "llama2";
-    case ChatFormat::kLlama3: return "llama3";
-    case ChatFormat::kMistral: return "mistral";
-    case ChatFormat::kChatML: return "chatml";
+    case ChatFormat::kNone:
+      return "";
+    case ChatFormat::kLlama2:
+      return "llama2";
+    case ChatFormat::kLlama3:
+      return "llama3";
+    case ChatFormat::kMistral:
+      return "mistral";
+    case ChatFormat::kChatML:
+      return "chatml";
   }
   return "";
 }
 
-absl::StatusOr<std::string> RenderChat(ChatFormat format, const std::vector<ChatMessage>& messages) {
+absl::StatusOr<std::string> RenderChat(ChatFormat format,
+                                       const std::vector<ChatMessage>& messages) {
   if (format == ChatFormat::kNone) {
     return absl::FailedPreconditionError("this model has no chat format; send text or token ids");
   }
@@ -79,14 +86,18 @@ absl::StatusOr<std::string> RenderChat(ChatFormat format, const std::vector<Chat
     case ChatFormat::kLlama3:
       out = "<|begin_of_text|>";
       for (const auto& m : messages) {
-        absl::StrAppend(&out, "<|start_header_id|>", m.role, "<|end_header_id|>\n\n", m.content, "<|eot_id|>");
+        absl::StrAppend(&out, "<|start_header_id|>", m.role, "<|end_header_id|>\n\n", m.content,
+                        "<|eot_id|>");
       }
       return absl::StrCat(out, "<|start_header_id|>assistant<|end_header_id|>\n\n");
     case ChatFormat::kChatML:
       if (messages[0].role != "system") {
-        out = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n";
+        out =
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+            "assistant.<|im_end|>\n";
       }
-      for (const auto& m : messages) absl::StrAppend(&out, "<|im_start|>", m.role, "\n", m.content, "<|im_end|>\n");
+      for (const auto& m : messages)
+        absl::StrAppend(&out, "<|im_start|>", m.role, "\n", m.content, "<|im_end|>\n");
       return absl::StrCat(out, "<|im_start|>assistant\n");
     case ChatFormat::kNone:
       break;

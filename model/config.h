@@ -17,9 +17,9 @@ enum class RopeScaling { kNone, kLinear, kLlama3 };
 struct RopeConfig {
   double theta = 10000.0;
   RopeScaling scaling = RopeScaling::kNone;
-  double factor = 1.0;                 // linear and llama3
-  double low_freq_factor = 1.0;        // llama3
-  double high_freq_factor = 4.0;       // llama3
+  double factor = 1.0;                    // linear and llama3
+  double low_freq_factor = 1.0;           // llama3
+  double high_freq_factor = 4.0;          // llama3
   int64_t original_max_positions = 8192;  // llama3
 };
 
@@ -37,7 +37,7 @@ struct ModelConfig {
   RopeConfig rope;
   int64_t max_position_embeddings = 4096;
   bool tie_word_embeddings = false;
-  bool attention_bias = false;   // bias on q/k/v (and o for Llama's attention_bias)
+  bool attention_bias = false;  // bias on q/k/v (and o for Llama's attention_bias)
   bool o_proj_bias = false;
   // Sliding window per layer: 0 = full causal attention. Size num_layers.
   std::vector<int64_t> sliding_window;

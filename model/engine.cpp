@@ -1,11 +1,10 @@
 #include "model/engine.h"
 
+#include <torch/torch.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
-
-#include <torch/torch.h>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -27,15 +26,19 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
   if (name == "cpu") return torch::Device(torch::kCPU);
   if (name == "cuda" || name.rfind("cuda:", 0) == 0) {
     if (!torch::cuda::is_available()) {
-      return absl::FailedPreconditionError(absl::StrCat("device '", name, "' requested but this build of libtorch "
-                                                        "has no CUDA or no GPU is visible; use --device cpu"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("device '", name,
+                       "' requested but this build of libtorch "
+                       "has no CUDA or no GPU is visible; use --device cpu"));
     }
     int index = 0;
     if (name.size() > 5 && !absl::SimpleAtoi(name.substr(5), &index)) {
-      return absl::InvalidArgumentError(absl::StrCat("device '", name, "' is not cpu, cuda or cuda:N"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("device '", name, "' is not cpu, cuda or cuda:N"));
     }
     if (index < 0 || index >= static_cast<int>(torch::cuda::device_count())) {
-      return absl::OutOfRangeError(absl::StrCat("device '", name, "': ", torch::cuda::device_count(), " GPUs visible"));
+      return absl::OutOfRangeError(
+          absl::StrCat("device '", name, "': ", torch::cuda::device_count(), " GPUs visible"));
     }
     return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
   }
@@ -49,20 +52,26 @@ absl::StatusOr<torch::ScalarType> ParseDType(const std::string& name, const torc
   if (name == "float16" || name == "fp16") {
     if (!device.is_cuda()) {
       return absl::FailedPreconditionError(
-          "dtype float16 is for CUDA: libtorch's CPU kernels lack float16 matrix products; use float32 or bfloat16 "
+          "dtype float16 is for CUDA: libtorch's CPU kernels lack float16 matrix products; use "
+          "float32 or bfloat16 "
           "on the CPU");
     }
     return torch::kFloat16;
   }
-  return absl::InvalidArgumentError(absl::StrCat("dtype '", name, "' is not float32, bfloat16 or float16"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("dtype '", name, "' is not float32, bfloat16 or float16"));
 }
 
 const char* DTypeName(torch::ScalarType t) {
   switch (t) {
-    case torch::kFloat32: return "float32";
-    case torch::kBFloat16: return "bfloat16";
-    case torch::kFloat16: return "float16";
-    default: return "?";
+    case torch::kFloat32:
+      return "float32";
+    case torch::kBFloat16:
+      return "bfloat16";
+    case torch::kFloat16:
+      return "float16";
+    default:
+      return "?";
   }
 }
 
@@ -74,11 +83,16 @@ double MsSince(std::chrono::steady_clock::time_point t0) {
 
 const char* FinishReasonName(FinishReason reason) {
   switch (reason) {
-    case FinishReason::kEos: return "eos";
-    case FinishReason::kStopToken: return "stop_token";
-    case FinishReason::kLength: return "length";
-    case FinishReason::kContextFull: return "context_full";
-    case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kEos:
+      return "eos";
+    case FinishReason::kStopToken:
+      return "stop_token";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kContextFull:
+      return "context_full";
+    case FinishReason::kCancelled:
+      return "cancelled";
   }
   return "?";
 }
@@ -122,22 +136,26 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   } else if (!absl::IsNotFound(tokenizer.status())) {
     return tokenizer.status();  // files present but unusable: say so rather than serve without them
   }
-  engine->transformer_ = std::make_unique<Transformer>(std::move(config), std::move(weights), device, dtype);
+  engine->transformer_ =
+      std::make_unique<Transformer>(std::move(config), std::move(weights), device, dtype);
   return engine;
 }
 
 absl::Status Engine::NeedTokenizer() const {
   if (tokenizer_ != nullptr) return absl::OkStatus();
-  return absl::FailedPreconditionError(absl::StrCat("the model in ", info_.model_dir,
-                                                    " has no tokenizer.json or tokenizer.model; send token ids"));
+  return absl::FailedPreconditionError(
+      absl::StrCat("the model in ", info_.model_dir,
+                   " has no tokenizer.json or tokenizer.model; send token ids"));
 }
 
-absl::StatusOr<std::vector<int64_t>> Engine::Encode(const std::string& text, bool add_special_tokens) const {
+absl::StatusOr<std::vector<int64_t>> Engine::Encode(const std::string& text,
+                                                    bool add_special_tokens) const {
   RETURN_IF_ERROR(NeedTokenizer());
   return tokenizer_->Encode(text, add_special_tokens);
 }
 
-absl::StatusOr<std::string> Engine::Decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const {
+absl::StatusOr<std::string> Engine::Decode(const std::vector<int64_t>& ids,
+                                           bool skip_special_tokens) const {
   RETURN_IF_ERROR(NeedTokenizer());
   return tokenizer_->Decode(ids, skip_special_tokens);
 }
@@ -148,7 +166,8 @@ std::vector<std::string> Engine::Pieces(const std::vector<int64_t>& ids) const {
   return out;
 }
 
-absl::StatusOr<std::vector<int64_t>> Engine::EncodeChat(const std::vector<ChatMessage>& messages) const {
+absl::StatusOr<std::vector<int64_t>> Engine::EncodeChat(
+    const std::vector<ChatMessage>& messages) const {
   RETURN_IF_ERROR(NeedTokenizer());
   ASSIGN_OR_RETURN(std::string text, RenderChat(chat_format_, messages));
   // The rendered text carries its special tokens (BOS included) itself.
@@ -157,30 +176,35 @@ absl::StatusOr<std::vector<int64_t>> Engine::EncodeChat(const std::vector<ChatMe
 
 absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec& capture) const {
   const int64_t prompt_len = static_cast<int64_t>(request.prompt_ids.size());
-  if (prompt_len == 0) return absl::InvalidArgumentError("the prompt is empty: send at least one token");
+  if (prompt_len == 0)
+    return absl::InvalidArgumentError("the prompt is empty: send at least one token");
   for (int64_t i = 0; i < prompt_len; ++i) {
     const int64_t id = request.prompt_ids[i];
     if (id < 0 || id >= info_.vocab_size) {
-      return absl::OutOfRangeError(absl::StrCat("token id ", id, " at position ", i, " is outside the vocabulary (0-",
+      return absl::OutOfRangeError(absl::StrCat("token id ", id, " at position ", i,
+                                                " is outside the vocabulary (0-",
                                                 info_.vocab_size - 1, ")"));
     }
   }
   if (prompt_len > info_.max_positions) {
-    return absl::OutOfRangeError(absl::StrCat("the prompt has ", prompt_len, " tokens, more than the model's context of ",
-                                              info_.max_positions, "; set max_length to truncate it in the middle"));
+    return absl::OutOfRangeError(
+        absl::StrCat("the prompt has ", prompt_len, " tokens, more than the model's context of ",
+                     info_.max_positions, "; set max_length to truncate it in the middle"));
   }
   if (request.max_new_tokens < 1 || request.max_new_tokens > kMaxNewTokensLimit) {
-    return absl::OutOfRangeError(absl::StrCat("max_new_tokens = ", request.max_new_tokens, " must be in [1, ",
-                                              kMaxNewTokensLimit, "]"));
+    return absl::OutOfRangeError(absl::StrCat("max_new_tokens = ", request.max_new_tokens,
+                                              " must be in [1, ", kMaxNewTokensLimit, "]"));
   }
   const auto& s = request.sampling;
-  if (!(s.temperature >= 0.0)) return absl::InvalidArgumentError("temperature must be >= 0 (0 = greedy)");
+  if (!(s.temperature >= 0.0))
+    return absl::InvalidArgumentError("temperature must be >= 0 (0 = greedy)");
   if (s.top_k < 0) return absl::InvalidArgumentError("top_k must be >= 0 (0 = off)");
-  if (!(s.top_p > 0.0 && s.top_p <= 1.0)) return absl::InvalidArgumentError("top_p must be in (0, 1]");
+  if (!(s.top_p > 0.0 && s.top_p <= 1.0))
+    return absl::InvalidArgumentError("top_p must be in (0, 1]");
   for (int64_t id : request.stop_token_ids) {
     if (id < 0 || id >= info_.vocab_size) {
-      return absl::OutOfRangeError(absl::StrCat("stop token id ", id, " is outside the vocabulary (0-",
-                                                info_.vocab_size - 1, ")"));
+      return absl::OutOfRangeError(absl::StrCat(
+          "stop token id ", id, " is outside the vocabulary (0-", info_.vocab_size - 1, ")"));
     }
   }
   RETURN_IF_ERROR(ValidateCaptureSpec(capture, info_.num_layers, info_.num_heads, prompt_len));
@@ -190,21 +214,25 @@ absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec&
     // the block budget.
     constexpr int64_t kPoolRowsAlwaysAllowed = 64;
     const int64_t rows = std::min(capture.pool, prompt_len);
-    const int64_t limit = std::max(options_.block_elements, info_.num_heads * prompt_len * kPoolRowsAlwaysAllowed);
+    const int64_t limit =
+        std::max(options_.block_elements, info_.num_heads * prompt_len * kPoolRowsAlwaysAllowed);
     if (rows > kPoolRowsAlwaysAllowed && info_.num_heads * rows * prompt_len > limit) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "pool ", capture.pool, " needs ", rows, " attention rows at once (", info_.num_heads, " heads x ", rows,
-          " rows x ", prompt_len, " keys = ", info_.num_heads * rows * prompt_len,
+          "pool ", capture.pool, " needs ", rows, " attention rows at once (", info_.num_heads,
+          " heads x ", rows, " rows x ", prompt_len,
+          " keys = ", info_.num_heads * rows * prompt_len,
           " probabilities), over the server's block budget of ", limit, "; use pool <= ",
-          std::max(kPoolRowsAlwaysAllowed, limit / std::max<int64_t>(1, info_.num_heads * prompt_len)),
+          std::max(kPoolRowsAlwaysAllowed,
+                   limit / std::max<int64_t>(1, info_.num_heads * prompt_len)),
           " (or start the server with a larger --block_elements)"));
     }
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, const CaptureSpec& capture,
-                                                AttentionSink* sink, const CancelToken* cancel) const {
+absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
+                                                const CaptureSpec& capture, AttentionSink* sink,
+                                                const CancelToken* cancel) const {
   RETURN_IF_ERROR(Validate(request, capture));
   try {
     c10::InferenceMode guard;
@@ -228,8 +256,9 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, 
       return result;
     }
     auto t0 = std::chrono::steady_clock::now();
-    ASSIGN_OR_RETURN(torch::Tensor logits,
-                     transformer_->Forward(request.prompt_ids, &cache, &processor, Phase::kPrefill, 0, fwd));
+    ASSIGN_OR_RETURN(
+        torch::Tensor logits,
+        transformer_->Forward(request.prompt_ids, &cache, &processor, Phase::kPrefill, 0, fwd));
     result.timings.prefill_ms = MsSince(t0);
     t0 = std::chrono::steady_clock::now();
     for (int64_t step = 1;; ++step) {
@@ -266,7 +295,8 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, 
         result.finish = FinishReason::kCancelled;
         break;
       }
-      ASSIGN_OR_RETURN(logits, transformer_->Forward({token}, &cache, &processor, Phase::kDecode, step, fwd));
+      ASSIGN_OR_RETURN(
+          logits, transformer_->Forward({token}, &cache, &processor, Phase::kDecode, step, fwd));
       ++result.decode_steps;
     }
     result.timings.decode_ms = MsSince(t0);
@@ -275,8 +305,9 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request, 
   } catch (const c10::Error& e) {
     const std::string what = e.what_without_backtrace();
     if (what.find("out of memory") != std::string::npos) {
-      return absl::ResourceExhaustedError(absl::StrCat("out of memory on ", info_.device,
-                                                       "; capture fewer layers or use statistics/pooled forms: ", what));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("out of memory on ", info_.device,
+                       "; capture fewer layers or use statistics/pooled forms: ", what));
     }
     return absl::InternalError(absl::StrCat("libtorch error: ", what));
   }

@@ -18,12 +18,13 @@ class Transformer;
 class Tokenizer;
 
 struct EngineOptions {
-  std::string model_dir;      // Hugging Face checkpoint folder
+  std::string model_dir;       // Hugging Face checkpoint folder
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
-  std::string dtype;          // "float32", "bfloat16", "float16"; empty: float32 on CPU, bfloat16 on CUDA
+  std::string dtype;  // "float32", "bfloat16", "float16"; empty: float32 on CPU, bfloat16 on CUDA
   int64_t query_block = 128;  // attention rows materialized at once for captured layers
-  int64_t block_elements = int64_t{1} << 24;  // and at most this many probabilities at once (flat memory)
-  bool fast_attention = true;  // fused attention for layers not captured (libtorch >= 2.0)
+  int64_t block_elements = int64_t{1}
+                           << 24;  // and at most this many probabilities at once (flat memory)
+  bool fast_attention = true;      // fused attention for layers not captured (libtorch >= 2.0)
 };
 
 struct ModelInfo {
@@ -48,7 +49,7 @@ struct ModelInfo {
 
 struct GenerateRequest {
   std::vector<int64_t> prompt_ids;
-  int64_t max_new_tokens = 16;          // >= 1
+  int64_t max_new_tokens = 16;  // >= 1
   SamplingParams sampling;
   std::vector<int64_t> stop_token_ids;  // besides the model's eos ids
   bool ignore_eos = false;
@@ -86,9 +87,12 @@ class Engine {
 
   const ModelInfo& info() const { return info_; }
 
-  // Text needs a tokenizer: FAILED_PRECONDITION in token-id mode (a folder without tokenizer files).
-  absl::StatusOr<std::vector<int64_t>> Encode(const std::string& text, bool add_special_tokens = true) const;
-  absl::StatusOr<std::string> Decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const;
+  // Text needs a tokenizer: FAILED_PRECONDITION in token-id mode (a folder without tokenizer
+  // files).
+  absl::StatusOr<std::vector<int64_t>> Encode(const std::string& text,
+                                              bool add_special_tokens = true) const;
+  absl::StatusOr<std::string> Decode(const std::vector<int64_t>& ids,
+                                     bool skip_special_tokens) const;
   // Display text of each id ("" for all in token-id mode).
   std::vector<std::string> Pieces(const std::vector<int64_t>& ids) const;
   // The chat rendered with the model family's format, then encoded.
@@ -99,8 +103,9 @@ class Engine {
 
   // Prefill, then one token per step; attention blocks and tokens go to `sink` as computed.
   // Safe to call from several threads at once. `sink` and `cancel` may be null.
-  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request, const CaptureSpec& capture,
-                                          AttentionSink* sink, const CancelToken* cancel) const;
+  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
+                                          const CaptureSpec& capture, AttentionSink* sink,
+                                          const CancelToken* cancel) const;
 
  private:
   Engine() = default;

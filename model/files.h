@@ -24,7 +24,8 @@ inline absl::StatusOr<int> OpenRegularFile(const std::string& path, struct stat*
   if (fd < 0) {
     const int err = errno;
     if (err == ENOENT) return absl::NotFoundError(absl::StrCat(path, " does not exist"));
-    return absl::PermissionDeniedError(absl::StrCat("cannot open ", path, ": ", std::strerror(err)));
+    return absl::PermissionDeniedError(
+        absl::StrCat("cannot open ", path, ": ", std::strerror(err)));
   }
   if (fstat(fd, st) != 0 || !S_ISREG(st->st_mode)) {
     ::close(fd);
@@ -43,8 +44,8 @@ inline absl::StatusOr<std::string> ReadRegularFile(const std::string& path, int6
   if (!fd.ok()) return fd.status();
   if (st.st_size > max_bytes) {
     ::close(*fd);
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, " is ", st.st_size, " bytes, more than the ", max_bytes, " bytes allowed for it"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, " is ", st.st_size, " bytes, more than the ", max_bytes, " bytes allowed for it"));
   }
   std::string out(static_cast<size_t>(st.st_size), '\0');
   size_t done = 0;

@@ -32,7 +32,8 @@ constexpr int64_t kIdSlack = 4096;
 // An integer field: a float there (1e106) would be converted with undefined behaviour, so it is
 // refused like any other wrong type (json::exception is caught where the file is parsed).
 int64_t JsonInt(const nlohmann::json& v) {
-  if (!v.is_number_integer()) throw std::invalid_argument("an integer was expected, found " + v.dump().substr(0, 40));
+  if (!v.is_number_integer())
+    throw std::invalid_argument("an integer was expected, found " + v.dump().substr(0, 40));
   return v.get<int64_t>();
 }
 
@@ -45,12 +46,13 @@ using json = nlohmann::json;
 
 // GPT-2's reversible byte <-> printable character map used by byte-level BPE.
 struct ByteMap {
-  std::string to_char[256];                  // byte -> UTF-8 of its stand-in character
+  std::string to_char[256];                   // byte -> UTF-8 of its stand-in character
   std::unordered_map<int32_t, uint8_t> from;  // stand-in code point -> byte
   ByteMap() {
     int extra = 0;
     for (int b = 0; b < 256; ++b) {
-      const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+      const bool printable =
+          (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
       const uint32_t cp = printable ? b : 256 + extra++;
       utf8::Append(cp, &to_char[b]);
       from[cp] = static_cast<uint8_t>(b);
@@ -76,10 +78,12 @@ class Regex {
     if (code == nullptr) {
       PCRE2_UCHAR msg[256];
       pcre2_get_error_message(err, msg, sizeof(msg));
-      return absl::InvalidArgumentError(absl::StrCat("tokenizer regex '", pattern, "' does not compile at ", offset,
-                                                     ": ", reinterpret_cast<char*>(msg)));
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer regex '", pattern,
+                                                     "' does not compile at ", offset, ": ",
+                                                     reinterpret_cast<char*>(msg)));
     }
-    pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);  // falls back to the interpreter when JIT is absent
+    pcre2_jit_compile(code,
+                      PCRE2_JIT_COMPLETE);  // falls back to the interpreter when JIT is absent
     auto r = std::make_shared<Regex>();
     r->code_ = code;
     return r;
@@ -93,12 +97,13 @@ class Regex {
     pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
     size_t pos = 0;
     while (pos <= s.size()) {
-      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos, PCRE2_NO_UTF_CHECK, md,
-                           nullptr);
+      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos,
+                           PCRE2_NO_UTF_CHECK, md, nullptr);
       if (rc < 0) break;
       PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
       if (ov[1] == ov[0]) {  // empty match: step over one character
-        pos = ov[0] + (ov[0] < s.size() ? utf8::CharLength(static_cast<unsigned char>(s[ov[0]])) : 1);
+        pos =
+            ov[0] + (ov[0] < s.size() ? utf8::CharLength(static_cast<unsigned char>(s[ov[0]])) : 1);
         continue;
       }
       out.emplace_back(ov[0], ov[1]);
@@ -119,11 +124,11 @@ struct Normalizer {
 
 struct PreTokenizer {
   enum Kind { kSplit, kByteLevel, kMetaspace, kDigits } kind;
-  std::shared_ptr<Regex> regex;   // kSplit, kByteLevel with use_regex
-  bool add_prefix_space = false;  // kByteLevel
-  std::string replacement;        // kMetaspace
-  std::string prepend_scheme;     // kMetaspace: always, first, never
-  bool split = true;              // kMetaspace
+  std::shared_ptr<Regex> regex;    // kSplit, kByteLevel with use_regex
+  bool add_prefix_space = false;   // kByteLevel
+  std::string replacement;         // kMetaspace
+  std::string prepend_scheme;      // kMetaspace: always, first, never
+  bool split = true;               // kMetaspace
   bool individual_digits = false;  // kDigits
 };
 
@@ -150,8 +155,9 @@ std::string RegexQuote(const std::string& s) { return absl::StrCat("\\Q", s, "\\
 
 std::string Utf8Normalize(const std::string& s, utf8proc_option_t options) {
   utf8proc_uint8_t* out = nullptr;
-  utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()), s.size(), &out,
-                                    static_cast<utf8proc_option_t>(options | UTF8PROC_STABLE));
+  utf8proc_ssize_t n =
+      utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()), s.size(), &out,
+                   static_cast<utf8proc_option_t>(options | UTF8PROC_STABLE));
   if (n < 0) return s;  // not valid UTF-8: leave it as is
   std::string r(reinterpret_cast<char*>(out), n);
   free(out);
@@ -187,7 +193,8 @@ class HfTokenizer : public Tokenizer {
 
   std::unordered_map<std::string, int64_t> vocab_;
   std::vector<std::string> id_to_token_;
-  std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (left, right) -> (rank, merged id)
+  std::unordered_map<uint64_t, std::pair<int32_t, int32_t>>
+      merges_;  // (left, right) -> (rank, merged id)
   bool byte_fallback_ = false;
   bool fuse_unk_ = false;
   bool ignore_merges_ = false;
@@ -198,7 +205,7 @@ class HfTokenizer : public Tokenizer {
   std::vector<Decoder> decoders_;
   std::vector<AddedToken> added_;
   std::vector<const AddedToken*> added_by_byte_[256];  // by first byte, longest first
-  std::vector<bool> special_;  // per id: an added token marked special
+  std::vector<bool> special_;                          // per id: an added token marked special
   std::vector<int64_t> prefix_ids_, suffix_ids_;
   mutable std::mutex cache_mu_;
   mutable std::unordered_map<std::string, std::vector<int64_t>> cache_;
@@ -206,10 +213,12 @@ class HfTokenizer : public Tokenizer {
 
 absl::Status HfTokenizer::ParseModel(const json& m, int64_t max_id_limit, const std::string& path) {
   if (!m.is_object() || m.value("type", "BPE") != "BPE") {
-    return absl::UnimplementedError(absl::StrCat(path, ": only BPE tokenizer models are supported, not '",
+    return absl::UnimplementedError(absl::StrCat(path,
+                                                 ": only BPE tokenizer models are supported, not '",
                                                  m.is_object() ? m.value("type", "?") : "?", "'"));
   }
-  if (!m.contains("vocab") || !m.at("vocab").is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": model.vocab missing"));
+  if (!m.contains("vocab") || !m.at("vocab").is_object())
+    return absl::InvalidArgumentError(absl::StrCat(path, ": model.vocab missing"));
   // Ids are dense in real tokenizers: one past the largest is bounded by the entries (plus slack
   // for holes), so a crafted id cannot make the id table huge.
   const json& vocab = m.at("vocab");
@@ -217,8 +226,9 @@ absl::Status HfTokenizer::ParseModel(const json& m, int64_t max_id_limit, const 
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
     const int64_t id = JsonInt(it.value());
     if (id < 0 || id >= max_id_limit) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": vocabulary id ", id, " is outside [0, ", max_id_limit,
-                                                     ") for ", vocab.size(), " entries"));
+      return absl::InvalidArgumentError(absl::StrCat(path, ": vocabulary id ", id,
+                                                     " is outside [0, ", max_id_limit, ") for ",
+                                                     vocab.size(), " entries"));
     }
     vocab_[it.key()] = id;
     max_id = std::max(max_id, id);
@@ -244,20 +254,24 @@ absl::Status HfTokenizer::ParseModel(const json& m, int64_t max_id_limit, const 
     if (merge.is_string()) {
       const std::string s = merge.get<std::string>();
       const auto space = s.find(' ', 1);
-      if (space == std::string::npos) return absl::InvalidArgumentError(absl::StrCat(path, ": merge '", s, "' has no space"));
+      if (space == std::string::npos)
+        return absl::InvalidArgumentError(absl::StrCat(path, ": merge '", s, "' has no space"));
       a = s.substr(0, space);
       b = s.substr(space + 1);
     } else if (merge.is_array() && merge.size() == 2) {
       a = merge.at(0).get<std::string>();
       b = merge.at(1).get<std::string>();
     } else {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": merge ", rank, " is neither \"a b\" nor [a, b]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": merge ", rank, " is neither \"a b\" nor [a, b]"));
     }
     auto ia = vocab_.find(a), ib = vocab_.find(b), im = vocab_.find(a + b);
     if (ia == vocab_.end() || ib == vocab_.end() || im == vocab_.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": merge '", a, " ", b, "' uses tokens not in the vocabulary"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": merge '", a, " ", b, "' uses tokens not in the vocabulary"));
     }
-    const uint64_t key = (static_cast<uint64_t>(ia->second) << 32) | static_cast<uint64_t>(ib->second);
+    const uint64_t key =
+        (static_cast<uint64_t>(ia->second) << 32) | static_cast<uint64_t>(ib->second);
     merges_.emplace(key, std::make_pair(rank, static_cast<int32_t>(im->second)));
     ++rank;
   }
@@ -283,11 +297,14 @@ absl::Status HfTokenizer::ParseNormalizer(const json& n, const std::string& path
     normalizers_.push_back({Normalizer::kPrepend, n.at("prepend").get<std::string>(), ""});
   } else if (type == "Replace") {
     if (!n.at("pattern").contains("String")) {
-      return absl::UnimplementedError(absl::StrCat(path, ": Replace normalizer with a regex pattern is not supported"));
+      return absl::UnimplementedError(
+          absl::StrCat(path, ": Replace normalizer with a regex pattern is not supported"));
     }
-    normalizers_.push_back({Normalizer::kReplace, n.at("pattern").at("String").get<std::string>(), n.at("content").get<std::string>()});
+    normalizers_.push_back({Normalizer::kReplace, n.at("pattern").at("String").get<std::string>(),
+                            n.at("content").get<std::string>()});
   } else {
-    return absl::UnimplementedError(absl::StrCat(path, ": normalizer '", type, "' is not supported"));
+    return absl::UnimplementedError(
+        absl::StrCat(path, ": normalizer '", type, "' is not supported"));
   }
   return absl::OkStatus();
 }
@@ -301,7 +318,8 @@ absl::Status HfTokenizer::ParsePreTokenizer(const json& p, const std::string& pa
     return absl::OkStatus();
   } else if (type == "Split") {
     if (p.value("behavior", "") != "Isolated" || p.value("invert", false)) {
-      return absl::UnimplementedError(absl::StrCat(path, ": Split pre-tokenizer supports behavior Isolated only"));
+      return absl::UnimplementedError(
+          absl::StrCat(path, ": Split pre-tokenizer supports behavior Isolated only"));
     }
     ASSIGN_OR_RETURN(std::string pattern, PatternString(p.at("pattern"), path));
     if (p.at("pattern").contains("String")) pattern = RegexQuote(pattern);
@@ -316,14 +334,16 @@ absl::Status HfTokenizer::ParsePreTokenizer(const json& p, const std::string& pa
   } else if (type == "Metaspace") {
     t.kind = PreTokenizer::kMetaspace;
     t.replacement = p.value("replacement", "\u2581");
-    t.prepend_scheme = p.value("prepend_scheme", p.value("add_prefix_space", true) ? "always" : "never");
+    t.prepend_scheme =
+        p.value("prepend_scheme", p.value("add_prefix_space", true) ? "always" : "never");
     t.split = p.value("split", true);
   } else if (type == "Digits") {
     t.kind = PreTokenizer::kDigits;
     t.individual_digits = p.value("individual_digits", false);
     ASSIGN_OR_RETURN(t.regex, Regex::Compile(t.individual_digits ? R"(\p{N})" : R"(\p{N}+)"));
   } else {
-    return absl::UnimplementedError(absl::StrCat(path, ": pre-tokenizer '", type, "' is not supported"));
+    return absl::UnimplementedError(
+        absl::StrCat(path, ": pre-tokenizer '", type, "' is not supported"));
   }
   pre_tokenizers_.push_back(std::move(t));
   return absl::OkStatus();
@@ -351,14 +371,16 @@ absl::Status HfTokenizer::ParseDecoder(const json& d, const std::string& path) {
     t.a = d.at("content").get<std::string>();
     const int64_t start = JsonIntOr(d, "start", 0), stop = JsonIntOr(d, "stop", 0);
     if (t.a.empty() || start < 0 || stop < 0 || start > 1024 || stop > 1024) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": Strip decoder needs a content and start/stop in [0, 1024]"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": Strip decoder needs a content and start/stop in [0, 1024]"));
     }
     t.start = static_cast<int>(start);
     t.stop = static_cast<int>(stop);
   } else if (type == "Metaspace") {
     t.kind = Decoder::kMetaspace;
     t.a = d.value("replacement", "\u2581");
-    t.prepend = d.value("prepend_scheme", d.value("add_prefix_space", true) ? "always" : "never") != "never";
+    t.prepend = d.value("prepend_scheme", d.value("add_prefix_space", true) ? "always" : "never") !=
+                "never";
   } else {
     return absl::UnimplementedError(absl::StrCat(path, ": decoder '", type, "' is not supported"));
   }
@@ -380,12 +402,14 @@ absl::Status HfTokenizer::ParsePostProcessor(const json& p, const std::string& p
       }
       const std::string name = piece.at("SpecialToken").at("id").get<std::string>();
       const json& special = p.at("special_tokens").at(name);
-      for (const json& id : special.at("ids")) (seen_sequence ? suffix_ids_ : prefix_ids_).push_back(JsonInt(id));
+      for (const json& id : special.at("ids"))
+        (seen_sequence ? suffix_ids_ : prefix_ids_).push_back(JsonInt(id));
     }
   } else if (type == "ByteLevel") {
     // Offsets only; ids are unchanged.
   } else if (type == "BertProcessing" || type == "RobertaProcessing") {
-    return absl::UnimplementedError(absl::StrCat(path, ": post-processor '", type, "' is not supported"));
+    return absl::UnimplementedError(
+        absl::StrCat(path, ": post-processor '", type, "' is not supported"));
   }
   return absl::OkStatus();
 }
@@ -393,7 +417,8 @@ absl::Status HfTokenizer::ParsePostProcessor(const json& p, const std::string& p
 absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const std::string& path) {
   ASSIGN_OR_RETURN(std::string text, ReadRegularFile(path, kMaxTokenizerJsonBytes));
   const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, " is not valid JSON"));
+  if (j.is_discarded() || !j.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(path, " is not valid JSON"));
   auto t = std::unique_ptr<HfTokenizer>(new HfTokenizer());
   try {
     const json& vocab = j.at("model").at("vocab");
@@ -405,13 +430,15 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const std::strin
     RETURN_IF_ERROR(t->ParseDecoder(j.value("decoder", json()), path));
     RETURN_IF_ERROR(t->ParsePostProcessor(j.value("post_processor", json()), path));
     for (const json& a : j.value("added_tokens", json::array())) {
-      AddedToken tok{a.at("content").get<std::string>(), JsonInt(a.at("id")), a.value("special", false),
-                     a.value("lstrip", false), a.value("rstrip", false), a.value("single_word", false)};
+      AddedToken tok{a.at("content").get<std::string>(), JsonInt(a.at("id")),
+                     a.value("special", false),          a.value("lstrip", false),
+                     a.value("rstrip", false),           a.value("single_word", false)};
       if (tok.id < 0 || tok.id >= max_id_limit) {
-        return absl::InvalidArgumentError(absl::StrCat(path, ": added token id ", tok.id, " is outside [0, ",
-                                                       max_id_limit, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": added token id ", tok.id, " is outside [0, ", max_id_limit, ")"));
       }
-      if (static_cast<int64_t>(t->id_to_token_.size()) <= tok.id) t->id_to_token_.resize(tok.id + 1);
+      if (static_cast<int64_t>(t->id_to_token_.size()) <= tok.id)
+        t->id_to_token_.resize(tok.id + 1);
       t->id_to_token_[tok.id] = tok.content;
       t->vocab_[tok.content] = tok.id;
       t->added_.push_back(std::move(tok));
@@ -422,10 +449,12 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const std::strin
     return absl::InvalidArgumentError(absl::StrCat(path, ": unexpected structure: ", e.what()));
   }
   // Longest first, so that matching at a position prefers the longest added token.
-  std::sort(t->added_.begin(), t->added_.end(),
-            [](const AddedToken& a, const AddedToken& b) { return a.content.size() > b.content.size(); });
+  std::sort(t->added_.begin(), t->added_.end(), [](const AddedToken& a, const AddedToken& b) {
+    return a.content.size() > b.content.size();
+  });
   for (const auto& a : t->added_) {
-    if (!a.content.empty()) t->added_by_byte_[static_cast<unsigned char>(a.content[0])].push_back(&a);
+    if (!a.content.empty())
+      t->added_by_byte_[static_cast<unsigned char>(a.content[0])].push_back(&a);
   }
   t->special_.assign(t->id_to_token_.size(), false);
   for (const auto& a : t->added_) t->special_[a.id] = a.special;
@@ -435,15 +464,27 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const std::strin
 std::string HfTokenizer::Normalize(std::string s) const {
   for (const Normalizer& n : normalizers_) {
     switch (n.kind) {
-      case Normalizer::kNfc: s = Utf8Normalize(s, UTF8PROC_COMPOSE); break;
-      case Normalizer::kNfkc: s = Utf8Normalize(s, static_cast<utf8proc_option_t>(UTF8PROC_COMPOSE | UTF8PROC_COMPAT)); break;
-      case Normalizer::kNfd: s = Utf8Normalize(s, UTF8PROC_DECOMPOSE); break;
-      case Normalizer::kNfkd: s = Utf8Normalize(s, static_cast<utf8proc_option_t>(UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT)); break;
-      case Normalizer::kLowercase: s = Utf8Normalize(s, UTF8PROC_CASEFOLD); break;
+      case Normalizer::kNfc:
+        s = Utf8Normalize(s, UTF8PROC_COMPOSE);
+        break;
+      case Normalizer::kNfkc:
+        s = Utf8Normalize(s, static_cast<utf8proc_option_t>(UTF8PROC_COMPOSE | UTF8PROC_COMPAT));
+        break;
+      case Normalizer::kNfd:
+        s = Utf8Normalize(s, UTF8PROC_DECOMPOSE);
+        break;
+      case Normalizer::kNfkd:
+        s = Utf8Normalize(s, static_cast<utf8proc_option_t>(UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT));
+        break;
+      case Normalizer::kLowercase:
+        s = Utf8Normalize(s, UTF8PROC_CASEFOLD);
+        break;
       case Normalizer::kPrepend:
         if (!s.empty()) s = n.a + s;
         break;
-      case Normalizer::kReplace: s = absl::StrReplaceAll(s, {{n.a, n.b}}); break;
+      case Normalizer::kReplace:
+        s = absl::StrReplaceAll(s, {{n.a, n.b}});
+        break;
     }
   }
   return s;
@@ -474,7 +515,8 @@ std::vector<std::string> HfTokenizer::PreTokenize(const std::string& s, bool fir
           break;
         case PreTokenizer::kByteLevel: {
           if (p.add_prefix_space && !piece.empty() && piece[0] != ' ') piece = " " + piece;
-          std::vector<std::string> parts = p.regex ? SplitIsolated(*p.regex, piece) : std::vector<std::string>{piece};
+          std::vector<std::string> parts =
+              p.regex ? SplitIsolated(*p.regex, piece) : std::vector<std::string>{piece};
           for (const std::string& part : parts) {
             std::string mapped;
             for (unsigned char c : part) mapped += Bytes().to_char[c];
@@ -484,15 +526,18 @@ std::vector<std::string> HfTokenizer::PreTokenize(const std::string& s, bool fir
         }
         case PreTokenizer::kMetaspace: {
           std::string r = absl::StrReplaceAll(piece, {{" ", p.replacement}});
-          const bool prepend = p.prepend_scheme == "always" || (p.prepend_scheme == "first" && first_segment);
-          if (prepend && r.compare(0, p.replacement.size(), p.replacement) != 0) r = p.replacement + r;
+          const bool prepend =
+              p.prepend_scheme == "always" || (p.prepend_scheme == "first" && first_segment);
+          if (prepend && r.compare(0, p.replacement.size(), p.replacement) != 0)
+            r = p.replacement + r;
           if (!p.split) {
             next.push_back(std::move(r));
             break;
           }
           // Each piece starts at a replacement character (merged with the word after it).
           size_t start = 0;
-          for (size_t pos = r.find(p.replacement, 1); pos != std::string::npos; pos = r.find(p.replacement, pos + 1)) {
+          for (size_t pos = r.find(p.replacement, 1); pos != std::string::npos;
+               pos = r.find(p.replacement, pos + 1)) {
             next.push_back(r.substr(start, pos - start));
             start = pos;
           }
@@ -564,7 +609,8 @@ void HfTokenizer::Bpe(const std::string& word, std::vector<int64_t>* out) const 
     const int i = c.pos;
     if (gone[i] || next[i] < 0 || sym[i] != c.left || sym[next[i]] != c.right) continue;  // stale
     const int j = next[i];
-    sym[i] = merges_.at((static_cast<uint64_t>(c.left) << 32) | static_cast<uint64_t>(c.right)).second;
+    sym[i] =
+        merges_.at((static_cast<uint64_t>(c.left) << 32) | static_cast<uint64_t>(c.right)).second;
     gone[j] = true;
     next[i] = next[j];
     if (next[j] >= 0) prev[next[j]] = i;
@@ -588,22 +634,23 @@ std::vector<int64_t> HfTokenizer::Encode(const std::string& text, bool add_speci
   bool first_segment = true;
   auto flush = [&](size_t end) {
     if (end > segment_start) {
-      for (const std::string& piece : PreTokenize(Normalize(text.substr(segment_start, end - segment_start)),
-                                                  first_segment)) {
+      for (const std::string& piece :
+           PreTokenize(Normalize(text.substr(segment_start, end - segment_start)), first_segment)) {
         Bpe(piece, &ids);
       }
     }
     first_segment = false;
   };
   auto is_word = [&](size_t pos) {
-    return pos < text.size() && (std::isalnum(static_cast<unsigned char>(text[pos])) || text[pos] == '_' ||
-                                 static_cast<unsigned char>(text[pos]) >= 0x80);
+    return pos < text.size() && (std::isalnum(static_cast<unsigned char>(text[pos])) ||
+                                 text[pos] == '_' || static_cast<unsigned char>(text[pos]) >= 0x80);
   };
   for (size_t pos = 0; pos < text.size();) {
     const AddedToken* hit = nullptr;
     for (const AddedToken* a : added_by_byte_[static_cast<unsigned char>(text[pos])]) {
       if (text.compare(pos, a->content.size(), a->content) != 0) continue;
-      if (a->single_word && ((pos > 0 && is_word(pos - 1)) || is_word(pos + a->content.size()))) continue;
+      if (a->single_word && ((pos > 0 && is_word(pos - 1)) || is_word(pos + a->content.size())))
+        continue;
       hit = a;
       break;
     }
@@ -613,7 +660,8 @@ std::vector<int64_t> HfTokenizer::Encode(const std::string& text, bool add_speci
     }
     size_t begin = pos, end = pos + hit->content.size();
     if (hit->lstrip) {
-      while (begin > segment_start && std::isspace(static_cast<unsigned char>(text[begin - 1]))) --begin;
+      while (begin > segment_start && std::isspace(static_cast<unsigned char>(text[begin - 1])))
+        --begin;
     }
     if (hit->rstrip) {
       while (end < text.size() && std::isspace(static_cast<unsigned char>(text[end]))) ++end;
@@ -627,7 +675,8 @@ std::vector<int64_t> HfTokenizer::Encode(const std::string& text, bool add_speci
   return ids;
 }
 
-std::vector<std::string> HfTokenizer::DecodeTokens(std::vector<std::string> tokens, bool strip) const {
+std::vector<std::string> HfTokenizer::DecodeTokens(std::vector<std::string> tokens,
+                                                   bool strip) const {
   for (const Decoder& d : decoders_) {
     switch (d.kind) {
       case Decoder::kReplace:
@@ -649,7 +698,8 @@ std::vector<std::string> HfTokenizer::DecodeTokens(std::vector<std::string> toke
         };
         for (auto& t : tokens) {
           unsigned int b = 0;
-          if (t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' && std::sscanf(t.c_str() + 3, "%2X", &b) == 1) {
+          if (t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' &&
+              std::sscanf(t.c_str() + 3, "%2X", &b) == 1) {
             bytes.push_back(static_cast<char>(b));
             ++pending;
           } else {
@@ -673,7 +723,8 @@ std::vector<std::string> HfTokenizer::DecodeTokens(std::vector<std::string> toke
           int s = 0;
           while (s < d.start && t.compare(0, d.a.size(), d.a) == 0) t.erase(0, d.a.size()), ++s;
           s = 0;
-          while (s < d.stop && t.size() >= d.a.size() && t.compare(t.size() - d.a.size(), d.a.size(), d.a) == 0) {
+          while (s < d.stop && t.size() >= d.a.size() &&
+                 t.compare(t.size() - d.a.size(), d.a.size(), d.a) == 0) {
             t.erase(t.size() - d.a.size()), ++s;
           }
         }
@@ -681,7 +732,8 @@ std::vector<std::string> HfTokenizer::DecodeTokens(std::vector<std::string> toke
       case Decoder::kMetaspace:
         for (size_t i = 0; i < tokens.size(); ++i) {
           tokens[i] = absl::StrReplaceAll(tokens[i], {{d.a, " "}});
-          if (i == 0 && strip && d.prepend && !tokens[i].empty() && tokens[i][0] == ' ') tokens[i].erase(0, 1);
+          if (i == 0 && strip && d.prepend && !tokens[i].empty() && tokens[i][0] == ' ')
+            tokens[i].erase(0, 1);
         }
         break;
       case Decoder::kByteLevel: {
@@ -691,8 +743,10 @@ std::vector<std::string> HfTokenizer::DecodeTokens(std::vector<std::string> toke
             const size_t start = i;
             const int32_t cp = utf8::Next(t, &i);
             auto it = Bytes().from.find(cp);
-            if (it != Bytes().from.end()) bytes.push_back(static_cast<char>(it->second));
-            else bytes.append(t, start, i - start);
+            if (it != Bytes().from.end())
+              bytes.push_back(static_cast<char>(it->second));
+            else
+              bytes.append(t, start, i - start);
           }
         }
         tokens = {utf8::Lossy(bytes)};

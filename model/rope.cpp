@@ -10,7 +10,8 @@ torch::Tensor RopeInverseFrequencies(const RopeConfig& rope, int64_t head_dim) {
   std::vector<float> inv(half);
   for (int64_t i = 0; i < half; ++i) {
     // θ_i = base^(-2i/d)
-    double f = 1.0 / std::pow(rope.theta, static_cast<double>(2 * i) / static_cast<double>(head_dim));
+    double f =
+        1.0 / std::pow(rope.theta, static_cast<double>(2 * i) / static_cast<double>(head_dim));
     if (rope.scaling == RopeScaling::kLinear) {
       f /= rope.factor;
     } else if (rope.scaling == RopeScaling::kLlama3) {
@@ -31,15 +32,16 @@ torch::Tensor RopeInverseFrequencies(const RopeConfig& rope, int64_t head_dim) {
   return torch::tensor(inv, torch::dtype(torch::kFloat32));
 }
 
-std::pair<torch::Tensor, torch::Tensor> RopeTables(const torch::Tensor& inv_freq, int64_t pos0, int64_t n,
-                                                   torch::ScalarType dtype) {
+std::pair<torch::Tensor, torch::Tensor> RopeTables(const torch::Tensor& inv_freq, int64_t pos0,
+                                                   int64_t n, torch::ScalarType dtype) {
   torch::Tensor pos = torch::arange(pos0, pos0 + n, inv_freq.options());  // (n) float32
-  torch::Tensor freqs = torch::outer(pos, inv_freq);                       // (n, head_dim / 2)
-  torch::Tensor angles = torch::cat({freqs, freqs}, -1);                   // (n, head_dim)
+  torch::Tensor freqs = torch::outer(pos, inv_freq);                      // (n, head_dim / 2)
+  torch::Tensor angles = torch::cat({freqs, freqs}, -1);                  // (n, head_dim)
   return {angles.cos().to(dtype), angles.sin().to(dtype)};
 }
 
-torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos,
+                        const torch::Tensor& sin) {
   const int64_t half = x.size(-1) / 2;
   // rotate_half(x) = [-x2, x1]
   torch::Tensor rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);

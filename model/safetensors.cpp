@@ -10,10 +10,9 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "model/files.h"
@@ -89,11 +88,13 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < 8) {
     ::close(fd);
-    return Corrupt(path, absl::StrCat("truncated: ", file_size, " bytes, shorter than the 8-byte header length"));
+    return Corrupt(path, absl::StrCat("truncated: ", file_size,
+                                      " bytes, shorter than the 8-byte header length"));
   }
   void* map = mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
   ::close(fd);
-  if (map == MAP_FAILED) return absl::InternalError(absl::StrCat("cannot map ", path, ": ", std::strerror(errno)));
+  if (map == MAP_FAILED)
+    return absl::InternalError(absl::StrCat("cannot map ", path, ": ", std::strerror(errno)));
 
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
@@ -104,14 +105,17 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
   if (header_len > file_size - 8) {
-    return Corrupt(path, absl::StrCat("header length ", header_len, " runs past the end of the file (",
-                                      file_size, " bytes); the file is truncated or not safetensors"));
+    return Corrupt(path,
+                   absl::StrCat("header length ", header_len, " runs past the end of the file (",
+                                file_size, " bytes); the file is truncated or not safetensors"));
   }
   if (header_len > kMaxHeaderBytes) {
-    return Corrupt(path, absl::StrCat("header length ", header_len, " exceeds the limit of ", kMaxHeaderBytes));
+    return Corrupt(path, absl::StrCat("header length ", header_len, " exceeds the limit of ",
+                                      kMaxHeaderBytes));
   }
   const char* header_begin = reinterpret_cast<const char*>(bytes + 8);
-  json header = json::parse(header_begin, header_begin + header_len, nullptr, /*allow_exceptions=*/false);
+  json header =
+      json::parse(header_begin, header_begin + header_len, nullptr, /*allow_exceptions=*/false);
   if (header.is_discarded() || !header.is_object()) {
     return Corrupt(path, "header is not a valid JSON object");
   }
@@ -138,14 +142,17 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     auto dtype_it = entry.find("dtype");
     auto shape_it = entry.find("shape");
     auto offsets_it = entry.find("data_offsets");
-    if (dtype_it == entry.end() || !dtype_it->is_string()) return Corrupt(path, absl::StrCat(where, ": missing dtype"));
-    if (shape_it == entry.end() || !shape_it->is_array()) return Corrupt(path, absl::StrCat(where, ": missing shape"));
+    if (dtype_it == entry.end() || !dtype_it->is_string())
+      return Corrupt(path, absl::StrCat(where, ": missing dtype"));
+    if (shape_it == entry.end() || !shape_it->is_array())
+      return Corrupt(path, absl::StrCat(where, ": missing shape"));
     if (offsets_it == entry.end() || !offsets_it->is_array() || offsets_it->size() != 2) {
       return Corrupt(path, absl::StrCat(where, ": data_offsets must be [begin, end]"));
     }
     const DTypeEntry* dt = FindDType(dtype_it->get<std::string>());
     if (dt == nullptr) {
-      return Corrupt(path, absl::StrCat(where, ": unknown dtype ", Quote(dtype_it->get<std::string>())));
+      return Corrupt(path,
+                     absl::StrCat(where, ": unknown dtype ", Quote(dtype_it->get<std::string>())));
     }
     TensorView view;
     view.name = name;
@@ -153,7 +160,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     view.dtype = dt->dtype;
     uint64_t numel = 1;
     for (const json& d : *shape_it) {
-      if (!d.is_number_unsigned()) return Corrupt(path, absl::StrCat(where, ": shape entries must be non-negative integers"));
+      if (!d.is_number_unsigned())
+        return Corrupt(path, absl::StrCat(where, ": shape entries must be non-negative integers"));
       const uint64_t dim = d.get<uint64_t>();
       if (dim != 0 && numel > std::numeric_limits<uint64_t>::max() / 8 / dim) {
         return Corrupt(path, absl::StrCat(where, ": shape is impossibly large"));
@@ -175,18 +183,20 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     }
     const uint64_t expected = numel * static_cast<uint64_t>(dt->size);
     if (end - begin != expected) {
-      return Corrupt(path, absl::StrCat(where, ": holds ", end - begin, " bytes but its shape and dtype need ", expected));
+      return Corrupt(path, absl::StrCat(where, ": holds ", end - begin,
+                                        " bytes but its shape and dtype need ", expected));
     }
     view.data = data_begin + begin;
     view.nbytes = static_cast<int64_t>(expected);
     if (end > begin) spans.push_back({begin, end, name});
     file->tensors_.emplace(name, std::move(view));
   }
-  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.begin < b.begin; });
   for (size_t i = 1; i < spans.size(); ++i) {
     if (spans[i].begin < spans[i - 1].end) {
-      return Corrupt(path, absl::StrCat("tensors ", Quote(spans[i - 1].name), " and ", Quote(spans[i].name),
-                                        " overlap in the data section"));
+      return Corrupt(path, absl::StrCat("tensors ", Quote(spans[i - 1].name), " and ",
+                                        Quote(spans[i].name), " overlap in the data section"));
     }
   }
   return file;
@@ -203,17 +213,20 @@ absl::StatusOr<std::unique_ptr<CheckpointTensors>> CheckpointTensors::Open(const
     json index = json::parse(index_text, nullptr, /*allow_exceptions=*/false);
     if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
         !index["weight_map"].is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(index_path, ": not valid JSON with a weight_map object"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(index_path, ": not valid JSON with a weight_map object"));
     }
     std::set<std::string> seen;
     for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
       if (!it.value().is_string()) {
-        return absl::InvalidArgumentError(absl::StrCat(index_path, ": weight_map entry ", Quote(it.key()), " is not a file name"));
+        return absl::InvalidArgumentError(absl::StrCat(index_path, ": weight_map entry ",
+                                                       Quote(it.key()), " is not a file name"));
       }
       const std::string shard = it.value().get<std::string>();
       if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..") {
-        return absl::InvalidArgumentError(absl::StrCat(index_path, ": shard name ", Quote(shard), " for tensor ",
-                                                       Quote(it.key()), " must be a plain file name in the folder"));
+        return absl::InvalidArgumentError(absl::StrCat(index_path, ": shard name ", Quote(shard),
+                                                       " for tensor ", Quote(it.key()),
+                                                       " must be a plain file name in the folder"));
       }
       weight_map[it.key()] = shard;
       if (seen.insert(shard).second) shard_names.push_back(shard);
@@ -223,9 +236,10 @@ absl::StatusOr<std::unique_ptr<CheckpointTensors>> CheckpointTensors::Open(const
     shard_names.push_back("model.safetensors");
     result->description_ = single;
   } else {
-    return absl::NotFoundError(absl::StrCat("checkpoint folder ", dir,
-                                            " has neither model.safetensors nor model.safetensors.index.json "
-                                            "(pickle checkpoints are not loaded)"));
+    return absl::NotFoundError(
+        absl::StrCat("checkpoint folder ", dir,
+                     " has neither model.safetensors nor model.safetensors.index.json "
+                     "(pickle checkpoints are not loaded)"));
   }
   for (const std::string& shard : shard_names) {
     ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(dir + "/" + shard));
@@ -240,8 +254,8 @@ absl::StatusOr<std::unique_ptr<CheckpointTensors>> CheckpointTensors::Open(const
   }
   for (const auto& [name, shard] : weight_map) {
     if (!result->index_.count(name)) {
-      return absl::NotFoundError(absl::StrCat(index_path, " maps tensor ", Quote(name), " to ", shard,
-                                              ", which does not contain it"));
+      return absl::NotFoundError(absl::StrCat(index_path, " maps tensor ", Quote(name), " to ",
+                                              shard, ", which does not contain it"));
     }
   }
   return result;
@@ -250,7 +264,8 @@ absl::StatusOr<std::unique_ptr<CheckpointTensors>> CheckpointTensors::Open(const
 absl::StatusOr<TensorView> CheckpointTensors::Get(const std::string& name) const {
   auto it = index_.find(name);
   if (it == index_.end()) {
-    return absl::NotFoundError(absl::StrCat("tensor ", Quote(name), " is missing from ", description_));
+    return absl::NotFoundError(
+        absl::StrCat("tensor ", Quote(name), " is missing from ", description_));
   }
   return *it->second;
 }

@@ -14,7 +14,20 @@
 
 namespace attnscope {
 
-enum class StoredDType { kF32, kF16, kBF16, kF64, kI64, kI32, kI16, kI8, kU8, kBool, kF8E4M3, kF8E5M2 };
+enum class StoredDType {
+  kF32,
+  kF16,
+  kBF16,
+  kF64,
+  kI64,
+  kI32,
+  kI16,
+  kI8,
+  kU8,
+  kBool,
+  kF8E4M3,
+  kF8E5M2
+};
 
 // Bytes per element of a stored dtype.
 int64_t StoredDTypeSize(StoredDType dtype);

@@ -2,15 +2,14 @@
 
 #include <cstdio>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
 
 namespace attnscope {
 
-void SafetensorsWriter::Add(const std::string& name, const std::string& dtype, const std::vector<int64_t>& shape,
-                            const void* data, size_t nbytes) {
+void SafetensorsWriter::Add(const std::string& name, const std::string& dtype,
+                            const std::vector<int64_t>& shape, const void* data, size_t nbytes) {
   entries_[name] = Entry{dtype, shape, std::string(static_cast<const char*>(data), nbytes)};
 }
 
@@ -19,7 +18,9 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
   if (!metadata_.empty()) header["__metadata__"] = metadata_;
   uint64_t offset = 0;
   for (const auto& [name, e] : entries_) {
-    header[name] = {{"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {offset, offset + e.bytes.size()}}};
+    header[name] = {{"dtype", e.dtype},
+                    {"shape", e.shape},
+                    {"data_offsets", {offset, offset + e.bytes.size()}}};
     offset += e.bytes.size();
   }
   std::string text = header.dump();
@@ -33,7 +34,8 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
     for (int i = 0; i < 8; ++i) le[i] = static_cast<unsigned char>(len >> (8 * i));
     out.write(reinterpret_cast<const char*>(le), 8);
     out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    for (const auto& [name, e] : entries_) out.write(e.bytes.data(), static_cast<std::streamsize>(e.bytes.size()));
+    for (const auto& [name, e] : entries_)
+      out.write(e.bytes.data(), static_cast<std::streamsize>(e.bytes.size()));
     out.flush();
     if (!out) return absl::DataLossError(absl::StrCat("short write to ", tmp));
   }

@@ -1,15 +1,14 @@
 // Next-token choice: greedy, or temperature / top-k / top-p sampling from a seeded generator.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <cstdint>
 #include <random>
-
-#include <torch/torch.h>
 
 #include "model/sampling.h"
 
 namespace attnscope {
-
 
 class Sampler {
  public:

@@ -2,16 +2,17 @@
 // dlopen(RTLD_LOCAL | RTLD_DEEPBIND): Debian's libsentencepiece carries its own protobuf, which
 // must not meet the libprotobuf that gRPC and libtorch load (both would abort at start-up).
 // This is the only file that includes sentencepiece_processor.h (it defines absl::string_view).
+#include <sentencepiece_processor.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
-#include <sentencepiece_processor.h>
-
 extern "C" {
 
-// Returns a processor, or null with a message in `err` (malloc'ed; free with attnscope_spm_free_buf).
+// Returns a processor, or null with a message in `err` (malloc'ed; free with
+// attnscope_spm_free_buf).
 void* attnscope_spm_load(const char* path, char** err) {
   auto* sp = new sentencepiece::SentencePieceProcessor();
   const auto status = sp->Load(path);
@@ -23,13 +24,17 @@ void* attnscope_spm_load(const char* path, char** err) {
   return sp;
 }
 
-void attnscope_spm_free(void* handle) { delete static_cast<sentencepiece::SentencePieceProcessor*>(handle); }
+void attnscope_spm_free(void* handle) {
+  delete static_cast<sentencepiece::SentencePieceProcessor*>(handle);
+}
 void attnscope_spm_free_buf(void* buf) { std::free(buf); }
 
 // Ids of `text` into a malloc'ed array; returns the count.
 int attnscope_spm_encode(void* handle, const char* text, size_t len, int** ids) {
   std::vector<int> out;
-  static_cast<sentencepiece::SentencePieceProcessor*>(handle)->Encode(std::string(text, len), &out).IgnoreError();
+  static_cast<sentencepiece::SentencePieceProcessor*>(handle)
+      ->Encode(std::string(text, len), &out)
+      .IgnoreError();
   *ids = static_cast<int*>(std::malloc(sizeof(int) * (out.empty() ? 1 : out.size())));
   std::memcpy(*ids, out.data(), sizeof(int) * out.size());
   return static_cast<int>(out.size());
@@ -38,7 +43,9 @@ int attnscope_spm_encode(void* handle, const char* text, size_t len, int** ids) 
 // Text of `ids` (malloc'ed, NUL-terminated).
 char* attnscope_spm_decode(void* handle, const int* ids, int n) {
   std::string text;
-  static_cast<sentencepiece::SentencePieceProcessor*>(handle)->Decode(std::vector<int>(ids, ids + n), &text).IgnoreError();
+  static_cast<sentencepiece::SentencePieceProcessor*>(handle)
+      ->Decode(std::vector<int>(ids, ids + n), &text)
+      .IgnoreError();
   return strdup(text.c_str());
 }
 
@@ -63,7 +70,11 @@ int attnscope_spm_vocab_size(void* handle) {
   return static_cast<sentencepiece::SentencePieceProcessor*>(handle)->GetPieceSize();
 }
 
-int attnscope_spm_bos_id(void* handle) { return static_cast<sentencepiece::SentencePieceProcessor*>(handle)->bos_id(); }
-int attnscope_spm_eos_id(void* handle) { return static_cast<sentencepiece::SentencePieceProcessor*>(handle)->eos_id(); }
+int attnscope_spm_bos_id(void* handle) {
+  return static_cast<sentencepiece::SentencePieceProcessor*>(handle)->bos_id();
+}
+int attnscope_spm_eos_id(void* handle) {
+  return static_cast<sentencepiece::SentencePieceProcessor*>(handle)->eos_id();
+}
 
 }  // extern "C"

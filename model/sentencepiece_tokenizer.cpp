@@ -57,8 +57,8 @@ absl::StatusOr<const ShimApi*> Shim() {
       absl::StrAppend(&errors, " ", path, ": ", dlerror(), ";");
     }
     if (lib == nullptr) {
-      status = absl::FailedPreconditionError(
-          absl::StrCat("the sentencepiece shim library could not be loaded (set ATTNSCOPE_SPM_SHIM):", errors));
+      status = absl::FailedPreconditionError(absl::StrCat(
+          "the sentencepiece shim library could not be loaded (set ATTNSCOPE_SPM_SHIM):", errors));
       return;
     }
     auto sym = [&](const char* name) { return dlsym(lib, name); };
@@ -96,7 +96,8 @@ class SentencePieceTokenizer : public Tokenizer {
       special_.push_back(kind == 1 || kind == 2);
       // Control and unknown pieces written in the text stand for themselves, as in the
       // Hugging Face tokenizers of the same models.
-      if (kind == 1 || kind == 2) specials_.emplace_back(TakeString(api_, api_->id_to_piece(handle_, id)), id);
+      if (kind == 1 || kind == 2)
+        specials_.emplace_back(TakeString(api_, api_->id_to_piece(handle_, id)), id);
     }
   }
   ~SentencePieceTokenizer() override { api_->free_handle(handle_); }
@@ -136,8 +137,11 @@ class SentencePieceTokenizer : public Tokenizer {
     std::vector<int> run;
     auto flush = [&] {
       if (run.empty()) return;
-      std::string text = TakeString(api_, api_->decode(handle_, run.data(), static_cast<int>(run.size())));
-      if (!out.empty() && TakeString(api_, api_->id_to_piece(handle_, run[0])).rfind("\u2581", 0) == 0) out += ' ';
+      std::string text =
+          TakeString(api_, api_->decode(handle_, run.data(), static_cast<int>(run.size())));
+      if (!out.empty() &&
+          TakeString(api_, api_->id_to_piece(handle_, run[0])).rfind("\u2581", 0) == 0)
+        out += ' ';
       out += text;
       run.clear();
     };
@@ -148,7 +152,8 @@ class SentencePieceTokenizer : public Tokenizer {
         continue;
       }
       flush();
-      if (!skip_special_tokens) out += TakeString(api_, api_->id_to_piece(handle_, static_cast<int>(id)));
+      if (!skip_special_tokens)
+        out += TakeString(api_, api_->id_to_piece(handle_, static_cast<int>(id)));
     }
     flush();
     return out;
@@ -167,7 +172,8 @@ class SentencePieceTokenizer : public Tokenizer {
       }
     }
     unsigned int b;
-    if (piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 && std::sscanf(piece.c_str() + 3, "%2X", &b) == 1) {
+    if (piece.size() == 6 && piece.compare(0, 3, "<0x") == 0 &&
+        std::sscanf(piece.c_str() + 3, "%2X", &b) == 1) {
       return utf8::Lossy(std::string(1, static_cast<char>(b)));
     }
     return out;
@@ -175,7 +181,8 @@ class SentencePieceTokenizer : public Tokenizer {
 
   std::optional<int64_t> TokenId(const std::string& token) const override {
     const int id = api_->piece_to_id(handle_, token.c_str());
-    if (id < 0 || (id == 0 && TakeString(api_, api_->id_to_piece(handle_, 0)) != token)) return std::nullopt;
+    if (id < 0 || (id == 0 && TakeString(api_, api_->id_to_piece(handle_, 0)) != token))
+      return std::nullopt;
     return id;
   }
   int64_t vocab_size() const override { return static_cast<int64_t>(special_.size()); }
@@ -195,14 +202,17 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceTokenizer(const std:
   char* err = nullptr;
   void* handle = api->load(path.c_str(), &err);
   if (handle == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(path, " is not a SentencePiece model: ", TakeString(api, err)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, " is not a SentencePiece model: ", TakeString(api, err)));
   }
   return std::unique_ptr<Tokenizer>(new SentencePieceTokenizer(api, handle));
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& dir) {
-  if (access((dir + "/tokenizer.json").c_str(), F_OK) == 0) return LoadHfTokenizer(dir + "/tokenizer.json");
-  if (access((dir + "/tokenizer.model").c_str(), F_OK) == 0) return LoadSentencePieceTokenizer(dir + "/tokenizer.model");
+  if (access((dir + "/tokenizer.json").c_str(), F_OK) == 0)
+    return LoadHfTokenizer(dir + "/tokenizer.json");
+  if (access((dir + "/tokenizer.model").c_str(), F_OK) == 0)
+    return LoadSentencePieceTokenizer(dir + "/tokenizer.model");
   return absl::NotFoundError(absl::StrCat(dir, " has neither tokenizer.json nor tokenizer.model"));
 }
 

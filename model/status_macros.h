@@ -8,9 +8,9 @@
 #define ATTNSCOPE_CONCAT(a, b) ATTNSCOPE_CONCAT_INNER(a, b)
 
 // Returns from the enclosing function when `expr` yields a non-OK status.
-#define RETURN_IF_ERROR(expr)                       \
-  do {                                              \
-    ::absl::Status _attnscope_status = (expr);      \
+#define RETURN_IF_ERROR(expr)                              \
+  do {                                                     \
+    ::absl::Status _attnscope_status = (expr);             \
     if (!_attnscope_status.ok()) return _attnscope_status; \
   } while (0)
 

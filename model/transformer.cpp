@@ -13,7 +13,8 @@ torch::Tensor Linear(const torch::Tensor& x, const torch::Tensor& w, const torch
 
 }  // namespace
 
-Transformer::Transformer(ModelConfig config, Weights weights, torch::Device device, torch::ScalarType dtype)
+Transformer::Transformer(ModelConfig config, Weights weights, torch::Device device,
+                         torch::ScalarType dtype)
     : config_(std::move(config)), weights_(std::move(weights)), device_(device), dtype_(dtype) {
   inv_freq_ = RopeInverseFrequencies(config_.rope, config_.head_dim).to(device_);
 }
@@ -32,27 +33,32 @@ KVCache Transformer::NewCache(int64_t capacity) const {
 torch::Tensor Transformer::RmsNorm(const torch::Tensor& x, const torch::Tensor& weight) const {
   // x / sqrt(mean(x²) + eps) in float32, scaled by the weight in the compute dtype
   torch::Tensor xf = x.to(torch::kFloat32);
-  torch::Tensor normed = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + config_.rms_norm_eps);
+  torch::Tensor normed =
+      xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + config_.rms_norm_eps);
   return weight * normed.to(dtype_);
 }
 
 absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& ids, KVCache* cache,
-                                                   CaptureProcessor* capture, Phase phase, int64_t step,
+                                                   CaptureProcessor* capture, Phase phase,
+                                                   int64_t step,
                                                    const ForwardOptions& options) const {
   const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t pos0 = cache->length;
   const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads, dim = config_.head_dim;
   torch::Tensor ids_t = torch::tensor(ids, torch::dtype(torch::kInt64)).to(device_);
   torch::Tensor x = weights_.token_embedding.index_select(0, ids_t);  // (n, hidden)
-  auto [cos, sin] = RopeTables(inv_freq_, pos0, n, dtype_);            // (n, head_dim) each
+  auto [cos, sin] = RopeTables(inv_freq_, pos0, n, dtype_);           // (n, head_dim) each
 
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     const LayerWeights& w = weights_.layers[l];
     // Attention block: RMSNorm, q/k/v projections, RoPE on q and k, cache append.
     torch::Tensor h = RmsNorm(x, w.attn_norm);
-    torch::Tensor q = Linear(h, w.wq, w.bq).view({n, heads, dim}).transpose(0, 1);     // (heads, n, dim)
-    torch::Tensor k = Linear(h, w.wk, w.bk).view({n, kv_heads, dim}).transpose(0, 1);  // (kv, n, dim)
-    torch::Tensor v = Linear(h, w.wv, w.bv).view({n, kv_heads, dim}).transpose(0, 1);  // (kv, n, dim)
+    torch::Tensor q =
+        Linear(h, w.wq, w.bq).view({n, heads, dim}).transpose(0, 1);  // (heads, n, dim)
+    torch::Tensor k =
+        Linear(h, w.wk, w.bk).view({n, kv_heads, dim}).transpose(0, 1);  // (kv, n, dim)
+    torch::Tensor v =
+        Linear(h, w.wv, w.bv).view({n, kv_heads, dim}).transpose(0, 1);  // (kv, n, dim)
     q = ApplyRope(q, cos, sin);
     k = ApplyRope(k, cos, sin);
     cache->k[l].narrow(1, pos0, n).copy_(k);
@@ -80,7 +86,9 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
 
     // MLP block: RMSNorm, SwiGLU: down(silu(gate(h)) * up(h)).
     h = RmsNorm(x, w.mlp_norm);
-    x = x + torch::matmul(torch::silu(torch::matmul(h, w.w_gate.t())) * torch::matmul(h, w.w_up.t()), w.w_down.t());
+    x = x +
+        torch::matmul(torch::silu(torch::matmul(h, w.w_gate.t())) * torch::matmul(h, w.w_up.t()),
+                      w.w_down.t());
   }
   cache->length = pos0 + n;
   // Final norm and LM head on the last position only.

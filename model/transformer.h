@@ -1,9 +1,9 @@
 // The decoder-only transformer forward pass (Llama / Mistral / Qwen2) over a KV cache.
 #pragma once
 
-#include <vector>
-
 #include <torch/torch.h>
+
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "model/capture.h"
@@ -20,10 +20,11 @@ struct KVCache {
 };
 
 struct ForwardOptions {
-  int64_t query_block = 128;   // attention rows materialized at once on the explicit path
-  int64_t block_elements = int64_t{1} << 24;  // and at most this many probabilities (64 MiB of float32)
-  int64_t row_multiple = 1;    // query blocks start at multiples of this (pooled capture)
-  bool fast_attention = true;  // fused attention for layers whose probabilities are not needed
+  int64_t query_block = 128;  // attention rows materialized at once on the explicit path
+  int64_t block_elements = int64_t{1}
+                           << 24;  // and at most this many probabilities (64 MiB of float32)
+  int64_t row_multiple = 1;        // query blocks start at multiples of this (pooled capture)
+  bool fast_attention = true;      // fused attention for layers whose probabilities are not needed
 };
 
 class Transformer {

@@ -96,7 +96,8 @@ inline std::string Lossy(std::string_view s) {
     // Skip the continuation bytes that belonged to the broken character.
     const int n = CharLength(static_cast<unsigned char>(s[start]));
     size_t j = start + 1;
-    while (n > 1 && j < s.size() && j < start + n && (static_cast<unsigned char>(s[j]) >> 6) == 0x2) ++j;
+    while (n > 1 && j < s.size() && j < start + n && (static_cast<unsigned char>(s[j]) >> 6) == 0x2)
+      ++j;
     i = j;
     out += "\xEF\xBF\xBD";
   }

@@ -1,11 +1,11 @@
 // The model's weights in compute dtype on the compute device, named as in the checkpoint.
 #pragma once
 
+#include <torch/torch.h>
+
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <torch/torch.h>
 
 #include "absl/status/statusor.h"
 #include "model/config.h"

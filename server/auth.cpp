@@ -31,8 +31,8 @@ absl::StatusOr<BearerTokens> BearerTokens::Parse(absl::string_view text, absl::s
     line = absl::StripAsciiWhitespace(line);
     if (line.empty() || line[0] == '#') continue;
     if (line.size() > kMaxTokenBytes) {
-      return absl::InvalidArgumentError(absl::StrCat(source, ":", line_no, ": token longer than ", kMaxTokenBytes,
-                                                     " bytes"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(source, ":", line_no, ": token longer than ", kMaxTokenBytes, " bytes"));
     }
     for (char c : line) {
       if (!IsTokenChar(c)) {
@@ -42,7 +42,8 @@ absl::StatusOr<BearerTokens> BearerTokens::Parse(absl::string_view text, absl::s
     }
     out.tokens_.emplace_back(line);
   }
-  if (out.tokens_.empty()) return absl::InvalidArgumentError(absl::StrCat(source, " holds no token"));
+  if (out.tokens_.empty())
+    return absl::InvalidArgumentError(absl::StrCat(source, " holds no token"));
   return out;
 }
 
@@ -53,11 +54,13 @@ absl::Status BearerTokens::Check(const absl::string_view* authorization) const {
   }
   absl::string_view value = absl::StripAsciiWhitespace(*authorization);
   constexpr absl::string_view kScheme = "bearer";
-  if (value.size() <= kScheme.size() || !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme) ||
+  if (value.size() <= kScheme.size() ||
+      !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme) ||
       (value[kScheme.size()] != ' ' && value[kScheme.size()] != '\t')) {
     return absl::UnauthenticatedError("the authorization metadata must be 'Bearer <token>'");
   }
-  const absl::string_view presented = absl::StripLeadingAsciiWhitespace(value.substr(kScheme.size()));
+  const absl::string_view presented =
+      absl::StripLeadingAsciiWhitespace(value.substr(kScheme.size()));
   bool match = false;
   for (const std::string& token : tokens_) match |= ConstantTimeEquals(token, presented);
   if (!match) return absl::UnauthenticatedError("the bearer token is not valid for this server");

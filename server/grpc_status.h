@@ -2,9 +2,9 @@
 // else in server/ builds a grpc::Status.
 #pragma once
 
-#include <string>
-
 #include <grpcpp/grpcpp.h>
+
+#include <string>
 
 #include "absl/status/status.h"
 

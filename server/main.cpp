@@ -1,18 +1,16 @@
 // attnscope-server: serves one resident model over gRPC.
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <httplib.h>
 #include <signal.h>
+#include <spdlog/spdlog.h>
 
 #include <fstream>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
-
-#include <httplib.h>
-
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
-#include <grpcpp/grpcpp.h>
-#include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -27,25 +25,33 @@
 
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint folder to serve");
 ABSL_FLAG(std::string, model, "", "model name to look up in --models (the prototype's names)");
-ABSL_FLAG(std::string, models, "", "model registry JSON: {name: {\"path\": DIR, \"max_length\": N}}");
+ABSL_FLAG(std::string, models, "",
+          "model registry JSON: {name: {\"path\": DIR, \"max_length\": N}}");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "address to listen on");
 ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
-ABSL_FLAG(std::string, dtype, "", "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)");
+ABSL_FLAG(std::string, dtype, "",
+          "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)");
 ABSL_FLAG(int, max_concurrent, 1, "generations running at once");
 ABSL_FLAG(int, max_queue, 16, "generations waiting; beyond: RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, chunk_bytes, 1 << 20, "attention payload bytes per streamed message");
-ABSL_FLAG(int64_t, max_capture_bytes, int64_t{64} << 30, "capture byte budget per request (0: none)");
+ABSL_FLAG(int64_t, max_capture_bytes, int64_t{64} << 30,
+          "capture byte budget per request (0: none)");
 ABSL_FLAG(int64_t, query_block, 128, "attention rows materialized at once for captured layers");
-ABSL_FLAG(int64_t, block_elements, int64_t{1} << 24,
-          "at most this many attention probabilities materialized at once (memory per captured layer)");
+ABSL_FLAG(
+    int64_t, block_elements, int64_t{1} << 24,
+    "at most this many attention probabilities materialized at once (memory per captured layer)");
 ABSL_FLAG(std::string, auth_tokens_file, "", "file with one accepted bearer token per line");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (TLS on when set with --tls_key)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key");
-ABSL_FLAG(std::string, metrics_listen, "", "HOST:PORT for Prometheus metrics over HTTP (/metrics); empty: off");
-ABSL_FLAG(bool, insecure, false, "allow a non-loopback address (gRPC or metrics) without auth tokens");
-ABSL_FLAG(double, stall_timeout_s, 30,
-          "stop a stream whose client has taken no message for this many seconds, freeing its slot");
-ABSL_FLAG(int64_t, max_request_bytes, 4 << 20, "largest request message accepted (prompts included)");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "HOST:PORT for Prometheus metrics over HTTP (/metrics); empty: off");
+ABSL_FLAG(bool, insecure, false,
+          "allow a non-loopback address (gRPC or metrics) without auth tokens");
+ABSL_FLAG(
+    double, stall_timeout_s, 30,
+    "stop a stream whose client has taken no message for this many seconds, freeing its slot");
+ABSL_FLAG(int64_t, max_request_bytes, 4 << 20,
+          "largest request message accepted (prompts included)");
 
 namespace attnscope {
 namespace {
@@ -54,16 +60,18 @@ namespace {
 constexpr int64_t kMaxSmallFileBytes = 16 << 20;
 
 bool IsLoopback(const std::string& address) {
-  return address.rfind("127.", 0) == 0 || address.rfind("localhost:", 0) == 0 || address.rfind("[::1]:", 0) == 0 ||
-         address.rfind("unix:", 0) == 0;
+  return address.rfind("127.", 0) == 0 || address.rfind("localhost:", 0) == 0 ||
+         address.rfind("[::1]:", 0) == 0 || address.rfind("unix:", 0) == 0;
 }
 
 // HOST:PORT with PORT in [0, 65535] (0: any free port).
-absl::Status SplitHostPort(const std::string& address, const char* flag, std::string* host, int* port) {
+absl::Status SplitHostPort(const std::string& address, const char* flag, std::string* host,
+                           int* port) {
   const auto colon = address.find_last_of(':');
-  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), port) || *port < 0 ||
-      *port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat(flag, " '", address, "' is not HOST:PORT with a port in 0-65535"));
+  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), port) ||
+      *port < 0 || *port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(flag, " '", address, "' is not HOST:PORT with a port in 0-65535"));
   }
   *host = address.substr(0, colon);
   return absl::OkStatus();
@@ -76,13 +84,15 @@ absl::Status ResolveModel(std::string* name, std::string* model_dir) {
   if (!name->empty()) {
     const std::string registry = absl::GetFlag(FLAGS_models);
     if (registry.empty()) {
-      return absl::InvalidArgumentError("--model NAME needs --models REGISTRY.json (see deploy/models.example.json)");
+      return absl::InvalidArgumentError(
+          "--model NAME needs --models REGISTRY.json (see deploy/models.example.json)");
     }
     ASSIGN_OR_RETURN(std::string text, ReadRegularFile(registry, kMaxSmallFileBytes));
     ASSIGN_OR_RETURN(RegistryEntry entry, LookupModel(text, *name, registry));
     *model_dir = entry.path;
   }
-  if (model_dir->empty()) return absl::InvalidArgumentError("give --model_dir DIR, or --model NAME with --models");
+  if (model_dir->empty())
+    return absl::InvalidArgumentError("give --model_dir DIR, or --model NAME with --models");
   if (name->empty()) {
     std::string dir = *model_dir;
     while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
@@ -103,12 +113,16 @@ absl::StatusOr<ServiceOptions> ServiceOptionsFromFlags(const std::string& name) 
   if (options.chunk_bytes < 1024 || options.chunk_bytes > (64 << 20)) {
     return absl::InvalidArgumentError("--chunk_bytes must be in [1024, 64 MiB]");
   }
-  if (options.max_capture_bytes < 0) return absl::InvalidArgumentError("--max_capture_bytes must be >= 0 (0: none)");
-  if (options.scheduler.max_concurrent < 1 || options.scheduler.max_concurrent > Scheduler::kMaxConcurrent) {
-    return absl::InvalidArgumentError(absl::StrCat("--max_concurrent must be in [1, ", Scheduler::kMaxConcurrent, "]"));
+  if (options.max_capture_bytes < 0)
+    return absl::InvalidArgumentError("--max_capture_bytes must be >= 0 (0: none)");
+  if (options.scheduler.max_concurrent < 1 ||
+      options.scheduler.max_concurrent > Scheduler::kMaxConcurrent) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_concurrent must be in [1, ", Scheduler::kMaxConcurrent, "]"));
   }
   if (options.scheduler.max_queue < 0 || options.scheduler.max_queue > Scheduler::kMaxQueue) {
-    return absl::InvalidArgumentError(absl::StrCat("--max_queue must be in [0, ", Scheduler::kMaxQueue, "]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max_queue must be in [0, ", Scheduler::kMaxQueue, "]"));
   }
   if (!(options.stall_timeout_s >= 0.1 && options.stall_timeout_s <= 3600)) {
     return absl::InvalidArgumentError("--stall_timeout_s must be in [0.1, 3600]");
@@ -121,9 +135,11 @@ absl::StatusOr<ServiceOptions> ServiceOptionsFromFlags(const std::string& name) 
 }
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials() {
-  const std::string cert_file = absl::GetFlag(FLAGS_tls_cert), key_file = absl::GetFlag(FLAGS_tls_key);
+  const std::string cert_file = absl::GetFlag(FLAGS_tls_cert),
+                    key_file = absl::GetFlag(FLAGS_tls_key);
   if (cert_file.empty() && key_file.empty()) return grpc::InsecureServerCredentials();
-  if (cert_file.empty() || key_file.empty()) return absl::InvalidArgumentError("TLS needs both --tls_cert and --tls_key");
+  if (cert_file.empty() || key_file.empty())
+    return absl::InvalidArgumentError("TLS needs both --tls_cert and --tls_key");
   grpc::SslServerCredentialsOptions ssl;
   ASSIGN_OR_RETURN(std::string cert, ReadRegularFile(cert_file, kMaxSmallFileBytes));
   ASSIGN_OR_RETURN(std::string key, ReadRegularFile(key_file, kMaxSmallFileBytes));
@@ -134,7 +150,8 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials() {
 // Prometheus text on GET /metrics; with auth tokens, the same bearer token is required.
 class MetricsEndpoint {
  public:
-  absl::Status Start(const std::string& address, AttentionServiceImpl* service, const BearerTokens* auth) {
+  absl::Status Start(const std::string& address, AttentionServiceImpl* service,
+                     const BearerTokens* auth) {
     std::string host;
     int port = 0;
     RETURN_IF_ERROR(SplitHostPort(address, "--metrics_listen", &host, &port));
@@ -149,11 +166,14 @@ class MetricsEndpoint {
           return;
         }
       }
-      res.set_content(service->metrics().Render(service->scheduler().queued(), service->scheduler().running()),
-                      "text/plain; version=0.0.4");
+      res.set_content(
+          service->metrics().Render(service->scheduler().queued(), service->scheduler().running()),
+          "text/plain; version=0.0.4");
     });
-    const int bound = port == 0 ? http_.bind_to_any_port(host) : (http_.bind_to_port(host, port) ? port : -1);
-    if (bound <= 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", address, " for metrics"));
+    const int bound =
+        port == 0 ? http_.bind_to_any_port(host) : (http_.bind_to_port(host, port) ? port : -1);
+    if (bound <= 0)
+      return absl::UnavailableError(absl::StrCat("cannot listen on ", address, " for metrics"));
     thread_ = std::thread([this] { http_.listen_after_bind(); });
     spdlog::info("metrics on http://{}:{}/metrics", host, bound);
     return absl::OkStatus();
@@ -179,8 +199,9 @@ absl::Status Serve() {
   const bool insecure = absl::GetFlag(FLAGS_insecure);
   for (const std::string& address : {listen, metrics_listen}) {
     if (!address.empty() && !IsLoopback(address) && options.auth.empty() && !insecure) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "refusing to listen on ", address, " without --auth_tokens_file; pass --insecure to do it anyway"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("refusing to listen on ", address,
+                       " without --auth_tokens_file; pass --insecure to do it anyway"));
     }
   }
   const int64_t max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
@@ -220,14 +241,19 @@ absl::Status Serve() {
   // long context can be tens of MB: allow that much.
   builder.SetMaxSendMessageSize(512 << 20);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
+  if (server == nullptr || port == 0)
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
   server->GetHealthCheckService()->SetServingStatus(true);
 
   MetricsEndpoint metrics;
-  if (!metrics_listen.empty()) RETURN_IF_ERROR(metrics.Start(metrics_listen, &service, &options.auth));
-  const std::string bound = listen.rfind("unix:", 0) == 0 ? listen
-                                                          : absl::StrCat(listen.substr(0, listen.find_last_of(':')), ":", port);
-  spdlog::info("attnscope-server serving '{}' ({}) on {}", name, engine->info().architecture, bound);
+  if (!metrics_listen.empty())
+    RETURN_IF_ERROR(metrics.Start(metrics_listen, &service, &options.auth));
+  const std::string bound =
+      listen.rfind("unix:", 0) == 0
+          ? listen
+          : absl::StrCat(listen.substr(0, listen.find_last_of(':')), ":", port);
+  spdlog::info("attnscope-server serving '{}' ({}) on {}", name, engine->info().architecture,
+               bound);
   std::cout << "listening on " << bound << std::endl;
 
   int sig = 0;

@@ -21,7 +21,8 @@ Scheduler::Ticket Scheduler::TrySubmit(std::function<void()> job) {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) return 0;
     // A free thread takes the job at once; otherwise it must fit in the waiting queue.
-    const int waiting_after = static_cast<int>(queue_.size()) + 1 - (options_.max_concurrent - running_);
+    const int waiting_after =
+        static_cast<int>(queue_.size()) + 1 - (options_.max_concurrent - running_);
     if (waiting_after > options_.max_queue) return 0;
     ticket = next_ticket_++;
     queue_.emplace_back(ticket, std::move(job));
@@ -33,7 +34,8 @@ Scheduler::Ticket Scheduler::TrySubmit(std::function<void()> job) {
 bool Scheduler::Withdraw(Ticket ticket) {
   std::function<void()> job;  // destroyed outside the lock
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = std::find_if(queue_.begin(), queue_.end(), [&](const auto& q) { return q.first == ticket; });
+  auto it =
+      std::find_if(queue_.begin(), queue_.end(), [&](const auto& q) { return q.first == ticket; });
   if (it == queue_.end()) return false;
   job = std::move(it->second);
   queue_.erase(it);

@@ -1,10 +1,10 @@
 #include "server/service.h"
 
+#include <spdlog/spdlog.h>
+
 #include <chrono>
 #include <deque>
 #include <functional>
-
-#include <spdlog/spdlog.h>
 
 #include "absl/strings/str_cat.h"
 #include "model/status_macros.h"
@@ -25,8 +25,10 @@ void FillTimings(const GenerateResult& r, int64_t prompt_tokens, double queue_ms
   t->set_queue_ms(queue_ms);
   t->set_prefill_ms(r.timings.prefill_ms);
   t->set_decode_ms(r.timings.decode_ms);
-  if (r.timings.prefill_ms > 0) t->set_prefill_tokens_per_s(prompt_tokens / (r.timings.prefill_ms / 1e3));
-  if (r.timings.decode_ms > 0) t->set_decode_tokens_per_s(r.decode_steps / (r.timings.decode_ms / 1e3));
+  if (r.timings.prefill_ms > 0)
+    t->set_prefill_tokens_per_s(prompt_tokens / (r.timings.prefill_ms / 1e3));
+  if (r.timings.decode_ms > 0)
+    t->set_decode_tokens_per_s(r.decode_steps / (r.timings.decode_ms / 1e3));
 }
 
 absl::Status BusyError() {
@@ -35,8 +37,9 @@ absl::Status BusyError() {
 }
 
 absl::Status CancelledStatus(bool accepting) {
-  return accepting ? absl::CancelledError("the generation was cancelled")
-                   : absl::UnavailableError("the server is shutting down; the generation was stopped");
+  return accepting
+             ? absl::CancelledError("the generation was cancelled")
+             : absl::UnavailableError("the server is shutting down; the generation was stopped");
 }
 
 // Decodes a raw request; INVALID_ARGUMENT naming the expected message when it does not decode.
@@ -46,13 +49,17 @@ absl::Status Decode(const grpc::ByteBuffer* raw, Message* out) {
   grpc::Status s = grpc::SerializationTraits<Message>::Deserialize(&copy, out);
   if (s.ok()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("the request could not be decoded as ",
-                                                 Message::descriptor()->full_name(), ": ", s.error_message()));
+                                                 Message::descriptor()->full_name(), ": ",
+                                                 s.error_message()));
 }
 
 absl::Status Encode(const google::protobuf::Message& message, grpc::ByteBuffer* out) {
   bool own = false;
-  grpc::Status s = grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, out, &own);
-  return s.ok() ? absl::OkStatus() : absl::InternalError(absl::StrCat("cannot encode the response: ", s.error_message()));
+  grpc::Status s =
+      grpc::SerializationTraits<google::protobuf::Message>::Serialize(message, out, &own);
+  return s.ok()
+             ? absl::OkStatus()
+             : absl::InternalError(absl::StrCat("cannot encode the response: ", s.error_message()));
 }
 
 // Unary generation keeps statistics only.
@@ -100,7 +107,8 @@ struct StreamState {
   bool TakeFinish(absl::Status* status) {
     if (!job_done || writing || pinned > 0 || finishing) return false;
     finishing = true;
-    *status = cancelled && final_status.ok() ? absl::CancelledError("the stream was cancelled") : final_status;
+    *status = cancelled && final_status.ok() ? absl::CancelledError("the stream was cancelled")
+                                             : final_status;
     return true;
   }
 };
@@ -110,7 +118,8 @@ struct StreamState {
 // cancelled or stalled call wakes it and stops the generation at its next block or step.
 class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public AttentionSink {
  public:
-  StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw)
+  StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context,
+                const grpc::ByteBuffer* raw)
       : service_(service), received_(Clock::now()), state_(std::make_shared<StreamState>()) {
     state_->reactor = this;
     state_->context = context;
@@ -173,8 +182,8 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
   absl::Status OnAttention(const AttentionBlock& block) override {
     return ChunkAttention(block, resolved_.capture.element_type, service_->options_.chunk_bytes,
                           [this](const v1::StreamAttentionResponse& msg) {
-                            const int64_t n = static_cast<int64_t>(msg.attention().data().size() +
-                                                                   msg.attention().indices().size());
+                            const int64_t n = static_cast<int64_t>(
+                                msg.attention().data().size() + msg.attention().indices().size());
                             RETURN_IF_ERROR(Push(msg));
                             bytes_sent_ += n;
                             service_->metrics_.attention_bytes += n;
@@ -182,11 +191,12 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
                           });
   }
   absl::Status OnStatistic(const StatBlock& stat) override {
-    return ChunkStatistic(stat, service_->options_.chunk_bytes, [this](const v1::StreamAttentionResponse& msg) {
-      RETURN_IF_ERROR(Push(msg));
-      bytes_sent_ += static_cast<int64_t>(msg.statistic().data().size());
-      return absl::OkStatus();
-    });
+    return ChunkStatistic(stat, service_->options_.chunk_bytes,
+                          [this](const v1::StreamAttentionResponse& msg) {
+                            RETURN_IF_ERROR(Push(msg));
+                            bytes_sent_ += static_cast<int64_t>(msg.statistic().data().size());
+                            return absl::OkStatus();
+                          });
   }
   absl::Status OnToken(int64_t step, int64_t id) override {
     ++service_->metrics_.tokens_generated;
@@ -238,7 +248,8 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     FinishAndRecord(status);
   }
 
-  // Resolves the request, then streams header, blocks, tokens and trailer. Returns how the call ends.
+  // Resolves the request, then streams header, blocks, tokens and trailer. Returns how the call
+  // ends.
   absl::Status Stream() {
     const auto started = Clock::now();
     const Engine& engine = *service_->engine_;
@@ -252,15 +263,18 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     h->set_request_id(absl::StrCat(service_->next_id_++));
     FillModelInfo(engine.info(), service_->options_.model_name, h->mutable_model());
     for (int64_t id : resolved_.generate.prompt_ids) h->add_prompt_token_ids(id);
-    for (auto& piece : engine.Pieces(resolved_.generate.prompt_ids)) h->add_prompt_pieces(std::move(piece));
-    FillCaptureSpec(resolved_.capture, engine.info().num_layers, engine.info().num_heads, h->mutable_capture());
+    for (auto& piece : engine.Pieces(resolved_.generate.prompt_ids))
+      h->add_prompt_pieces(std::move(piece));
+    FillCaptureSpec(resolved_.capture, engine.info().num_layers, engine.info().num_heads,
+                    h->mutable_capture());
     h->set_estimated_bytes(resolved_.estimated_bytes);
     h->set_chunk_bytes(service_->options_.chunk_bytes);
     h->set_max_new_tokens(resolved_.generate.max_new_tokens);
     absl::Status pushed_header = Push(header);
     absl::StatusOr<GenerateResult> result =
-        pushed_header.ok() ? engine.Generate(resolved_.generate, resolved_.capture, this, &state_->cancel)
-                           : absl::StatusOr<GenerateResult>(pushed_header);
+        pushed_header.ok()
+            ? engine.Generate(resolved_.generate, resolved_.capture, this, &state_->cancel)
+            : absl::StatusOr<GenerateResult>(pushed_header);
     absl::Status final_status;
     if (result.ok()) {
       service_->metrics_.decode_steps += result->decode_steps;
@@ -283,9 +297,10 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     } else {
       final_status = absl::IsCancelled(result.status()) ? StoppedStatus() : result.status();
     }
-    spdlog::info("StreamAttention peer={} prompt={} tokens={} bytes={} status={} ms={:.1f}", state_->context->peer(),
-                 resolved_.generate.prompt_ids.size(), tokens_, bytes_sent_,
-                 static_cast<int>(final_status.code()), MsBetween(started, Clock::now()));
+    spdlog::info("StreamAttention peer={} prompt={} tokens={} bytes={} status={} ms={:.1f}",
+                 state_->context->peer(), resolved_.generate.prompt_ids.size(), tokens_,
+                 bytes_sent_, static_cast<int>(final_status.code()),
+                 MsBetween(started, Clock::now()));
     return final_status;
   }
 
@@ -293,8 +308,9 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
   absl::Status StoppedStatus() {
     std::lock_guard<std::mutex> lock(state_->mu);
     if (state_->stalled) {
-      return absl::DeadlineExceededError(absl::StrCat("the client read nothing for ", service_->options_.stall_timeout_s,
-                                                      " s (--stall_timeout_s); the stream was stopped"));
+      return absl::DeadlineExceededError(
+          absl::StrCat("the client read nothing for ", service_->options_.stall_timeout_s,
+                       " s (--stall_timeout_s); the stream was stopped"));
     }
     return CancelledStatus(service_->accepting());
   }
@@ -329,14 +345,17 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
 };
 
 // A unary call whose work runs on a scheduler thread. A client that leaves while the call is
-// queued frees its place at once; one that leaves while it runs cancels it (the work sees `cancel`).
+// queued frees its place at once; one that leaves while it runs cancels it (the work sees
+// `cancel`).
 template <typename Request, typename Response>
 class JobReactor : public grpc::ServerUnaryReactor {
  public:
-  using Work = std::function<absl::Status(const Request& request, Response* response, const CancelToken& cancel)>;
+  using Work = std::function<absl::Status(const Request& request, Response* response,
+                                          const CancelToken& cancel)>;
 
-  JobReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context, const char* method,
-             Scheduler* scheduler, const grpc::ByteBuffer* raw_request, grpc::ByteBuffer* raw_response, Work work)
+  JobReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context,
+             const char* method, Scheduler* scheduler, const grpc::ByteBuffer* raw_request,
+             grpc::ByteBuffer* raw_response, Work work)
       : service_(service),
         method_(method),
         scheduler_(scheduler),
@@ -369,14 +388,16 @@ class JobReactor : public grpc::ServerUnaryReactor {
  private:
   void Run() {
     service_->Register(&cancel_);
-    absl::Status status = cancel_.cancelled() ? CancelledStatus(service_->accepting()) : work_(request_, &response_, cancel_);
+    absl::Status status = cancel_.cancelled() ? CancelledStatus(service_->accepting())
+                                              : work_(request_, &response_, cancel_);
     service_->Unregister(&cancel_);
     if (status.ok()) status = Encode(response_, raw_response_);
     FinishAndRecord(status);
   }
 
   void FinishAndRecord(const absl::Status& status) {
-    service_->metrics_.RecordRequest(method_, static_cast<int>(status.code()), MsBetween(received_, Clock::now()) / 1e3);
+    service_->metrics_.RecordRequest(method_, static_cast<int>(status.code()),
+                                     MsBetween(received_, Clock::now()) / 1e3);
     Finish(ToGrpcStatus(status));
   }
 
@@ -462,8 +483,10 @@ void AttentionServiceImpl::WatchdogLoop() {
       ++it;
       if (context == nullptr) continue;
       ++metrics_.stalled_streams;
-      spdlog::warn("StreamAttention peer={}: no message taken for {} s; stopping the stream and freeing its slot",
-                   context->peer(), options_.stall_timeout_s);
+      spdlog::warn(
+          "StreamAttention peer={}: no message taken for {} s; stopping the stream and freeing its "
+          "slot",
+          context->peer(), options_.stall_timeout_s);
       // Fails the pending write (OnWriteDone(false)), possibly on this thread: called unlocked.
       context->TryCancel();
       absl::Status status;
@@ -491,7 +514,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerCon
                                                          const grpc::ByteBuffer* raw_request,
                                                          grpc::ByteBuffer* raw_response) {
   const auto received = Clock::now();
-  auto work = [this, context, received](const v1::GenerateRequest& request, v1::GenerateResponse* response,
+  auto work = [this, context, received](const v1::GenerateRequest& request,
+                                        v1::GenerateResponse* response,
                                         const CancelToken& cancel) -> absl::Status {
     const auto started = Clock::now();
     ASSIGN_OR_RETURN(ResolvedRequest r, ResolveRequest(request, *engine_, options_.model_name,
@@ -511,7 +535,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerCon
       }
       response->set_finish_reason(ToProto(result->finish));
       response->set_prompt_tokens(static_cast<int64_t>(r.generate.prompt_ids.size()));
-      FillTimings(*result, r.generate.prompt_ids.size(), MsBetween(received, started), response->mutable_timings());
+      FillTimings(*result, r.generate.prompt_ids.size(), MsBetween(received, started),
+                  response->mutable_timings());
       if (result->finish == FinishReason::kCancelled) status = CancelledStatus(accepting_);
     }
     spdlog::info("Generate peer={} prompt={} tokens={} status={} ms={:.1f}", context->peer(),
@@ -519,12 +544,12 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerCon
                  static_cast<int>(status.code()), MsBetween(started, Clock::now()));
     return status;
   };
-  return new JobReactor<v1::GenerateRequest, v1::GenerateResponse>(this, context, "Generate", scheduler_.get(),
-                                                                    raw_request, raw_response, std::move(work));
+  return new JobReactor<v1::GenerateRequest, v1::GenerateResponse>(
+      this, context, "Generate", scheduler_.get(), raw_request, raw_response, std::move(work));
 }
 
-grpc::ServerWriteReactor<grpc::ByteBuffer>* AttentionServiceImpl::StreamAttention(grpc::CallbackServerContext* context,
-                                                                                  const grpc::ByteBuffer* request) {
+grpc::ServerWriteReactor<grpc::ByteBuffer>* AttentionServiceImpl::StreamAttention(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
   return new StreamReactor(this, context, request);
 }
 
@@ -533,14 +558,17 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Tokenize(grpc::CallbackServerCon
                                                          grpc::ByteBuffer* raw_response) {
   auto work = [this](const v1::TokenizeRequest& request, v1::TokenizeResponse* response,
                      const CancelToken&) -> absl::Status {
-    if (!utf8::IsValid(request.text())) return absl::InvalidArgumentError("the text is not valid UTF-8");
-    ASSIGN_OR_RETURN(std::vector<int64_t> ids, engine_->Encode(request.text(), request.add_special_tokens()));
+    if (!utf8::IsValid(request.text()))
+      return absl::InvalidArgumentError("the text is not valid UTF-8");
+    ASSIGN_OR_RETURN(std::vector<int64_t> ids,
+                     engine_->Encode(request.text(), request.add_special_tokens()));
     for (int64_t id : ids) response->add_ids(id);
     for (auto& piece : engine_->Pieces(ids)) response->add_pieces(std::move(piece));
     return absl::OkStatus();
   };
   return new JobReactor<v1::TokenizeRequest, v1::TokenizeResponse>(
-      this, context, "Tokenize", tokenizer_scheduler_.get(), raw_request, raw_response, std::move(work));
+      this, context, "Tokenize", tokenizer_scheduler_.get(), raw_request, raw_response,
+      std::move(work));
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Detokenize(grpc::CallbackServerContext* context,
@@ -554,13 +582,14 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Detokenize(grpc::CallbackServerC
                                                   engine_->info().vocab_size - 1, ")"));
       }
     }
-    ASSIGN_OR_RETURN(std::string text,
-                     engine_->Decode({request.ids().begin(), request.ids().end()}, request.skip_special_tokens()));
+    ASSIGN_OR_RETURN(std::string text, engine_->Decode({request.ids().begin(), request.ids().end()},
+                                                       request.skip_special_tokens()));
     response->set_text(std::move(text));
     return absl::OkStatus();
   };
   return new JobReactor<v1::DetokenizeRequest, v1::DetokenizeResponse>(
-      this, context, "Detokenize", tokenizer_scheduler_.get(), raw_request, raw_response, std::move(work));
+      this, context, "Detokenize", tokenizer_scheduler_.get(), raw_request, raw_response,
+      std::move(work));
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
@@ -575,7 +604,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetModelInfo(grpc::CallbackServe
     FillModelInfo(engine_->info(), options_.model_name, &info);
     status = Encode(info, raw_response);
   }
-  metrics_.RecordRequest("GetModelInfo", static_cast<int>(status.code()), MsBetween(received, Clock::now()) / 1e3);
+  metrics_.RecordRequest("GetModelInfo", static_cast<int>(status.code()),
+                         MsBetween(received, Clock::now()) / 1e3);
   auto* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;

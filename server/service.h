@@ -8,6 +8,8 @@
 // the engine thread and the reactor share a StreamState that outlives both (see service.cpp).
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <list>
@@ -15,8 +17,6 @@
 #include <mutex>
 #include <string>
 #include <thread>
-
-#include <grpcpp/grpcpp.h>
 
 #include "attnscope/v1/attnscope.grpc.pb.h"
 #include "model/engine.h"
@@ -29,23 +29,25 @@ namespace attnscope {
 struct StreamState;
 
 struct ServiceOptions {
-  std::string model_name = "model";     // what requests may name in `model`
-  int64_t chunk_bytes = 1 << 20;        // payload bytes per streamed message
-  int64_t max_capture_bytes = 0;        // byte budget per request; 0: none
-  int stream_queue_messages = 8;        // outgoing messages buffered per stream before generation waits
-  double stall_timeout_s = 30;          // a write not taken by the client for this long cancels the stream
-  BearerTokens auth;                    // accepted bearer tokens; empty: no authentication
-  SchedulerOptions scheduler;           // generations (and their request resolution)
-  SchedulerOptions tokenizer{2, 64};    // Tokenize / Detokenize calls
+  std::string model_name = "model";  // what requests may name in `model`
+  int64_t chunk_bytes = 1 << 20;     // payload bytes per streamed message
+  int64_t max_capture_bytes = 0;     // byte budget per request; 0: none
+  int stream_queue_messages = 8;  // outgoing messages buffered per stream before generation waits
+  double stall_timeout_s = 30;  // a write not taken by the client for this long cancels the stream
+  BearerTokens auth;            // accepted bearer tokens; empty: no authentication
+  SchedulerOptions scheduler;   // generations (and their request resolution)
+  SchedulerOptions tokenizer{2, 64};  // Tokenize / Detokenize calls
 };
 
 // Every method is registered raw (bytes in, bytes out): a request that does not decode is answered
 // INVALID_ARGUMENT here, where gRPC itself would answer UNIMPLEMENTED with no message, and streamed
 // messages are serialized on the engine thread rather than on gRPC's.
 using RawAttentionService = v1::AttentionService::WithRawCallbackMethod_Generate<
-    v1::AttentionService::WithRawCallbackMethod_StreamAttention<v1::AttentionService::WithRawCallbackMethod_Tokenize<
-        v1::AttentionService::WithRawCallbackMethod_Detokenize<
-            v1::AttentionService::WithRawCallbackMethod_GetModelInfo<v1::AttentionService::Service>>>>>;
+    v1::AttentionService::WithRawCallbackMethod_StreamAttention<
+        v1::AttentionService::WithRawCallbackMethod_Tokenize<
+            v1::AttentionService::WithRawCallbackMethod_Detokenize<
+                v1::AttentionService::WithRawCallbackMethod_GetModelInfo<
+                    v1::AttentionService::Service>>>>>;
 
 class AttentionServiceImpl final : public RawAttentionService {
  public:
@@ -53,19 +55,23 @@ class AttentionServiceImpl final : public RawAttentionService {
   ~AttentionServiceImpl() override;
 
   // GenerateRequest -> GenerateResponse
-  grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+  grpc::ServerUnaryReactor* Generate(grpc::CallbackServerContext* context,
+                                     const grpc::ByteBuffer* request,
                                      grpc::ByteBuffer* response) override;
   // GenerateRequest -> stream of StreamAttentionResponse
-  grpc::ServerWriteReactor<grpc::ByteBuffer>* StreamAttention(grpc::CallbackServerContext* context,
-                                                              const grpc::ByteBuffer* request) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* StreamAttention(
+      grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) override;
   // TokenizeRequest -> TokenizeResponse
-  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const grpc::ByteBuffer* request,
                                      grpc::ByteBuffer* response) override;
   // DetokenizeRequest -> DetokenizeResponse
-  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
+                                       const grpc::ByteBuffer* request,
                                        grpc::ByteBuffer* response) override;
   // GetModelInfoRequest -> ModelInfo
-  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const grpc::ByteBuffer* request,
                                          grpc::ByteBuffer* response) override;
 
   // Stops admitting work (new requests get UNAVAILABLE) and cancels every running generation.

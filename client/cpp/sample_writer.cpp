@@ -5,9 +5,8 @@
 #include <algorithm>
 #include <cctype>
 #include <cstring>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -19,9 +18,12 @@ const char* PhaseName(v1::Phase p) { return p == v1::PHASE_PREFILL ? "prefill" :
 
 const char* DType(v1::ElementType t) {
   switch (t) {
-    case v1::ELEMENT_FLOAT16: return "F16";
-    case v1::ELEMENT_BFLOAT16: return "BF16";
-    default: return "F32";
+    case v1::ELEMENT_FLOAT16:
+      return "F16";
+    case v1::ELEMENT_BFLOAT16:
+      return "BF16";
+    default:
+      return "F32";
   }
 }
 
@@ -75,9 +77,10 @@ absl::Status Malformed(const std::string& what) {
 }
 
 // Product of `shape`, checked: every dimension in [0, kMaxDim], the product at most kMaxElements.
-absl::StatusOr<int64_t> CheckedElements(const google::protobuf::RepeatedField<int64_t>& shape, int rank,
-                                        const std::string& what) {
-  if (shape.size() != rank) return Malformed(absl::StrCat(what, " has ", shape.size(), " dimensions, not ", rank));
+absl::StatusOr<int64_t> CheckedElements(const google::protobuf::RepeatedField<int64_t>& shape,
+                                        int rank, const std::string& what) {
+  if (shape.size() != rank)
+    return Malformed(absl::StrCat(what, " has ", shape.size(), " dimensions, not ", rank));
   int64_t n = 1;
   for (int64_t d : shape) {
     if (d < 0 || d > kMaxDim) return Malformed(absl::StrCat(what, " has a dimension of ", d));
@@ -90,18 +93,21 @@ absl::StatusOr<int64_t> CheckedElements(const google::protobuf::RepeatedField<in
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 absl::Status WriteAll(std::FILE* f, const void* data, size_t n, const std::string& what) {
-  if (n > 0 && std::fwrite(data, 1, n, f) != n) return absl::DataLossError(absl::StrCat("cannot write ", what));
+  if (n > 0 && std::fwrite(data, 1, n, f) != n)
+    return absl::DataLossError(absl::StrCat("cannot write ", what));
   return absl::OkStatus();
 }
 
-absl::Status CopyRange(std::FILE* from, int64_t offset, int64_t n, std::FILE* to, const std::string& what) {
+absl::Status CopyRange(std::FILE* from, int64_t offset, int64_t n, std::FILE* to,
+                       const std::string& what) {
   std::vector<char> buf(1 << 20);
   while (n > 0) {
     const size_t k = static_cast<size_t>(std::min<int64_t>(n, buf.size()));
     if (pread(fileno(from), buf.data(), k, offset) != static_cast<ssize_t>(k)) {
       return absl::DataLossError(absl::StrCat("cannot read back ", what));
     }
-    if (std::fwrite(buf.data(), 1, k, to) != k) return absl::DataLossError(absl::StrCat("cannot write ", what));
+    if (std::fwrite(buf.data(), 1, k, to) != k)
+      return absl::DataLossError(absl::StrCat("cannot write ", what));
     offset += k;
     n -= k;
   }
@@ -124,7 +130,9 @@ struct Pickler {
     std::fwrite(&n, 4, 1, f);
     Raw(s);
   }
-  void Global(const std::string& module, const std::string& name) { Raw("c" + module + "\n" + name + "\n"); }
+  void Global(const std::string& module, const std::string& name) {
+    Raw("c" + module + "\n" + name + "\n");
+  }
   void IntTuple(const std::vector<int64_t>& v) {
     Byte('(');
     for (int64_t x : v) Int(x);
@@ -144,9 +152,12 @@ struct Pickler {
     Byte('(');
     Int(0);
     Byte('t');
-    Raw(std::string("C\x01" "b", 3));  // SHORT_BINBYTES b'b'
-    Byte('\x87');                        // TUPLE3
-    Byte('R');                           // REDUCE
+    Raw(
+        std::string("C\x01"
+                    "b",
+                    3));  // SHORT_BINBYTES b'b'
+    Byte('\x87');         // TUPLE3
+    Byte('R');            // REDUCE
     Byte('(');
     Int(1);
     IntTuple(shape);
@@ -178,7 +189,8 @@ struct Pickler {
 
 }  // namespace
 
-SampleWriter::SampleWriter(std::string path, SampleFormat format) : path_(std::move(path)), format_(format) {}
+SampleWriter::SampleWriter(std::string path, SampleFormat format)
+    : path_(std::move(path)), format_(format) {}
 
 SampleWriter::~SampleWriter() {
   if (data_ != nullptr) std::fclose(data_);
@@ -192,22 +204,27 @@ absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_
   if (have_header_) return Malformed("a second stream header");
   const auto& c = header.capture();
   const int num_layers = header.model().num_layers(), num_heads = header.model().num_heads();
-  if (num_layers < 1 || num_layers > kMaxModelLayers || num_heads < 1 || num_heads > kMaxModelHeads) {
-    return Malformed(absl::StrCat("the header describes a model of ", num_layers, " layers and ", num_heads, " heads"));
+  if (num_layers < 1 || num_layers > kMaxModelLayers || num_heads < 1 ||
+      num_heads > kMaxModelHeads) {
+    return Malformed(absl::StrCat("the header describes a model of ", num_layers, " layers and ",
+                                  num_heads, " heads"));
   }
   std::set<int> seen;
   for (int l : c.layers()) {
-    if (l < 0 || l >= num_layers || !seen.insert(l).second) return Malformed(absl::StrCat("header layer ", l));
+    if (l < 0 || l >= num_layers || !seen.insert(l).second)
+      return Malformed(absl::StrCat("header layer ", l));
   }
   seen.clear();
   for (int h : c.heads()) {
-    if (h < 0 || h >= num_heads || !seen.insert(h).second) return Malformed(absl::StrCat("header head ", h));
+    if (h < 0 || h >= num_heads || !seen.insert(h).second)
+      return Malformed(absl::StrCat("header head ", h));
   }
-  if (header.max_new_tokens() > 0) max_new_tokens = header.max_new_tokens();  // as the server resolved it
-  if (header.prompt_token_ids_size() < 1 || header.prompt_token_ids_size() > kMaxPositions || max_new_tokens < 0 ||
-      max_new_tokens > kMaxPositions) {
-    return Malformed(absl::StrCat("a prompt of ", header.prompt_token_ids_size(), " tokens and ", max_new_tokens,
-                                  " new tokens"));
+  if (header.max_new_tokens() > 0)
+    max_new_tokens = header.max_new_tokens();  // as the server resolved it
+  if (header.prompt_token_ids_size() < 1 || header.prompt_token_ids_size() > kMaxPositions ||
+      max_new_tokens < 0 || max_new_tokens > kMaxPositions) {
+    return Malformed(absl::StrCat("a prompt of ", header.prompt_token_ids_size(), " tokens and ",
+                                  max_new_tokens, " new tokens"));
   }
   if (c.element_type() != v1::ELEMENT_FLOAT32 && c.element_type() != v1::ELEMENT_FLOAT16 &&
       c.element_type() != v1::ELEMENT_BFLOAT16) {
@@ -223,28 +240,35 @@ absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_
   for (int p : c.phases()) prefill |= p == v1::PHASE_PREFILL, decode |= p == v1::PHASE_DECODE;
   // Full matrices are assembled only for the pickle layout; safetensors readers assemble them
   // from the blocks (attnscope.load does), which saves writing every value twice.
-  assemble_ = format_ == SampleFormat::kPickle && c.form() == v1::FORM_DENSE && c.last_queries() == 0 &&
-              c.query_ranges_size() == 0 && prefill;
+  assemble_ = format_ == SampleFormat::kPickle && c.form() == v1::FORM_DENSE &&
+              c.last_queries() == 0 && c.query_ranges_size() == 0 && prefill;
   max_rows_ = prompt_len_ + (decode ? std::max<int64_t>(0, max_new_tokens_ - 1) : 0);
-  if (format_ == SampleFormat::kPickle && !assemble_) {  // the prototype's layout needs full matrices
+  if (format_ == SampleFormat::kPickle &&
+      !assemble_) {  // the prototype's layout needs full matrices
     return absl::InvalidArgumentError(
-        "--format pickle stores full matrices: it needs --form dense over every query row with the prefill phase");
+        "--format pickle stores full matrices: it needs --form dense over every query row with the "
+        "prefill phase");
   }
   data_ = std::fopen((path_ + ".data.partial").c_str(), "w+b");
-  if (data_ == nullptr) return absl::PermissionDeniedError(absl::StrCat("cannot write beside ", path_));
+  if (data_ == nullptr)
+    return absl::PermissionDeniedError(absl::StrCat("cannot write beside ", path_));
   if (assemble_) {
     full_ = std::fopen((path_ + ".full.partial").c_str(), "w+b");
-    if (full_ == nullptr) return absl::PermissionDeniedError(absl::StrCat("cannot write beside ", path_));
+    if (full_ == nullptr)
+      return absl::PermissionDeniedError(absl::StrCat("cannot write beside ", path_));
     for (int i = 0; i < c.layers_size(); ++i) layer_slot_[c.layers(i)] = i;
     // A sparse file: only the rows written take space.
-    const int64_t size = static_cast<int64_t>(layer_slot_.size()) * heads_ * max_rows_ * max_rows_ * 4;
-    if (ftruncate(fileno(full_), size) != 0) return absl::ResourceExhaustedError("cannot size the work file");
+    const int64_t size =
+        static_cast<int64_t>(layer_slot_.size()) * heads_ * max_rows_ * max_rows_ * 4;
+    if (ftruncate(fileno(full_), size) != 0)
+      return absl::ResourceExhaustedError("cannot size the work file");
   }
   return absl::OkStatus();
 }
 
-absl::Status SampleWriter::Append(const std::string& name, const std::string& dtype, const std::vector<int64_t>& shape,
-                                  const std::string& data, int64_t byte_offset, int64_t total_bytes) {
+absl::Status SampleWriter::Append(const std::string& name, const std::string& dtype,
+                                  const std::vector<int64_t>& shape, const std::string& data,
+                                  int64_t byte_offset, int64_t total_bytes) {
   auto it = entries_.find(name);
   if (it == entries_.end()) {
     if (byte_offset != 0) return Malformed(absl::StrCat("block ", name, " starts mid-way"));
@@ -252,7 +276,8 @@ absl::Status SampleWriter::Append(const std::string& name, const std::string& dt
   }
   Entry& e = it->second;
   if (e.dtype != dtype || e.shape != shape || e.bytes != total_bytes) {
-    return Malformed(absl::StrCat("chunks of block ", name, " disagree on its type, shape or size"));
+    return Malformed(
+        absl::StrCat("chunks of block ", name, " disagree on its type, shape or size"));
   }
   if (e.offset + byte_offset != data_size_ || byte_offset != e.written) {
     return Malformed(absl::StrCat("chunks of block ", name, " arrived out of order or twice"));
@@ -280,7 +305,8 @@ absl::Status SampleWriter::WriteFull(const v1::AttentionChunk& c) {
     const int64_t h = e / (rows * keys), r = (e / keys) % rows, k = e % keys;
     const int64_t len = std::min(keys - k, first + n - e);
     run.resize(len);
-    for (int64_t i = 0; i < len; ++i) run[i] = ToFloat(c.data().data() + (e - first + i) * elem, c.element_type());
+    for (int64_t i = 0; i < len; ++i)
+      run[i] = ToFloat(c.data().data() + (e - first + i) * elem, c.element_type());
     const int64_t row = c.query_begin() + r;
     const int64_t offset = (((slot * heads_ + h) * max_rows_ + row) * max_rows_ + k) * 4;
     if (row >= max_rows_ || k + len > max_rows_ ||
@@ -295,8 +321,10 @@ absl::Status SampleWriter::WriteFull(const v1::AttentionChunk& c) {
 absl::Status SampleWriter::CheckAttention(const v1::AttentionChunk& c) const {
   if (!have_header_) return Malformed("an attention chunk before the stream header");
   const auto& spec = header_.capture();
-  if (!header_layers_.count(c.layer())) return Malformed(absl::StrCat("attention for layer ", c.layer(), ", not captured"));
-  if (c.phase() != v1::PHASE_PREFILL && c.phase() != v1::PHASE_DECODE) return Malformed("an unknown phase");
+  if (!header_layers_.count(c.layer()))
+    return Malformed(absl::StrCat("attention for layer ", c.layer(), ", not captured"));
+  if (c.phase() != v1::PHASE_PREFILL && c.phase() != v1::PHASE_DECODE)
+    return Malformed("an unknown phase");
   if (c.form() != spec.form() || c.element_type() != spec.element_type()) {
     return Malformed("a chunk whose form or element type differs from the header's");
   }
@@ -306,16 +334,20 @@ absl::Status SampleWriter::CheckAttention(const v1::AttentionChunk& c) const {
   const int64_t rows = c.query_end() - c.query_begin();
   if (c.query_begin() < 0 || rows < 1 || c.query_end() > max_positions || c.key_length() < 1 ||
       c.key_length() > max_positions || c.step() < 0 || c.step() > max_new_tokens_) {
-    return Malformed(absl::StrCat("rows [", c.query_begin(), ", ", c.query_end(), ") over ", c.key_length(),
-                                  " keys at step ", c.step()));
+    return Malformed(absl::StrCat("rows [", c.query_begin(), ", ", c.query_end(), ") over ",
+                                  c.key_length(), " keys at step ", c.step()));
   }
   // The shape each form gives a block of `rows` rows over `key_length` keys.
   const int64_t heads = heads_, keys = c.key_length();
   std::vector<int64_t> expected;
   switch (c.form()) {
-    case v1::FORM_DENSE: expected = {heads, rows, keys}; break;
+    case v1::FORM_DENSE:
+      expected = {heads, rows, keys};
+      break;
     case v1::FORM_HEAD_MEAN:
-    case v1::FORM_HEAD_MAX: expected = {1, rows, keys}; break;
+    case v1::FORM_HEAD_MAX:
+      expected = {1, rows, keys};
+      break;
     case v1::FORM_POOLED:
       if (c.pool() < 1) return Malformed(absl::StrCat("pool ", c.pool()));
       expected = {heads, CeilDiv(rows, c.pool()), CeilDiv(keys, c.pool())};
@@ -324,26 +356,31 @@ absl::Status SampleWriter::CheckAttention(const v1::AttentionChunk& c) const {
       if (spec.top_k() < 1) return Malformed("a top_k block without k in the header");
       expected = {heads, rows, std::min<int64_t>(spec.top_k(), keys)};
       break;
-    default: return Malformed(absl::StrCat("form ", c.form()));
+    default:
+      return Malformed(absl::StrCat("form ", c.form()));
   }
   if (!std::equal(expected.begin(), expected.end(), c.shape().begin())) {
-    return Malformed(absl::StrCat("a ", v1::Form_Name(c.form()), " block of shape [", absl::StrJoin(c.shape(), ", "),
-                                  "], expected [", absl::StrJoin(expected, ", "), "]"));
+    return Malformed(absl::StrCat("a ", v1::Form_Name(c.form()), " block of shape [",
+                                  absl::StrJoin(c.shape(), ", "), "], expected [",
+                                  absl::StrJoin(expected, ", "), "]"));
   }
   if (c.block_bytes() != elements * elem) {
     return Malformed(absl::StrCat("block_bytes ", c.block_bytes(), " for ", elements, " elements"));
   }
   const int64_t n = static_cast<int64_t>(c.data().size());
-  if (c.byte_offset() < 0 || c.byte_offset() % elem != 0 || n % elem != 0 || n > c.block_bytes() - c.byte_offset()) {
-    return Malformed(absl::StrCat("a chunk of ", n, " bytes at offset ", c.byte_offset(), " of a ", c.block_bytes(),
-                                  "-byte block"));
+  if (c.byte_offset() < 0 || c.byte_offset() % elem != 0 || n % elem != 0 ||
+      n > c.block_bytes() - c.byte_offset()) {
+    return Malformed(absl::StrCat("a chunk of ", n, " bytes at offset ", c.byte_offset(), " of a ",
+                                  c.block_bytes(), "-byte block"));
   }
   if (c.form() == v1::FORM_TOP_K) {
-    if (static_cast<int64_t>(c.indices().size()) != n / elem * 4) return Malformed("top_k indices do not match values");
+    if (static_cast<int64_t>(c.indices().size()) != n / elem * 4)
+      return Malformed("top_k indices do not match values");
     for (size_t i = 0; i < c.indices().size(); i += 4) {
       int32_t index;
       std::memcpy(&index, c.indices().data() + i, 4);
-      if (index < 0 || index >= keys) return Malformed(absl::StrCat("top_k index ", index, " outside the keys"));
+      if (index < 0 || index >= keys)
+        return Malformed(absl::StrCat("top_k index ", index, " outside the keys"));
     }
   } else if (!c.indices().empty()) {
     return Malformed("indices in a block that is not top_k");
@@ -354,15 +391,17 @@ absl::Status SampleWriter::CheckAttention(const v1::AttentionChunk& c) const {
 absl::Status SampleWriter::OnAttention(const v1::AttentionChunk& c) {
   RETURN_IF_ERROR(CheckAttention(c));
   bytes_received_ += static_cast<int64_t>(c.data().size() + c.indices().size());
-  const std::string name = absl::StrCat("attention.", PhaseName(c.phase()), ".", c.layer(), ".", c.step(), ".",
-                                        c.query_begin());
+  const std::string name = absl::StrCat("attention.", PhaseName(c.phase()), ".", c.layer(), ".",
+                                        c.step(), ".", c.query_begin());
   std::vector<int64_t> shape(c.shape().begin(), c.shape().end());
   const int elem = ElementSize(c.element_type());
   if (format_ == SampleFormat::kSafetensors) {
-    absl::Status s = Append(name, DType(c.element_type()), shape, c.data(), c.byte_offset(), c.block_bytes());
+    absl::Status s =
+        Append(name, DType(c.element_type()), shape, c.data(), c.byte_offset(), c.block_bytes());
     if (!s.ok()) return s;
     if (!c.indices().empty()) {
-      s = Append(name + ".indices", "I32", shape, c.indices(), c.byte_offset() / elem * 4, c.block_bytes() / elem * 4);
+      s = Append(name + ".indices", "I32", shape, c.indices(), c.byte_offset() / elem * 4,
+                 c.block_bytes() / elem * 4);
       if (!s.ok()) return s;
     }
   }
@@ -370,7 +409,8 @@ absl::Status SampleWriter::OnAttention(const v1::AttentionChunk& c) {
     // No block store: only check that every block arrives whole and in order.
     auto [it, added] = pickle_blocks_.try_emplace(name, c.block_bytes(), 0);
     if (it->second.first != c.block_bytes() || c.byte_offset() != it->second.second) {
-      return Malformed(absl::StrCat("chunks of block ", name, " arrived out of order or disagree on its size"));
+      return Malformed(
+          absl::StrCat("chunks of block ", name, " arrived out of order or disagree on its size"));
     }
     it->second.second += static_cast<int64_t>(c.data().size());
   }
@@ -380,28 +420,35 @@ absl::Status SampleWriter::OnAttention(const v1::AttentionChunk& c) {
 
 absl::Status SampleWriter::OnStatistic(const v1::StatisticChunk& s) {
   if (!have_header_) return Malformed("a statistic chunk before the stream header");
-  if (!header_layers_.count(s.layer())) return Malformed(absl::StrCat("a statistic for layer ", s.layer(), ", not captured"));
-  if (s.phase() != v1::PHASE_PREFILL && s.phase() != v1::PHASE_DECODE) return Malformed("an unknown phase");
+  if (!header_layers_.count(s.layer()))
+    return Malformed(absl::StrCat("a statistic for layer ", s.layer(), ", not captured"));
+  if (s.phase() != v1::PHASE_PREFILL && s.phase() != v1::PHASE_DECODE)
+    return Malformed("an unknown phase");
   if (s.kind().empty() || s.kind().size() > 64 ||
-      !std::all_of(s.kind().begin(), s.kind().end(), [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_'; })) {
+      !std::all_of(s.kind().begin(), s.kind().end(), [](char ch) {
+        return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_';
+      })) {
     return Malformed("a statistic kind that is not a plain name");
   }
-  if (s.step() < 0 || s.step() > max_new_tokens_ || s.query_begin() < 0 || s.query_begin() > prompt_len_ + max_new_tokens_) {
+  if (s.step() < 0 || s.step() > max_new_tokens_ || s.query_begin() < 0 ||
+      s.query_begin() > prompt_len_ + max_new_tokens_) {
     return Malformed(absl::StrCat("a statistic at step ", s.step(), " row ", s.query_begin()));
   }
-  ASSIGN_OR_RETURN(const int64_t elements, CheckedElements(s.shape(), s.shape_size() == 1 ? 1 : 2, "a statistic"));
+  ASSIGN_OR_RETURN(const int64_t elements,
+                   CheckedElements(s.shape(), s.shape_size() == 1 ? 1 : 2, "a statistic"));
   const int64_t n = static_cast<int64_t>(s.data().size());
   const int64_t total = s.block_bytes() > 0 ? s.block_bytes() : n;
   if (total != elements * 4 || s.byte_offset() < 0 || s.byte_offset() % 4 != 0 || n % 4 != 0 ||
       n > total - s.byte_offset()) {
-    return Malformed(absl::StrCat("a statistic chunk of ", n, " bytes at offset ", s.byte_offset(), " of a ", total,
-                                  "-byte block of ", elements, " values"));
+    return Malformed(absl::StrCat("a statistic chunk of ", n, " bytes at offset ", s.byte_offset(),
+                                  " of a ", total, "-byte block of ", elements, " values"));
   }
   bytes_received_ += n;
   if (format_ != SampleFormat::kSafetensors) return absl::OkStatus();
-  const std::string name = absl::StrCat("statistic.", s.kind(), ".", PhaseName(s.phase()), ".", s.layer(), ".",
-                                        s.step(), ".", s.query_begin());
-  return Append(name, "F32", {s.shape().begin(), s.shape().end()}, s.data(), s.byte_offset(), total);
+  const std::string name = absl::StrCat("statistic.", s.kind(), ".", PhaseName(s.phase()), ".",
+                                        s.layer(), ".", s.step(), ".", s.query_begin());
+  return Append(name, "F32", {s.shape().begin(), s.shape().end()}, s.data(), s.byte_offset(),
+                total);
 }
 
 absl::Status SampleWriter::OnToken(const v1::TokenEvent& token) {
@@ -415,27 +462,32 @@ absl::Status SampleWriter::OnToken(const v1::TokenEvent& token) {
 
 absl::Status SampleWriter::WriteSafetensors(const std::string& tmp, const std::string& metadata) {
   const int64_t T = std::min<int64_t>(max_rows_, prompt_len_ + std::max<int64_t>(0, tokens() - 1));
-  std::vector<int64_t> prompt_ids(header_.prompt_token_ids().begin(), header_.prompt_token_ids().end());
+  std::vector<int64_t> prompt_ids(header_.prompt_token_ids().begin(),
+                                  header_.prompt_token_ids().end());
   std::vector<int64_t> token_ids;
   for (const auto& t : tokens_) token_ids.push_back(t.id());
   // Layout: blocks (already in the data work file), then full matrices, then the id lists.
   nlohmann::ordered_json header;
   header["__metadata__"] = {{"attnscope", metadata}, {"format", "pt"}};
   for (const auto& [name, e] : entries_) {
-    header[name] = {{"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {e.offset, e.offset + e.bytes}}};
+    header[name] = {
+        {"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {e.offset, e.offset + e.bytes}}};
   }
   int64_t offset = data_size_;
   if (assemble_) {
     for (const auto& [layer, slot] : layer_slot_) {
       const int64_t n = heads_ * T * T * 4;
-      header[absl::StrCat("layer.", layer)] = {{"dtype", "F32"}, {"shape", {heads_, T, T}}, {"data_offsets", {offset, offset + n}}};
+      header[absl::StrCat("layer.", layer)] = {
+          {"dtype", "F32"}, {"shape", {heads_, T, T}}, {"data_offsets", {offset, offset + n}}};
       offset += n;
     }
   }
-  header["prompt_token_ids"] = {{"dtype", "I64"}, {"shape", {prompt_ids.size()}},
+  header["prompt_token_ids"] = {{"dtype", "I64"},
+                                {"shape", {prompt_ids.size()}},
                                 {"data_offsets", {offset, offset + 8 * prompt_ids.size()}}};
   offset += 8 * prompt_ids.size();
-  header["token_ids"] = {{"dtype", "I64"}, {"shape", {token_ids.size()}},
+  header["token_ids"] = {{"dtype", "I64"},
+                         {"shape", {token_ids.size()}},
                          {"data_offsets", {offset, offset + 8 * token_ids.size()}}};
   std::string text = header.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   text.append((8 - text.size() % 8) % 8, ' ');
@@ -450,7 +502,8 @@ absl::Status SampleWriter::WriteSafetensors(const std::string& tmp, const std::s
     for (const auto& [layer, slot] : layer_slot_) {
       for (int64_t h = 0; h < heads_ && s.ok(); ++h) {
         for (int64_t r = 0; r < T && s.ok(); ++r) {
-          s = CopyRange(full_, ((slot * heads_ + h) * max_rows_ + r) * max_rows_ * 4, T * 4, out, tmp);
+          s = CopyRange(full_, ((slot * heads_ + h) * max_rows_ + r) * max_rows_ * 4, T * 4, out,
+                        tmp);
         }
       }
     }
@@ -481,7 +534,8 @@ absl::Status SampleWriter::WritePickle(const std::string& tmp) {
     p.Float32Array({1, heads_, T, T}, static_cast<uint64_t>(heads_ * T * T * 4), [&] {
       for (int64_t h = 0; h < heads_ && s.ok(); ++h) {
         for (int64_t r = 0; r < T && s.ok(); ++r) {
-          s = CopyRange(full_, ((slot * heads_ + h) * max_rows_ + r) * max_rows_ * 4, T * 4, out, tmp);
+          s = CopyRange(full_, ((slot * heads_ + h) * max_rows_ + r) * max_rows_ * 4, T * 4, out,
+                        tmp);
         }
       }
     });
@@ -493,16 +547,19 @@ absl::Status SampleWriter::WritePickle(const std::string& tmp) {
   return s;
 }
 
-absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer, const std::string& prompt_text) {
+absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer,
+                                  const std::string& prompt_text) {
   if (!have_header_) return Malformed("the stream ended without a header");
   for (const auto& [name, e] : entries_) {
     if (e.written != e.bytes) {
-      return Malformed(absl::StrCat("block ", name, " is incomplete: ", e.written, " of ", e.bytes, " bytes"));
+      return Malformed(
+          absl::StrCat("block ", name, " is incomplete: ", e.written, " of ", e.bytes, " bytes"));
     }
   }
   for (const auto& [name, sizes] : pickle_blocks_) {
     if (sizes.second != sizes.first) {
-      return Malformed(absl::StrCat("block ", name, " is incomplete: ", sizes.second, " of ", sizes.first, " bytes"));
+      return Malformed(absl::StrCat("block ", name, " is incomplete: ", sizes.second, " of ",
+                                    sizes.first, " bytes"));
     }
   }
   nlohmann::json meta = {
@@ -515,14 +572,19 @@ absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer, const std::s
       {"token_ids", trailer.token_ids()},
       {"generated_text", trailer.text()},
       {"finish_reason", v1::FinishReason_Name(trailer.finish_reason())},
-      {"timings", {{"prefill_ms", trailer.timings().prefill_ms()}, {"decode_ms", trailer.timings().decode_ms()}}},
+      {"timings",
+       {{"prefill_ms", trailer.timings().prefill_ms()},
+        {"decode_ms", trailer.timings().decode_ms()}}},
       {"num_layers", header_.model().num_layers()},
       {"num_heads", header_.model().num_heads()},
-      {"capture", {{"layers", header_.capture().layers()}, {"heads", header_.capture().heads()},
-                   {"form", v1::Form_Name(header_.capture().form())},
-                   {"element_type", v1::ElementType_Name(header_.capture().element_type())},
-                   {"pool", header_.capture().pool()}, {"top_k", header_.capture().top_k()},
-                   {"last_queries", header_.capture().last_queries()}}},
+      {"capture",
+       {{"layers", header_.capture().layers()},
+        {"heads", header_.capture().heads()},
+        {"form", v1::Form_Name(header_.capture().form())},
+        {"element_type", v1::ElementType_Name(header_.capture().element_type())},
+        {"pool", header_.capture().pool()},
+        {"top_k", header_.capture().top_k()},
+        {"last_queries", header_.capture().last_queries()}}},
   };
   std::vector<std::string> pieces;
   for (const auto& t : tokens_) pieces.push_back(t.piece());
@@ -530,7 +592,8 @@ absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer, const std::s
   const std::string tmp = path_ + ".partial";
   absl::Status s = format_ == SampleFormat::kPickle
                        ? WritePickle(tmp)
-                       : WriteSafetensors(tmp, meta.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+                       : WriteSafetensors(tmp, meta.dump(-1, ' ', false,
+                                                         nlohmann::json::error_handler_t::replace));
   if (!s.ok()) return s;
   if (std::rename(tmp.c_str(), path_.c_str()) != 0) {
     return absl::PermissionDeniedError(absl::StrCat("cannot rename ", tmp, " to ", path_));

@@ -3,10 +3,12 @@
 // (temporary file, then rename).
 //
 // Formats:
-//  - safetensors (default): every block as its own tensor, "attention.<phase>.<layer>.<step>.<query_begin>"
-//    (+ ".indices" for top_k), statistics as "statistic.<kind>.<phase>.<layer>.<step>.<query_begin>",
-//    "prompt_token_ids" and "token_ids" (I64); JSON metadata under "attnscope". Readers assemble the
-//    full lower-triangular matrices from the blocks (attnscope.load does).
+//  - safetensors (default): every block as its own tensor,
+//  "attention.<phase>.<layer>.<step>.<query_begin>"
+//    (+ ".indices" for top_k), statistics as
+//    "statistic.<kind>.<phase>.<layer>.<step>.<query_begin>", "prompt_token_ids" and "token_ids"
+//    (I64); JSON metadata under "attnscope". Readers assemble the full lower-triangular matrices
+//    from the blocks (attnscope.load does).
 //  - pickle: the prototype's {layer: {'shape': [1, heads, T, T], 'tensor': float32 ndarray}}.
 #pragma once
 
@@ -18,8 +20,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "model/status_macros.h"
 #include "attnscope/v1/attnscope.pb.h"
+#include "model/status_macros.h"
 
 namespace attnscope {
 
@@ -36,7 +38,8 @@ class SampleWriter {
   absl::Status OnAttention(const v1::AttentionChunk& chunk);
   absl::Status OnStatistic(const v1::StatisticChunk& stat);
   absl::Status OnToken(const v1::TokenEvent& token);
-  // Assembles the file and renames it into place; refuses a sample with a missing or incomplete block.
+  // Assembles the file and renames it into place; refuses a sample with a missing or incomplete
+  // block.
   absl::Status Finish(const v1::StreamTrailer& trailer, const std::string& prompt_text);
 
   int64_t bytes_received() const { return bytes_received_; }
@@ -53,8 +56,9 @@ class SampleWriter {
   // Every chunk is checked against the header before it costs anything: a hostile or broken server
   // gets a clear error, never a crash or a file that does not load.
   absl::Status CheckAttention(const v1::AttentionChunk& chunk) const;
-  absl::Status Append(const std::string& name, const std::string& dtype, const std::vector<int64_t>& shape,
-                      const std::string& data, int64_t byte_offset, int64_t total_bytes);
+  absl::Status Append(const std::string& name, const std::string& dtype,
+                      const std::vector<int64_t>& shape, const std::string& data,
+                      int64_t byte_offset, int64_t total_bytes);
   absl::Status WriteFull(const v1::AttentionChunk& chunk);
   absl::Status WriteSafetensors(const std::string& tmp, const std::string& metadata);
   absl::Status WritePickle(const std::string& tmp);
@@ -67,12 +71,13 @@ class SampleWriter {
   int64_t max_new_tokens_ = 0;
   bool assemble_ = false;  // dense capture of every row: keep full matrices
   int64_t prompt_len_ = 0;
-  int64_t max_rows_ = 0;   // prompt + max_new_tokens - 1: row capacity of the full matrices
+  int64_t max_rows_ = 0;  // prompt + max_new_tokens - 1: row capacity of the full matrices
   int heads_ = 0;
   std::FILE* data_ = nullptr;  // blocks, appended as they arrive
   std::FILE* full_ = nullptr;  // full matrices: [layer][head][row][col] float32, max_rows_ square
   std::map<std::string, Entry> entries_;
-  std::map<std::string, std::pair<int64_t, int64_t>> pickle_blocks_;  // pickle: block -> (bytes, received)
+  std::map<std::string, std::pair<int64_t, int64_t>>
+      pickle_blocks_;              // pickle: block -> (bytes, received)
   std::map<int, int> layer_slot_;  // layer -> slot in full_
   std::vector<v1::TokenEvent> tokens_;
   int64_t data_size_ = 0;

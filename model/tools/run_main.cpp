@@ -9,10 +9,9 @@
 
 #include <chrono>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -46,7 +45,8 @@ ABSL_FLAG(std::string, query_ranges, "", "prompt rows to capture, e.g. 0:4,10:12
 ABSL_FLAG(std::string, stats, "", "entropy,key_score:W,sink:K,local:W,variance");
 ABSL_FLAG(std::string, element_type, "float32", "float32, float16 or bfloat16");
 ABSL_FLAG(int64_t, query_block, 128, "attention rows materialized at once");
-ABSL_FLAG(int64_t, block_elements, int64_t{1} << 24, "at most this many probabilities at once (0: no limit)");
+ABSL_FLAG(int64_t, block_elements, int64_t{1} << 24,
+          "at most this many probabilities at once (0: no limit)");
 ABSL_FLAG(bool, fast_attention, true, "fused attention for layers not captured (libtorch >= 2)");
 ABSL_FLAG(bool, logits, false, "store the logits of every step");
 ABSL_FLAG(std::string, out, "", "output safetensors file (empty: count bytes only)");
@@ -58,7 +58,8 @@ absl::StatusOr<std::vector<int64_t>> ParseInts(const std::string& text) {
   std::vector<int64_t> out;
   for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
     int64_t v;
-    if (!absl::SimpleAtoi(part, &v)) return absl::InvalidArgumentError(absl::StrCat("not an integer: ", part));
+    if (!absl::SimpleAtoi(part, &v))
+      return absl::InvalidArgumentError(absl::StrCat("not an integer: ", part));
     out.push_back(v);
   }
   return out;
@@ -68,14 +69,15 @@ class StoringSink : public AttentionSink {
  public:
   StoringSink(SafetensorsWriter* writer, bool logits) : writer_(writer), want_logits_(logits) {}
   absl::Status OnAttention(const AttentionBlock& b) override {
-    const std::string name = absl::StrCat("attn/", PhaseName(b.phase), "/", b.step, "/", b.layer, "/", b.query_begin);
+    const std::string name =
+        absl::StrCat("attn/", PhaseName(b.phase), "/", b.step, "/", b.layer, "/", b.query_begin);
     Store(name, b.values);
     if (b.indices.defined()) Store(name + "/indices", b.indices);
     return absl::OkStatus();
   }
   absl::Status OnStatistic(const StatBlock& s) override {
-    Store(absl::StrCat("stat/", StatKindName(s.kind), "/", PhaseName(s.phase), "/", s.step, "/", s.layer, "/",
-                       s.query_begin),
+    Store(absl::StrCat("stat/", StatKindName(s.kind), "/", PhaseName(s.phase), "/", s.step, "/",
+                       s.layer, "/", s.query_begin),
           s.values);
     return absl::OkStatus();
   }
@@ -114,9 +116,9 @@ absl::StatusOr<CaptureSpec> SpecFromFlags() {
   spec.prefill = phases.find("prefill") != std::string::npos;
   spec.decode = phases.find("decode") != std::string::npos;
   const std::string form = absl::GetFlag(FLAGS_form);
-  const std::pair<const char*, Form> forms[] = {{"none", Form::kNone},         {"dense", Form::kDense},
-                                                {"head_mean", Form::kHeadMean}, {"head_max", Form::kHeadMax},
-                                                {"pooled", Form::kPooled},     {"top_k", Form::kTopK}};
+  const std::pair<const char*, Form> forms[] = {
+      {"none", Form::kNone},        {"dense", Form::kDense},   {"head_mean", Form::kHeadMean},
+      {"head_max", Form::kHeadMax}, {"pooled", Form::kPooled}, {"top_k", Form::kTopK}};
   bool found = false;
   for (const auto& [name, f] : forms) {
     if (form == name) spec.form = f, found = true;
@@ -126,7 +128,8 @@ absl::StatusOr<CaptureSpec> SpecFromFlags() {
   spec.pool_op = absl::GetFlag(FLAGS_pool_op) == "max" ? PoolOp::kMax : PoolOp::kMean;
   spec.top_k = absl::GetFlag(FLAGS_capture_top_k);
   spec.last_queries = absl::GetFlag(FLAGS_last_queries);
-  for (absl::string_view r : absl::StrSplit(absl::GetFlag(FLAGS_query_ranges), ',', absl::SkipEmpty())) {
+  for (absl::string_view r :
+       absl::StrSplit(absl::GetFlag(FLAGS_query_ranges), ',', absl::SkipEmpty())) {
     std::vector<std::string> ab = absl::StrSplit(r, ':');
     QueryRange q;
     if (ab.size() != 2 || !absl::SimpleAtoi(ab[0], &q.begin) || !absl::SimpleAtoi(ab[1], &q.end)) {
@@ -137,17 +140,25 @@ absl::StatusOr<CaptureSpec> SpecFromFlags() {
   for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_stats), ',', absl::SkipEmpty())) {
     std::vector<std::string> kv = absl::StrSplit(s, ':');
     int64_t v = 0;
-    if (kv.size() == 2 && !absl::SimpleAtoi(kv[1], &v)) return absl::InvalidArgumentError(absl::StrCat("bad stat ", s));
-    if (kv[0] == "entropy") spec.stats.row_entropy = true;
-    else if (kv[0] == "key_score") spec.stats.key_score_window = v;
-    else if (kv[0] == "sink") spec.stats.sink_tokens = v;
-    else if (kv[0] == "local") spec.stats.local_window = v;
-    else if (kv[0] == "variance") spec.stats.key_score_variance = true;
-    else return absl::InvalidArgumentError(absl::StrCat("unknown statistic ", s));
+    if (kv.size() == 2 && !absl::SimpleAtoi(kv[1], &v))
+      return absl::InvalidArgumentError(absl::StrCat("bad stat ", s));
+    if (kv[0] == "entropy")
+      spec.stats.row_entropy = true;
+    else if (kv[0] == "key_score")
+      spec.stats.key_score_window = v;
+    else if (kv[0] == "sink")
+      spec.stats.sink_tokens = v;
+    else if (kv[0] == "local")
+      spec.stats.local_window = v;
+    else if (kv[0] == "variance")
+      spec.stats.key_score_variance = true;
+    else
+      return absl::InvalidArgumentError(absl::StrCat("unknown statistic ", s));
   }
   const std::string et = absl::GetFlag(FLAGS_element_type);
-  spec.element_type = et == "float16" ? ElementType::kFloat16 : et == "bfloat16" ? ElementType::kBFloat16
-                                                                                  : ElementType::kFloat32;
+  spec.element_type = et == "float16"    ? ElementType::kFloat16
+                      : et == "bfloat16" ? ElementType::kBFloat16
+                                         : ElementType::kFloat32;
   return spec;
 }
 
@@ -161,7 +172,8 @@ absl::Status Run() {
   options.fast_attention = absl::GetFlag(FLAGS_fast_attention);
   auto t0 = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(auto engine, Engine::Load(options));
-  const double load_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const double load_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 
   GenerateRequest request;
   ASSIGN_OR_RETURN(request.prompt_ids, ParseInts(absl::GetFlag(FLAGS_prompt_ids)));
@@ -169,7 +181,8 @@ absl::Status Run() {
     uint64_t x = 88172645463325252ull;  // xorshift64: the same ids on every run
     for (int64_t i = 0; i < n; ++i) {
       x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-      request.prompt_ids.push_back(static_cast<int64_t>(x % static_cast<uint64_t>(engine->info().vocab_size)));
+      request.prompt_ids.push_back(
+          static_cast<int64_t>(x % static_cast<uint64_t>(engine->info().vocab_size)));
     }
   }
   request.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
@@ -186,13 +199,15 @@ absl::Status Run() {
   ASSIGN_OR_RETURN(GenerateResult result, engine->Generate(request, spec, &sink, nullptr));
 
   if (!out.empty()) {
-    writer.Add("prompt", "I64", {static_cast<int64_t>(request.prompt_ids.size())}, request.prompt_ids.data(),
-               request.prompt_ids.size() * sizeof(int64_t));
+    writer.Add("prompt", "I64", {static_cast<int64_t>(request.prompt_ids.size())},
+               request.prompt_ids.data(), request.prompt_ids.size() * sizeof(int64_t));
     writer.Add("tokens", "I64", {static_cast<int64_t>(result.tokens.size())}, result.tokens.data(),
                result.tokens.size() * sizeof(int64_t));
     if (sink.logits_steps() > 0) {
-      const int64_t steps = sink.logits_steps(), vocab = static_cast<int64_t>(sink.logits().size()) / steps;
-      writer.Add("logits", "F32", {steps, vocab}, sink.logits().data(), sink.logits().size() * sizeof(float));
+      const int64_t steps = sink.logits_steps(),
+                    vocab = static_cast<int64_t>(sink.logits().size()) / steps;
+      writer.Add("logits", "F32", {steps, vocab}, sink.logits().data(),
+                 sink.logits().size() * sizeof(float));
     }
     RETURN_IF_ERROR(writer.Write(out));
   }
@@ -208,11 +223,13 @@ absl::Status Run() {
       {"prompt_tokens", request.prompt_ids.size()},
       {"decode_steps", result.decode_steps},
       {"prefill_tok_s", prompt_len / (result.timings.prefill_ms / 1000.0)},
-      {"decode_tok_s", result.decode_steps > 0 ? result.decode_steps / (result.timings.decode_ms / 1000.0) : 0.0},
+      {"decode_tok_s",
+       result.decode_steps > 0 ? result.decode_steps / (result.timings.decode_ms / 1000.0) : 0.0},
       {"capture_bytes", sink.bytes()},
       {"capture_blocks", sink.blocks()},
-      {"estimated_bytes", EstimateCaptureBytes(spec, engine->info().num_layers, engine->info().num_heads,
-                                               static_cast<int64_t>(prompt_len), request.max_new_tokens)},
+      {"estimated_bytes",
+       EstimateCaptureBytes(spec, engine->info().num_layers, engine->info().num_heads,
+                            static_cast<int64_t>(prompt_len), request.max_new_tokens)},
       {"peak_rss_mib", usage.ru_maxrss / 1024.0},
   };
   std::cout << summary.dump() << std::endl;

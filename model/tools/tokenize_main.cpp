@@ -1,10 +1,9 @@
-// attnscope-tokenize: encodes a JSON list of strings with a checkpoint folder's tokenizer and prints,
-// per string, {"ids", "ids_special", "decoded", "decoded_skip", "pieces"} as a JSON list.
+// attnscope-tokenize: encodes a JSON list of strings with a checkpoint folder's tokenizer and
+// prints, per string, {"ids", "ids_special", "decoded", "decoded_skip", "pieces"} as a JSON list.
 // For tests against reference tokenizers and for the tokenizer benchmark (--repeat).
 #include <chrono>
 #include <fstream>
 #include <iostream>
-
 #include <nlohmann/json.hpp>
 
 #include "absl/flags/flag.h"
@@ -22,8 +21,9 @@ int main(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<Tokenizer>> tok;
   const std::string file = absl::GetFlag(FLAGS_model_file);
   if (!file.empty()) {
-    tok = file.size() > 5 && file.substr(file.size() - 5) == ".json" ? attnscope::LoadHfTokenizer(file)
-                                                                     : attnscope::LoadSentencePieceTokenizer(file);
+    tok = file.size() > 5 && file.substr(file.size() - 5) == ".json"
+              ? attnscope::LoadHfTokenizer(file)
+              : attnscope::LoadSentencePieceTokenizer(file);
   } else {
     tok = Tokenizer::Load(absl::GetFlag(FLAGS_dir));
   }
@@ -42,8 +42,10 @@ int main(int argc, char** argv) {
       const std::string s = t.get<std::string>();
       const auto t0 = std::chrono::steady_clock::now();
       const size_t n = (*tok)->Encode(s, true).size();
-      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      std::cout << nlohmann::json({{"chars", s.size()}, {"tokens", n}, {"ms", ms}}).dump() << std::endl;
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      std::cout << nlohmann::json({{"chars", s.size()}, {"tokens", n}, {"ms", ms}}).dump()
+                << std::endl;
     }
     return 0;
   }

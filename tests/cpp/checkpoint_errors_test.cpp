@@ -1,14 +1,13 @@
 // Bad checkpoints give a precise status naming the file and the tensor, and never crash.
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <string>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "model/arch.h"
 #include "model/config.h"
@@ -26,7 +25,6 @@ json TinyConfig() { return testing::TinyLlamaConfig(); }
 
 class CheckpointTest : public ::testing::Test {
  protected:
-
   void WriteText(const std::string& name, const std::string& text) {
     std::ofstream(dir_ + "/" + name, std::ios::binary) << text;
   }
@@ -54,9 +52,11 @@ class CheckpointTest : public ::testing::Test {
   std::string dir_ = tmp_.path();
 };
 
-void ExpectError(const absl::Status& s, absl::StatusCode code, std::initializer_list<std::string> parts) {
+void ExpectError(const absl::Status& s, absl::StatusCode code,
+                 std::initializer_list<std::string> parts) {
   EXPECT_EQ(s.code(), code) << s;
-  for (const auto& p : parts) EXPECT_NE(s.message().find(p), std::string::npos) << "'" << p << "' not in: " << s;
+  for (const auto& p : parts)
+    EXPECT_NE(s.message().find(p), std::string::npos) << "'" << p << "' not in: " << s;
 }
 
 TEST_F(CheckpointTest, ValidCheckpointLoads) {
@@ -101,7 +101,8 @@ TEST_F(CheckpointTest, UnsupportedRopeScaling) {
 
 TEST_F(CheckpointTest, MissingTensor) {
   WriteValid(TinyConfig(), "model.layers.0.mlp.up_proj.weight");
-  ExpectError(LoadStatus(), absl::StatusCode::kNotFound, {"model.layers.0.mlp.up_proj.weight", "model.safetensors"});
+  ExpectError(LoadStatus(), absl::StatusCode::kNotFound,
+              {"model.layers.0.mlp.up_proj.weight", "model.safetensors"});
 }
 
 TEST_F(CheckpointTest, WrongShape) {
@@ -115,19 +116,22 @@ TEST_F(CheckpointTest, WrongShape) {
 
 TEST_F(CheckpointTest, NonFloatWeights) {
   WriteValid(TinyConfig(), "", "I32");
-  ExpectError(LoadStatus(), absl::StatusCode::kInvalidArgument, {"I32", "model.embed_tokens.weight"});
+  ExpectError(LoadStatus(), absl::StatusCode::kInvalidArgument,
+              {"I32", "model.embed_tokens.weight"});
 }
 
 TEST_F(CheckpointTest, UnknownDType) {
   WriteRaw(R"({"a":{"dtype":"Q7","shape":[2],"data_offsets":[0,8]}})", 8);
   auto f = SafetensorsFile::Open(dir_ + "/model.safetensors");
-  ExpectError(f.status(), absl::StatusCode::kInvalidArgument, {"'a'", "unknown dtype", "Q7", "model.safetensors"});
+  ExpectError(f.status(), absl::StatusCode::kInvalidArgument,
+              {"'a'", "unknown dtype", "Q7", "model.safetensors"});
 }
 
 TEST_F(CheckpointTest, HeaderLengthPastEndOfFile) {
   WriteRaw(R"({})", 0, /*claimed_len=*/1 << 20);
   auto f = SafetensorsFile::Open(dir_ + "/model.safetensors");
-  ExpectError(f.status(), absl::StatusCode::kInvalidArgument, {"header length", "model.safetensors"});
+  ExpectError(f.status(), absl::StatusCode::kInvalidArgument,
+              {"header length", "model.safetensors"});
 }
 
 TEST_F(CheckpointTest, FileShorterThanHeaderLength) {
@@ -148,7 +152,8 @@ TEST_F(CheckpointTest, TruncatedRealCheckpoint) {
   struct stat st {};
   stat(path.c_str(), &st);
   ASSERT_EQ(truncate(path.c_str(), st.st_size - 100), 0);
-  ExpectError(LoadStatus(), absl::StatusCode::kInvalidArgument, {"model.safetensors", "outside the data section"});
+  ExpectError(LoadStatus(), absl::StatusCode::kInvalidArgument,
+              {"model.safetensors", "outside the data section"});
 }
 
 TEST_F(CheckpointTest, SizeDisagreesWithShape) {
@@ -158,8 +163,9 @@ TEST_F(CheckpointTest, SizeDisagreesWithShape) {
 }
 
 TEST_F(CheckpointTest, OverlappingTensors) {
-  WriteRaw(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
-           16);
+  WriteRaw(
+      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+      16);
   auto f = SafetensorsFile::Open(dir_ + "/model.safetensors");
   ExpectError(f.status(), absl::StatusCode::kInvalidArgument, {"'a'", "'b'", "overlap"});
 }
@@ -172,13 +178,16 @@ TEST_F(CheckpointTest, HeaderNotJson) {
 
 TEST_F(CheckpointTest, ShardIndexCannotEscapeFolder) {
   WriteConfig(TinyConfig());
-  WriteText("model.safetensors.index.json", R"({"weight_map":{"model.norm.weight":"../../etc/passwd"}})");
-  ExpectError(LoadStatus(), absl::StatusCode::kInvalidArgument, {"plain file name", "model.norm.weight"});
+  WriteText("model.safetensors.index.json",
+            R"({"weight_map":{"model.norm.weight":"../../etc/passwd"}})");
+  ExpectError(LoadStatus(), absl::StatusCode::kInvalidArgument,
+              {"plain file name", "model.norm.weight"});
 }
 
 TEST_F(CheckpointTest, ShardIndexNamesMissingShard) {
   WriteConfig(TinyConfig());
-  WriteText("model.safetensors.index.json", R"({"weight_map":{"model.norm.weight":"model-00001-of-00002.safetensors"}})");
+  WriteText("model.safetensors.index.json",
+            R"({"weight_map":{"model.norm.weight":"model-00001-of-00002.safetensors"}})");
   ExpectError(LoadStatus(), absl::StatusCode::kNotFound, {"model-00001-of-00002.safetensors"});
 }
 
@@ -187,8 +196,11 @@ TEST_F(CheckpointTest, ConfigFieldsAndEosFromGenerationConfig) {
   cfg["model_type"] = "mistral";
   cfg["sliding_window"] = 7;
   cfg["head_dim"] = 12;
-  cfg["rope_scaling"] = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0},
-                         {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 32}};
+  cfg["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", 8.0},
+                         {"low_freq_factor", 1.0},
+                         {"high_freq_factor", 4.0},
+                         {"original_max_position_embeddings", 32}};
   WriteConfig(cfg);
   WriteText("generation_config.json", R"({"eos_token_id": [2, 9, 11]})");
   auto c = LoadModelConfig(dir_);
@@ -225,7 +237,8 @@ TEST_F(CheckpointTest, TokenIdModeRefusesText) {
   options.model_dir = dir_;
   auto engine = Engine::Load(options);
   ASSERT_TRUE(engine.ok());
-  ExpectError((*engine)->Encode("hello").status(), absl::StatusCode::kFailedPrecondition, {"token ids"});
+  ExpectError((*engine)->Encode("hello").status(), absl::StatusCode::kFailedPrecondition,
+              {"token ids"});
 }
 
 }  // namespace

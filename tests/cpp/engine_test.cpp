@@ -1,11 +1,12 @@
 // The engine API: request validation, stopping rules, cancellation, concurrency, the fast path
 // against the reference path, and the capture size estimate.
-#include <thread>
+#include "model/engine.h"
 
 #include <gtest/gtest.h>
 
+#include <thread>
+
 #include "model/attention.h"
-#include "model/engine.h"
 #include "tests/cpp/tiny_checkpoint.h"
 
 namespace attnscope {
@@ -81,23 +82,43 @@ TEST_F(EngineTest, BadRequestsGetPreciseStatuses) {
     std::string text;
   } cases[] = {
       {[](auto& r, auto&) { r.prompt_ids.clear(); }, absl::StatusCode::kInvalidArgument, "empty"},
-      {[](auto& r, auto&) { r.prompt_ids[2] = 32; }, absl::StatusCode::kOutOfRange, "token id 32 at position 2"},
-      {[](auto& r, auto&) { r.prompt_ids[0] = -1; }, absl::StatusCode::kOutOfRange, "outside the vocabulary (0-31)"},
-      {[](auto& r, auto&) { r.prompt_ids.assign(65, 1); }, absl::StatusCode::kOutOfRange, "max_length"},
-      {[](auto& r, auto&) { r.max_new_tokens = 0; }, absl::StatusCode::kOutOfRange, "max_new_tokens"},
+      {[](auto& r, auto&) { r.prompt_ids[2] = 32; }, absl::StatusCode::kOutOfRange,
+       "token id 32 at position 2"},
+      {[](auto& r, auto&) { r.prompt_ids[0] = -1; }, absl::StatusCode::kOutOfRange,
+       "outside the vocabulary (0-31)"},
+      {[](auto& r, auto&) { r.prompt_ids.assign(65, 1); }, absl::StatusCode::kOutOfRange,
+       "max_length"},
+      {[](auto& r, auto&) { r.max_new_tokens = 0; }, absl::StatusCode::kOutOfRange,
+       "max_new_tokens"},
       {[](auto& r, auto&) { r.sampling.top_p = 0; }, absl::StatusCode::kInvalidArgument, "top_p"},
-      {[](auto& r, auto&) { r.sampling.temperature = -1; }, absl::StatusCode::kInvalidArgument, "temperature"},
-      {[](auto&, auto& c) { c.form = Form::kDense; c.layers = {2}; }, absl::StatusCode::kOutOfRange,
-       "layer 2 requested, model has 2 layers (0-1)"},
-      {[](auto&, auto& c) { c.form = Form::kDense; c.heads = {0, 4}; }, absl::StatusCode::kOutOfRange,
-       "head 4 requested, model has 4 attention heads (0-3)"},
+      {[](auto& r, auto&) { r.sampling.temperature = -1; }, absl::StatusCode::kInvalidArgument,
+       "temperature"},
+      {[](auto&, auto& c) {
+         c.form = Form::kDense;
+         c.layers = {2};
+       },
+       absl::StatusCode::kOutOfRange, "layer 2 requested, model has 2 layers (0-1)"},
+      {[](auto&, auto& c) {
+         c.form = Form::kDense;
+         c.heads = {0, 4};
+       },
+       absl::StatusCode::kOutOfRange, "head 4 requested, model has 4 attention heads (0-3)"},
       {[](auto&, auto& c) { c.form = Form::kPooled; }, absl::StatusCode::kInvalidArgument, "pool"},
       {[](auto&, auto& c) { c.form = Form::kTopK; }, absl::StatusCode::kInvalidArgument, "top_k"},
-      {[](auto&, auto& c) { c.form = Form::kDense; c.query_ranges = {{2, 9}}; }, absl::StatusCode::kOutOfRange,
-       "past the prompt"},
-      {[](auto&, auto& c) { c.form = Form::kDense; c.query_ranges = {{0, 3}, {2, 5}}; },
+      {[](auto&, auto& c) {
+         c.form = Form::kDense;
+         c.query_ranges = {{2, 9}};
+       },
+       absl::StatusCode::kOutOfRange, "past the prompt"},
+      {[](auto&, auto& c) {
+         c.form = Form::kDense;
+         c.query_ranges = {{0, 3}, {2, 5}};
+       },
        absl::StatusCode::kInvalidArgument, "overlap"},
-      {[](auto&, auto& c) { c.form = Form::kDense; c.prefill = c.decode = false; },
+      {[](auto&, auto& c) {
+         c.form = Form::kDense;
+         c.prefill = c.decode = false;
+       },
        absl::StatusCode::kInvalidArgument, "neither"},
   };
   for (const auto& c : cases) {
@@ -122,7 +143,8 @@ TEST_F(EngineTest, StopsAtMaxNewTokensEosAndStopTokens) {
   stop.stop_token_ids = {r->tokens[2]};
   auto s = engine_->Generate(stop, {}, nullptr, nullptr);
   ASSERT_TRUE(s.ok());
-  const size_t first = std::find(r->tokens.begin(), r->tokens.end(), r->tokens[2]) - r->tokens.begin();
+  const size_t first =
+      std::find(r->tokens.begin(), r->tokens.end(), r->tokens[2]) - r->tokens.begin();
   EXPECT_EQ(s->tokens.size(), first + 1);
   EXPECT_EQ(s->finish, FinishReason::kStopToken);
 
@@ -137,7 +159,8 @@ TEST_F(EngineTest, StopsAtMaxNewTokensEosAndStopTokens) {
     auto e = engine_->Generate(eos, {}, nullptr, nullptr);
     ASSERT_TRUE(e.ok());
     if (e->finish != FinishReason::kEos) {
-      EXPECT_EQ(std::count(e->tokens.begin(), e->tokens.end(), 2), 0) << "eos generated but not stopped at";
+      EXPECT_EQ(std::count(e->tokens.begin(), e->tokens.end(), 2), 0)
+          << "eos generated but not stopped at";
       continue;
     }
     met = true;
@@ -175,7 +198,9 @@ TEST_F(EngineTest, CancelStopsWithinOneStep) {
 
 TEST_F(EngineTest, SinkErrorAbortsGeneration) {
   class Failing : public AttentionSink {
-    absl::Status OnAttention(const AttentionBlock&) override { return absl::CancelledError("client went away"); }
+    absl::Status OnAttention(const AttentionBlock&) override {
+      return absl::CancelledError("client went away");
+    }
   } sink;
   CaptureSpec spec;
   spec.form = Form::kDense;
@@ -233,10 +258,12 @@ TEST_F(EngineTest, EstimateMatchesBytesProduced) {
 }
 
 TEST(AttentionPaths, FastPathMatchesReferencePath) {
-  if (!HasFusedAttention()) GTEST_SKIP() << "libtorch < 2.0: the fast path is the explicit path itself";
+  if (!HasFusedAttention())
+    GTEST_SKIP() << "libtorch < 2.0: the fast path is the explicit path itself";
   torch::manual_seed(0);
   for (int64_t window : {0, 5}) {
-    torch::Tensor q = torch::randn({8, 37, 16}), k = torch::randn({2, 37, 16}), v = torch::randn({2, 37, 16});
+    torch::Tensor q = torch::randn({8, 37, 16}), k = torch::randn({2, 37, 16}),
+                  v = torch::randn({2, 37, 16});
     AttentionShape shape;
     shape.window = window;
     shape.query_block = 8;

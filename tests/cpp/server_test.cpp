@@ -1,12 +1,12 @@
 // Unit tests of the server's pieces that need no model: admission (Scheduler), bearer tokens,
 // the model registry. The service itself is tested end to end (tests/python).
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
-
-#include <gtest/gtest.h>
 
 #include "server/auth.h"
 #include "server/registry.h"
@@ -59,7 +59,8 @@ TEST(SchedulerTest, RefusesBeyondSlotsAndQueueAndWithdrawnJobsFreeTheirPlace) {
   const Scheduler::Ticket c = scheduler.TrySubmit([&] { ++ran; });
   EXPECT_NE(c, 0u);
   gate.Open();
-  while (scheduler.queued() > 0 || scheduler.running() > 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  while (scheduler.queued() > 0 || scheduler.running() > 0)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   EXPECT_EQ(ran.load(), 2);  // b and c, not a
   EXPECT_FALSE(scheduler.Withdraw(b)) << "a job that ran cannot be withdrawn";
 }
@@ -73,14 +74,16 @@ TEST(SchedulerTest, LimitsAreClampedAndShutdownRefuses) {
 }
 
 TEST(AuthTest, TokenFileLinesAreTrimmedAndCommentsSkipped) {
-  auto tokens = BearerTokens::Parse("# lab\n\t  alpha \r\n\n  # indented comment\nbeta\n", "tokens");
+  auto tokens =
+      BearerTokens::Parse("# lab\n\t  alpha \r\n\n  # indented comment\nbeta\n", "tokens");
   ASSERT_TRUE(tokens.ok()) << tokens.status();
   EXPECT_EQ(tokens->size(), 2u);
-  for (absl::string_view ok : {"Bearer alpha", "bearer beta", "BEARER\talpha", "  Bearer   alpha  "}) {
+  for (absl::string_view ok :
+       {"Bearer alpha", "bearer beta", "BEARER\talpha", "  Bearer   alpha  "}) {
     EXPECT_TRUE(tokens->Check(&ok).ok()) << ok;
   }
-  for (absl::string_view bad : {"Bearer alph", "Bearer alphaa", "Basic alpha", "alpha", "Bearer", "Bearer ",
-                                "Beareralpha", "Bearer # lab"}) {
+  for (absl::string_view bad : {"Bearer alph", "Bearer alphaa", "Basic alpha", "alpha", "Bearer",
+                                "Bearer ", "Beareralpha", "Bearer # lab"}) {
     absl::Status s = tokens->Check(&bad);
     EXPECT_TRUE(absl::IsUnauthenticated(s)) << bad << ": " << s;
   }
@@ -106,7 +109,8 @@ TEST(AuthTest, ConstantTimeEqualsIsEquality) {
 }
 
 TEST(RegistryTest, TypedLookupsWithClearErrors) {
-  const std::string text = R"({"good": {"path": "/m/a", "max_length": 8000}, "bare": {"path": "/m/b"},
+  const std::string text =
+      R"({"good": {"path": "/m/a", "max_length": 8000}, "bare": {"path": "/m/b"},
                                 "num": {"path": 5}, "str": "x", "neg": {"path": "/m", "max_length": -1},
                                 "flt": {"path": "/m", "max_length": 1.5}, "empty": {"path": ""}})";
   auto good = LookupModel(text, "good", "r.json");

@@ -6,10 +6,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
-
-#include <nlohmann/json.hpp>
 
 #include "model/arch.h"
 #include "model/config.h"
@@ -18,7 +17,7 @@
 namespace attnscope::testing {
 
 inline nlohmann::json TinyLlamaConfig() {
-  return {{"model_type", "llama"}, {"hidden_size", 16},        {"intermediate_size", 24},
+  return {{"model_type", "llama"},  {"hidden_size", 16},        {"intermediate_size", 24},
           {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"num_key_value_heads", 2},
           {"vocab_size", 32},       {"rms_norm_eps", 1e-5},     {"max_position_embeddings", 64},
           {"eos_token_id", 2}};
@@ -27,8 +26,8 @@ inline nlohmann::json TinyLlamaConfig() {
 // Writes config.json and model.safetensors (every required tensor but `skip`, normal(0, 0.5)
 // values stored as `dtype`, F32 or I32 bit patterns) into `dir`.
 inline absl::Status WriteTinyCheckpoint(const std::string& dir, const nlohmann::json& cfg,
-                                        const std::string& skip = "", const std::string& dtype = "F32",
-                                        uint32_t seed = 1) {
+                                        const std::string& skip = "",
+                                        const std::string& dtype = "F32", uint32_t seed = 1) {
   {
     std::ofstream out(dir + "/config.json");
     out << cfg.dump();
@@ -57,7 +56,8 @@ class TempDir {
     path_ = mkdtemp(tmpl);
   }
   ~TempDir() {
-    if (std::system(("rm -rf '" + path_ + "'").c_str()) != 0) std::fprintf(stderr, "could not remove %s\n", path_.c_str());
+    if (std::system(("rm -rf '" + path_ + "'").c_str()) != 0)
+      std::fprintf(stderr, "could not remove %s\n", path_.c_str());
   }
   const std::string& path() const { return path_; }
 

@@ -23,7 +23,8 @@ using Bytes = std::vector<uint8_t>;
 Bytes Mutate(const std::vector<Bytes>& seeds, std::mt19937_64& rng) {
   auto pick = [&](size_t n) { return n == 0 ? 0 : static_cast<size_t>(rng() % n); };
   Bytes b = seeds[pick(seeds.size())];
-  static const uint8_t kInteresting[] = {0, 1, 0x7f, 0x80, 0xff, '"', '{', '}', '[', ']', ':', ',', '-', '9', '\\'};
+  static const uint8_t kInteresting[] = {0,   1,   0x7f, 0x80, 0xff, '"', '{', '}',
+                                         '[', ']', ':',  ',',  '-',  '9', '\\'};
   const int rounds = 1 + static_cast<int>(rng() % 4);
   for (int r = 0; r < rounds; ++r) {
     switch (rng() % 7) {
@@ -80,9 +81,12 @@ int main(int argc, char** argv) {
   uint64_t seed = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
-    if (flag == "--corpus") corpus = argv[i + 1];
-    else if (flag == "--iterations") iterations = std::stoll(argv[i + 1]);
-    else if (flag == "--seed") seed = std::stoull(argv[i + 1]);
+    if (flag == "--corpus")
+      corpus = argv[i + 1];
+    else if (flag == "--iterations")
+      iterations = std::stoll(argv[i + 1]);
+    else if (flag == "--seed")
+      seed = std::stoull(argv[i + 1]);
     else {
       std::cerr << "usage: " << argv[0] << " --corpus DIR [--iterations N] [--seed S]" << std::endl;
       return 2;

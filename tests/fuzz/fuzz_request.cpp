@@ -21,7 +21,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   const int64_t prompt_len = request.token_ids().ids_size();
-  absl::Status valid = attnscope::ValidateCaptureSpec(*spec, /*num_layers=*/32, /*num_heads=*/32, prompt_len);
+  absl::Status valid =
+      attnscope::ValidateCaptureSpec(*spec, /*num_layers=*/32, /*num_heads=*/32, prompt_len);
   attnscope::fuzz::Record(valid);
   if (valid.ok()) {
     attnscope::EstimateCaptureBytes(*spec, 32, 32, prompt_len, request.max_new_tokens() & 0xFFFFF);

@@ -25,12 +25,23 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     at += 2 + n;
     if (!parsed) continue;
     switch (msg.event_case()) {
-      case attnscope::v1::StreamAttentionResponse::kHeader: status = writer.OnHeader(msg.header(), 4); break;
-      case attnscope::v1::StreamAttentionResponse::kToken: status = writer.OnToken(msg.token()); break;
-      case attnscope::v1::StreamAttentionResponse::kAttention: status = writer.OnAttention(msg.attention()); break;
-      case attnscope::v1::StreamAttentionResponse::kStatistic: status = writer.OnStatistic(msg.statistic()); break;
-      case attnscope::v1::StreamAttentionResponse::kTrailer: trailer = msg.trailer(); break;
-      default: break;
+      case attnscope::v1::StreamAttentionResponse::kHeader:
+        status = writer.OnHeader(msg.header(), 4);
+        break;
+      case attnscope::v1::StreamAttentionResponse::kToken:
+        status = writer.OnToken(msg.token());
+        break;
+      case attnscope::v1::StreamAttentionResponse::kAttention:
+        status = writer.OnAttention(msg.attention());
+        break;
+      case attnscope::v1::StreamAttentionResponse::kStatistic:
+        status = writer.OnStatistic(msg.statistic());
+        break;
+      case attnscope::v1::StreamAttentionResponse::kTrailer:
+        trailer = msg.trailer();
+        break;
+      default:
+        break;
     }
   }
   if (status.ok()) status = writer.Finish(trailer, "prompt");

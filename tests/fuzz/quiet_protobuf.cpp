@@ -5,7 +5,8 @@
 namespace attnscope::fuzz {
 
 bool SilenceProtobufLogs() {
-  google::protobuf::SetLogHandler([](google::protobuf::LogLevel, const char*, int, const std::string&) {});
+  google::protobuf::SetLogHandler(
+      [](google::protobuf::LogLevel, const char*, int, const std::string&) {});
   return true;
 }
 
