@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh
 bash deploy/fetch-tokenizers.sh
+bash tests/format_check.sh
 bash deploy/build.sh
 ctest --test-dir build --output-on-failure -j 2
 # The same C++ suites, fuzz targets and service tests against an ASan + UBSan build.
