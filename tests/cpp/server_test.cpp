@@ -7,8 +7,10 @@
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "server/auth.h"
+#include "server/convert.h"
 #include "server/registry.h"
 #include "server/scheduler.h"
 
@@ -126,6 +128,100 @@ TEST(RegistryTest, TypedLookupsWithClearErrors) {
   }
   EXPECT_TRUE(absl::IsInvalidArgument(LookupModel("[1]", "good", "r.json").status()));
   EXPECT_TRUE(absl::IsInvalidArgument(LookupModel("{", "good", "r.json").status()));
+}
+
+TEST(ConvertTest, CaptureSpecRoundTripsAndUnknownEnumsAreRefused) {
+  v1::CaptureSpec p;
+  p.add_layers(3);
+  p.add_heads(1);
+  p.add_phases(v1::PHASE_DECODE);
+  p.set_form(v1::FORM_POOLED);
+  p.set_pool(8);
+  p.set_pool_op(v1::POOL_MAX);
+  p.set_element_type(v1::ELEMENT_BFLOAT16);
+  p.mutable_statistics()->set_sink_tokens(4);
+  auto spec = ToCaptureSpec(p);
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_TRUE(!spec->prefill && spec->decode && spec->form == Form::kPooled && spec->pool == 8);
+  EXPECT_TRUE(spec->pool_op == PoolOp::kMax && spec->element_type == ElementType::kBFloat16);
+  v1::CaptureSpec back;
+  FillCaptureSpec(*spec, /*num_layers=*/4, /*num_heads=*/2, &back);
+  EXPECT_EQ(back.SerializeAsString(), p.SerializeAsString());
+
+  for (auto mutate : std::vector<void (*)(v1::CaptureSpec*)>{
+           [](v1::CaptureSpec* c) { c->set_form(static_cast<v1::Form>(99)); },
+           [](v1::CaptureSpec* c) { c->set_element_type(static_cast<v1::ElementType>(99)); },
+           [](v1::CaptureSpec* c) { c->set_pool_op(static_cast<v1::PoolOp>(99)); },
+           [](v1::CaptureSpec* c) { c->add_phases(static_cast<v1::Phase>(99)); },
+           [](v1::CaptureSpec* c) { c->set_max_bytes(-1); }}) {
+    v1::CaptureSpec bad = p;
+    mutate(&bad);
+    EXPECT_TRUE(absl::IsInvalidArgument(ToCaptureSpec(bad).status())) << bad.ShortDebugString();
+  }
+}
+
+TEST(ConvertTest, TruncateMiddleKeepsBothEnds) {
+  const std::vector<int64_t> ids = {1, 2, 3, 4, 5, 6, 7};
+  EXPECT_EQ(TruncateMiddle(ids, 4), (std::vector<int64_t>{1, 2, 6, 7}));
+  EXPECT_EQ(TruncateMiddle(ids, 5), (std::vector<int64_t>{1, 2, 5, 6, 7}));
+  EXPECT_EQ(TruncateMiddle(ids, 0), ids);
+  EXPECT_EQ(TruncateMiddle(ids, 7), ids);
+}
+
+TEST(ConvertTest, ChunksReassembleToTheBlockAndRespectTheChunkSize) {
+  std::vector<float> values(2 * 3 * 50);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(i) * 0.5f;
+  std::vector<int64_t> heads = {0, 1};
+  AttentionBlock block;
+  block.phase = Phase::kPrefill;
+  block.layer = 2;
+  block.heads = &heads;
+  block.query_begin = 10;
+  block.query_end = 13;
+  block.key_length = 50;
+  block.form = Form::kDense;
+  block.values.data = values.data();
+  block.values.shape = {2, 3, 50};
+  block.values.bytes = static_cast<int64_t>(values.size() * 4);
+  std::string joined;
+  int messages = 0;
+  absl::Status s = ChunkAttention(block, ElementType::kFloat32, /*chunk_bytes=*/256,
+                                  [&](const v1::StreamAttentionResponse& m) {
+                                    const auto& c = m.attention();
+                                    EXPECT_LE(c.data().size(), 256u);
+                                    EXPECT_EQ(c.byte_offset(), static_cast<int64_t>(joined.size()));
+                                    EXPECT_EQ(c.block_bytes(), block.values.bytes);
+                                    EXPECT_EQ(c.layer(), 2);
+                                    EXPECT_EQ(c.query_begin(), 10);
+                                    joined += c.data();
+                                    ++messages;
+                                    return absl::OkStatus();
+                                  });
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_EQ(messages, (1200 + 255) / 256);
+  EXPECT_EQ(joined, std::string(reinterpret_cast<const char*>(values.data()), values.size() * 4));
+
+  // A sink error stops the chunking at once.
+  messages = 0;
+  s = ChunkAttention(block, ElementType::kFloat32, 256, [&](const v1::StreamAttentionResponse&) {
+    ++messages;
+    return absl::CancelledError("gone");
+  });
+  EXPECT_TRUE(absl::IsCancelled(s));
+  EXPECT_EQ(messages, 1);
+
+  // An empty statistic still sends one message, so that readers see the block.
+  StatBlock empty;
+  empty.heads = &heads;
+  empty.values.shape = {2, 0};
+  messages = 0;
+  s = ChunkStatistic(empty, 256, [&](const v1::StreamAttentionResponse& m) {
+    EXPECT_TRUE(m.statistic().data().empty());
+    ++messages;
+    return absl::OkStatus();
+  });
+  EXPECT_TRUE(s.ok());
+  EXPECT_EQ(messages, 1);
 }
 
 }  // namespace

@@ -341,15 +341,29 @@ def test_metrics_and_reflection(model, tmp_path):
         s.stop()
 
 
-def test_deadline_ends_a_long_stream(client):
-    c = client
-    req = c.request(token_ids=PROMPT * 20, max_new_tokens=780, ignore_eos=True, row_entropy=True)
-    t0 = time.time()
-    with pytest.raises(grpc.RpcError) as e:
-        for _ in c.stub.StreamAttention(req, timeout=0.3):
-            pass
-    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.time() - t0 < 10
-    with pytest.raises(grpc.RpcError) as e:
-        c.stub.Generate(c.request(token_ids=PROMPT * 20, max_new_tokens=780, ignore_eos=True), timeout=0.2)
-    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+def test_deadline_ends_a_long_stream(model, tmp_path):
+    """The client library raises DEADLINE_EXCEEDED whatever the server does; what matters is that the
+    server stops the generation when the deadline passes. Its metrics say how many tokens it made."""
+    from service_fixture import free_port
+    mport = free_port()
+    s = Server(binary("attnscope-server"), model, f"--metrics_listen=127.0.0.1:{mport}",
+               log_path=str(tmp_path / "log"))
+    try:
+        c = attnscope.Client(s.target)
+        for call in (lambda: list(c.stub.StreamAttention(c.request(token_ids=PROMPT * 20, max_new_tokens=780,
+                                                                   ignore_eos=True, row_entropy=True), timeout=0.15)),
+                     lambda: c.stub.Generate(c.request(token_ids=PROMPT * 20, max_new_tokens=780, ignore_eos=True),
+                                             timeout=0.15)):
+            before = metric_value(metrics(mport), "attnscope_tokens_generated_total")
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            deadline = time.time() + 10
+            while metric_value(metrics(mport), "attnscope_running_generations") > 0 and time.time() < deadline:
+                time.sleep(0.05)
+            text = metrics(mport)
+            assert metric_value(text, "attnscope_running_generations") == 0
+            made = metric_value(text, "attnscope_tokens_generated_total") - before
+            assert made < 780, f"the generation ran on after its deadline: {made} tokens"
+    finally:
+        s.stop()
