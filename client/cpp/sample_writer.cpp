@@ -286,7 +286,8 @@ absl::Status SampleWriter::Append(const std::string& name, const std::string& dt
     return Malformed(absl::StrCat("block ", name, " has more data than its ", e.bytes, " bytes"));
   }
   e.written += static_cast<int64_t>(data.size());
-  if (!data.empty() && std::fwrite(data.data(), 1, data.size(), data_) != data.size()) {
+  if (format_ == SampleFormat::kSafetensors && !data.empty() &&
+      std::fwrite(data.data(), 1, data.size(), data_) != data.size()) {
     return absl::DataLossError(absl::StrCat("cannot write ", path_, ".data.partial (disk full?)"));
   }
   data_size_ += static_cast<int64_t>(data.size());
@@ -395,24 +396,12 @@ absl::Status SampleWriter::OnAttention(const v1::AttentionChunk& c) {
                                         c.step(), ".", c.query_begin());
   std::vector<int64_t> shape(c.shape().begin(), c.shape().end());
   const int elem = ElementSize(c.element_type());
-  if (format_ == SampleFormat::kSafetensors) {
-    absl::Status s =
-        Append(name, DType(c.element_type()), shape, c.data(), c.byte_offset(), c.block_bytes());
-    if (!s.ok()) return s;
-    if (!c.indices().empty()) {
-      s = Append(name + ".indices", "I32", shape, c.indices(), c.byte_offset() / elem * 4,
-                 c.block_bytes() / elem * 4);
-      if (!s.ok()) return s;
-    }
-  }
-  if (format_ == SampleFormat::kPickle) {
-    // No block store: only check that every block arrives whole and in order.
-    auto [it, added] = pickle_blocks_.try_emplace(name, c.block_bytes(), 0);
-    if (it->second.first != c.block_bytes() || c.byte_offset() != it->second.second) {
-      return Malformed(
-          absl::StrCat("chunks of block ", name, " arrived out of order or disagree on its size"));
-    }
-    it->second.second += static_cast<int64_t>(c.data().size());
+  // Every block is tracked (whole, in order) in both formats; only safetensors stores its bytes.
+  RETURN_IF_ERROR(
+      Append(name, DType(c.element_type()), shape, c.data(), c.byte_offset(), c.block_bytes()));
+  if (!c.indices().empty()) {
+    RETURN_IF_ERROR(Append(name + ".indices", "I32", shape, c.indices(), c.byte_offset() / elem * 4,
+                           c.block_bytes() / elem * 4));
   }
   if (assemble_ && c.form() == v1::FORM_DENSE) return WriteFull(c);
   return absl::OkStatus();
@@ -554,12 +543,6 @@ absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer,
     if (e.written != e.bytes) {
       return Malformed(
           absl::StrCat("block ", name, " is incomplete: ", e.written, " of ", e.bytes, " bytes"));
-    }
-  }
-  for (const auto& [name, sizes] : pickle_blocks_) {
-    if (sizes.second != sizes.first) {
-      return Malformed(absl::StrCat("block ", name, " is incomplete: ", sizes.second, " of ",
-                                    sizes.first, " bytes"));
     }
   }
   nlohmann::json meta = {

@@ -49,7 +49,7 @@ class SampleWriter {
   struct Entry {
     std::string dtype;
     std::vector<int64_t> shape;
-    int64_t offset = 0;  // in the data work file
+    int64_t offset = 0;  // in the data work file (pickle: counted, not written)
     int64_t bytes = 0;
     int64_t written = 0;  // bytes received so far
   };
@@ -76,8 +76,6 @@ class SampleWriter {
   std::FILE* data_ = nullptr;  // blocks, appended as they arrive
   std::FILE* full_ = nullptr;  // full matrices: [layer][head][row][col] float32, max_rows_ square
   std::map<std::string, Entry> entries_;
-  std::map<std::string, std::pair<int64_t, int64_t>>
-      pickle_blocks_;              // pickle: block -> (bytes, received)
   std::map<int, int> layer_slot_;  // layer -> slot in full_
   std::vector<v1::TokenEvent> tokens_;
   int64_t data_size_ = 0;
