@@ -2,7 +2,6 @@
 // decoders, following the Hugging Face `tokenizers` semantics for the files Llama, Mistral and
 // Qwen checkpoints ship.
 #include <algorithm>
-#include <fstream>
 #include <mutex>
 #include <queue>
 #include <stdexcept>

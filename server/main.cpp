@@ -6,10 +6,7 @@
 #include <signal.h>
 #include <spdlog/spdlog.h>
 
-#include <fstream>
 #include <iostream>
-#include <nlohmann/json.hpp>
-#include <sstream>
 #include <thread>
 
 #include "absl/flags/flag.h"
