@@ -79,6 +79,12 @@ def registry():
     out("registry", "small.json", json.dumps({"llama3.1-8b-128k": {"path": "/m", "max_length": 127500}}))
 
 
+def auth():
+    out("auth", "match", "Bearer s3cret\n# lab tokens\n\t s3cret \r\nother\n")
+    out("auth", "scheme", "bearer\tother\nother\n")
+    out("auth", "wrong", "Basic s3cret\ns3cret\n")
+
+
 def request(build):
     sys.path[:0] = [os.path.join(ROOT, "client", "python"), os.path.join(build, "python")]
     from attnscope.client import Client, capture_spec
@@ -116,4 +122,5 @@ if __name__ == "__main__":
     config()
     tokenizer()
     registry()
+    auth()
     request(build)
