@@ -2,14 +2,14 @@
 // nothing.
 #pragma once
 
-#include "model/capture_types.h"
+#include "model/capture/block.h"
 
 namespace attnscope {
 
 class CountingSink : public AttentionSink {
  public:
-  absl::Status OnAttention(const AttentionBlock& b) override {
-    bytes += b.values.bytes;
+  absl::Status OnBlock(const Block& b) override {
+    if (b.header.kind == BlockKind::kAttention) bytes += b.header.value_bytes();
     return absl::OkStatus();
   }
   int64_t bytes = 0;

@@ -13,8 +13,8 @@ LENGTHS=("$@")
 declare -A CAPTURE=(
   [off]="--form=none"
   [stats]="--form=none --stats=entropy,key_score:64,sink:4,local:64,variance"
-  [pooled64]="--form=pooled --pool=64"
-  [dense_last64]="--form=dense --last_queries=64"
+  [pooled64]="--form=pooled:64"
+  [dense_last64]="--form=dense --rows=last:64"
 )
 ORDER=(off stats pooled64 dense_last64)
 

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <limits>
 
-#include "model/status_macros.h"
+#include "model/io/status_macros.h"
 
 namespace attnscope {
 namespace {

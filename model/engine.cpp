@@ -8,13 +8,13 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "model/capture.h"
-#include "model/config.h"
+#include "model/capture/processor.h"
+#include "model/checkpoint/config.h"
+#include "model/checkpoint/weights.h"
+#include "model/io/status_macros.h"
 #include "model/sampler.h"
-#include "model/status_macros.h"
-#include "model/tokenizer.h"
+#include "model/tokenizer/tokenizer.h"
 #include "model/transformer.h"
-#include "model/weights.h"
 
 namespace attnscope {
 namespace {
@@ -81,22 +81,6 @@ double MsSince(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-const char* FinishReasonName(FinishReason reason) {
-  switch (reason) {
-    case FinishReason::kEos:
-      return "eos";
-    case FinishReason::kStopToken:
-      return "stop_token";
-    case FinishReason::kLength:
-      return "length";
-    case FinishReason::kContextFull:
-      return "context_full";
-    case FinishReason::kCancelled:
-      return "cancelled";
-  }
-  return "?";
-}
-
 Engine::~Engine() = default;
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& options) {
@@ -112,18 +96,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   }
   ModelInfo& info = engine->info_;
   const std::string model_type = config.model_type;
+  static_cast<ModelConfig&>(info) = config;
   info.model_dir = options.model_dir;
-  info.architecture = config.model_type;
-  info.num_layers = config.num_layers;
-  info.num_heads = config.num_heads;
-  info.num_kv_heads = config.num_kv_heads;
-  info.head_dim = config.head_dim;
-  info.hidden_size = config.hidden_size;
-  info.vocab_size = config.vocab_size;
-  info.max_positions = config.max_position_embeddings;
-  info.sliding_window = config.sliding_window;
-  info.eos_token_ids = config.eos_token_ids;
-  info.bos_token_id = config.bos_token_id.value_or(-1);
   info.dtype = DTypeName(dtype);
   info.device = device.str();
   auto tokenizer = Tokenizer::Load(options.model_dir);
@@ -186,10 +160,10 @@ absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec&
                                                 info_.vocab_size - 1, ")"));
     }
   }
-  if (prompt_len > info_.max_positions) {
-    return absl::OutOfRangeError(
-        absl::StrCat("the prompt has ", prompt_len, " tokens, more than the model's context of ",
-                     info_.max_positions, "; set max_length to truncate it in the middle"));
+  if (prompt_len > info_.max_position_embeddings) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "the prompt has ", prompt_len, " tokens, more than the model's context of ",
+        info_.max_position_embeddings, "; set max_length to truncate it in the middle"));
   }
   if (request.max_new_tokens < 1 || request.max_new_tokens > kMaxNewTokensLimit) {
     return absl::OutOfRangeError(absl::StrCat("max_new_tokens = ", request.max_new_tokens,
@@ -238,7 +212,8 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
     c10::InferenceMode guard;
     const int64_t prompt_len = static_cast<int64_t>(request.prompt_ids.size());
     // The last generated token is never fed, so the cache holds prompt + max_new_tokens - 1.
-    const int64_t capacity = std::min(prompt_len + request.max_new_tokens - 1, info_.max_positions);
+    const int64_t capacity =
+        std::min(prompt_len + request.max_new_tokens - 1, info_.max_position_embeddings);
     KVCache cache = transformer_->NewCache(std::max(capacity, prompt_len));
     CaptureProcessor processor(capture, info_.num_layers, info_.num_heads, prompt_len, sink);
     ForwardOptions fwd;

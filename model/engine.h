@@ -8,9 +8,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "model/capture_types.h"
-#include "model/chat.h"
+#include "model/capture/block.h"
+#include "model/checkpoint/config.h"
 #include "model/sampling.h"
+#include "model/tokenizer/chat.h"
 
 namespace attnscope {
 
@@ -27,19 +28,11 @@ struct EngineOptions {
   bool fast_attention = true;      // fused attention for layers not captured (libtorch >= 2.0)
 };
 
-struct ModelInfo {
+// The one description of a served model: the checkpoint's configuration as read (ModelConfig:
+// layers, heads, vocabulary, context, eos ids, ...) plus what loading decided. The server's
+// GetModelInfo is this, field by field (server/convert.cpp FillModelInfo).
+struct ModelInfo : ModelConfig {
   std::string model_dir;
-  std::string architecture;  // config.json model_type
-  int64_t num_layers = 0;
-  int64_t num_heads = 0;
-  int64_t num_kv_heads = 0;
-  int64_t head_dim = 0;
-  int64_t hidden_size = 0;
-  int64_t vocab_size = 0;
-  int64_t max_positions = 0;
-  std::vector<int64_t> sliding_window;  // per layer, 0 = full
-  std::vector<int64_t> eos_token_ids;
-  int64_t bos_token_id = -1;
   std::string dtype;
   std::string device;
   bool has_tokenizer = false;
@@ -56,7 +49,16 @@ struct GenerateRequest {
 };
 
 enum class FinishReason { kEos, kStopToken, kLength, kContextFull, kCancelled };
-const char* FinishReasonName(FinishReason reason);
+inline constexpr Named<FinishReason> kFinishReasons[] = {
+    {FinishReason::kEos, "eos"},
+    {FinishReason::kStopToken, "stop_token"},
+    {FinishReason::kLength, "length"},
+    {FinishReason::kContextFull, "context_full"},
+    {FinishReason::kCancelled, "cancelled"},
+};
+inline const char* FinishReasonName(FinishReason reason) {
+  return RowOf(kFinishReasons, reason).name;
+}
 
 struct Timings {
   double prefill_ms = 0;

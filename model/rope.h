@@ -3,7 +3,7 @@
 
 #include <torch/torch.h>
 
-#include "model/config.h"
+#include "model/checkpoint/config.h"
 
 namespace attnscope {
 

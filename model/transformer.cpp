@@ -1,8 +1,8 @@
 #include "model/transformer.h"
 
 #include "model/attention.h"
+#include "model/io/status_macros.h"
 #include "model/rope.h"
-#include "model/status_macros.h"
 
 namespace attnscope {
 namespace {

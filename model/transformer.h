@@ -6,9 +6,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "model/capture.h"
-#include "model/config.h"
-#include "model/weights.h"
+#include "model/capture/processor.h"
+#include "model/checkpoint/config.h"
+#include "model/checkpoint/weights.h"
 
 namespace attnscope {
 

@@ -1,12 +1,14 @@
-// Mapping between the public contract (attnscope.v1) and the engine API.
+// Requests of the public contract (attnscope.v1) resolved for the engine, and the engine's results
+// as messages. Enum, spec and block-header conversions are proto/contract.h's.
 #pragma once
 
 #include <functional>
 
 #include "absl/status/statusor.h"
 #include "attnscope/v1/attnscope.pb.h"
-#include "model/capture_types.h"
+#include "model/capture/block.h"
 #include "model/engine.h"
+#include "proto/contract.h"
 
 namespace attnscope {
 
@@ -19,10 +21,6 @@ struct ResolvedRequest {
   int64_t estimated_bytes = 0;
 };
 
-// The capture spec of a request, its enums and fields checked (the model-dependent checks are
-// the engine's Validate).
-absl::StatusOr<CaptureSpec> ToCaptureSpec(const v1::CaptureSpec& proto);
-
 // Resolves the input (token ids, or text/chat through the engine's tokenizer), middle truncation,
 // generation parameters and capture spec; checks everything the engine checks and the byte budget
 // (`budget_bytes` > 0). Errors carry the status a user should see.
@@ -34,19 +32,15 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
 std::vector<int64_t> TruncateMiddle(const std::vector<int64_t>& ids, int64_t max_length);
 
 void FillModelInfo(const ModelInfo& info, const std::string& name, v1::ModelInfo* out);
-void FillCaptureSpec(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
-                     v1::CaptureSpec* out);
 v1::FinishReason ToProto(FinishReason reason);
-v1::Phase ToProto(Phase phase);
-// The whole block in one message (Generate's response).
-void FillStatistic(const StatBlock& stat, v1::StatisticChunk* out);
+// The whole statistics block in one message (Generate's response).
+void FillStatistic(const Block& block, v1::StatisticChunk* out);
 // Receives the messages of a chunked block one at a time; an error stops the chunking.
 using MessageSink = std::function<absl::Status(const v1::StreamAttentionResponse& message)>;
 
-// The block in messages whose payload is at most `chunk_bytes` (StreamAttention), each made just
-// before `emit` takes it: one chunk's copy exists at a time, not the whole block's.
-absl::Status ChunkStatistic(const StatBlock& stat, int64_t chunk_bytes, const MessageSink& emit);
-absl::Status ChunkAttention(const AttentionBlock& block, ElementType element_type,
-                            int64_t chunk_bytes, const MessageSink& emit);
+// The one chunker (StreamAttention): a block of either kind in messages whose payload is at most
+// `chunk_bytes`, each made just before `emit` takes it: one chunk's copy exists at a time, not the
+// whole block's.
+absl::Status ChunkBlock(const Block& block, int64_t chunk_bytes, const MessageSink& emit);
 
 }  // namespace attnscope

@@ -15,8 +15,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "model/engine.h"
-#include "model/files.h"
-#include "model/status_macros.h"
+#include "model/io/files.h"
+#include "model/io/status_macros.h"
 #include "server/registry.h"
 #include "server/service.h"
 
@@ -187,35 +187,69 @@ class MetricsEndpoint {
   std::thread thread_;
 };
 
-absl::Status Serve() {
-  std::string name, model_dir;
-  RETURN_IF_ERROR(ResolveModel(&name, &model_dir));
-  ASSIGN_OR_RETURN(ServiceOptions options, ServiceOptionsFromFlags(name));
-  const std::string listen = absl::GetFlag(FLAGS_listen);
-  const std::string metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
-  const bool insecure = absl::GetFlag(FLAGS_insecure);
-  for (const std::string& address : {listen, metrics_listen}) {
-    if (!address.empty() && !IsLoopback(address) && options.auth.empty() && !insecure) {
+// Non-loopback addresses need bearer tokens, or --insecure said out loud.
+absl::Status CheckListenPolicy(const ServiceOptions& options) {
+  for (const std::string& address :
+       {absl::GetFlag(FLAGS_listen), absl::GetFlag(FLAGS_metrics_listen)}) {
+    if (!address.empty() && !IsLoopback(address) && options.auth.empty() &&
+        !absl::GetFlag(FLAGS_insecure)) {
       return absl::FailedPreconditionError(
           absl::StrCat("refusing to listen on ", address,
                        " without --auth_tokens_file; pass --insecure to do it anyway"));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<EngineOptions> EngineOptionsFromFlags(const std::string& model_dir) {
+  EngineOptions o;
+  o.model_dir = model_dir;
+  o.device = absl::GetFlag(FLAGS_device);
+  o.dtype = absl::GetFlag(FLAGS_dtype);
+  o.query_block = absl::GetFlag(FLAGS_query_block);
+  o.block_elements = absl::GetFlag(FLAGS_block_elements);
+  if (o.query_block < 1 || o.block_elements < 1) {
+    return absl::InvalidArgumentError("--query_block and --block_elements must be >= 1");
+  }
+  return o;
+}
+
+// The gRPC server on --listen with health, reflection and the service; `*bound` is the address
+// it listens on (the port filled in when 0 was asked for).
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(AttentionServiceImpl* service,
+                                                          std::string* bound) {
+  const std::string listen = absl::GetFlag(FLAGS_listen);
   const int64_t max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   if (max_request_bytes < 1024 || max_request_bytes > (int64_t{1} << 30)) {
     return absl::InvalidArgumentError("--max_request_bytes must be in [1 KiB, 1 GiB]");
   }
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, ServerCredentials());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(listen, creds, &port);
+  builder.RegisterService(service);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(max_request_bytes));
+  // Streams chunk their payload (chunk_bytes); Generate answers statistics in one message, which at
+  // long context can be tens of MB: allow that much.
+  builder.SetMaxSendMessageSize(512 << 20);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0)
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
+  server->GetHealthCheckService()->SetServingStatus(true);
+  *bound = listen.rfind("unix:", 0) == 0
+               ? listen
+               : absl::StrCat(listen.substr(0, listen.find_last_of(':')), ":", port);
+  return server;
+}
 
-  EngineOptions engine_options;
-  engine_options.model_dir = model_dir;
-  engine_options.device = absl::GetFlag(FLAGS_device);
-  engine_options.dtype = absl::GetFlag(FLAGS_dtype);
-  engine_options.query_block = absl::GetFlag(FLAGS_query_block);
-  engine_options.block_elements = absl::GetFlag(FLAGS_block_elements);
-  if (engine_options.query_block < 1 || engine_options.block_elements < 1) {
-    return absl::InvalidArgumentError("--query_block and --block_elements must be >= 1");
-  }
+absl::Status Serve() {
+  std::string name, model_dir;
+  RETURN_IF_ERROR(ResolveModel(&name, &model_dir));
+  ASSIGN_OR_RETURN(ServiceOptions options, ServiceOptionsFromFlags(name));
+  RETURN_IF_ERROR(CheckListenPolicy(options));
+  ASSIGN_OR_RETURN(EngineOptions engine_options, EngineOptionsFromFlags(model_dir));
   spdlog::info("loading {} on {}", model_dir, engine_options.device);
   ASSIGN_OR_RETURN(auto engine, Engine::Load(engine_options));
 
@@ -227,30 +261,12 @@ absl::Status Serve() {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   AttentionServiceImpl service(engine.get(), options);
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  int port = 0;
-  builder.AddListeningPort(listen, creds, &port);
-  builder.RegisterService(&service);
-  builder.SetMaxReceiveMessageSize(static_cast<int>(max_request_bytes));
-  // Streams chunk their payload (chunk_bytes); Generate answers statistics in one message, which at
-  // long context can be tens of MB: allow that much.
-  builder.SetMaxSendMessageSize(512 << 20);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr || port == 0)
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
-  server->GetHealthCheckService()->SetServingStatus(true);
-
+  std::string bound;
+  ASSIGN_OR_RETURN(std::unique_ptr<grpc::Server> server, StartServer(&service, &bound));
   MetricsEndpoint metrics;
-  if (!metrics_listen.empty())
-    RETURN_IF_ERROR(metrics.Start(metrics_listen, &service, &options.auth));
-  const std::string bound =
-      listen.rfind("unix:", 0) == 0
-          ? listen
-          : absl::StrCat(listen.substr(0, listen.find_last_of(':')), ":", port);
-  spdlog::info("attnscope-server serving '{}' ({}) on {}", name, engine->info().architecture,
-               bound);
+  if (const std::string m = absl::GetFlag(FLAGS_metrics_listen); !m.empty())
+    RETURN_IF_ERROR(metrics.Start(m, &service, &options.auth));
+  spdlog::info("attnscope-server serving '{}' ({}) on {}", name, engine->info().model_type, bound);
   std::cout << "listening on " << bound << std::endl;
 
   int sig = 0;

@@ -7,8 +7,8 @@
 #include <functional>
 
 #include "absl/strings/str_cat.h"
-#include "model/status_macros.h"
-#include "model/utf8.h"
+#include "model/io/status_macros.h"
+#include "model/io/utf8.h"
 #include "server/convert.h"
 #include "server/grpc_status.h"
 
@@ -66,8 +66,9 @@ absl::Status Encode(const google::protobuf::Message& message, grpc::ByteBuffer* 
 class CollectingSink : public AttentionSink {
  public:
   explicit CollectingSink(v1::GenerateResponse* response) : response_(response) {}
-  absl::Status OnStatistic(const StatBlock& stat) override {
-    FillStatistic(stat, response_->add_statistics());
+  absl::Status OnBlock(const Block& block) override {
+    if (block.header.kind == BlockKind::kStatistic)
+      FillStatistic(block, response_->add_statistics());
     return absl::OkStatus();
   }
 
@@ -179,24 +180,18 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
   void OnDone() override { delete this; }
 
   // AttentionSink, on the engine thread.
-  absl::Status OnAttention(const AttentionBlock& block) override {
-    return ChunkAttention(block, resolved_.capture.element_type, service_->options_.chunk_bytes,
-                          [this](const v1::StreamAttentionResponse& msg) {
-                            const int64_t n = static_cast<int64_t>(
-                                msg.attention().data().size() + msg.attention().indices().size());
-                            RETURN_IF_ERROR(Push(msg));
-                            bytes_sent_ += n;
-                            service_->metrics_.attention_bytes += n;
-                            return absl::OkStatus();
-                          });
-  }
-  absl::Status OnStatistic(const StatBlock& stat) override {
-    return ChunkStatistic(stat, service_->options_.chunk_bytes,
-                          [this](const v1::StreamAttentionResponse& msg) {
-                            RETURN_IF_ERROR(Push(msg));
-                            bytes_sent_ += static_cast<int64_t>(msg.statistic().data().size());
-                            return absl::OkStatus();
-                          });
+  absl::Status OnBlock(const Block& block) override {
+    return ChunkBlock(
+        block, service_->options_.chunk_bytes, [this](const v1::StreamAttentionResponse& msg) {
+          const int64_t n = msg.has_attention()
+                                ? static_cast<int64_t>(msg.attention().data().size() +
+                                                       msg.attention().indices().size())
+                                : static_cast<int64_t>(msg.statistic().data().size());
+          RETURN_IF_ERROR(Push(msg));
+          bytes_sent_ += n;
+          if (msg.has_attention()) service_->metrics_.attention_bytes += n;
+          return absl::OkStatus();
+        });
   }
   absl::Status OnToken(int64_t step, int64_t id) override {
     ++service_->metrics_.tokens_generated;

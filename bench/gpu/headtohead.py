@@ -145,7 +145,7 @@ def attnscope(build, model, n, mode, out_dir):
             "--compute_dtype=bfloat16", f"--random_prompt={n}", f"--max_new_tokens={NEW}",
             "--query_block=1024", "--block_elements=268435456"]
     if mode == "dense":
-        args += ["--form=dense", "--element_type=float16", f"--out={out}"]
+        args += ["--form=dense", "--dtype=float16", f"--out={out}"]
     else:
         args += ["--form=none", "--stats=entropy,key_score:64,sink:4,local:64", f"--out={out}"]
     t0 = time.time()

@@ -50,6 +50,10 @@ done
 
 echo "== engine tests on the CUDA build ($(( $(date +%s) - START )) s)"
 timeout 120 build-gpu/tests/attnscope_model_tests --gtest_brief=1 2>&1 | tail -5
+# The fused fast path (libtorch 2 only) against float64 over pos0 0/20/36 (prefill, masked
+# continuation, decode) and windows 0/5/64: each line prints its maximum difference.
+timeout 60 build-gpu/tests/attnscope_model_tests --gtest_filter='*AttentionPaths*' 2>&1 \
+  | grep -E "max \||FAILED|PASSED|SKIPPED" | tee "$OUT/fast_path.txt" | tail -12
 
 if [ -z "${SKIP_FIDELITY:-}" ]; then
   echo "== fidelity ($(( $(date +%s) - START )) s)"

@@ -17,12 +17,15 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "attnscope/v1/attnscope.grpc.pb.h"
 #include "client/cpp/sample_writer.h"
-#include "model/files.h"
+#include "model/capture/spec_flags.h"
+#include "model/capture/spec_text.h"
+#include "model/io/files.h"
+#include "model/io/status_macros.h"
+#include "proto/contract.h"
 
 // The prototype's options, same names.
 ABSL_FLAG(std::string, model, "",
@@ -48,14 +51,8 @@ ABSL_FLAG(std::string, prompt_ids, "",
           "one prompt as token ids, e.g. 1,2,3 (or @FILE holding them)");
 ABSL_FLAG(std::string, dataset, "", "JSONL file: LongBench fields context + input, or prompt");
 ABSL_FLAG(bool, chat, false, "send each prompt as a user chat message (the model's chat format)");
-// Capture.
-ABSL_FLAG(std::string, layers, "", "layers to capture, e.g. 0,8,16 (empty: all)");
-ABSL_FLAG(std::string, heads, "", "heads to capture (empty: all)");
-ABSL_FLAG(std::string, phases, "prefill,decode", "prefill, decode, or both");
-ABSL_FLAG(std::string, form, "dense", "dense, head_mean, head_max, pooled:P, top_k:K, none");
-ABSL_FLAG(std::string, stats, "", "statistics: entropy,key_score:W,sink:K,local:W,variance");
-ABSL_FLAG(std::string, dtype, "float32",
-          "element type of stored matrices: float32, float16, bfloat16");
+// Capture: --form, --stats, --layers, --heads, --phases, --rows, --dtype
+// (model/capture/spec_flags.h).
 ABSL_FLAG(std::string, format, "safetensors",
           "safetensors, or pickle (the prototype's .pkl layout)");
 ABSL_FLAG(bool, overwrite, false, "redo samples whose file already exists");
@@ -63,6 +60,53 @@ ABSL_FLAG(double, timeout_s, 0, "deadline per sample in seconds (0: none)");
 
 namespace attnscope {
 namespace {
+
+// Every flag, read once.
+struct Options {
+  std::string model, device, output_dir, server, token, tls_ca;
+  std::string prompt, prompt_file, prompt_ids, dataset;
+  bool save_attention = true, health = false, chat = false, overwrite = false;
+  int max_samples = 0, max_new_tokens = 0;
+  int64_t max_length = 0;
+  double timeout_s = 0;
+  SampleFormat format = SampleFormat::kSafetensors;
+  v1::CaptureSpec capture;
+};
+
+absl::StatusOr<Options> OptionsFromFlags() {
+  Options o;
+  o.model = absl::GetFlag(FLAGS_model);
+  o.device = absl::GetFlag(FLAGS_device);
+  o.output_dir = absl::GetFlag(FLAGS_output_dir);
+  o.server = absl::GetFlag(FLAGS_server);
+  o.token = absl::GetFlag(FLAGS_token);
+  if (o.token.empty() && std::getenv("ATTNSCOPE_TOKEN") != nullptr)
+    o.token = std::getenv("ATTNSCOPE_TOKEN");
+  o.tls_ca = absl::GetFlag(FLAGS_tls_ca);
+  o.prompt = absl::GetFlag(FLAGS_prompt);
+  o.prompt_file = absl::GetFlag(FLAGS_prompt_file);
+  o.prompt_ids = absl::GetFlag(FLAGS_prompt_ids);
+  o.dataset = absl::GetFlag(FLAGS_dataset);
+  o.save_attention = absl::GetFlag(FLAGS_save_attention);
+  o.health = absl::GetFlag(FLAGS_health);
+  o.chat = absl::GetFlag(FLAGS_chat);
+  o.overwrite = absl::GetFlag(FLAGS_overwrite);
+  o.max_samples = absl::GetFlag(FLAGS_max_samples);
+  o.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  o.max_length = absl::GetFlag(FLAGS_max_length);
+  o.timeout_s = absl::GetFlag(FLAGS_timeout_s);
+  const std::string format = absl::GetFlag(FLAGS_format);
+  if (format == "pickle") {
+    o.format = SampleFormat::kPickle;
+  } else if (format != "safetensors") {
+    return absl::InvalidArgumentError("--format must be safetensors or pickle");
+  }
+  if (o.save_attention) {  // without it, nothing is captured
+    ASSIGN_OR_RETURN(const CaptureSpec spec, CaptureSpecFromFlags());
+    FillCaptureSpec(spec, 0, 0, &o.capture);
+  }
+  return o;
+}
 
 struct Sample {
   std::string text;
@@ -79,44 +123,33 @@ const char* kBuiltinPrompts[] = {
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
 };
 
-absl::StatusOr<std::vector<int64_t>> ParseInts(const std::string& text, const char* what) {
-  std::vector<int64_t> out;
-  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
-    int64_t v;
-    if (!absl::SimpleAtoi(part, &v))
-      return absl::InvalidArgumentError(absl::StrCat(what, ": '", part, "' is not an integer"));
-    out.push_back(v);
-  }
-  return out;
-}
-
 // Prompt and id files: at most 1 GiB.
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
   return ReadRegularFile(path, int64_t{1} << 30);
 }
 
-absl::StatusOr<std::vector<Sample>> Samples() {
+absl::StatusOr<std::vector<Sample>> Samples(const Options& o) {
   std::vector<Sample> out;
-  if (auto ids = absl::GetFlag(FLAGS_prompt_ids); !ids.empty()) {
+  if (std::string ids = o.prompt_ids; !ids.empty()) {
     if (ids[0] == '@') {  // long prompts do not fit on a command line
       auto text = ReadFile(ids.substr(1));
       if (!text.ok()) return text.status();
       ids = *text;
     }
     Sample s;
-    auto parsed = ParseInts(ids, "--prompt_ids");
+    auto parsed = ParseIndexList(ids, "--prompt_ids");
     if (!parsed.ok()) return parsed.status();
     s.ids = *parsed;
     s.is_ids = true;
     out.push_back(s);
   }
-  if (const auto p = absl::GetFlag(FLAGS_prompt); !p.empty()) out.push_back({p, {}, false});
-  if (const auto f = absl::GetFlag(FLAGS_prompt_file); !f.empty()) {
+  if (!o.prompt.empty()) out.push_back({o.prompt, {}, false});
+  if (const std::string& f = o.prompt_file; !f.empty()) {
     auto text = ReadFile(f);
     if (!text.ok()) return text.status();
     out.push_back({*text, {}, false});
   }
-  if (const auto d = absl::GetFlag(FLAGS_dataset); !d.empty()) {
+  if (const std::string& d = o.dataset; !d.empty()) {
     auto content = ReadFile(d);
     if (!content.ok()) return content.status();
     std::istringstream in(*content);
@@ -152,81 +185,14 @@ absl::StatusOr<std::vector<Sample>> Samples() {
   if (out.empty()) {
     for (const char* p : kBuiltinPrompts) out.push_back({p, {}, false});
   }
-  const int max = absl::GetFlag(FLAGS_max_samples);
+  const int max = o.max_samples;
   if (max > 0 && static_cast<int>(out.size()) > max) out.resize(max);
   return out;
 }
 
-absl::StatusOr<v1::CaptureSpec> CaptureFromFlags() {
-  v1::CaptureSpec c;
-  if (!absl::GetFlag(FLAGS_save_attention)) return c;
-  auto layers = ParseInts(absl::GetFlag(FLAGS_layers), "--layers");
-  if (!layers.ok()) return layers.status();
-  for (int64_t l : *layers) c.add_layers(static_cast<int32_t>(l));
-  auto heads = ParseInts(absl::GetFlag(FLAGS_heads), "--heads");
-  if (!heads.ok()) return heads.status();
-  for (int64_t h : *heads) c.add_heads(static_cast<int32_t>(h));
-  for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_phases), ',', absl::SkipEmpty())) {
-    if (p == "prefill")
-      c.add_phases(v1::PHASE_PREFILL);
-    else if (p == "decode")
-      c.add_phases(v1::PHASE_DECODE);
-    else
-      return absl::InvalidArgumentError(absl::StrCat("--phases: unknown phase '", p, "'"));
-  }
-  const std::vector<std::string> form = absl::StrSplit(absl::GetFlag(FLAGS_form), ':');
-  int32_t arg = 0;
-  if (form.size() > 1 && !absl::SimpleAtoi(form[1], &arg))
-    return absl::InvalidArgumentError("--form: bad number");
-  if (form[0] == "dense")
-    c.set_form(v1::FORM_DENSE);
-  else if (form[0] == "head_mean")
-    c.set_form(v1::FORM_HEAD_MEAN);
-  else if (form[0] == "head_max")
-    c.set_form(v1::FORM_HEAD_MAX);
-  else if (form[0] == "pooled")
-    c.set_form(v1::FORM_POOLED), c.set_pool(arg);
-  else if (form[0] == "top_k")
-    c.set_form(v1::FORM_TOP_K), c.set_top_k(arg);
-  else if (form[0] == "none")
-    c.set_form(v1::FORM_NONE);
-  else
-    return absl::InvalidArgumentError(absl::StrCat("--form: unknown form '", form[0], "'"));
-  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_stats), ',', absl::SkipEmpty())) {
-    std::vector<std::string> kv = absl::StrSplit(s, ':');
-    int64_t v = 0;
-    if (kv.size() == 2 && !absl::SimpleAtoi(kv[1], &v))
-      return absl::InvalidArgumentError(absl::StrCat("--stats: ", s));
-    auto* st = c.mutable_statistics();
-    if (kv[0] == "entropy")
-      st->set_row_entropy(true);
-    else if (kv[0] == "key_score")
-      st->set_key_score_window(v);
-    else if (kv[0] == "sink")
-      st->set_sink_tokens(v);
-    else if (kv[0] == "local")
-      st->set_local_window(v);
-    else if (kv[0] == "variance")
-      st->set_key_score_variance(true);
-    else
-      return absl::InvalidArgumentError(absl::StrCat("--stats: unknown statistic '", s, "'"));
-  }
-  const std::string dt = absl::GetFlag(FLAGS_dtype);
-  if (dt == "float32")
-    c.set_element_type(v1::ELEMENT_FLOAT32);
-  else if (dt == "float16")
-    c.set_element_type(v1::ELEMENT_FLOAT16);
-  else if (dt == "bfloat16")
-    c.set_element_type(v1::ELEMENT_BFLOAT16);
-  else
-    return absl::InvalidArgumentError(
-        absl::StrCat("--dtype: '", dt, "' is not float32, float16 or bfloat16"));
-  return c;
-}
-
-absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect() {
+absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const Options& o) {
   std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
-  if (const auto ca = absl::GetFlag(FLAGS_tls_ca); !ca.empty()) {
+  if (const std::string& ca = o.tls_ca; !ca.empty()) {
     grpc::SslCredentialsOptions ssl;
     auto pem = ReadRegularFile(ca, 16 << 20);
     if (!pem.ok())
@@ -240,14 +206,11 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect() {
   }
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(256 << 20);
-  return grpc::CreateCustomChannel(absl::GetFlag(FLAGS_server), creds, args);
+  return grpc::CreateCustomChannel(o.server, creds, args);
 }
 
-void Authorize(grpc::ClientContext* ctx) {
-  std::string token = absl::GetFlag(FLAGS_token);
-  if (token.empty() && std::getenv("ATTNSCOPE_TOKEN") != nullptr)
-    token = std::getenv("ATTNSCOPE_TOKEN");
-  if (!token.empty()) ctx->AddMetadata("authorization", "Bearer " + token);
+void Authorize(const Options& o, grpc::ClientContext* ctx) {
+  if (!o.token.empty()) ctx->AddMetadata("authorization", "Bearer " + o.token);
 }
 
 int Health(const std::shared_ptr<grpc::Channel>& channel) {
@@ -298,144 +261,158 @@ absl::Status MakeDirs(const std::string& path) {
   return absl::OkStatus();
 }
 
+// Checks the server answers and serves what was asked; warns about a device it cannot honour.
+absl::Status CheckServer(const Options& o, v1::AttentionService::Stub* stub) {
+  grpc::ClientContext ctx;
+  Authorize(o, &ctx);
+  v1::ModelInfo info;
+  grpc::Status s = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
+  if (!s.ok()) {
+    return absl::UnavailableError(absl::StrCat("cannot reach ", o.server, ": ", s.error_message()));
+  }
+  if (!o.device.empty() && info.device().rfind(o.device, 0) != 0) {
+    std::cerr << "warning: --device " << o.device << " requested, but the server runs on "
+              << info.device() << " (the device is chosen where the server starts)" << std::endl;
+  }
+  return absl::OkStatus();
+}
+
+v1::GenerateRequest RequestFor(const Options& o, const Sample& sample) {
+  v1::GenerateRequest req;
+  req.set_model(o.model);
+  if (sample.is_ids) {
+    for (int64_t id : sample.ids) req.mutable_token_ids()->add_ids(id);
+  } else if (o.chat) {
+    auto* m = req.mutable_chat()->add_messages();
+    m->set_role("user");
+    m->set_content(sample.text);
+  } else {
+    req.set_text(sample.text);
+  }
+  req.set_max_new_tokens(o.max_new_tokens);
+  req.set_max_length(o.max_length);
+  *req.mutable_capture() = o.capture;
+  return req;
+}
+
+// Streams one sample into `path`; prints what the prototype printed.
+absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, size_t index,
+                           const Sample& sample, const std::string& path) {
+  const v1::GenerateRequest req = RequestFor(o, sample);
+  grpc::ClientContext ctx;
+  Authorize(o, &ctx);
+  if (o.timeout_s > 0) {
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::milliseconds(static_cast<int64_t>(o.timeout_s * 1000)));
+  }
+  SampleWriter writer(path, o.format);
+  auto reader = stub->StreamAttention(&ctx, req);
+  v1::StreamAttentionResponse msg;
+  absl::Status local;
+  v1::StreamTrailer trailer;
+  bool have_trailer = false;
+  auto last_progress = std::chrono::steady_clock::now();
+  int layers_captured = 0;
+  const bool save = o.save_attention;
+  while (local.ok() && reader->Read(&msg)) {
+    switch (msg.event_case()) {
+      case v1::StreamAttentionResponse::kHeader:
+        std::cout << "Processing sample " << index
+                  << ", input length: " << msg.header().prompt_token_ids_size() << std::endl;
+        layers_captured = msg.header().capture().layers_size();
+        if (save) local = writer.OnHeader(msg.header(), req.max_new_tokens());
+        break;
+      case v1::StreamAttentionResponse::kToken:
+        local = writer.OnToken(msg.token());
+        break;
+      case v1::StreamAttentionResponse::kAttention:
+        if (save) local = writer.OnAttention(msg.attention());
+        break;
+      case v1::StreamAttentionResponse::kStatistic:
+        if (save) local = writer.OnStatistic(msg.statistic());
+        break;
+      case v1::StreamAttentionResponse::kTrailer:
+        if (have_trailer)
+          local = absl::DataLossError("malformed stream from the server: a second trailer");
+        trailer = msg.trailer();
+        have_trailer = true;
+        break;
+      default:
+        break;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_progress > std::chrono::seconds(1)) {
+      std::cerr << "\r  received " << writer.bytes_received() / 1e6 << " MB, " << writer.tokens()
+                << " tokens" << std::flush;
+      last_progress = now;
+    }
+  }
+  if (!local.ok()) ctx.TryCancel();
+  grpc::Status status = reader->Finish();
+  if (local.ok() && status.ok() && !have_trailer) {
+    local = absl::DataLossError("the stream ended without its trailer (a proxy cut it short?)");
+  }
+  if (!local.ok() || !status.ok()) {
+    return absl::Status(
+        local.ok() ? absl::StatusCode::kUnavailable : local.code(),
+        absl::StrCat("\nSample ", index, " failed: ",
+                     local.ok() ? status.error_message() : std::string(local.message())));
+  }
+  std::cout << "Generated: " << trailer.text() << std::endl;
+  if (save) {
+    absl::Status s = writer.Finish(trailer, sample.is_ids ? "" : sample.text);
+    if (!s.ok()) {
+      return absl::Status(s.code(),
+                          absl::StrCat("Sample ", index, " could not be saved: ", s.message()));
+    }
+    std::cout << "Saved attention data for sample " << index << " with " << layers_captured
+              << " layers" << std::endl;
+  }
+  return absl::OkStatus();
+}
+
 int Run() {
-  auto connected = Connect();
+  auto options = OptionsFromFlags();
+  if (!options.ok()) {
+    std::cerr << "attnscope-capture: " << options.status().message() << std::endl;
+    return 2;
+  }
+  const Options& o = *options;
+  auto connected = Connect(o);
   if (!connected.ok()) {
     std::cerr << "attnscope-capture: " << connected.status().message() << std::endl;
     return 2;
   }
   auto channel = *connected;
-  if (absl::GetFlag(FLAGS_health)) return Health(channel);
+  if (o.health) return Health(channel);
   auto stub = v1::AttentionService::NewStub(channel);
-  auto samples = Samples();
-  auto capture = CaptureFromFlags();
-  if (!samples.ok() || !capture.ok()) {
-    std::cerr << "attnscope-capture: "
-              << (samples.ok() ? capture.status() : samples.status()).message() << std::endl;
+  auto samples = Samples(o);
+  if (!samples.ok()) {
+    std::cerr << "attnscope-capture: " << samples.status().message() << std::endl;
     return 2;
   }
-  const std::string format = absl::GetFlag(FLAGS_format);
-  if (format != "safetensors" && format != "pickle") {
-    std::cerr << "attnscope-capture: --format must be safetensors or pickle" << std::endl;
-    return 2;
+  if (absl::Status s = CheckServer(o, stub.get()); !s.ok()) {
+    std::cerr << "attnscope-capture: " << s.message() << std::endl;
+    return 1;
   }
-  {
-    grpc::ClientContext ctx;
-    Authorize(&ctx);
-    v1::ModelInfo info;
-    grpc::Status s = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
-    if (!s.ok()) {
-      std::cerr << "attnscope-capture: cannot reach " << absl::GetFlag(FLAGS_server) << ": "
-                << s.error_message() << std::endl;
-      return 1;
-    }
-    const std::string device = absl::GetFlag(FLAGS_device);
-    if (!device.empty() && info.device().rfind(device, 0) != 0) {
-      std::cerr << "warning: --device " << device << " requested, but the server runs on "
-                << info.device() << " (the device is chosen where the server starts)" << std::endl;
-    }
-  }
-  if (absl::Status made = MakeDirs(absl::GetFlag(FLAGS_output_dir)); !made.ok()) {
+  if (absl::Status made = MakeDirs(o.output_dir); !made.ok()) {
     std::cerr << "attnscope-capture: " << made.message() << std::endl;
     return 1;
   }
-  const bool save = absl::GetFlag(FLAGS_save_attention);
   int failures = 0;
   for (size_t i = 0; i < samples->size(); ++i) {
-    const Sample& sample = (*samples)[i];
-    const std::string path = absl::StrCat(absl::GetFlag(FLAGS_output_dir), "/attention_sample_", i,
-                                          format == "pickle" ? ".pkl" : ".safetensors");
+    const std::string path =
+        absl::StrCat(o.output_dir, "/attention_sample_", i,
+                     o.format == SampleFormat::kPickle ? ".pkl" : ".safetensors");
     struct stat st {};
-    if (save && !absl::GetFlag(FLAGS_overwrite) && stat(path.c_str(), &st) == 0) {
+    if (o.save_attention && !o.overwrite && stat(path.c_str(), &st) == 0) {
       std::cout << "Skipping sample " << i << ": " << path << " exists (--overwrite to redo it)"
                 << std::endl;
       continue;
     }
-    v1::GenerateRequest req;
-    req.set_model(absl::GetFlag(FLAGS_model));
-    if (sample.is_ids) {
-      for (int64_t id : sample.ids) req.mutable_token_ids()->add_ids(id);
-    } else if (absl::GetFlag(FLAGS_chat)) {
-      auto* m = req.mutable_chat()->add_messages();
-      m->set_role("user");
-      m->set_content(sample.text);
-    } else {
-      req.set_text(sample.text);
-    }
-    req.set_max_new_tokens(absl::GetFlag(FLAGS_max_new_tokens));
-    req.set_max_length(absl::GetFlag(FLAGS_max_length));
-    *req.mutable_capture() = *capture;
-
-    grpc::ClientContext ctx;
-    Authorize(&ctx);
-    if (const double t = absl::GetFlag(FLAGS_timeout_s); t > 0) {
-      ctx.set_deadline(std::chrono::system_clock::now() +
-                       std::chrono::milliseconds(static_cast<int64_t>(t * 1000)));
-    }
-    SampleWriter writer(path,
-                        format == "pickle" ? SampleFormat::kPickle : SampleFormat::kSafetensors);
-    auto reader = stub->StreamAttention(&ctx, req);
-    v1::StreamAttentionResponse msg;
-    absl::Status local;
-    v1::StreamTrailer trailer;
-    bool have_trailer = false;
-    auto last_progress = std::chrono::steady_clock::now();
-    int layers_captured = 0;
-    while (local.ok() && reader->Read(&msg)) {
-      switch (msg.event_case()) {
-        case v1::StreamAttentionResponse::kHeader:
-          std::cout << "Processing sample " << i
-                    << ", input length: " << msg.header().prompt_token_ids_size() << std::endl;
-          layers_captured = msg.header().capture().layers_size();
-          if (save) local = writer.OnHeader(msg.header(), req.max_new_tokens());
-          break;
-        case v1::StreamAttentionResponse::kToken:
-          local = writer.OnToken(msg.token());
-          break;
-        case v1::StreamAttentionResponse::kAttention:
-          if (save) local = writer.OnAttention(msg.attention());
-          break;
-        case v1::StreamAttentionResponse::kStatistic:
-          if (save) local = writer.OnStatistic(msg.statistic());
-          break;
-        case v1::StreamAttentionResponse::kTrailer:
-          if (have_trailer)
-            local = absl::DataLossError("malformed stream from the server: a second trailer");
-          trailer = msg.trailer();
-          have_trailer = true;
-          break;
-        default:
-          break;
-      }
-      const auto now = std::chrono::steady_clock::now();
-      if (now - last_progress > std::chrono::seconds(1)) {
-        std::cerr << "\r  received " << writer.bytes_received() / 1e6 << " MB, " << writer.tokens()
-                  << " tokens" << std::flush;
-        last_progress = now;
-      }
-    }
-    if (!local.ok()) ctx.TryCancel();
-    grpc::Status status = reader->Finish();
-    if (local.ok() && status.ok() && !have_trailer) {
-      local = absl::DataLossError("the stream ended without its trailer (a proxy cut it short?)");
-    }
-    if (!local.ok() || !status.ok()) {
-      std::cerr << "\nSample " << i << " failed: "
-                << (local.ok() ? status.error_message() : std::string(local.message()))
-                << std::endl;
+    if (absl::Status s = CaptureSample(o, stub.get(), i, (*samples)[i], path); !s.ok()) {
+      std::cerr << s.message() << std::endl;
       ++failures;
-      continue;
-    }
-    std::cout << "Generated: " << trailer.text() << std::endl;
-    if (save) {
-      absl::Status s = writer.Finish(trailer, sample.is_ids ? "" : sample.text);
-      if (!s.ok()) {
-        std::cerr << "Sample " << i << " could not be saved: " << s.message() << std::endl;
-        ++failures;
-        continue;
-      }
-      std::cout << "Saved attention data for sample " << i << " with " << layers_captured
-                << " layers" << std::endl;
     }
   }
   std::cout << "Done!" << std::endl;

@@ -1,14 +1,14 @@
-// Writes one stored sample while it streams: attention blocks and statistics go to disk as they
-// arrive (memory stays bounded), and the file appears under its final name only when complete
-// (temporary file, then rename).
+// Writes one stored sample while it streams: blocks go to disk as they arrive (memory stays
+// bounded), and the file appears under its final name only when complete (temporary file, then
+// rename).
 //
 // Formats:
-//  - safetensors (default): every block as its own tensor,
-//  "attention.<phase>.<layer>.<step>.<query_begin>"
-//    (+ ".indices" for top_k), statistics as
-//    "statistic.<kind>.<phase>.<layer>.<step>.<query_begin>", "prompt_token_ids" and "token_ids"
-//    (I64); JSON metadata under "attnscope". Readers assemble the full lower-triangular matrices
-//    from the blocks (attnscope.load does).
+//  - safetensors (default): every block as its own tensor under its stored name
+//    (model/capture/block.h BlockName: "attention.<phase>.<layer>.<step>.<query_begin>" with
+//    ".indices" for top_k, "statistic.<kind>.<phase>.<layer>.<step>.<query_begin>"),
+//    "prompt_token_ids" and "token_ids" (I64); JSON metadata under "attnscope" (the capture spec
+//    as text under "capture_spec"). Readers assemble full matrices from the blocks
+//    (attnscope.load).
 //  - pickle: the prototype's {layer: {'shape': [1, heads, T, T], 'tensor': float32 ndarray}}.
 #pragma once
 
@@ -21,7 +21,8 @@
 
 #include "absl/status/status.h"
 #include "attnscope/v1/attnscope.pb.h"
-#include "model/status_macros.h"
+#include "model/capture/block.h"
+#include "model/io/safetensors_writer.h"
 
 namespace attnscope {
 
@@ -36,7 +37,7 @@ class SampleWriter {
   // `max_new_tokens` bounds the rows of the assembled matrices.
   absl::Status OnHeader(const v1::StreamHeader& header, int64_t max_new_tokens);
   absl::Status OnAttention(const v1::AttentionChunk& chunk);
-  absl::Status OnStatistic(const v1::StatisticChunk& stat);
+  absl::Status OnStatistic(const v1::StatisticChunk& chunk);
   absl::Status OnToken(const v1::TokenEvent& token);
   // Assembles the file and renames it into place; refuses a sample with a missing or incomplete
   // block.
@@ -46,37 +47,43 @@ class SampleWriter {
   int64_t tokens() const { return static_cast<int64_t>(tokens_.size()); }
 
  private:
+  // A stored tensor being received (offsets in the data work file, which becomes the data
+  // section as it is).
   struct Entry {
-    std::string dtype;
-    std::vector<int64_t> shape;
-    int64_t offset = 0;  // in the data work file (pickle: counted, not written)
-    int64_t bytes = 0;
+    SafetensorsEntry tensor;
     int64_t written = 0;  // bytes received so far
   };
-  // Every chunk is checked against the header before it costs anything: a hostile or broken server
-  // gets a clear error, never a crash or a file that does not load.
-  absl::Status CheckAttention(const v1::AttentionChunk& chunk) const;
+  // Every chunk is checked against the stream header before it costs anything: a hostile or broken
+  // server gets a clear error, never a crash or a file that does not load.
+  absl::Status CheckBlock(const BlockHeader& h, int64_t block_bytes, int64_t byte_offset,
+                          int64_t data_bytes) const;
+  // The one reassembler: a chunk of either kind, its values (and indices) appended in order.
+  absl::Status OnChunk(const BlockHeader& h, const std::string& data, const std::string& indices,
+                       int64_t byte_offset, int64_t block_bytes);
   absl::Status Append(const std::string& name, const std::string& dtype,
                       const std::vector<int64_t>& shape, const std::string& data,
                       int64_t byte_offset, int64_t total_bytes);
-  absl::Status WriteFull(const v1::AttentionChunk& chunk);
-  absl::Status WriteSafetensors(const std::string& tmp, const std::string& metadata);
-  absl::Status WritePickle(const std::string& tmp);
+  absl::Status WriteFull(const BlockHeader& h, const std::string& data, int64_t byte_offset);
+  absl::Status WriteSafetensors(const std::string& metadata);
+  absl::Status WritePickle();
+  absl::Status CopyFullMatrix(size_t slot, int64_t T, std::FILE* out);
 
   std::string path_;
   SampleFormat format_;
   v1::StreamHeader header_;
+  CaptureSpec spec_;  // the header's, converted
   bool have_header_ = false;
-  std::set<int> header_layers_;
+  std::set<int64_t> header_layers_;
   int64_t max_new_tokens_ = 0;
   bool assemble_ = false;  // dense capture of every row: keep full matrices
   int64_t prompt_len_ = 0;
   int64_t max_rows_ = 0;  // prompt + max_new_tokens - 1: row capacity of the full matrices
-  int heads_ = 0;
-  std::FILE* data_ = nullptr;  // blocks, appended as they arrive
-  std::FILE* full_ = nullptr;  // full matrices: [layer][head][row][col] float32, max_rows_ square
-  std::map<std::string, Entry> entries_;
-  std::map<int, int> layer_slot_;  // layer -> slot in full_
+  int64_t heads_ = 0;
+  std::FILE* data_ = nullptr;   // blocks, appended as they arrive
+  std::FILE* full_ = nullptr;   // full matrices: [layer][head][row][col] float32, max_rows_ square
+  std::vector<Entry> entries_;  // in arrival (= file) order
+  std::map<std::string, size_t> entry_of_;  // name -> index in entries_
+  std::map<int64_t, size_t> layer_slot_;    // layer -> slot in full_
   std::vector<v1::TokenEvent> tokens_;
   int64_t data_size_ = 0;
   int64_t bytes_received_ = 0;

@@ -8,7 +8,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "model/tokenizer.h"
+#include "model/tokenizer/tokenizer.h"
 
 ABSL_FLAG(std::string, dir, "", "folder with tokenizer.json or tokenizer.model");
 ABSL_FLAG(std::string, model_file, "", "instead of --dir: this tokenizer.json or tokenizer.model");

@@ -9,11 +9,11 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "model/arch.h"
-#include "model/config.h"
+#include "model/checkpoint/arch.h"
+#include "model/checkpoint/config.h"
 #include "model/engine.h"
-#include "model/safetensors.h"
-#include "model/safetensors_writer.h"
+#include "model/io/safetensors.h"
+#include "model/io/safetensors_writer.h"
 #include "tests/cpp/tiny_checkpoint.h"
 
 namespace attnscope {

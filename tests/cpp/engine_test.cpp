@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
 #include <thread>
 
 #include "model/attention.h"
@@ -43,13 +45,9 @@ Engine* EngineTest::engine_ = nullptr;
 // Collects everything; optionally cancels after a given number of tokens.
 class RecordingSink : public AttentionSink {
  public:
-  absl::Status OnAttention(const AttentionBlock& b) override {
-    bytes += b.values.bytes + b.indices.bytes;
-    ++blocks;
-    return absl::OkStatus();
-  }
-  absl::Status OnStatistic(const StatBlock& s) override {
-    bytes += s.values.bytes;
+  absl::Status OnBlock(const Block& b) override {
+    bytes += b.header.value_bytes() + b.header.index_bytes();
+    if (b.header.kind == BlockKind::kAttention) ++blocks;
     return absl::OkStatus();
   }
   absl::Status OnToken(int64_t step, int64_t id) override {
@@ -64,7 +62,7 @@ class RecordingSink : public AttentionSink {
 
 TEST_F(EngineTest, ModelInfo) {
   const ModelInfo& info = engine_->info();
-  EXPECT_EQ(info.architecture, "llama");
+  EXPECT_EQ(info.model_type, "llama");
   EXPECT_EQ(info.num_layers, 2);
   EXPECT_EQ(info.num_heads, 4);
   EXPECT_EQ(info.num_kv_heads, 2);
@@ -198,9 +196,7 @@ TEST_F(EngineTest, CancelStopsWithinOneStep) {
 
 TEST_F(EngineTest, SinkErrorAbortsGeneration) {
   class Failing : public AttentionSink {
-    absl::Status OnAttention(const AttentionBlock&) override {
-      return absl::CancelledError("client went away");
-    }
+    absl::Status OnBlock(const Block&) override { return absl::CancelledError("client went away"); }
   } sink;
   CaptureSpec spec;
   spec.form = Form::kDense;
@@ -257,22 +253,65 @@ TEST_F(EngineTest, EstimateMatchesBytesProduced) {
   }
 }
 
-TEST(AttentionPaths, FastPathMatchesReferencePath) {
+// Independent float64 attention: q (heads, n, d) at positions pos0..pos0+n-1 over k, v (kv_heads,
+// pos0 + n, d), causal with an optional sliding window (keys with pos > query - window).
+torch::Tensor ReferenceAttention64(const torch::Tensor& q, const torch::Tensor& k,
+                                   const torch::Tensor& v, int64_t pos0, int64_t window) {
+  const int64_t heads = q.size(0), n = q.size(1), keys = k.size(1), group = heads / k.size(0);
+  torch::Tensor q64 = q.to(torch::kFloat64), out = torch::zeros_like(q64);
+  torch::Tensor k64 = k.to(torch::kFloat64), v64 = v.to(torch::kFloat64);
+  for (int64_t h = 0; h < heads; ++h) {
+    torch::Tensor scores = q64[h].matmul(k64[h / group].t()) / std::sqrt(double(q.size(2)));
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < keys; ++j) {
+        const int64_t pos = pos0 + i;
+        if (j > pos || (window > 0 && j <= pos - window))
+          scores[i][j] = -std::numeric_limits<double>::infinity();
+      }
+    }
+    out[h] = torch::softmax(scores, -1).matmul(v64[h / group]);
+  }
+  return out;
+}
+
+// pos0: 0 (prefill), 20 (a prompt continued past a cache: the masked branch every uncaptured layer
+// takes in production), 36 (one decode row); window 0 (full), 5 and 64 (wider than the keys).
+class AttentionPaths : public ::testing::TestWithParam<std::tuple<int64_t, int64_t>> {
+ protected:
+  // 8 query heads over 2 key/value heads, 37 keys; the queries from position pos0 on.
+  void SetUp() override {
+    std::tie(shape_.pos0, shape_.window) = GetParam();
+    shape_.query_block = 8;
+    torch::manual_seed(0);
+    const int64_t keys = 37;
+    q_ = torch::randn({8, keys - shape_.pos0, 16});
+    k_ = torch::randn({2, keys, 16});
+    v_ = torch::randn({2, keys, 16});
+    want_ = ReferenceAttention64(q_, k_, v_, shape_.pos0, shape_.window);
+  }
+  double MaxDiff(const torch::Tensor& got) const {
+    return (got.to(torch::kFloat64) - want_).abs().max().item<double>();
+  }
+  AttentionShape shape_;
+  torch::Tensor q_, k_, v_, want_;
+};
+
+TEST_P(AttentionPaths, ExplicitPathMatchesFloat64Reference) {
+  EXPECT_LT(MaxDiff(ExplicitAttention(q_, k_, v_, shape_, nullptr).value()), 1e-5);
+}
+
+TEST_P(AttentionPaths, FastPathMatchesReferencePath) {
   if (!HasFusedAttention())
     GTEST_SKIP() << "libtorch < 2.0: the fast path is the explicit path itself";
-  torch::manual_seed(0);
-  for (int64_t window : {0, 5}) {
-    torch::Tensor q = torch::randn({8, 37, 16}), k = torch::randn({2, 37, 16}),
-                  v = torch::randn({2, 37, 16});
-    AttentionShape shape;
-    shape.window = window;
-    shape.query_block = 8;
-    torch::Tensor ref = ExplicitAttention(q, k, v, shape, nullptr).value();
-    const double diff = (FastAttention(q, k, v, shape) - ref).abs().max().item<double>();
-    std::printf("window %ld: max |fast - reference| = %.2e\n", static_cast<long>(window), diff);
-    EXPECT_LT(diff, 1e-5);
-  }
+  const double diff = MaxDiff(FastAttention(q_, k_, v_, shape_));
+  std::printf("pos0 %ld window %ld: max |fast - float64 reference| = %.2e\n",
+              static_cast<long>(shape_.pos0), static_cast<long>(shape_.window), diff);
+  EXPECT_LT(diff, 1e-5);
 }
+
+INSTANTIATE_TEST_SUITE_P(PositionsAndWindows, AttentionPaths,
+                         ::testing::Combine(::testing::Values(0, 20, 36),
+                                            ::testing::Values(0, 5, 64)));
 
 }  // namespace
 }  // namespace attnscope

@@ -171,39 +171,45 @@ TEST(ConvertTest, TruncateMiddleKeepsBothEnds) {
 TEST(ConvertTest, ChunksReassembleToTheBlockAndRespectTheChunkSize) {
   std::vector<float> values(2 * 3 * 50);
   for (size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(i) * 0.5f;
-  std::vector<int64_t> heads = {0, 1};
-  AttentionBlock block;
-  block.phase = Phase::kPrefill;
-  block.layer = 2;
-  block.heads = &heads;
-  block.query_begin = 10;
-  block.query_end = 13;
-  block.key_length = 50;
-  block.form = Form::kDense;
-  block.values.data = values.data();
-  block.values.shape = {2, 3, 50};
-  block.values.bytes = static_cast<int64_t>(values.size() * 4);
+  Block block;
+  BlockHeader& h = block.header;
+  h.phase = Phase::kPrefill;
+  h.layer = 2;
+  h.heads = {0, 1};
+  h.query_begin = 10;
+  h.query_end = 13;
+  h.key_length = 50;
+  h.form = Form::kDense;
+  h.shape = {2, 3, 50};
+  block.values = values.data();
   std::string joined;
   int messages = 0;
-  absl::Status s = ChunkAttention(block, ElementType::kFloat32, /*chunk_bytes=*/256,
-                                  [&](const v1::StreamAttentionResponse& m) {
-                                    const auto& c = m.attention();
-                                    EXPECT_LE(c.data().size(), 256u);
-                                    EXPECT_EQ(c.byte_offset(), static_cast<int64_t>(joined.size()));
-                                    EXPECT_EQ(c.block_bytes(), block.values.bytes);
-                                    EXPECT_EQ(c.layer(), 2);
-                                    EXPECT_EQ(c.query_begin(), 10);
-                                    joined += c.data();
-                                    ++messages;
-                                    return absl::OkStatus();
-                                  });
+  absl::Status s =
+      ChunkBlock(block, /*chunk_bytes=*/256, [&](const v1::StreamAttentionResponse& m) {
+        const auto& c = m.attention();
+        EXPECT_LE(c.data().size(), 256u);
+        EXPECT_EQ(c.byte_offset(), static_cast<int64_t>(joined.size()));
+        EXPECT_EQ(c.block_bytes(), h.value_bytes());
+        EXPECT_EQ(c.layer(), 2);
+        EXPECT_EQ(c.query_begin(), 10);
+        auto back = BlockHeaderOf(c);
+        EXPECT_TRUE(back.ok()) << back.status();
+        if (back.ok()) {
+          EXPECT_EQ(back->shape, h.shape);
+          EXPECT_EQ(back->heads, h.heads);
+          EXPECT_EQ(BlockName(*back), "attention.prefill.2.0.10");
+        }
+        joined += c.data();
+        ++messages;
+        return absl::OkStatus();
+      });
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(messages, (1200 + 255) / 256);
   EXPECT_EQ(joined, std::string(reinterpret_cast<const char*>(values.data()), values.size() * 4));
 
   // A sink error stops the chunking at once.
   messages = 0;
-  s = ChunkAttention(block, ElementType::kFloat32, 256, [&](const v1::StreamAttentionResponse&) {
+  s = ChunkBlock(block, 256, [&](const v1::StreamAttentionResponse&) {
     ++messages;
     return absl::CancelledError("gone");
   });
@@ -211,12 +217,15 @@ TEST(ConvertTest, ChunksReassembleToTheBlockAndRespectTheChunkSize) {
   EXPECT_EQ(messages, 1);
 
   // An empty statistic still sends one message, so that readers see the block.
-  StatBlock empty;
-  empty.heads = &heads;
-  empty.values.shape = {2, 0};
+  Block empty;
+  empty.header.kind = BlockKind::kStatistic;
+  empty.header.stat = StatKind::kSinkMass;
+  empty.header.heads = {0, 1};
+  empty.header.shape = {2, 0};
   messages = 0;
-  s = ChunkStatistic(empty, 256, [&](const v1::StreamAttentionResponse& m) {
+  s = ChunkBlock(empty, 256, [&](const v1::StreamAttentionResponse& m) {
     EXPECT_TRUE(m.statistic().data().empty());
+    EXPECT_EQ(m.statistic().kind(), "sink_mass");
     ++messages;
     return absl::OkStatus();
   });

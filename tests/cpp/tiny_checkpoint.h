@@ -10,9 +10,9 @@
 #include <random>
 #include <string>
 
-#include "model/arch.h"
-#include "model/config.h"
-#include "model/safetensors_writer.h"
+#include "model/checkpoint/arch.h"
+#include "model/checkpoint/config.h"
+#include "model/io/safetensors_writer.h"
 
 namespace attnscope::testing {
 

@@ -1,6 +1,6 @@
 // tokenizer.json: parsing (checked access to every key), then encoding and decoding a fixed text
 // with whatever was parsed.
-#include "model/tokenizer.h"
+#include "model/tokenizer/tokenizer.h"
 #include "tests/fuzz/fuzz_target.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

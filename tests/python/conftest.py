@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,14 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "tools"))
 
 import checkpoint  # noqa: E402
 import stfile  # noqa: E402
+
+# The client's block naming, loaded on its own: importing the attnscope package here would fix its
+# path before the tests add the generated stubs (build/python) to it.
+_spec = importlib.util.spec_from_file_location(
+    "attnscope_blocks", os.path.join(ROOT, "client", "python", "attnscope", "blocks.py"))
+_blocks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_blocks)
+parse_block_name = _blocks.parse_block_name
 
 BUILD = os.environ.get("ATTNSCOPE_BUILD_DIR", os.path.join(ROOT, "build"))
 
@@ -44,15 +53,16 @@ class Run:
         self.prompt = [int(i) for i in tensors["prompt"]] if "prompt" in tensors else None
 
     def blocks(self, kind, phase, layer):
-        """{(step, query_begin): array} for attention ("attn") or a statistic ("stat/<kind>")."""
+        """{(step, query_begin): array} for attention ("attention") or a statistic (its kind)."""
         out = {}
-        prefix = f"{kind}/{phase}/"
+        stat = None if kind == "attention" else kind
         for name, arr in self.t.items():
-            if not name.startswith(prefix) or name.endswith("/indices"):
+            parsed = parse_block_name(name)
+            if parsed is None or parsed[1]:
                 continue
-            step, lay, qb = name[len(prefix):].split("/")
-            if int(lay) == layer:
-                out[(int(step), int(qb))] = arr
+            key = parsed[0]
+            if key.stat == stat and key.phase == phase and key.layer == layer:
+                out[(key.step, key.query_begin)] = arr
         return out
 
     def full_attention(self, layer, num_heads):
@@ -60,9 +70,9 @@ class Run:
         P = len(self.prompt)
         T = P + len(self.tokens) - 1
         a = np.full((num_heads, T, T), np.nan)
-        for (step, qb), blk in self.blocks("attn", "prefill", layer).items():
+        for (step, qb), blk in self.blocks("attention", "prefill", layer).items():
             a[:, qb:qb + blk.shape[1], :P] = blk
-        for (step, qb), blk in self.blocks("attn", "decode", layer).items():
+        for (step, qb), blk in self.blocks("attention", "decode", layer).items():
             assert qb == P + step - 1, (qb, P, step)
             a[:, qb, :blk.shape[2]] = blk[:, 0]
         for r in range(T):

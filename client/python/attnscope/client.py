@@ -2,23 +2,39 @@
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 
+from attnscope.blocks import BlockAssembler
 from attnscope.v1 import attnscope_pb2 as pb
 from attnscope.v1 import attnscope_pb2_grpc as pb_grpc
 
-_DTYPES = {pb.ELEMENT_FLOAT32: np.float32, pb.ELEMENT_FLOAT16: np.float16}
-_FORMS = {"none": pb.FORM_NONE, "dense": pb.FORM_DENSE, "head_mean": pb.FORM_HEAD_MEAN,
-          "head_max": pb.FORM_HEAD_MAX, "pooled": pb.FORM_POOLED, "top_k": pb.FORM_TOP_K}
-_ELEMENTS = {"float32": pb.ELEMENT_FLOAT32, "float16": pb.ELEMENT_FLOAT16, "bfloat16": pb.ELEMENT_BFLOAT16}
-_PHASE_NAMES = {pb.PHASE_PREFILL: "prefill", pb.PHASE_DECODE: "decode"}
 
 
-def _decode(data, element_type, shape):
-    if element_type == pb.ELEMENT_BFLOAT16:
-        bits = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
-        return bits.view(np.float32).reshape(shape)
-    return np.frombuffer(data, dtype=np.dtype(_DTYPES[element_type]).newbyteorder("<")).reshape(shape)
+def _names(enum, prefix):
+    """{"dense": FORM_DENSE, ...}: the names of a proto enum without its prefix, lower case (the
+    spelling the C++ tables, the CLIs and stored files use). UNSPECIFIED values are left out."""
+    return {name[len(prefix):].lower(): number for name, number in enum.items()
+            if name.startswith(prefix) and not name.endswith("_UNSPECIFIED")}
+
+
+FORMS = _names(pb.Form, "FORM_")
+ELEMENT_TYPES = _names(pb.ElementType, "ELEMENT_")
+PHASES = _names(pb.Phase, "PHASE_")
+POOL_OPS = _names(pb.PoolOp, "POOL_")
+_PHASE_NAMES = {number: name for name, number in PHASES.items()}
+# safetensors dtype names of element types (the one table beside the enum: sizes and encodings).
+_ELEMENT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_DTYPE_OF = {number: _ELEMENT_DTYPES[name] for name, number in ELEMENT_TYPES.items()}
+
+
+class _Chunk:
+    """A chunk message seen with its phase as a name (BlockAssembler's keys)."""
+
+    def __init__(self, message):
+        self._m = message
+        self.phase = _PHASE_NAMES.get(message.phase, str(message.phase))
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
 
 
 @dataclass
@@ -38,24 +54,21 @@ def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, qu
                  sink_tokens=0, local_window=0, key_score_variance=False, max_bytes=0):
     """Builds a CaptureSpec from plain Python values. `capture_top_k` is the k of form="top_k" (the
     sampling parameter of the same idea is `top_k` on the request)."""
-    phase_ids = {"prefill": pb.PHASE_PREFILL, "decode": pb.PHASE_DECODE}
-    for name, value, table in (("form", form, _FORMS), ("element_type", element_type, _ELEMENTS)):
+    for name, value, table in (("form", form, FORMS), ("element_type", element_type, ELEMENT_TYPES),
+                               ("pool_op", pool_op, POOL_OPS)):
         if value not in table:
             raise ValueError(f"{name}={value!r}: expected one of {sorted(table)}")
     for p in phases:
-        if p not in phase_ids:
-            raise ValueError(f"phase {p!r}: expected 'prefill' or 'decode'")
-    if pool_op not in ("mean", "max"):
-        raise ValueError(f"pool_op={pool_op!r}: expected 'mean' or 'max'")
+        if p not in PHASES:
+            raise ValueError(f"phase {p!r}: expected one of {sorted(PHASES)}")
     if form == "top_k" and capture_top_k <= 0:
         raise ValueError("form='top_k' needs capture_top_k=K (top_k is the sampling parameter)")
     if form == "pooled" and pool <= 0:
         raise ValueError("form='pooled' needs pool=P (the tile side)")
     return pb.CaptureSpec(
-        layers=list(layers), heads=list(heads), phases=[phase_ids[p] for p in phases], last_queries=last_queries,
-        query_ranges=[pb.QueryRange(begin=a, end=b) for a, b in query_ranges], form=_FORMS[form], pool=pool,
-        pool_op=pb.POOL_MAX if pool_op == "max" else pb.POOL_MEAN, top_k=capture_top_k,
-        element_type=_ELEMENTS[element_type], max_bytes=max_bytes,
+        layers=list(layers), heads=list(heads), phases=[PHASES[p] for p in phases], last_queries=last_queries,
+        query_ranges=[pb.QueryRange(begin=a, end=b) for a, b in query_ranges], form=FORMS[form], pool=pool,
+        pool_op=POOL_OPS[pool_op], top_k=capture_top_k, element_type=ELEMENT_TYPES[element_type], max_bytes=max_bytes,
         statistics=pb.Statistics(row_entropy=row_entropy, key_score_window=key_score_window,
                                  sink_tokens=sink_tokens, local_window=local_window,
                                  key_score_variance=key_score_variance))
@@ -108,7 +121,7 @@ class Client:
     def stream_attention(self, *args, **kwargs):
         """Runs a StreamAttention call and assembles its chunks into numpy arrays."""
         result = StreamResult()
-        pending = {}
+        blocks = BlockAssembler(lambda number: _DTYPE_OF[number])
         for msg in self.stream_raw(self.request(*args, **kwargs)):
             result.messages += 1
             result.max_message_bytes = max(result.max_message_bytes, msg.ByteSize())
@@ -117,25 +130,18 @@ class Client:
                 result.header = msg.header
             elif kind == "token":
                 result.tokens.append(msg.token.id)
-            elif kind == "attention":
-                c = msg.attention
-                key = (_PHASE_NAMES[c.phase], c.step, c.layer, c.query_begin)
-                buf = pending.setdefault(key, [bytearray(), bytearray()])
-                buf[0] += c.data
-                buf[1] += c.indices
-                if len(buf[0]) == c.block_bytes:
-                    result.attention[key] = _decode(bytes(buf[0]), c.element_type, tuple(c.shape))
-                    if buf[1]:
-                        result.indices[key] = np.frombuffer(bytes(buf[1]), dtype="<i4").reshape(tuple(c.shape))
-                    del pending[key]
-            elif kind == "statistic":
-                s = msg.statistic
-                key = (s.kind, _PHASE_NAMES[s.phase], s.step, s.layer, s.query_begin)
-                buf = pending.setdefault(("statistic",) + key, bytearray())
-                buf += s.data
-                if len(buf) == (s.block_bytes or len(s.data)):
-                    result.statistics[key] = np.frombuffer(bytes(buf), dtype="<f4").reshape(tuple(s.shape))
-                    del pending[("statistic",) + key]
+            elif kind in ("attention", "statistic"):
+                chunk = getattr(msg, kind)
+                done = blocks.add(_Chunk(chunk), stat=chunk.kind if kind == "statistic" else None)
+                if done is None:
+                    continue
+                key, values, indices = done
+                if key.stat is None:
+                    result.attention[key[:4]] = values
+                    if indices is not None:
+                        result.indices[key[:4]] = indices
+                else:
+                    result.statistics[(key.stat,) + key[:4]] = values
             elif kind == "trailer":
                 result.trailer = msg.trailer
         return result

@@ -6,6 +6,8 @@ import struct
 
 import numpy as np
 
+from attnscope.blocks import block_name, parse_block_name
+
 _NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
        "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
        "BOOL": np.bool_}
@@ -146,8 +148,11 @@ class Sample:
         return self._assemble(layer)
 
     def _assemble(self, layer):
-        blocks = {k: v for k, v in self.tensors.items() if k.startswith("attention.") and not k.endswith(".indices")
-                  and int(k.split(".")[2]) == layer}
+        blocks = {}
+        for name, blk in self.tensors.items():
+            parsed = parse_block_name(name)
+            if parsed is not None and parsed[0].stat is None and not parsed[1] and parsed[0].layer == layer:
+                blocks[parsed[0]] = blk
         if not blocks:
             raise KeyError(f"layer {layer} was not captured (captured: {self.layers})")
         if self.metadata.get("capture", {}).get("form") not in (None, "FORM_DENSE"):
@@ -155,11 +160,10 @@ class Sample:
         # The matrix side comes from the blocks themselves (metadata may claim anything), and the
         # assembled array may not be much larger than the data it is built from.
         placed = []
-        for name, blk in blocks.items():
-            parts = name.split(".")
-            if len(parts) != 5 or not parts[4].isdigit() or blk.ndim != 3:
-                raise SampleError(f"{self.path}: attention block {name!r} is malformed")
-            placed.append((int(parts[4]), blk))
+        for key, blk in blocks.items():
+            if blk.ndim != 3:
+                raise SampleError(f"{self.path}: attention block {block_name(key)!r} is malformed")
+            placed.append((key.query_begin, blk))
         heads = placed[0][1].shape[0]
         T = max(max(qb + b.shape[1], b.shape[2]) for qb, b in placed)
         have = sum(b.nbytes for _, b in placed)

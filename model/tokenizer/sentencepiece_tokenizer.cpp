@@ -7,9 +7,9 @@
 #include <mutex>
 
 #include "absl/strings/str_cat.h"
-#include "model/status_macros.h"
-#include "model/tokenizer.h"
-#include "model/utf8.h"
+#include "model/io/status_macros.h"
+#include "model/io/utf8.h"
+#include "model/tokenizer/tokenizer.h"
 
 #ifndef ATTNSCOPE_SPM_SHIM_PATH
 #define ATTNSCOPE_SPM_SHIM_PATH ""

@@ -1,9 +1,9 @@
-#include "model/weights.h"
+#include "model/checkpoint/weights.h"
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "model/safetensors.h"
-#include "model/status_macros.h"
+#include "model/io/safetensors.h"
+#include "model/io/status_macros.h"
 
 namespace attnscope {
 namespace {

@@ -1,7 +1,7 @@
-#include "model/chat.h"
+#include "model/tokenizer/chat.h"
 
 #include "absl/strings/str_cat.h"
-#include "model/tokenizer.h"
+#include "model/tokenizer/tokenizer.h"
 
 namespace attnscope {
 namespace {

@@ -1,4 +1,4 @@
-#include "model/safetensors.h"
+#include "model/io/safetensors.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -15,8 +15,8 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
-#include "model/files.h"
-#include "model/status_macros.h"
+#include "model/io/files.h"
+#include "model/io/status_macros.h"
 
 namespace attnscope {
 namespace {

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "model/capture_types.h"
+#include "model/capture/block.h"
 
 namespace attnscope {
 
@@ -35,6 +35,8 @@ class CaptureProcessor {
                         const torch::Tensor& rows, int64_t key_length);
   absl::Status EmitForm(Phase phase, int64_t step, int64_t layer, int64_t row_begin,
                         const torch::Tensor& rows, int64_t key_length);
+  BlockHeader Header(BlockKind kind, Phase phase, int64_t step, int64_t layer, int64_t row_begin,
+                     int64_t row_end, int64_t key_length) const;
   absl::Status EmitStat(StatKind kind, Phase phase, int64_t step, int64_t layer, int64_t row_begin,
                         int64_t row_end, int64_t key_length, const torch::Tensor& values);
 

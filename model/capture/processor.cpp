@@ -1,4 +1,4 @@
-#include "model/capture.h"
+#include "model/capture/processor.h"
 
 #include <algorithm>
 #include <cmath>
@@ -6,7 +6,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
-#include "model/status_macros.h"
+#include "model/io/status_macros.h"
 
 namespace attnscope {
 namespace {
@@ -23,31 +23,6 @@ torch::ScalarType TorchType(ElementType t) {
   return torch::kFloat32;
 }
 
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// The host memory of a CPU, contiguous tensor (which must outlive the view).
-HostArray HostView(const torch::Tensor& t) {
-  HostArray a;
-  switch (t.scalar_type()) {
-    case torch::kFloat16:
-      a.dtype = "F16";
-      break;
-    case torch::kBFloat16:
-      a.dtype = "BF16";
-      break;
-    case torch::kInt32:
-      a.dtype = "I32";
-      break;
-    default:
-      a.dtype = "F32";
-      break;
-  }
-  a.data = t.data_ptr();
-  a.shape.assign(t.sizes().begin(), t.sizes().end());
-  a.bytes = t.numel() * static_cast<int64_t>(t.element_size());
-  return a;
-}
-
 // Pads the last dimension with zeros up to `length` (keys past the causal limit are masked).
 torch::Tensor PadKeys(const torch::Tensor& t, int64_t length) {
   const int64_t have = t.size(-1);
@@ -55,178 +30,7 @@ torch::Tensor PadKeys(const torch::Tensor& t, int64_t length) {
   return torch::constant_pad_nd(t, {0, length - have}, 0.0);
 }
 
-// Resolved prompt rows of the spec, as sorted disjoint ranges.
-std::vector<QueryRange> PromptRows(const CaptureSpec& spec, int64_t prompt_len) {
-  std::vector<QueryRange> rows;
-  if (spec.last_queries > 0) {
-    rows.push_back({std::max<int64_t>(0, prompt_len - spec.last_queries), prompt_len});
-  } else if (!spec.query_ranges.empty()) {
-    rows = spec.query_ranges;
-    std::sort(rows.begin(), rows.end(),
-              [](const QueryRange& a, const QueryRange& b) { return a.begin < b.begin; });
-    for (auto& r : rows) r.end = std::min(r.end, prompt_len);
-  } else {
-    rows.push_back({0, prompt_len});
-  }
-  return rows;
-}
-
-int64_t RowCount(const std::vector<QueryRange>& rows) {
-  int64_t n = 0;
-  for (const auto& r : rows) n += std::max<int64_t>(0, r.end - r.begin);
-  return n;
-}
-
 }  // namespace
-
-const char* PhaseName(Phase phase) { return phase == Phase::kPrefill ? "prefill" : "decode"; }
-
-const char* FormName(Form form) {
-  switch (form) {
-    case Form::kNone:
-      return "none";
-    case Form::kDense:
-      return "dense";
-    case Form::kHeadMean:
-      return "head_mean";
-    case Form::kHeadMax:
-      return "head_max";
-    case Form::kPooled:
-      return "pooled";
-    case Form::kTopK:
-      return "top_k";
-  }
-  return "?";
-}
-
-const char* ElementTypeName(ElementType type) {
-  switch (type) {
-    case ElementType::kFloat32:
-      return "float32";
-    case ElementType::kFloat16:
-      return "float16";
-    case ElementType::kBFloat16:
-      return "bfloat16";
-  }
-  return "?";
-}
-
-int64_t ElementSize(ElementType type) { return type == ElementType::kFloat32 ? 4 : 2; }
-
-const char* StatKindName(StatKind kind) {
-  switch (kind) {
-    case StatKind::kRowEntropy:
-      return "row_entropy";
-    case StatKind::kSinkMass:
-      return "sink_mass";
-    case StatKind::kLocalMass:
-      return "local_mass";
-    case StatKind::kKeyScore:
-      return "key_score";
-    case StatKind::kKeyScoreVariance:
-      return "key_score_variance";
-  }
-  return "?";
-}
-
-absl::Status ValidateCaptureSpec(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
-                                 int64_t prompt_len) {
-  std::set<int64_t> seen;
-  for (int64_t l : spec.layers) {
-    if (l < 0 || l >= num_layers) {
-      return absl::OutOfRangeError(absl::StrCat("layer ", l, " requested, model has ", num_layers,
-                                                " layers (0-", num_layers - 1, ")"));
-    }
-    if (!seen.insert(l).second)
-      return absl::InvalidArgumentError(absl::StrCat("layer ", l, " is listed twice"));
-  }
-  seen.clear();
-  for (int64_t h : spec.heads) {
-    if (h < 0 || h >= num_heads) {
-      return absl::OutOfRangeError(absl::StrCat("head ", h, " requested, model has ", num_heads,
-                                                " attention heads (0-", num_heads - 1, ")"));
-    }
-    if (!seen.insert(h).second)
-      return absl::InvalidArgumentError(absl::StrCat("head ", h, " is listed twice"));
-  }
-  if (spec.Enabled() && !spec.prefill && !spec.decode) {
-    return absl::InvalidArgumentError("capture selects neither the prefill nor the decode phase");
-  }
-  if (spec.last_queries < 0) return absl::InvalidArgumentError("last_queries must be >= 0");
-  if (spec.last_queries > 0 && !spec.query_ranges.empty()) {
-    return absl::InvalidArgumentError("give either last_queries or query_ranges, not both");
-  }
-  std::vector<QueryRange> ranges = spec.query_ranges;
-  std::sort(ranges.begin(), ranges.end(),
-            [](const QueryRange& a, const QueryRange& b) { return a.begin < b.begin; });
-  for (size_t i = 0; i < ranges.size(); ++i) {
-    const auto& r = ranges[i];
-    if (r.begin < 0 || r.end <= r.begin) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("query range [", r.begin, ", ", r.end, ") is empty or negative"));
-    }
-    if (i > 0 && r.begin < ranges[i - 1].end) {
-      return absl::InvalidArgumentError(absl::StrCat("query ranges [", ranges[i - 1].begin, ", ",
-                                                     ranges[i - 1].end, ") and [", r.begin, ", ",
-                                                     r.end, ") overlap"));
-    }
-    if (prompt_len >= 0 && r.end > prompt_len) {
-      return absl::OutOfRangeError(absl::StrCat("query range [", r.begin, ", ", r.end,
-                                                ") goes past the prompt of ", prompt_len,
-                                                " tokens"));
-    }
-  }
-  if (spec.form == Form::kPooled && spec.pool <= 0) {
-    return absl::InvalidArgumentError("pooled form needs a tile size pool >= 1");
-  }
-  if (spec.form == Form::kTopK && spec.top_k <= 0)
-    return absl::InvalidArgumentError("top_k form needs k >= 1");
-  const auto& st = spec.stats;
-  if (st.key_score_window < 0 || st.sink_tokens < 0 || st.local_window < 0) {
-    return absl::InvalidArgumentError("statistics windows must be >= 0");
-  }
-  return absl::OkStatus();
-}
-
-int64_t EstimateCaptureBytes(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
-                             int64_t prompt_len, int64_t max_new_tokens) {
-  if (!spec.Enabled()) return 0;
-  const int64_t layers =
-      spec.layers.empty() ? num_layers : static_cast<int64_t>(spec.layers.size());
-  const int64_t heads = spec.heads.empty() ? num_heads : static_cast<int64_t>(spec.heads.size());
-  const int64_t rows = spec.prefill ? RowCount(PromptRows(spec, prompt_len)) : 0;
-  const int64_t steps = spec.decode ? std::max<int64_t>(0, max_new_tokens - 1) : 0;
-  const int64_t elem = ElementSize(spec.element_type);
-  // Bytes of one block of `r` rows over `keys` keys. In double: a request may describe more bytes
-  // than int64 holds (exact below 2^53, 9 PB); the result saturates.
-  auto block_bytes = [&](double r, int64_t keys) -> double {
-    switch (spec.form) {
-      case Form::kNone:
-        return 0;
-      case Form::kDense:
-        return heads * r * keys * elem;
-      case Form::kHeadMean:
-      case Form::kHeadMax:
-        return r * keys * elem;
-      case Form::kPooled:
-        return heads * std::ceil(r / spec.pool) * std::ceil(static_cast<double>(keys) / spec.pool) *
-               elem;
-      case Form::kTopK:
-        return heads * r * std::min(spec.top_k, keys) * (elem + 4);
-    }
-    return 0;
-  };
-  double per_layer = rows > 0 ? block_bytes(rows, prompt_len) : 0;
-  for (int64_t t = 1; t <= steps; ++t) per_layer += block_bytes(1, prompt_len + t);
-  const auto& st = spec.stats;
-  const int64_t row_stats =
-      (st.row_entropy ? 1 : 0) + (st.sink_tokens > 0 ? 1 : 0) + (st.local_window > 0 ? 1 : 0);
-  per_layer += 4.0 * row_stats * heads * (rows + steps);
-  if (st.key_score_window > 0 && spec.prefill) per_layer += 4.0 * heads * prompt_len;
-  if (st.key_score_variance && steps > 0) per_layer += 4.0 * heads * prompt_len;
-  const double total = per_layer * layers;
-  return total >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(total);
-}
 
 CaptureProcessor::CaptureProcessor(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
                                    int64_t prompt_len, AttentionSink* sink)
@@ -346,16 +150,12 @@ absl::Status CaptureProcessor::EmitRows(Phase phase, int64_t step, int64_t layer
 absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer, int64_t row_begin,
                                         const torch::Tensor& rows, int64_t key_length) {
   const int64_t m = rows.size(1);
-  AttentionBlock block;
-  block.phase = phase;
-  block.step = step;
-  block.layer = layer;
-  block.heads = &heads_;
-  block.query_begin = row_begin;
-  block.query_end = row_begin + m;
-  block.key_length = key_length;
-  block.form = spec_.form;
-  block.pool = spec_.pool;
+  Block block;
+  BlockHeader& h = block.header;
+  h = Header(BlockKind::kAttention, phase, step, layer, row_begin, row_begin + m, key_length);
+  h.form = spec_.form;
+  h.pool = spec_.pool;
+  h.element_type = spec_.element_type;
   torch::Tensor values, indices;
   switch (spec_.form) {
     case Form::kNone:
@@ -398,30 +198,42 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
       auto [v, idx] = PadKeys(rows, key_length).topk(k, /*dim=*/-1);
       values = v;
       indices = idx.to(torch::kInt32).cpu().contiguous();
-      block.indices = HostView(indices);
+      block.indices = indices.data_ptr();
       break;
     }
   }
   const torch::Tensor host = values.to(TorchType(spec_.element_type)).cpu().contiguous();
-  block.values = HostView(host);
-  return sink_->OnAttention(block);
+  h.shape.assign(host.sizes().begin(), host.sizes().end());
+  block.values = host.data_ptr();
+  return sink_->OnBlock(block);
 }
 
 absl::Status CaptureProcessor::EmitStat(StatKind kind, Phase phase, int64_t step, int64_t layer,
                                         int64_t row_begin, int64_t row_end, int64_t key_length,
                                         const torch::Tensor& values) {
-  StatBlock stat;
-  stat.kind = kind;
-  stat.phase = phase;
-  stat.step = step;
-  stat.layer = layer;
-  stat.heads = &heads_;
-  stat.query_begin = row_begin;
-  stat.query_end = row_end;
-  stat.key_length = key_length;
+  Block block;
+  BlockHeader& h = block.header;
+  h = Header(BlockKind::kStatistic, phase, step, layer, row_begin, row_end, key_length);
+  h.stat = kind;
+  h.element_type = ElementType::kFloat32;
   const torch::Tensor host = values.to(torch::kFloat32).cpu().contiguous();
-  stat.values = HostView(host);
-  return sink_->OnStatistic(stat);
+  h.shape.assign(host.sizes().begin(), host.sizes().end());
+  block.values = host.data_ptr();
+  return sink_->OnBlock(block);
+}
+
+BlockHeader CaptureProcessor::Header(BlockKind kind, Phase phase, int64_t step, int64_t layer,
+                                     int64_t row_begin, int64_t row_end, int64_t key_length) const {
+  BlockHeader h;
+  h.kind = kind;
+  h.phase = phase;
+  h.step = step;
+  h.layer = layer;
+  h.heads = heads_;
+  h.query_begin = row_begin;
+  h.query_end = row_end;
+  h.key_length = key_length;
+  return h;
 }
 
 absl::Status CaptureProcessor::Finish() {

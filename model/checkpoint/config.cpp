@@ -1,12 +1,12 @@
-#include "model/config.h"
+#include "model/checkpoint/config.h"
 
 #include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
-#include "model/files.h"
-#include "model/status_macros.h"
+#include "model/io/files.h"
+#include "model/io/status_macros.h"
 
 namespace attnscope {
 namespace {

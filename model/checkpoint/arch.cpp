@@ -1,7 +1,7 @@
-#include "model/arch.h"
+#include "model/checkpoint/arch.h"
 
 #include "absl/strings/str_cat.h"
-#include "model/config.h"
+#include "model/checkpoint/config.h"
 
 namespace attnscope {
 namespace {

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "model/arch.h"
+#include "model/checkpoint/arch.h"
 
 namespace attnscope {
 

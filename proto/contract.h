@@ -1,0 +1,46 @@
+// Between the public contract (attnscope.v1) and the engine's torch-free types (model/capture/):
+// enums, the capture spec and block headers. Used by the server and the C++ client alike, so a
+// value has one conversion. Enum values convert by name: a row of a table in spec.h named
+// "head_mean" is FORM_HEAD_MEAN in the proto (PREFIX_ + upper(name)); tests/cpp/contract_test.cpp
+// checks every row has its proto value and back.
+#pragma once
+
+#include "absl/status/statusor.h"
+#include "attnscope/v1/attnscope.pb.h"
+#include "model/capture/block.h"
+#include "model/capture/spec.h"
+
+namespace attnscope {
+
+// The number of `prefix` + upper(`name`) in `enum_type`; -1 when it has none.
+int ProtoEnumNumber(const google::protobuf::EnumDescriptor* enum_type, const char* prefix,
+                    const char* name);
+
+v1::Phase ToProto(Phase phase);
+v1::Form ToProto(Form form);
+v1::PoolOp ToProto(PoolOp op);
+v1::ElementType ToProto(ElementType type);
+// INVALID_ARGUMENT naming `what` for a number the table has no row for.
+absl::StatusOr<Phase> FromProto(v1::Phase phase, const char* what);
+absl::StatusOr<Form> FromProto(v1::Form form, const char* what);
+absl::StatusOr<PoolOp> FromProto(v1::PoolOp op, const char* what);
+absl::StatusOr<ElementType> FromProto(v1::ElementType type, const char* what);
+absl::StatusOr<StatKind> StatKindNamed(const std::string& name, const char* what);
+
+// The capture spec of a request, its enums and fields checked (the model-dependent checks are
+// the engine's Validate).
+absl::StatusOr<CaptureSpec> ToCaptureSpec(const v1::CaptureSpec& proto);
+// `num_layers`/`num_heads` > 0 fill in "all" as the explicit lists (the stream header's resolved
+// spec); 0 leaves empty lists empty (a request).
+void FillCaptureSpec(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
+                     v1::CaptureSpec* out);
+
+// Block headers: the proto keeps AttentionChunk and StatisticChunk (compatibility), whose common
+// fields are written and read here, once.
+void FillBlockHeader(const BlockHeader& header, v1::AttentionChunk* out);
+void FillBlockHeader(const BlockHeader& header, v1::StatisticChunk* out);
+// The header a chunk describes; DATA_LOSS for enum values or kinds outside the tables.
+absl::StatusOr<BlockHeader> BlockHeaderOf(const v1::AttentionChunk& chunk);
+absl::StatusOr<BlockHeader> BlockHeaderOf(const v1::StatisticChunk& chunk);
+
+}  // namespace attnscope

@@ -1,0 +1,229 @@
+// The C++ client's sample writer without a server: a stream of messages in, a file out, read back
+// with the checkpoint reader (model/io/safetensors.h); and each malformed chunk refused by name.
+#include "client/cpp/sample_writer.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "model/io/safetensors.h"
+#include "proto/contract.h"
+
+namespace attnscope {
+namespace {
+
+class SampleWriterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/attnscope-writer-XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    path_ = dir_ + "/sample";
+  }
+  void TearDown() override { std::system(("rm -rf " + dir_).c_str()); }
+
+  // 2 layers x 2 heads, a 3-token prompt, dense float32 over prefill and decode.
+  v1::StreamHeader Header(Form form = Form::kDense) {
+    v1::StreamHeader h;
+    h.mutable_model()->set_name("tiny");
+    h.mutable_model()->set_num_layers(2);
+    h.mutable_model()->set_num_heads(2);
+    for (int64_t id : {5, 6, 7}) h.add_prompt_token_ids(id);
+    CaptureSpec spec;
+    spec.form = form;
+    spec.top_k = form == Form::kTopK ? 2 : 0;
+    spec.stats.row_entropy = 1;
+    FillCaptureSpec(spec, 2, 2, h.mutable_capture());
+    h.set_max_new_tokens(2);
+    return h;
+  }
+  // A block of `rows` rows at `begin` over `keys` keys, values i + 0.5, cut into `pieces`.
+  std::vector<v1::AttentionChunk> Attention(Phase phase, int64_t step, int64_t layer, int64_t begin,
+                                            int64_t rows, int64_t keys, int pieces = 1) {
+    BlockHeader h;
+    h.phase = phase;
+    h.step = step;
+    h.layer = layer;
+    h.heads = {0, 1};
+    h.query_begin = begin;
+    h.query_end = begin + rows;
+    h.key_length = keys;
+    h.shape = {2, rows, keys};
+    std::vector<float> v(2 * rows * keys);
+    for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>(i) + 0.5f;
+    const std::string bytes(reinterpret_cast<const char*>(v.data()), v.size() * 4);
+    std::vector<v1::AttentionChunk> out;
+    const size_t per = (v.size() + pieces - 1) / pieces * 4;
+    for (size_t at = 0; at < bytes.size(); at += per) {
+      v1::AttentionChunk c;
+      FillBlockHeader(h, &c);
+      c.set_byte_offset(static_cast<int64_t>(at));
+      c.set_data(bytes.substr(at, per));
+      out.push_back(c);
+    }
+    return out;
+  }
+  v1::StatisticChunk Entropy(int64_t layer, int64_t begin, int64_t rows) {
+    BlockHeader h;
+    h.kind = BlockKind::kStatistic;
+    h.stat = StatKind::kRowEntropy;
+    h.layer = layer;
+    h.heads = {0, 1};
+    h.query_begin = begin;
+    h.query_end = begin + rows;
+    h.key_length = 3;
+    h.shape = {2, rows};
+    v1::StatisticChunk c;
+    FillBlockHeader(h, &c);
+    c.set_data(std::string(static_cast<size_t>(2 * rows * 4), '\0'));
+    return c;
+  }
+  v1::TokenEvent Token(int64_t step, int64_t id) {
+    v1::TokenEvent t;
+    t.set_step(step);
+    t.set_id(id);
+    t.set_piece("p");
+    return t;
+  }
+  v1::StreamTrailer Trailer() {
+    v1::StreamTrailer t;
+    t.add_token_ids(8);
+    t.add_token_ids(9);
+    t.set_text("pp");
+    return t;
+  }
+
+  std::string dir_, path_;
+};
+
+TEST_F(SampleWriterTest, StoresEveryBlockUnderItsNameAndTheSpecAsText) {
+  SampleWriter w(path_, SampleFormat::kSafetensors);
+  ASSERT_TRUE(w.OnHeader(Header(), 0).ok());
+  for (int64_t layer : {0, 1}) {
+    for (const auto& c : Attention(Phase::kPrefill, 0, layer, 0, 3, 3, /*pieces=*/4))
+      ASSERT_TRUE(w.OnAttention(c).ok());
+    ASSERT_TRUE(w.OnStatistic(Entropy(layer, 0, 3)).ok());
+  }
+  ASSERT_TRUE(w.OnToken(Token(1, 8)).ok());
+  for (int64_t layer : {0, 1}) {
+    for (const auto& c : Attention(Phase::kDecode, 1, layer, 3, 1, 4))
+      ASSERT_TRUE(w.OnAttention(c).ok());
+  }
+  ASSERT_TRUE(w.OnToken(Token(2, 9)).ok());
+  absl::Status done = w.Finish(Trailer(), "prompt");
+  ASSERT_TRUE(done.ok()) << done;
+  EXPECT_NE(access((path_ + ".partial").c_str(), F_OK), 0);
+
+  auto file = SafetensorsFile::Open(path_);
+  ASSERT_TRUE(file.ok()) << file.status();
+  const auto& t = (*file)->tensors();
+  for (const char* name :
+       {"attention.prefill.0.0.0", "attention.prefill.1.0.0", "attention.decode.0.1.3",
+        "attention.decode.1.1.3", "statistic.row_entropy.prefill.1.0.0", "prompt_token_ids",
+        "token_ids"}) {
+    EXPECT_TRUE(t.count(name)) << name;
+  }
+  const TensorView& decode = t.at("attention.decode.1.1.3");
+  EXPECT_EQ(decode.shape, (std::vector<int64_t>{2, 1, 4}));
+  float last;
+  std::memcpy(&last, static_cast<const char*>(decode.data) + decode.nbytes - 4, 4);
+  EXPECT_EQ(last, 7.5f);
+  const TensorView& prefill = t.at("attention.prefill.0.0.0");
+  float values[18];
+  std::memcpy(values, prefill.data, sizeof(values));
+  for (int i = 0; i < 18; ++i) EXPECT_EQ(values[i], i + 0.5f);
+  const auto meta = nlohmann::json::parse((*file)->metadata().at("attnscope"));
+  EXPECT_EQ(meta["capture_spec"],
+            "dense stats=entropy layers=0,1 heads=0,1 phases=prefill,decode "
+            "dtype=float32");
+  EXPECT_EQ(meta["token_pieces"].size(), 2u);
+}
+
+TEST_F(SampleWriterTest, PickleAssemblesFullMatrices) {
+  SampleWriter w(path_ + ".pkl", SampleFormat::kPickle);
+  ASSERT_TRUE(w.OnHeader(Header(), 0).ok());
+  for (int64_t layer : {0, 1}) {
+    for (const auto& c : Attention(Phase::kPrefill, 0, layer, 0, 3, 3, 2))
+      ASSERT_TRUE(w.OnAttention(c).ok());
+  }
+  ASSERT_TRUE(w.OnToken(Token(1, 8)).ok());
+  ASSERT_TRUE(w.Finish(Trailer(), "").ok());
+  std::ifstream in(path_ + ".pkl", std::ios::binary);
+  std::stringstream bytes;
+  bytes << in.rdbuf();
+  const std::string pickle = bytes.str();
+  EXPECT_EQ(pickle.substr(0, 2), std::string("\x80\x04", 2));
+  EXPECT_EQ(pickle.back(), '.');
+  EXPECT_NE(pickle.find("_reconstruct"), std::string::npos);
+  // Two [1, 2, 3, 3] float32 tensors: 72 bytes each, the prefill values in place.
+  const float first = 0.5f;
+  EXPECT_NE(pickle.find(std::string(reinterpret_cast<const char*>(&first), 4)), std::string::npos);
+}
+
+TEST_F(SampleWriterTest, RefusesMalformedChunksByName) {
+  struct Case {
+    const char* want;
+    std::function<void(v1::AttentionChunk*)> spoil;
+  };
+  const Case cases[] = {
+      {"not captured", [](v1::AttentionChunk* c) { c->set_layer(5); }},
+      {"expected [2, 3, 3]", [](v1::AttentionChunk* c) { c->set_shape(2, 4); }},
+      {"form or element type differs", [](v1::AttentionChunk* c) { c->set_form(v1::FORM_POOLED); }},
+      {"unknown value", [](v1::AttentionChunk* c) { c->set_phase(static_cast<v1::Phase>(7)); }},
+      {"block_bytes", [](v1::AttentionChunk* c) { c->set_block_bytes(8); }},
+      {"rows [", [](v1::AttentionChunk* c) { c->set_query_end(100); }},
+      {"starts mid-way",
+       [](v1::AttentionChunk* c) {
+         c->set_byte_offset(8);
+         c->set_data(c->data().substr(8));
+       }},
+      {"indices in a block that is not top_k",
+       [](v1::AttentionChunk* c) { c->set_indices("xxxx"); }},
+  };
+  for (const Case& k : cases) {
+    SampleWriter w(path_, SampleFormat::kSafetensors);
+    ASSERT_TRUE(w.OnHeader(Header(), 0).ok());
+    v1::AttentionChunk c = Attention(Phase::kPrefill, 0, 0, 0, 3, 3)[0];
+    k.spoil(&c);
+    absl::Status s = w.OnAttention(c);
+    EXPECT_TRUE(absl::IsDataLoss(s)) << k.want << ": " << s;
+    EXPECT_NE(s.message().find(k.want), absl::string_view::npos) << s.message();
+  }
+  // An incomplete block is refused at the end; a chunk before the header at once.
+  SampleWriter w(path_, SampleFormat::kSafetensors);
+  EXPECT_TRUE(absl::IsDataLoss(w.OnAttention(Attention(Phase::kPrefill, 0, 0, 0, 3, 3)[0])));
+  ASSERT_TRUE(w.OnHeader(Header(), 0).ok());
+  ASSERT_TRUE(w.OnAttention(Attention(Phase::kPrefill, 0, 0, 0, 3, 3, 2)[0]).ok());
+  absl::Status s = w.Finish(Trailer(), "");
+  EXPECT_NE(s.message().find("is incomplete"), absl::string_view::npos) << s;
+  EXPECT_NE(access(path_.c_str(), F_OK), 0);
+  v1::StatisticChunk bad = Entropy(0, 0, 3);
+  bad.set_kind("perplexity");
+  EXPECT_NE(w.OnStatistic(bad).message().find("unknown statistic 'perplexity'"),
+            absl::string_view::npos);
+}
+
+TEST_F(SampleWriterTest, TopKIndicesAreCheckedAgainstTheKeys) {
+  SampleWriter w(path_, SampleFormat::kSafetensors);
+  ASSERT_TRUE(w.OnHeader(Header(Form::kTopK), 0).ok());
+  BlockHeader h;
+  h.heads = {0, 1};
+  h.query_end = 3;
+  h.key_length = 3;
+  h.form = Form::kTopK;
+  h.shape = {2, 3, 2};
+  v1::AttentionChunk c;
+  FillBlockHeader(h, &c);
+  c.set_data(std::string(48, '\0'));
+  std::vector<int32_t> idx(12, 1);
+  idx[5] = 3;  // past the 3 keys
+  c.set_indices(std::string(reinterpret_cast<const char*>(idx.data()), 48));
+  EXPECT_NE(w.OnAttention(c).message().find("top_k index 3 outside the keys"),
+            absl::string_view::npos);
+}
+
+}  // namespace
+}  // namespace attnscope

@@ -1,0 +1,152 @@
+// The capture spec's tables, text dialect and contract conversions: every enum value has its row
+// and its proto value, text round-trips, and each malformed spelling gets a message naming it.
+#include "model/capture/spec.h"
+
+#include <gtest/gtest.h>
+
+#include "model/capture/block.h"
+#include "model/capture/spec_text.h"
+#include "proto/contract.h"
+
+namespace attnscope {
+namespace {
+
+TEST(SpecTables, EveryRowHasItsProtoValueAndBack) {
+  for (const auto& row : kForms) {
+    const v1::Form p = ToProto(row.value);
+    EXPECT_TRUE(v1::Form_IsValid(p)) << row.name;
+    EXPECT_EQ(*FromProto(p, "form"), row.value) << row.name;
+  }
+  for (const auto& row : kPhases) {
+    const v1::Phase p = ToProto(row.value);
+    EXPECT_TRUE(v1::Phase_IsValid(p) && p != v1::PHASE_UNSPECIFIED) << row.name;
+    EXPECT_EQ(*FromProto(p, "phase"), row.value);
+  }
+  for (const auto& row : kPoolOps) EXPECT_EQ(*FromProto(ToProto(row.value), "op"), row.value);
+  for (const auto& row : kElementTypes) {
+    EXPECT_EQ(*FromProto(ToProto(row.value), "type"), row.value) << row.name;
+  }
+  // The proto has no value the tables lack (UNSPECIFIED aside).
+  EXPECT_EQ(v1::Form_descriptor()->value_count(), static_cast<int>(std::size(kForms)));
+  EXPECT_EQ(v1::ElementType_descriptor()->value_count(),
+            static_cast<int>(std::size(kElementTypes)));
+  EXPECT_EQ(v1::Phase_descriptor()->value_count(), static_cast<int>(std::size(kPhases)) + 1);
+  EXPECT_EQ(v1::PoolOp_descriptor()->value_count(), static_cast<int>(std::size(kPoolOps)));
+  EXPECT_FALSE(FromProto(static_cast<v1::Form>(99), "capture.form").ok());
+  EXPECT_FALSE(FromProto(v1::PHASE_UNSPECIFIED, "phase").ok());
+}
+
+TEST(SpecTables, EveryStatisticHasItsProtoField) {
+  const auto* fields = v1::Statistics::descriptor();
+  EXPECT_EQ(fields->field_count(), static_cast<int>(std::size(kStatistics)));
+  for (const auto& row : kStatistics) {
+    EXPECT_NE(fields->FindFieldByName(row.proto_field), nullptr) << row.name;
+    EXPECT_EQ(*StatKindNamed(row.name, "kind"), row.value);
+  }
+  CaptureSpec s;
+  s.stats.row_entropy = 1;
+  s.stats.key_score_window = 7;
+  s.stats.sink_tokens = 2;
+  s.stats.local_window = 5;
+  s.stats.key_score_variance = 1;
+  v1::CaptureSpec p;
+  FillCaptureSpec(s, 0, 0, &p);
+  EXPECT_TRUE(p.statistics().row_entropy());
+  EXPECT_EQ(p.statistics().key_score_window(), 7);
+  EXPECT_EQ(p.statistics().local_window(), 5);
+  auto back = ToCaptureSpec(p);
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(FormatStatistics(back->stats), "entropy,sink:2,local:5,key_score:7,variance");
+  EXPECT_TRUE(p.layers().empty());  // a request keeps "all" as an empty list
+}
+
+TEST(SpecText, RoundTripsEveryForm) {
+  for (const char* text :
+       {"none stats=entropy phases=prefill dtype=float32",
+        "dense phases=prefill,decode dtype=float32",
+        "head_mean layers=0,3 phases=decode dtype=float16",
+        "head_max heads=1,2 phases=prefill,decode rows=last:16 dtype=bfloat16",
+        "pooled:64 phases=prefill,decode dtype=float32",
+        "pooled:4:max stats=sink:4,key_score:64 phases=prefill rows=0:4,10:12 dtype=float32",
+        "top_k:8 phases=prefill,decode dtype=float16"}) {
+    auto spec = ParseCaptureSpec(absl::string_view(text));
+    ASSERT_TRUE(spec.ok()) << text << ": " << spec.status();
+    EXPECT_EQ(FormatCaptureSpec(*spec), text);
+  }
+  auto spec = ParseCaptureSpec(absl::string_view("pooled:8:max"));
+  ASSERT_TRUE(spec.ok());
+  EXPECT_EQ(spec->form, Form::kPooled);
+  EXPECT_EQ(spec->pool, 8);
+  EXPECT_EQ(spec->pool_op, PoolOp::kMax);
+  EXPECT_TRUE(spec->prefill && spec->decode);
+}
+
+TEST(SpecText, MalformedSpellingsAreNamed) {
+  const std::pair<CaptureSpecText, const char*> cases[] = {
+      {{"densse"}, "form: 'densse' is not none, dense"},
+      {{"pooled"}, "is pooled:P or pooled:P:mean|max"},
+      {{"pooled:0"}, "must be at least 1"},
+      {{"pooled:4:median"}, "pools by mean or max"},
+      {{"pooled:x"}, "is not an integer"},
+      {{"top_k"}, "is top_k:K"},
+      {{"dense:3"}, "takes no argument"},
+      {{"dense", "entropy,entropy"}, "is given twice"},
+      {{"dense", "sink"}, "needs a value: sink:N"},
+      {{"dense", "entropy:3"}, "takes no value"},
+      {{"dense", "perplexity"}, "is not one of entropy, sink:N"},
+      {{"dense", "", "0,a"}, "layers: 'a' is not an integer"},
+      {{"dense", "", "-1"}, "must be at least 0"},
+      {{"dense", "", "", "", "prefil"}, "phases: 'prefil' is not prefill or decode"},
+      {{"dense", "", "", "", "prefill,prefill"}, "is given twice"},
+      {{"dense", "", "", "", "prefill", "4:2"}, "is empty"},
+      {{"dense", "", "", "", "prefill", "last:0"}, "must be at least 1"},
+      {{"dense", "", "", "", "prefill", "1-4"}, "is not A:B"},
+      {{"dense", "", "", "", "prefill", "", "float64"}, "dtype: 'float64' is not float32"},
+  };
+  for (const auto& [text, want] : cases) {
+    auto spec = ParseCaptureSpec(text);
+    ASSERT_FALSE(spec.ok()) << want;
+    EXPECT_TRUE(absl::IsInvalidArgument(spec.status()));
+    EXPECT_NE(spec.status().message().find(want), absl::string_view::npos)
+        << spec.status().message() << " lacks: " << want;
+  }
+  EXPECT_FALSE(ParseCaptureSpec(absl::string_view("dense colour=red")).ok());
+  EXPECT_FALSE(ParseCaptureSpec(absl::string_view("dense top_k:3")).ok());
+  EXPECT_FALSE(ParseCaptureSpec(std::string(1 << 17, 'x')).ok());
+}
+
+TEST(Blocks, NamesAndShapesComeFromTheTables) {
+  BlockHeader h;
+  h.phase = Phase::kDecode;
+  h.layer = 3;
+  h.step = 2;
+  h.query_begin = 9;
+  h.form = Form::kTopK;
+  EXPECT_EQ(BlockName(h), "attention.decode.3.2.9");
+  EXPECT_EQ(IndexName(h), "attention.decode.3.2.9.indices");
+  h.kind = BlockKind::kStatistic;
+  h.stat = StatKind::kLocalMass;
+  EXPECT_EQ(BlockName(h), "statistic.local_mass.decode.3.2.9");
+  EXPECT_FALSE(h.has_indices());
+  using S = std::array<int64_t, 3>;
+  EXPECT_EQ(BlockShape(Form::kDense, 4, 3, 10, 0, 0), (S{4, 3, 10}));
+  EXPECT_EQ(BlockShape(Form::kHeadMax, 4, 3, 10, 0, 0), (S{1, 3, 10}));
+  EXPECT_EQ(BlockShape(Form::kPooled, 4, 3, 10, 4, 0), (S{4, 1, 3}));
+  EXPECT_EQ(BlockShape(Form::kTopK, 4, 3, 10, 0, 16), (S{4, 3, 10}));
+  EXPECT_EQ(BlockShape(Form::kNone, 4, 3, 10, 0, 0), (S{0, 0, 0}));
+}
+
+TEST(Blocks, EstimateCountsEachFormAndStatisticFromTheTables) {
+  CaptureSpec s;
+  s.form = Form::kTopK;
+  s.top_k = 2;
+  s.decode = false;
+  // 2 layers x 4 heads x 7 rows x 2 values x (4 value + 4 index bytes).
+  EXPECT_EQ(EstimateCaptureBytes(s, 2, 4, 7, 1), 2 * 4 * 7 * 2 * 8);
+  s.form = Form::kNone;
+  s.stats.key_score_window = 3;
+  EXPECT_EQ(EstimateCaptureBytes(s, 2, 4, 7, 1), 2 * 4 * 7 * 4);
+}
+
+}  // namespace
+}  // namespace attnscope
