@@ -1,5 +1,7 @@
 """Starts attnscope-server processes on loopback for tests."""
 import os
+import re
+import urllib.request
 import socket
 import subprocess
 import sys
@@ -19,6 +21,13 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def metrics(port):
+    """The server's Prometheus counters and gauges ({name: value}, unlabelled series)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(attnscope_\w+) (\S+)$", text, re.M)}
 
 
 class Server:

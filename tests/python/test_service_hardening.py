@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import BUILD, binary
-from service_fixture import Server, free_port, setup_paths
+from service_fixture import Server, free_port, metrics, setup_paths
 
 setup_paths(BUILD)
 import attnscope  # noqa: E402
@@ -34,12 +34,6 @@ def model(make_checkpoint):
 
 def start(model, tmp_path, *args, name="server.log"):
     return Server(binary("attnscope-server"), model, *args, log_path=str(tmp_path / name))
-
-
-def metrics(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(attnscope_\w+) (\S+)$", text, re.M)}
 
 
 def peak_rss_mb(pid):

@@ -50,10 +50,15 @@ class StreamResult:
 
 
 def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, query_ranges=(), pool=0,
-                 pool_op="mean", capture_top_k=0, element_type="float32", row_entropy=False, key_score_window=0,
-                 sink_tokens=0, local_window=0, key_score_variance=False, max_bytes=0):
+                 pool_op="mean", capture_top_k=0, element_type="float32", max_bytes=0, **statistics):
     """Builds a CaptureSpec from plain Python values. `capture_top_k` is the k of form="top_k" (the
-    sampling parameter of the same idea is `top_k` on the request)."""
+    sampling parameter of the same idea is `top_k` on the request). Statistics are keywords named as
+    the proto's Statistics fields: row_entropy=True, key_score_window=W, sink_tokens=K,
+    local_window=W, key_score_variance=True."""
+    known = pb.Statistics.DESCRIPTOR.fields_by_name
+    for name in statistics:
+        if name not in known:
+            raise TypeError(f"capture_spec() got an unexpected keyword {name!r}; statistics are {sorted(known)}")
     for name, value, table in (("form", form, FORMS), ("element_type", element_type, ELEMENT_TYPES),
                                ("pool_op", pool_op, POOL_OPS)):
         if value not in table:
@@ -69,9 +74,7 @@ def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, qu
         layers=list(layers), heads=list(heads), phases=[PHASES[p] for p in phases], last_queries=last_queries,
         query_ranges=[pb.QueryRange(begin=a, end=b) for a, b in query_ranges], form=FORMS[form], pool=pool,
         pool_op=POOL_OPS[pool_op], top_k=capture_top_k, element_type=ELEMENT_TYPES[element_type], max_bytes=max_bytes,
-        statistics=pb.Statistics(row_entropy=row_entropy, key_score_window=key_score_window,
-                                 sink_tokens=sink_tokens, local_window=local_window,
-                                 key_score_variance=key_score_variance))
+        statistics=pb.Statistics(**statistics))
 
 
 class Client:
