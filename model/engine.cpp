@@ -107,6 +107,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
     info.tokenizer_kind = engine->tokenizer_->kind();
     engine->chat_format_ = DetectChatFormat(model_type, engine->tokenizer_.get());
     info.chat_format = ChatFormatName(engine->chat_format_);
+    ASSIGN_OR_RETURN(engine->chat_template_, ChatTemplate::Load(options.model_dir));
+    if (engine->chat_template_.has_value()) {
+      info.chat_format = "template";
+      info.chat_template_source = engine->chat_template_->source();
+      info.chat_template_error = std::string(engine->chat_template_->parse_status().message());
+    }
   } else if (!absl::IsNotFound(tokenizer.status())) {
     return tokenizer.status();  // files present but unusable: say so rather than serve without them
   }
@@ -141,9 +147,19 @@ std::vector<std::string> Engine::Pieces(const std::vector<int64_t>& ids) const {
 }
 
 absl::StatusOr<std::vector<int64_t>> Engine::EncodeChat(
-    const std::vector<ChatMessage>& messages) const {
+    const std::vector<ChatMessage>& messages, const std::string& template_kwargs_json) const {
   RETURN_IF_ERROR(NeedTokenizer());
-  ASSIGN_OR_RETURN(std::string text, RenderChat(chat_format_, messages));
+  std::string text;
+  if (chat_template_.has_value()) {
+    ASSIGN_OR_RETURN(text, chat_template_->Render(messages, template_kwargs_json));
+  } else {
+    if (!template_kwargs_json.empty()) {
+      return absl::InvalidArgumentError(
+          "chat_template_kwargs given, but this checkpoint has no chat template (built-in format " +
+          info_.chat_format + ")");
+    }
+    ASSIGN_OR_RETURN(text, RenderChat(chat_format_, messages));
+  }
   // The rendered text carries its special tokens (BOS included) itself.
   return tokenizer_->Encode(text, /*add_special_tokens=*/false);
 }

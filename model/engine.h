@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "model/checkpoint/config.h"
 #include "model/sampling.h"
 #include "model/tokenizer/chat.h"
+#include "model/tokenizer/chat_template.h"
 
 namespace attnscope {
 
@@ -37,7 +39,11 @@ struct ModelInfo : ModelConfig {
   std::string device;
   bool has_tokenizer = false;
   std::string tokenizer_kind;  // "tokenizer.json" or "sentencepiece"
-  std::string chat_format;     // llama2, llama3, mistral, chatml; empty: none
+  // "template" (the checkpoint's own chat template), else a built-in format for checkpoints
+  // without one: llama2, llama3, mistral, chatml; empty: none.
+  std::string chat_format;
+  std::string chat_template_source;  // the file the template came from
+  std::string chat_template_error;   // why it did not parse (chat requests then fail with it)
 };
 
 struct GenerateRequest {
@@ -97,8 +103,11 @@ class Engine {
                                      bool skip_special_tokens) const;
   // Display text of each id ("" for all in token-id mode).
   std::vector<std::string> Pieces(const std::vector<int64_t>& ids) const;
-  // The chat rendered with the model family's format, then encoded.
-  absl::StatusOr<std::vector<int64_t>> EncodeChat(const std::vector<ChatMessage>& messages) const;
+  // The chat rendered with the checkpoint's chat template (template variables from
+  // `template_kwargs_json`, a JSON object or empty) or, without one, the family's built-in format,
+  // then encoded without adding special tokens (the rendered text carries them).
+  absl::StatusOr<std::vector<int64_t>> EncodeChat(
+      const std::vector<ChatMessage>& messages, const std::string& template_kwargs_json = "") const;
 
   // Checks a request and its capture spec without running anything.
   absl::Status Validate(const GenerateRequest& request, const CaptureSpec& capture) const;
@@ -117,6 +126,7 @@ class Engine {
   std::unique_ptr<Transformer> transformer_;
   std::unique_ptr<Tokenizer> tokenizer_;
   ChatFormat chat_format_ = ChatFormat::kNone;
+  std::optional<ChatTemplate> chat_template_;
 };
 
 }  // namespace attnscope

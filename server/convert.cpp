@@ -51,7 +51,8 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
     case v1::GenerateRequest::kChat: {
       std::vector<ChatMessage> messages;
       for (const auto& m : request.chat().messages()) messages.push_back({m.role(), m.content()});
-      ASSIGN_OR_RETURN(r.generate.prompt_ids, engine.EncodeChat(messages));
+      ASSIGN_OR_RETURN(r.generate.prompt_ids,
+                       engine.EncodeChat(messages, request.chat().chat_template_kwargs()));
       break;
     }
     case v1::GenerateRequest::INPUT_NOT_SET:

@@ -266,7 +266,16 @@ absl::Status Serve() {
   MetricsEndpoint metrics;
   if (const std::string m = absl::GetFlag(FLAGS_metrics_listen); !m.empty())
     RETURN_IF_ERROR(metrics.Start(m, &service, &options.auth));
-  spdlog::info("attnscope-server serving '{}' ({}) on {}", name, engine->info().model_type, bound);
+  const ModelInfo& info = engine->info();
+  if (!info.chat_template_source.empty()) {
+    if (info.chat_template_error.empty()) {
+      spdlog::info("chat template from {}", info.chat_template_source);
+    } else {
+      spdlog::warn("the chat template does not render here; chat requests will fail: {}",
+                   info.chat_template_error);
+    }
+  }
+  spdlog::info("attnscope-server serving '{}' ({}) on {}", name, info.model_type, bound);
   std::cout << "listening on " << bound << std::endl;
 
   int sig = 0;

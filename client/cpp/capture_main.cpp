@@ -50,7 +50,11 @@ ABSL_FLAG(std::string, prompt_file, "", "a file whose whole content is one promp
 ABSL_FLAG(std::string, prompt_ids, "",
           "one prompt as token ids, e.g. 1,2,3 (or @FILE holding them)");
 ABSL_FLAG(std::string, dataset, "", "JSONL file: LongBench fields context + input, or prompt");
-ABSL_FLAG(bool, chat, false, "send each prompt as a user chat message (the model's chat format)");
+ABSL_FLAG(bool, chat, false,
+          "send each prompt as a user chat message, rendered with the checkpoint's chat template");
+ABSL_FLAG(std::string, system, "", "with --chat: a system message before each prompt");
+ABSL_FLAG(std::string, chat_template_kwargs, "",
+          "with --chat: template variables as a JSON object, e.g. '{\"enable_thinking\": false}'");
 // Capture: --form, --stats, --layers, --heads, --phases, --rows, --dtype
 // (model/capture/spec_flags.h).
 ABSL_FLAG(std::string, format, "safetensors",
@@ -64,7 +68,7 @@ namespace {
 // Every flag, read once.
 struct Options {
   std::string model, device, output_dir, server, token, tls_ca;
-  std::string prompt, prompt_file, prompt_ids, dataset;
+  std::string prompt, prompt_file, prompt_ids, dataset, system, chat_template_kwargs;
   bool save_attention = true, health = false, chat = false, overwrite = false;
   int max_samples = 0, max_new_tokens = 0;
   int64_t max_length = 0;
@@ -90,6 +94,10 @@ absl::StatusOr<Options> OptionsFromFlags() {
   o.save_attention = absl::GetFlag(FLAGS_save_attention);
   o.health = absl::GetFlag(FLAGS_health);
   o.chat = absl::GetFlag(FLAGS_chat);
+  o.system = absl::GetFlag(FLAGS_system);
+  o.chat_template_kwargs = absl::GetFlag(FLAGS_chat_template_kwargs);
+  if (!o.chat && (!o.system.empty() || !o.chat_template_kwargs.empty()))
+    return absl::InvalidArgumentError("--system and --chat_template_kwargs need --chat");
   o.overwrite = absl::GetFlag(FLAGS_overwrite);
   o.max_samples = absl::GetFlag(FLAGS_max_samples);
   o.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
@@ -283,6 +291,12 @@ v1::GenerateRequest RequestFor(const Options& o, const Sample& sample) {
   if (sample.is_ids) {
     for (int64_t id : sample.ids) req.mutable_token_ids()->add_ids(id);
   } else if (o.chat) {
+    if (!o.system.empty()) {
+      auto* s = req.mutable_chat()->add_messages();
+      s->set_role("system");
+      s->set_content(o.system);
+    }
+    req.mutable_chat()->set_chat_template_kwargs(o.chat_template_kwargs);
     auto* m = req.mutable_chat()->add_messages();
     m->set_role("user");
     m->set_content(sample.text);

@@ -4,6 +4,7 @@
 #include <cctype>
 #include <set>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "model/io/status_macros.h"
 #include "model/io/utf8.h"
@@ -988,7 +989,10 @@ class Parser {
           e = Make(ExprKind::kAttr, line, std::move(e), nullptr, t_[i_++].value);
         } else if (Cur().type == Tok::kInt) {
           auto key = std::make_unique<Expr>();
-          key->literal = Value::Int(std::stoll(t_[i_++].value));
+          int64_t index = 0;
+          if (!absl::SimpleAtoi(t_[i_++].value, &index))
+            return Unsupported(line, "an integer attribute this large");
+          key->literal = Value::Int(index);
           e = Make(ExprKind::kItem, line, std::move(e), std::move(key));
         } else {
           return SyntaxError(line, "expected an attribute name after '.'");

@@ -8,6 +8,7 @@
 #include <ctime>
 #include <unordered_map>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "model/io/status_macros.h"
@@ -28,7 +29,10 @@ bool IsPythonSpace(int32_t cp) {
 namespace {
 
 constexpr int kMaxCallDepth = 100;
-constexpr int64_t kMaxRange = 1 << 20;
+constexpr int64_t kMaxRange = 1 << 20;  // items of one list
+// Statements, loop iterations, macro calls and filters of one rendering: a template (a checkpoint
+// file) cannot make the server loop for minutes (real ones take a few hundred).
+constexpr int64_t kMaxSteps = 1 << 20;
 
 enum class Flow { kNormal, kBreak, kContinue };
 
@@ -326,10 +330,11 @@ class Renderer {
       }
       if (step == 0) return absl::InvalidArgumentError("range() step must not be zero");
       ValueList out;
-      for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
+      for (int64_t i = start; step > 0 ? i < stop : i > stop;) {
         if (static_cast<int64_t>(out.size()) >= kMaxRange)
           return absl::ResourceExhaustedError("range() longer than 2^20 items");
         out.push_back(Value::Int(i));
+        if (__builtin_add_overflow(i, step, &i)) break;
       }
       return Value::List(std::move(out));
     });
@@ -346,7 +351,28 @@ class Renderer {
     return absl::OkStatus();
   }
 
+  absl::Status Step() {
+    if (++steps_ > kMaxSteps) {
+      return absl::ResourceExhaustedError(
+          "the chat template takes more than 2^20 steps to render; it is refused");
+    }
+    return absl::OkStatus();
+  }
+
+  // Strings and lists an operation builds are bounded like the output.
+  absl::StatusOr<Value> Bounded(Value v) {
+    if (v.is_string() && v.text().size() > max_output_) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the chat template builds a string of more than ", max_output_, " bytes"));
+    }
+    if (v.is_list() && static_cast<int64_t>(v.list().size()) > kMaxRange)
+      return absl::ResourceExhaustedError(
+          "the chat template builds a list of more than 2^20 items");
+    return v;
+  }
+
   absl::StatusOr<Flow> RenderNode(const Node& n, const ScopePtr& scope) {
+    RETURN_IF_ERROR(Step());
     switch (n.kind) {
       case NodeKind::kRoot:
         return RenderBody(n.body, scope);
@@ -524,6 +550,7 @@ class Renderer {
     }
     const int64_t length = static_cast<int64_t>(items.size());
     for (int64_t i = 0; i < length; ++i) {
+      RETURN_IF_ERROR(Step());
       auto iteration = std::make_shared<Scope>();
       iteration->parent = scope;
       RETURN_IF_ERROR(Assign(n.targets, items[i], n.line, iteration.get()));
@@ -821,6 +848,7 @@ class Renderer {
   }
 
   absl::StatusOr<Value> Call(const Value& fn, CallArgs& args, int line) {
+    RETURN_IF_ERROR(Step());
     if (!fn.is_function()) {
       if (fn.is_undefined())
         return Error(line,
@@ -828,6 +856,7 @@ class Renderer {
       return Error(line, absl::StrCat("'", fn.TypeName(), "' object is not callable"));
     }
     absl::StatusOr<Value> r = fn.function().call(args);
+    if (r.ok()) return Bounded(*std::move(r));
     if (!r.ok() && absl::IsInvalidArgument(r.status()) &&
         r.status().message().find("chat template line") == absl::string_view::npos) {
       return Error(line, std::string(r.status().message()));
@@ -853,6 +882,12 @@ class Renderer {
                       (b.kind() == Value::Kind::kInt || b.kind() == Value::Kind::kBool);
     const bool nums = a.is_number() || a.kind() == Value::Kind::kBool;
     const bool bnums = b.is_number() || b.kind() == Value::Kind::kBool;
+    // Python's integers are unbounded; ours are int64 and say so rather than wrap.
+    auto overflow = [&] {
+      return absl::UnimplementedError(
+          absl::StrCat("chat template line ", line, ": integer ", op,
+                       " overflows 64 bits (Python would use a big integer)"));
+    };
     auto type_error = [&] {
       return Error(line, absl::StrCat("unsupported operand types for ", op, ": '", a.TypeName(),
                                       "' and '", b.TypeName(), "'"));
@@ -864,17 +899,29 @@ class Renderer {
         out.insert(out.end(), b.list().begin(), b.list().end());
         return Value::List(std::move(out), a.is_tuple());
       }
-      if (ints) return Value::Int(a.as_int() + b.as_int());
+      int64_t r;
+      if (ints)
+        return __builtin_add_overflow(a.as_int(), b.as_int(), &r)
+                   ? overflow()
+                   : absl::StatusOr<Value>(Value::Int(r));
       if (nums && bnums) return Value::Float(a.as_double() + b.as_double());
       return type_error();
     }
     if (op == "-") {
-      if (ints) return Value::Int(a.as_int() - b.as_int());
+      int64_t r;
+      if (ints)
+        return __builtin_sub_overflow(a.as_int(), b.as_int(), &r)
+                   ? overflow()
+                   : absl::StatusOr<Value>(Value::Int(r));
       if (nums && bnums) return Value::Float(a.as_double() - b.as_double());
       return type_error();
     }
     if (op == "*") {
-      if (ints) return Value::Int(a.as_int() * b.as_int());
+      int64_t r;
+      if (ints)
+        return __builtin_mul_overflow(a.as_int(), b.as_int(), &r)
+                   ? overflow()
+                   : absl::StatusOr<Value>(Value::Int(r));
       if ((a.is_string() || a.is_list()) && (b.kind() == Value::Kind::kInt)) {
         const int64_t n = std::max<int64_t>(0, b.as_int());
         if (a.is_string()) {
@@ -899,6 +946,7 @@ class Renderer {
       if (op == "/") return Value::Float(a.as_double() / b.as_double());
       if (ints) {
         const int64_t x = a.as_int(), y = b.as_int();
+        if (x == INT64_MIN && y == -1) return overflow();
         int64_t q = x / y, r = x % y;
         if (r != 0 && ((r < 0) != (y < 0))) {
           --q;
@@ -913,7 +961,11 @@ class Renderer {
     if (op == "**") {
       if (ints && b.as_int() >= 0) {
         int64_t r = 1;
-        for (int64_t i = 0; i < b.as_int() && i < 64; ++i) r *= a.as_int();
+        for (int64_t i = 0;
+             i < b.as_int() && r != 0 && !(r == 1 && (a.as_int() == 1 || a.as_int() == 0)); ++i) {
+          if (__builtin_mul_overflow(r, a.as_int(), &r)) return overflow();
+        }
+        if (a.as_int() == 0 && b.as_int() > 0) r = 0;
         return Value::Int(r);
       }
       if (nums && bnums) return Value::Float(std::pow(a.as_double(), b.as_double()));
@@ -1028,8 +1080,12 @@ class Renderer {
       case ExprKind::kNeg:
       case ExprKind::kPos: {
         ASSIGN_OR_RETURN(Value v, Eval(*e.args[0], scope));
-        if (v.kind() == Value::Kind::kInt || v.kind() == Value::Kind::kBool)
+        if (v.kind() == Value::Kind::kInt || v.kind() == Value::Kind::kBool) {
+          if (e.kind == ExprKind::kNeg && v.as_int() == INT64_MIN)
+            return absl::UnimplementedError(absl::StrCat("chat template line ", e.line,
+                                                         ": integer negation overflows 64 bits"));
           return Value::Int(e.kind == ExprKind::kNeg ? -v.as_int() : v.as_int());
+        }
         if (v.kind() == Value::Kind::kFloat)
           return Value::Float(e.kind == ExprKind::kNeg ? -v.as_double() : v.as_double());
         return Error(e.line, absl::StrCat("bad operand type for unary -: '", v.TypeName(), "'"));
@@ -1047,7 +1103,8 @@ class Renderer {
       case ExprKind::kBinary: {
         ASSIGN_OR_RETURN(Value a, Eval(*e.args[0], scope));
         ASSIGN_OR_RETURN(Value b, Eval(*e.args[1], scope));
-        return Arith(e.name, a, b, e.line);
+        ASSIGN_OR_RETURN(Value r, Arith(e.name, a, b, e.line));
+        return Bounded(std::move(r));
       }
       case ExprKind::kCompare: {
         ASSIGN_OR_RETURN(Value left, Eval(*e.args[0], scope));
@@ -1118,9 +1175,10 @@ class Renderer {
         return Error(line, absl::StrCat("test '", name, "' needs an integer"));
       if (name == "divisibleby") {
         if (arg.as_int() == 0) return Error(line, "divisibleby 0");
+        if (arg.as_int() == -1) return true;
         return v.as_int() % arg.as_int() == 0;
       }
-      return (std::abs(v.as_int()) % 2 == 1) == (name == "odd");
+      return ((v.as_int() % 2) != 0) == (name == "odd");
     }
     if (name == "eq" || name == "equalto" || name == "==") return v.Equals(arg);
     if (name == "ne" || name == "!=") return !v.Equals(arg);
@@ -1152,9 +1210,11 @@ class Renderer {
       const std::string part =
           path.substr(pos, dot == std::string::npos ? std::string::npos : dot - pos);
       if (v.is_undefined()) return v;
-      const bool digits = !part.empty() && std::all_of(part.begin(), part.end(), ::isdigit);
-      ASSIGN_OR_RETURN(v, digits ? GetItem(v, Value::Int(std::stoll(part)), line)
-                                 : GetItem(v, Value::String(part), line));
+      int64_t index = 0;
+      const bool digits = !part.empty() && std::all_of(part.begin(), part.end(), ::isdigit) &&
+                          absl::SimpleAtoi(part, &index);
+      ASSIGN_OR_RETURN(
+          v, digits ? GetItem(v, Value::Int(index), line) : GetItem(v, Value::String(part), line));
       if (dot == std::string::npos) break;
       pos = dot + 1;
     }
@@ -1162,9 +1222,11 @@ class Renderer {
   }
 
   absl::StatusOr<Value> ApplyFilter(const Expr& e, const Value& v, const ScopePtr& scope) {
+    RETURN_IF_ERROR(Step());
     CallArgs raw;
     RETURN_IF_ERROR(EvalArgs(e, 1, scope, &raw));
-    return Filter(e.name, v, raw, e.line, scope);
+    ASSIGN_OR_RETURN(Value r, Filter(e.name, v, raw, e.line, scope));
+    return Bounded(std::move(r));
   }
 
   absl::StatusOr<Value> Filter(const std::string& name, const Value& v, CallArgs& raw, int line,
@@ -1337,14 +1399,17 @@ class Renderer {
       const Value fallback = a.Get(0, "default", Value::Int(0));
       if (v.kind() == Value::Kind::kInt || v.kind() == Value::Kind::kBool)
         return Value::Int(v.as_int());
-      if (v.kind() == Value::Kind::kFloat) return Value::Int(static_cast<int64_t>(v.as_double()));
+      if (v.kind() == Value::Kind::kFloat) {
+        if (!(std::fabs(v.as_double()) < 9.2e18)) return fallback;
+        return Value::Int(static_cast<int64_t>(v.as_double()));
+      }
       if (v.is_string()) {
         char* end = nullptr;
         const std::string s = PyStrip(v.text(), Value(), true, true);
         const long long n = std::strtoll(s.c_str(), &end, 10);
         if (!s.empty() && end != nullptr && *end == '\0') return Value::Int(n);
         const double d = std::strtod(s.c_str(), &end);
-        if (!s.empty() && end != nullptr && *end == '\0')
+        if (!s.empty() && end != nullptr && *end == '\0' && std::fabs(d) < 9.2e18)
           return Value::Int(static_cast<int64_t>(d));
       }
       return fallback;
@@ -1361,8 +1426,10 @@ class Renderer {
       return fallback;
     }
     if (name == "abs") {
-      if (v.kind() == Value::Kind::kInt || v.kind() == Value::Kind::kBool)
+      if (v.kind() == Value::Kind::kInt || v.kind() == Value::Kind::kBool) {
+        if (v.as_int() == INT64_MIN) return Error(line, "abs overflows 64 bits");
         return Value::Int(std::abs(v.as_int()));
+      }
       if (v.kind() == Value::Kind::kFloat) return Value::Float(std::fabs(v.as_double()));
       return Error(line, "abs needs a number");
     }
@@ -1484,6 +1551,7 @@ class Renderer {
   std::string* out_;
   size_t max_output_;
   int depth_ = 0;
+  int64_t steps_ = 0;
   std::vector<ScopePtr> keep_alive_;
 };
 

@@ -116,6 +116,19 @@ def request(build):
     del capture_spec
 
 
+def template():
+    """Chat-template seeds: the language corners the renderer's test compares with jinja2, and a
+    template in the shape of the real ones (a loop over messages, roles, the generation prompt)."""
+    sys.path[:0] = [os.path.join(ROOT, "tests", "python")]
+    from test_chat_templates import CORNERS
+    for i, (text, _) in enumerate(CORNERS):
+        out("template", f"corner_{i:02d}", text)
+    out("template", "chat", "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+        "<<SYS>>{{ m['content'] | trim }}<</SYS>>{% elif loop.index0 % 2 == 0 %}[INST] {{ m.content }} [/INST]"
+        "{% else %} {{ m.content | trim }}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
 if __name__ == "__main__":
     build = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build")
     safetensors()
@@ -124,3 +137,4 @@ if __name__ == "__main__":
     registry()
     auth()
     request(build)
+    template()

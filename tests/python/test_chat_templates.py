@@ -147,3 +147,18 @@ def test_unsupported_constructs_name_themselves_and_their_line():
                                    "test 'unknown_test'", "*args"], [2, 1, 3, 1, 1]):
         assert g.get("error") == "UNIMPLEMENTED", g
         assert what in g["message"] and f"line {line}" in g["message"], g
+
+
+def test_hostile_templates_are_bounded():
+    """A crafted template (a checkpoint file) cannot make the server loop or allocate without end."""
+    got = render_cpp([
+        ("{% for i in range(1000000) %}{% for j in range(1000000) %}{% endfor %}{% endfor %}", {}),
+        ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", {}),
+        ("{% set ns = namespace(l=[1]) %}{% for i in range(64) %}{% set ns.l = ns.l + ns.l %}{% endfor %}", {}),
+        ("{{ 'x' * 100000000 }}", {}),
+        ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", {}),
+        ("{{ range(10000000)|length }}", {}),
+        ("{{" + "(" * 5000 + "1" + ")" * 5000 + "}}", {}),
+    ])
+    for g in got:
+        assert g.get("error") in ("RESOURCE_EXHAUSTED",), g

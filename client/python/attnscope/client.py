@@ -1,4 +1,5 @@
 """A thin, numpy-returning wrapper around the generated gRPC stubs."""
+import json
 from dataclasses import dataclass, field
 
 import grpc
@@ -106,13 +107,26 @@ class Client:
 
     @staticmethod
     def request(prompt=None, token_ids=None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=0.0, seed=0,
-                stop_token_ids=(), ignore_eos=False, max_length=0, model="", capture=None, **capture_args):
+                stop_token_ids=(), ignore_eos=False, max_length=0, model="", capture=None, chat=None,
+                chat_template_kwargs=None, **capture_args):
+        """A GenerateRequest. The input is `prompt` (text), `token_ids`, or `chat`: a list of
+        {"role": ..., "content": ...} rendered by the checkpoint's chat template, with
+        `chat_template_kwargs` (a dict) as its variables."""
         req = pb.GenerateRequest(model=model, max_new_tokens=max_new_tokens,
                                  sampling=pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                                             seed=seed),
                                  stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, max_length=max_length,
                                  capture=capture if capture is not None else capture_spec(**capture_args))
-        if token_ids is not None:
+        if sum(x is not None for x in (prompt, token_ids, chat)) > 1:
+            raise ValueError("give one input: prompt, token_ids or chat")
+        if chat_template_kwargs is not None and chat is None:
+            raise ValueError("chat_template_kwargs needs chat=[...]")
+        if chat is not None:
+            for m in chat:
+                req.chat.messages.add(role=m["role"], content=m["content"])
+            if chat_template_kwargs:
+                req.chat.chat_template_kwargs = json.dumps(chat_template_kwargs)
+        elif token_ids is not None:
             req.token_ids.ids.extend(int(i) for i in token_ids)
         elif prompt is not None:
             req.text = prompt
