@@ -50,11 +50,13 @@ absl::StatusOr<torch::Tensor> ExplicitAttention(const torch::Tensor& q, const to
     // scores = q·kᵀ / sqrt(d) in the compute dtype, then float32 for the softmax
     torch::Tensor scores =
         (torch::matmul(qg, kb.transpose(1, 2)) * scale).view({heads, m, keys}).to(torch::kFloat32);
+    // The lowest finite float rather than -inf: exp() of it is exactly 0 all the same, and a
+    // product with a probability of 0 stays 0 (statistics take Σ p·s from these scores).
     scores.masked_fill_(MaskedPositions(shape.pos0 + b, m, keys, shape.window, q.device()),
-                        -std::numeric_limits<float>::infinity());
+                        std::numeric_limits<float>::lowest());
     torch::Tensor probs =
         torch::softmax(scores, -1);  // (heads, m, keys) float32; masked entries exactly 0
-    if (on_probs != nullptr) RETURN_IF_ERROR((*on_probs)(b, probs));
+    if (on_probs != nullptr) RETURN_IF_ERROR((*on_probs)(b, probs, scores));
     torch::Tensor o =
         torch::matmul(probs.to(v.scalar_type()).view({kv_heads, group * m, keys}), vb);
     out.narrow(1, b, m).copy_(o.view({heads, m, dim}));

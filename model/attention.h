@@ -20,8 +20,10 @@ struct AttentionShape {
 };
 
 // Receives the float32 probabilities [heads, m, computed_keys] of query rows [pos0 + b, pos0 + b +
-// m).
-using ProbsCallback = std::function<absl::Status(int64_t query_begin, const torch::Tensor& probs)>;
+// m), and the scores they came from (same shape, float32; masked entries hold the lowest finite
+// float, so that probs · scores is 0 there and statistics can read the scores without a fill).
+using ProbsCallback = std::function<absl::Status(int64_t query_begin, const torch::Tensor& probs,
+                                                 const torch::Tensor& scores)>;
 
 // Reference path: explicit softmax(q·kᵀ·scale + mask) in float32, one block of queries at a time,
 // so at most heads × query_block × keys (and at most block_elements) probabilities exist at once.

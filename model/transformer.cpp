@@ -73,8 +73,9 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
     torch::Tensor attn;  // (heads, n, dim)
     if (capture != nullptr && capture->Wants(phase, l)) {
       const int64_t key_length = pos0 + n;
-      ProbsCallback on_probs = [&](int64_t begin, const torch::Tensor& probs) {
-        return capture->OnProbs(phase, step, l, pos0 + begin, probs, key_length);
+      ProbsCallback on_probs = [&](int64_t begin, const torch::Tensor& probs,
+                                   const torch::Tensor& scores) {
+        return capture->OnProbs(phase, step, l, pos0 + begin, probs, scores, key_length);
       };
       ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, &on_probs));
     } else if (options.fast_attention) {

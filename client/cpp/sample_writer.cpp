@@ -1,8 +1,11 @@
 #include "client/cpp/sample_writer.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -76,9 +79,9 @@ SampleWriter::SampleWriter(std::string path, SampleFormat format)
 
 SampleWriter::~SampleWriter() {
   if (data_ != nullptr) std::fclose(data_);
-  if (full_ != nullptr) std::fclose(full_);
+  if (pickle_map_ != nullptr) munmap(pickle_map_, static_cast<size_t>(pickle_map_size_));
+  if (pickle_fd_ >= 0) close(pickle_fd_);
   std::remove((path_ + ".data.partial").c_str());
-  std::remove((path_ + ".full.partial").c_str());
   if (!finished_) std::remove((path_ + ".partial").c_str());
 }
 
@@ -131,15 +134,30 @@ absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_
   if (data_ == nullptr)
     return absl::PermissionDeniedError(absl::StrCat("cannot write beside ", path_));
   if (assemble_) {
-    full_ = std::fopen((path_ + ".full.partial").c_str(), "w+b");
-    if (full_ == nullptr)
-      return absl::PermissionDeniedError(absl::StrCat("cannot write beside ", path_));
     for (size_t i = 0; i < spec_.layers.size(); ++i) layer_slot_[spec_.layers[i]] = i;
-    // A sparse file: only the rows written take space.
-    const int64_t size =
-        static_cast<int64_t>(layer_slot_.size()) * heads_ * max_rows_ * max_rows_ * 4;
-    if (ftruncate(fileno(full_), size) != 0)
-      return absl::ResourceExhaustedError("cannot size the work file");
+    const double bytes = static_cast<double>(layer_slot_.size()) * heads_ * 4.0 *
+                         static_cast<double>(max_rows_) * static_cast<double>(max_rows_);
+    if (bytes > 1e15) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the pickle would hold ", bytes / 1e12, " TB of full matrices"));
+    }
+    const PrototypePickleLayout layout{static_cast<int64_t>(layer_slot_.size()), heads_, max_rows_};
+    pickle_map_size_ = layout.FileSize();
+    const std::string tmp = path_ + ".partial";
+    pickle_fd_ = open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (pickle_fd_ < 0) return absl::PermissionDeniedError(absl::StrCat("cannot write ", tmp));
+    // The space is reserved now: a full disk is an error here, never a SIGBUS while writing.
+    if (const int err = posix_fallocate(pickle_fd_, 0, pickle_map_size_); err != 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cannot reserve ", pickle_map_size_, " bytes for ", tmp, ": ", std::strerror(err)));
+    }
+    void* map = mmap(nullptr, static_cast<size_t>(pickle_map_size_), PROT_READ | PROT_WRITE,
+                     MAP_SHARED, pickle_fd_, 0);
+    if (map == MAP_FAILED) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot map ", tmp, ": ", std::strerror(errno)));
+    }
+    pickle_map_ = static_cast<char*>(map);
   }
   return absl::OkStatus();
 }
@@ -177,23 +195,30 @@ absl::Status SampleWriter::Append(const std::string& name, const std::string& dt
 absl::Status SampleWriter::WriteFull(const BlockHeader& h, const std::string& data,
                                      int64_t byte_offset) {
   // Block values are [heads, rows, keys] row-major; this chunk holds elements [first, first + n).
+  // They go straight to their place in the mapped pickle, converted to float32.
   const int64_t elem = ElementSize(h.element_type);
   const int64_t rows = h.shape[1], keys = h.shape[2];
   const int64_t first = byte_offset / elem;
   const int64_t n = static_cast<int64_t>(data.size()) / elem;
-  const int64_t slot = static_cast<int64_t>(layer_slot_.at(h.layer));
-  std::vector<float> run;
+  const PrototypePickleLayout layout{static_cast<int64_t>(layer_slot_.size()), heads_, max_rows_};
+  char* base = pickle_map_ + layout.DataOffset(static_cast<int64_t>(layer_slot_.at(h.layer)));
   for (int64_t e = first; e < first + n;) {
     const int64_t head = e / (rows * keys), r = (e / keys) % rows, k = e % keys;
     const int64_t len = std::min(keys - k, first + n - e);
-    run.resize(len);
-    for (int64_t i = 0; i < len; ++i)
-      run[i] = ToFloat(data.data() + (e - first + i) * elem, h.element_type);
     const int64_t row = h.query_begin + r;
-    const int64_t offset = (((slot * heads_ + head) * max_rows_ + row) * max_rows_ + k) * 4;
-    if (row >= max_rows_ || k + len > max_rows_ ||
-        pwrite(fileno(full_), run.data(), len * 4, offset) != static_cast<ssize_t>(len * 4)) {
-      return absl::DataLossError("cannot write the full-matrix work file");
+    if (row >= max_rows_ || k + len > max_rows_) {
+      return Malformed(
+          absl::StrCat("row ", row, " beyond the ", max_rows_, " rows of the matrices"));
+    }
+    char* dst = base + ((head * max_rows_ + row) * max_rows_ + k) * 4;
+    const char* src = data.data() + (e - first) * elem;
+    if (h.element_type == ElementType::kFloat32) {
+      std::memcpy(dst, src, static_cast<size_t>(len) * 4);
+    } else {
+      for (int64_t i = 0; i < len; ++i) {
+        const float f = ToFloat(src + i * elem, h.element_type);
+        std::memcpy(dst + i * 4, &f, 4);
+      }
     }
     e += len;
   }
@@ -301,18 +326,6 @@ absl::Status SampleWriter::OnToken(const v1::TokenEvent& token) {
   return absl::OkStatus();
 }
 
-absl::Status SampleWriter::CopyFullMatrix(size_t slot, int64_t T, std::FILE* out) {
-  std::vector<char> buf;
-  for (int64_t h = 0; h < heads_; ++h) {
-    for (int64_t r = 0; r < T; ++r) {
-      RETURN_IF_ERROR(CopyRange(
-          full_, ((static_cast<int64_t>(slot) * heads_ + h) * max_rows_ + r) * max_rows_ * 4, T * 4,
-          out, &buf));
-    }
-  }
-  return absl::OkStatus();
-}
-
 absl::Status SampleWriter::WriteSafetensors(const std::string& metadata) {
   SafetensorsWriter w;
   w.SetMetadata("attnscope", metadata);
@@ -338,13 +351,45 @@ absl::Status SampleWriter::WriteSafetensors(const std::string& metadata) {
 
 absl::Status SampleWriter::WritePickle() {
   const int64_t T = std::min<int64_t>(max_rows_, prompt_len_ + std::max<int64_t>(0, tokens() - 1));
-  std::vector<int64_t> layers;
-  for (const auto& [layer, slot] : layer_slot_) layers.push_back(layer);
-  return WriteFileAtomically(path_, [&](std::FILE* out) {
-    return WritePrototypePickle(out, layers, heads_, T, [&](size_t i, std::FILE* f) {
-      return CopyFullMatrix(layer_slot_.at(layers[i]), T, f);
-    });
-  });
+  const int64_t layers = static_cast<int64_t>(layer_slot_.size());
+  const PrototypePickleLayout full{layers, heads_, max_rows_}, final_layout{layers, heads_, T};
+  // A generation shorter than max_new_tokens: rows move to their final, lower offsets, in order
+  // (a destination never passes a source not yet moved).
+  if (T < max_rows_) {
+    for (int64_t slot = 0; slot < layers; ++slot) {
+      for (int64_t h = 0; h < heads_; ++h) {
+        for (int64_t r = 0; r < T; ++r) {
+          std::memmove(pickle_map_ + final_layout.DataOffset(slot) + (h * T + r) * T * 4,
+                       pickle_map_ + full.DataOffset(slot) + (h * max_rows_ + r) * max_rows_ * 4,
+                       static_cast<size_t>(T) * 4);
+        }
+      }
+    }
+  }
+  const std::string preamble = PrototypePickleLayout::Preamble();
+  const std::string tail = PrototypePickleLayout::Tail();
+  std::memcpy(pickle_map_, preamble.data(), preamble.size());
+  int64_t slot = 0;
+  for (const auto& [layer, unused] : layer_slot_) {
+    const std::string head = final_layout.Head(layer);
+    const int64_t data = final_layout.DataOffset(slot++);
+    std::memcpy(pickle_map_ + data - static_cast<int64_t>(head.size()), head.data(), head.size());
+    std::memcpy(pickle_map_ + data + final_layout.data_bytes(), tail.data(), tail.size());
+  }
+  const std::string end = PrototypePickleLayout::End();
+  std::memcpy(pickle_map_ + final_layout.FileSize() - static_cast<int64_t>(end.size()), end.data(),
+              end.size());
+  munmap(pickle_map_, static_cast<size_t>(pickle_map_size_));
+  pickle_map_ = nullptr;
+  const std::string tmp = path_ + ".partial";
+  absl::Status s;
+  if (ftruncate(pickle_fd_, final_layout.FileSize()) != 0)
+    s = absl::DataLossError(absl::StrCat("cannot size ", tmp));
+  if (close(pickle_fd_) != 0 && s.ok()) s = absl::DataLossError(absl::StrCat("cannot close ", tmp));
+  pickle_fd_ = -1;
+  if (s.ok() && std::rename(tmp.c_str(), path_.c_str()) != 0)
+    s = absl::PermissionDeniedError(absl::StrCat("cannot rename ", tmp, " to ", path_));
+  return s;
 }
 
 absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer,

@@ -66,7 +66,6 @@ class SampleWriter {
   absl::Status WriteFull(const BlockHeader& h, const std::string& data, int64_t byte_offset);
   absl::Status WriteSafetensors(const std::string& metadata);
   absl::Status WritePickle();
-  absl::Status CopyFullMatrix(size_t slot, int64_t T, std::FILE* out);
 
   std::string path_;
   SampleFormat format_;
@@ -79,9 +78,14 @@ class SampleWriter {
   int64_t prompt_len_ = 0;
   int64_t max_rows_ = 0;  // prompt + max_new_tokens - 1: row capacity of the full matrices
   int64_t heads_ = 0;
-  std::FILE* data_ = nullptr;   // blocks, appended as they arrive
-  std::FILE* full_ = nullptr;   // full matrices: [layer][head][row][col] float32, max_rows_ square
-  std::vector<Entry> entries_;  // in arrival (= file) order
+  std::FILE* data_ = nullptr;  // blocks, appended as they arrive
+  // Pickle: the output file itself, mapped, laid out for T = max_rows_ (PrototypePickleLayout);
+  // dense values are converted straight into their place. A shorter generation is compacted in
+  // place at the end.
+  int pickle_fd_ = -1;
+  char* pickle_map_ = nullptr;
+  int64_t pickle_map_size_ = 0;
+  std::vector<Entry> entries_;              // in arrival (= file) order
   std::map<std::string, size_t> entry_of_;  // name -> index in entries_
   std::map<int64_t, size_t> layer_slot_;    // layer -> slot in full_
   std::vector<v1::TokenEvent> tokens_;

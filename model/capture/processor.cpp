@@ -1,5 +1,7 @@
 #include "model/capture/processor.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -21,6 +23,56 @@ torch::ScalarType TorchType(ElementType t) {
       return torch::kBFloat16;
   }
   return torch::kFloat32;
+}
+
+// Row entropies [..., rows] of float32 probabilities and the scores they came from (same shape,
+// rows contiguous), on the CPU in one read of each: H = lse - Σ p·s with lse = s_max - log p_max
+// (the softmax is monotonic: p is largest where s is). Eight independent lanes let the compiler
+// use vector registers; rows are split across the intra-op threads.
+torch::Tensor RowEntropyCpu(const torch::Tensor& probs, const torch::Tensor& scores) {
+  const torch::Tensor p = probs.contiguous(), s = scores.contiguous();
+  const int64_t k = p.size(-1), rows = k == 0 ? 0 : p.numel() / k;
+  std::vector<int64_t> out_shape(p.sizes().begin(), p.sizes().end() - 1);
+  torch::Tensor out = torch::empty(out_shape, p.options());
+  const float* P = p.data_ptr<float>();
+  const float* S = s.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    constexpr int L = 8;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* pr = P + r * k;
+      const float* sr = S + r * k;
+      float smax[L], pmax[L], acc[L];
+      for (int i = 0; i < L; ++i) {
+        smax[i] = std::numeric_limits<float>::lowest();
+        pmax[i] = 0.0f;
+        acc[i] = 0.0f;
+      }
+      int64_t j = 0;
+      for (; j + L <= k; j += L) {
+        for (int i = 0; i < L; ++i) {
+          smax[i] = std::max(smax[i], sr[j + i]);
+          pmax[i] = std::max(pmax[i], pr[j + i]);
+          acc[i] += pr[j + i] * sr[j + i];
+        }
+      }
+      for (; j < k; ++j) {
+        smax[0] = std::max(smax[0], sr[j]);
+        pmax[0] = std::max(pmax[0], pr[j]);
+        acc[0] += pr[j] * sr[j];
+      }
+      float sm = smax[0], pm = pmax[0];
+      double dot = 0;
+      for (int i = 0; i < L; ++i) {
+        sm = std::max(sm, smax[i]);
+        pm = std::max(pm, pmax[i]);
+        dot += acc[i];
+      }
+      O[r] = static_cast<float>(
+          std::max(0.0, static_cast<double>(sm) - std::log(static_cast<double>(pm)) - dot));
+    }
+  });
+  return out;
 }
 
 // Pads the last dimension with zeros up to `length` (keys past the causal limit are masked).
@@ -56,13 +108,28 @@ bool CaptureProcessor::Wants(Phase phase, int64_t layer) const {
 
 absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
                                        int64_t query_begin, const torch::Tensor& probs,
-                                       int64_t key_length) {
+                                       const torch::Tensor& scores, int64_t key_length) {
   torch::Tensor p = probs;  // [heads, m, computed_keys]
+  torch::Tensor s = scores;
   if (!all_heads_) {
     if (!head_index_.defined() || head_index_.device() != probs.device()) {
       head_index_ = torch::tensor(heads_, torch::dtype(torch::kInt64)).to(probs.device());
     }
     p = p.index_select(0, head_index_);
+    if (spec_.stats.row_entropy) s = s.index_select(0, head_index_);
+  }
+  // Row entropy of the whole block at once, from the scores: with lse the softmax's
+  // log-normaliser, H = -Σ p log p = -Σ p (s - lse) = lse - Σ p·s; and lse = s_max - log p_max
+  // (at the row's largest score p is largest, so its log is exact). On the CPU one pass over the
+  // block (RowEntropyCpu); elsewhere three tensor operations.
+  torch::Tensor entropy;
+  if (spec_.stats.row_entropy && p.device().is_cpu() && p.scalar_type() == torch::kFloat32 &&
+      s.scalar_type() == torch::kFloat32) {
+    entropy = RowEntropyCpu(p, s);  // [h, m]
+  } else if (spec_.stats.row_entropy) {
+    auto [smax, arg] = s.max(-1, /*keepdim=*/true);                 // [h, m, 1]
+    torch::Tensor lse = smax - p.gather(-1, arg).log();             // [h, m, 1]
+    entropy = (lse.squeeze(-1) - (p * s).sum(-1)).clamp_min_(0.0);  // [h, m]
   }
   const int64_t m = p.size(1);
   const int64_t computed = p.size(2);
@@ -92,8 +159,9 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
       const int64_t a = std::max(r.begin, query_begin);
       const int64_t b = std::min(r.end, query_begin + m);
       if (a >= b) continue;
-      RETURN_IF_ERROR(
-          EmitRows(phase, step, layer, a, p.narrow(1, a - query_begin, b - a), key_length));
+      RETURN_IF_ERROR(EmitRows(
+          phase, step, layer, a, p.narrow(1, a - query_begin, b - a),
+          entropy.defined() ? entropy.narrow(1, a - query_begin, b - a) : entropy, key_length));
     }
     return absl::OkStatus();
   }
@@ -110,20 +178,18 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
     var_sum_sq_[layer].narrow(1, 0, keys).add_(row * row);
     decode_steps_seen_ = std::max(decode_steps_seen_, step);
   }
-  return EmitRows(phase, step, layer, query_begin, p, key_length);
+  return EmitRows(phase, step, layer, query_begin, p, entropy, key_length);
 }
 
 absl::Status CaptureProcessor::EmitRows(Phase phase, int64_t step, int64_t layer, int64_t row_begin,
-                                        const torch::Tensor& rows, int64_t key_length) {
+                                        const torch::Tensor& rows, const torch::Tensor& entropy,
+                                        int64_t key_length) {
   const int64_t m = rows.size(1);
   const int64_t computed = rows.size(2);
   const auto& st = spec_.stats;
   if (st.row_entropy) {
-    // H = -Σ p log p, with 0 log 0 = 0: log(p + 1e-30) is log p for every p a float32 softmax
-    // produces above 1e-30 and finite at 0; one block-sized temporary (xlogy is far slower on CPU).
-    torch::Tensor logp = (rows + 1e-30f).log_();
     RETURN_IF_ERROR(EmitStat(StatKind::kRowEntropy, phase, step, layer, row_begin, row_begin + m,
-                             key_length, -(logp.mul_(rows)).sum(-1)));
+                             key_length, entropy));
   }
   if (st.sink_tokens > 0) {
     const int64_t k = std::min(st.sink_tokens, computed);

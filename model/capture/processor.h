@@ -23,16 +23,19 @@ class CaptureProcessor {
   bool Wants(Phase phase, int64_t layer) const;
 
   // probs: [heads, m, computed_keys] float32 for query rows [query_begin, query_begin + m); keys at
-  // or past computed_keys (<= key_length) are masked, i.e. 0.
+  // or past computed_keys (<= key_length) are masked, i.e. 0. scores: the softmax's input, same
+  // shape (masked entries the lowest finite float).
   absl::Status OnProbs(Phase phase, int64_t step, int64_t layer, int64_t query_begin,
-                       const torch::Tensor& probs, int64_t key_length);
+                       const torch::Tensor& probs, const torch::Tensor& scores, int64_t key_length);
 
   // Emits what accumulates across steps (key-score variance). Call once after the last step.
   absl::Status Finish();
 
  private:
+  // `entropy`: the rows' entropies [heads, rows] (undefined when not asked for).
   absl::Status EmitRows(Phase phase, int64_t step, int64_t layer, int64_t row_begin,
-                        const torch::Tensor& rows, int64_t key_length);
+                        const torch::Tensor& rows, const torch::Tensor& entropy,
+                        int64_t key_length);
   absl::Status EmitForm(Phase phase, int64_t step, int64_t layer, int64_t row_begin,
                         const torch::Tensor& rows, int64_t key_length);
   BlockHeader Header(BlockKind kind, Phase phase, int64_t step, int64_t layer, int64_t row_begin,

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "client/cpp/pickle_writer.h"
 #include "model/io/safetensors.h"
 #include "proto/contract.h"
 
@@ -158,9 +159,20 @@ TEST_F(SampleWriterTest, PickleAssemblesFullMatrices) {
   EXPECT_EQ(pickle.substr(0, 2), std::string("\x80\x04", 2));
   EXPECT_EQ(pickle.back(), '.');
   EXPECT_NE(pickle.find("_reconstruct"), std::string::npos);
-  // Two [1, 2, 3, 3] float32 tensors: 72 bytes each, the prefill values in place.
-  const float first = 0.5f;
-  EXPECT_NE(pickle.find(std::string(reinterpret_cast<const char*>(&first), 4)), std::string::npos);
+  // One token of two: T = 3 rows, not the 4 the header allowed, so the matrices were compacted in
+  // place. Two [1, 2, 3, 3] float32 tensors, each block value where the layout puts it.
+  const PrototypePickleLayout layout{2, 2, 3};
+  ASSERT_EQ(static_cast<int64_t>(pickle.size()), layout.FileSize());
+  for (int64_t slot = 0; slot < 2; ++slot) {
+    EXPECT_EQ(
+        pickle.substr(layout.DataOffset(slot) - layout.Head(slot).size(), layout.Head(slot).size()),
+        layout.Head(slot));
+    for (int i = 0; i < 18; ++i) {
+      float v;
+      std::memcpy(&v, pickle.data() + layout.DataOffset(slot) + 4 * i, 4);
+      EXPECT_EQ(v, i + 0.5f) << "layer " << slot << " element " << i;
+    }
+  }
 }
 
 TEST_F(SampleWriterTest, RefusesMalformedChunksByName) {

@@ -68,6 +68,10 @@ BENCH_VARIANTS = {
     "bench_stream": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=16, num_key_value_heads=4, vocab_size=1000, rope_theta=10000.0,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+    # The prototype's job (bench/prototype_job.sh): 4 layers, hidden 256, 8 query / 4 kv heads.
+    "bench_prototype": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=4, vocab_size=32000, rope_theta=500000.0,
+                            max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
     # Long-context memory benchmark: small model, 32k positions.
     "bench_long": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=2, vocab_size=32000, rope_theta=500000.0,
