@@ -748,25 +748,29 @@ class Parser {
     return e;
   }
 
-  absl::StatusOr<ExprPtr> Or() {
-    ASSIGN_OR_RETURN(ExprPtr e, And());
-    while (IsName("or")) {
+  // One left-associative level of binary operators: next (op next)*, `ops` being operator tokens
+  // or keyword names; kBinary nodes keep the operator as their name.
+  template <typename Next>
+  absl::StatusOr<ExprPtr> LeftAssoc(std::initializer_list<const char*> ops, ExprKind kind,
+                                    Next next) {
+    ASSIGN_OR_RETURN(ExprPtr e, next());
+    while (true) {
+      const char* op = nullptr;
+      for (const char* o : ops) {
+        if (IsOp(o) || IsName(o)) op = o;
+      }
+      if (op == nullptr) return e;
       const int line = Cur().line;
       ++i_;
-      ASSIGN_OR_RETURN(ExprPtr r, And());
-      e = Make(ExprKind::kOr, line, std::move(e), std::move(r));
+      ASSIGN_OR_RETURN(ExprPtr r, next());
+      e = Make(kind, line, std::move(e), std::move(r), kind == ExprKind::kBinary ? op : "");
     }
-    return e;
+  }
+  absl::StatusOr<ExprPtr> Or() {
+    return LeftAssoc({"or"}, ExprKind::kOr, [this] { return And(); });
   }
   absl::StatusOr<ExprPtr> And() {
-    ASSIGN_OR_RETURN(ExprPtr e, Not());
-    while (IsName("and")) {
-      const int line = Cur().line;
-      ++i_;
-      ASSIGN_OR_RETURN(ExprPtr r, Not());
-      e = Make(ExprKind::kAnd, line, std::move(e), std::move(r));
-    }
-    return e;
+    return LeftAssoc({"and"}, ExprKind::kAnd, [this] { return Not(); });
   }
   absl::StatusOr<ExprPtr> Not() {
     if (IsName("not")) {
@@ -811,47 +815,18 @@ class Parser {
     e->ops = std::move(ops);
     return e;
   }
+  // jinja2's precedence: + - below ~ below * / // % below **.
   absl::StatusOr<ExprPtr> Math1() {
-    ASSIGN_OR_RETURN(ExprPtr e, Concat());
-    while (IsOp("+") || IsOp("-")) {
-      const std::string op = Cur().value;
-      const int line = Cur().line;
-      ++i_;
-      ASSIGN_OR_RETURN(ExprPtr r, Concat());
-      e = Make(ExprKind::kBinary, line, std::move(e), std::move(r), op);
-    }
-    return e;
+    return LeftAssoc({"+", "-"}, ExprKind::kBinary, [this] { return Concat(); });
   }
   absl::StatusOr<ExprPtr> Concat() {
-    ASSIGN_OR_RETURN(ExprPtr e, Math2());
-    while (IsOp("~")) {
-      const int line = Cur().line;
-      ++i_;
-      ASSIGN_OR_RETURN(ExprPtr r, Math2());
-      e = Make(ExprKind::kBinary, line, std::move(e), std::move(r), "~");
-    }
-    return e;
+    return LeftAssoc({"~"}, ExprKind::kBinary, [this] { return Math2(); });
   }
   absl::StatusOr<ExprPtr> Math2() {
-    ASSIGN_OR_RETURN(ExprPtr e, Pow());
-    while (IsOp("*") || IsOp("/") || IsOp("//") || IsOp("%")) {
-      const std::string op = Cur().value;
-      const int line = Cur().line;
-      ++i_;
-      ASSIGN_OR_RETURN(ExprPtr r, Pow());
-      e = Make(ExprKind::kBinary, line, std::move(e), std::move(r), op);
-    }
-    return e;
+    return LeftAssoc({"*", "/", "//", "%"}, ExprKind::kBinary, [this] { return Pow(); });
   }
   absl::StatusOr<ExprPtr> Pow() {
-    ASSIGN_OR_RETURN(ExprPtr e, Unary(true));
-    while (IsOp("**")) {
-      const int line = Cur().line;
-      ++i_;
-      ASSIGN_OR_RETURN(ExprPtr r, Unary(true));
-      e = Make(ExprKind::kBinary, line, std::move(e), std::move(r), "**");
-    }
-    return e;
+    return LeftAssoc({"**"}, ExprKind::kBinary, [this] { return Unary(true); });
   }
   absl::StatusOr<ExprPtr> Unary(bool with_filter) {
     if (++depth_ > kMaxDepth)
