@@ -63,6 +63,18 @@ def main():
             row["gpu_vs_cpu"] = max(float(np.abs(x - y).max()) for x, y in zip(g, c))
             row["gpu_vs_numpy"] = max(float(np.abs(x - y).max()) for x, y in zip(g, ref))
             row["bf16_vs_numpy"] = max(float(np.abs(x - y).max()) for x, y in zip(b, ref))
+            # Row entropy on the device (its tensor-op path, not the CPU loop) against -Σ p log p of
+            # the float64 reference.
+            ent = run(a.build, model, seq, 1, f"--device={a.device}", "--compute_dtype=float32",
+                      "--phases=prefill", "--form=none", "--stats=entropy")
+            worst = 0.0
+            for layer in range(L):
+                blocks = sorted(ent.blocks("row_entropy", "prefill", layer).items())
+                got = np.concatenate([v for _, v in blocks], axis=1)
+                p = ref[layer]
+                want = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0)).sum(-1)
+                worst = max(worst, float(np.abs(got - want).max()))
+            row["entropy_gpu_vs_numpy"] = worst
             try:
                 hf = hf_attention(model, seq)
                 row["gpu_vs_transformers"] = max(float(np.abs(x - y).max()) for x, y in zip(g, hf))
@@ -75,7 +87,8 @@ def main():
         rows.append(row)
     with open(os.path.join(a.out, "fidelity.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    cols = ["gpu_vs_cpu", "gpu_vs_numpy", "gpu_vs_transformers", "numpy_vs_transformers", "bf16_vs_numpy"]
+    cols = ["gpu_vs_cpu", "gpu_vs_numpy", "gpu_vs_transformers", "numpy_vs_transformers", "bf16_vs_numpy",
+            "entropy_gpu_vs_numpy"]
     lines = ["| checkpoint | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
     for r in rows:
         lines.append(f"| {r['variant']} | " + " | ".join(f"{r[c]:.1e}" if c in r else "-" for c in cols) + " |")

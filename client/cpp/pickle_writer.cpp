@@ -90,10 +90,21 @@ std::string PrototypePickleLayout::Head(int64_t layer) const {
 std::string PrototypePickleLayout::Tail() { return "tbu"; }  // end tuple, BUILD array, SETITEMS
 std::string PrototypePickleLayout::End() { return "u."; }
 
+int64_t PrototypePickleLayout::HeadSize() {
+  // Every int is a 4-byte BININT: the head's size depends on nothing, and is computed once.
+  static const int64_t size = static_cast<int64_t>(PrototypePickleLayout{}.Head(0).size());
+  return size;
+}
+
 int64_t PrototypePickleLayout::DataOffset(int64_t slot) const {
-  const int64_t head = static_cast<int64_t>(Head(0).size());
+  const int64_t head = HeadSize();
   const int64_t per_layer = head + data_bytes() + static_cast<int64_t>(Tail().size());
   return static_cast<int64_t>(Preamble().size()) + slot * per_layer + head;
+}
+
+int64_t PrototypePickleLayout::FileSize() const {
+  // Where a next layer's data would start, less its head, plus the end.
+  return DataOffset(layers) - HeadSize() + static_cast<int64_t>(End().size());
 }
 
 }  // namespace attnscope

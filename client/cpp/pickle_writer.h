@@ -19,10 +19,8 @@ struct PrototypePickleLayout {
   int64_t data_bytes() const { return heads * T * T * 4; }
   // Offset of layer `slot`'s data in the file, and the file's size.
   int64_t DataOffset(int64_t slot) const;
-  int64_t FileSize() const {
-    return DataOffset(layers) - static_cast<int64_t>(Head(0).size()) +
-           static_cast<int64_t>(End().size());
-  }
+  int64_t FileSize() const;
+  static int64_t HeadSize();  // of Head(layer), the same for every layer
 };
 
 }  // namespace attnscope

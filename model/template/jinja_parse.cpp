@@ -597,7 +597,7 @@ class Parser {
       RETURN_IF_ERROR(Params(n.get()));
     } else if (name == "call") {
       n->kind = NodeKind::kCallBlock;
-      if (IsOp("(")) RETURN_IF_ERROR(Params(n.get(), /*block_end=*/false));
+      if (IsOp("(")) RETURN_IF_ERROR(Params(n.get()));
       ASSIGN_OR_RETURN(n->expr, Expression(true));
       if (n->expr->kind != ExprKind::kCall)
         return SyntaxError(line, "expected a call after 'call'");
@@ -625,13 +625,9 @@ class Parser {
     } else if (n->kind == NodeKind::kGeneration) {
       RETURN_IF_ERROR(Subparse({"endgeneration"}, &n->body, &end));
     }
-    RETURN_IF_ERROR(SkipEndName());
+    RETURN_IF_ERROR(Expect(Tok::kBlockEnd, nullptr, "'%}'"));  // the end tag closes
     return n;
   }
-
-  // `{% endmacro name %}` style trailing names are not part of jinja2's grammar except for
-  // blocks; the tag must close now.
-  absl::Status SkipEndName() { return Expect(Tok::kBlockEnd, nullptr, "'%}'"); }
 
   static absl::Status Unsupported(int line, const std::string& what) {
     return absl::UnimplementedError(absl::StrCat("chat template line ", line, ": ", what,
@@ -658,7 +654,7 @@ class Parser {
     return absl::OkStatus();
   }
 
-  absl::Status Params(Node* n, bool block_end = true) {
+  absl::Status Params(Node* n) {
     RETURN_IF_ERROR(Expect(Tok::kOp, "(", "'('"));
     while (!IsOp(")")) {
       if (!n->targets.empty()) RETURN_IF_ERROR(Expect(Tok::kOp, ",", "','"));
@@ -673,7 +669,6 @@ class Parser {
       }
     }
     ++i_;
-    (void)block_end;
     return absl::OkStatus();
   }
 

@@ -248,7 +248,6 @@ class Args {
     }
     return fallback;
   }
-  size_t positional() const { return a_.positional.size(); }
   absl::Status Check(size_t max_positional, std::initializer_list<const char*> keywords) const {
     if (a_.positional.size() > max_positional)
       return Error(line_, absl::StrCat(fn_, "() takes at most ", max_positional, " arguments (",
@@ -260,7 +259,6 @@ class Args {
     }
     return absl::OkStatus();
   }
-  const CallArgs& raw() const { return a_; }
 
  private:
   CallArgs& a_;
@@ -417,7 +415,7 @@ class Renderer {
         return Flow::kNormal;
       }
       case NodeKind::kMacro:
-        scope->vars[n.text] = MakeMacro(n, scope, nullptr);
+        scope->vars[n.text] = MakeMacro(n, scope);
         return Flow::kNormal;
       case NodeKind::kCallBlock: {
         // The call's macro gets the block as its `caller` keyword.
@@ -425,7 +423,7 @@ class Renderer {
         ASSIGN_OR_RETURN(Value fn, Eval(*call.args[0], scope));
         CallArgs args;
         RETURN_IF_ERROR(EvalArgs(call, 1, scope, &args));
-        args.keywords.emplace_back("caller", MakeMacro(n, scope, nullptr, "caller"));
+        args.keywords.emplace_back("caller", MakeMacro(n, scope, "caller"));
         ASSIGN_OR_RETURN(Value v, Call(fn, args, call.line));
         RETURN_IF_ERROR(Write(v.Str()));
         return Flow::kNormal;
@@ -472,9 +470,8 @@ class Renderer {
 
   // A macro keeps its defining scope alive through the renderer (not through itself: the scope
   // holds the macro, and a cycle would leak).
-  Value MakeMacro(const Node& n, const ScopePtr& scope_of_definition, const Value* unused,
+  Value MakeMacro(const Node& n, const ScopePtr& scope_of_definition,
                   const std::string& name_override = "") {
-    (void)unused;
     const Node* node = &n;
     const std::string name = name_override.empty() ? n.text : name_override;
     keep_alive_.push_back(scope_of_definition);
