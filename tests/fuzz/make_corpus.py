@@ -129,6 +129,19 @@ def template():
         "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
 
 
+def chat_config():
+    """tokenizer_config.json seeds: a template string with special tokens (string and AddedToken
+    forms), named templates, and a template that raises."""
+    tmpl = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}<<SYS>>{{ m.content }}<</SYS>>"
+            "{% else %}[{{ m.role }}] {{ m.content | trim }}{{ eos_token if m.role == 'assistant' }}{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}[assistant] {{ date_string | default('') }}{% endif %}")
+    out("chat_config", "string", json.dumps({"chat_template": tmpl, "bos_token": "<s>",
+                                             "eos_token": {"content": "</s>", "lstrip": False}}))
+    out("chat_config", "named", json.dumps({"chat_template": [{"name": "default", "template": tmpl},
+                                                              {"name": "tool_use", "template": "{{ tools }}"}]}))
+    out("chat_config", "raises", json.dumps({"chat_template": "{{ raise_exception('no system messages') }}"}))
+
+
 if __name__ == "__main__":
     build = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build")
     safetensors()
@@ -138,3 +151,4 @@ if __name__ == "__main__":
     auth()
     request(build)
     template()
+    chat_config()
