@@ -117,7 +117,8 @@ void FillStatistic(const Block& block, v1::StatisticChunk* out) {
   out->set_data(block.values, block.header.value_bytes());
 }
 
-absl::Status ChunkBlock(const Block& block, int64_t chunk_bytes, const MessageSink& emit) {
+absl::Status ChunkBlock(const Block& block, int64_t chunk_bytes, const MessageSink& emit,
+                        const ChunkPlacer* place) {
   const BlockHeader& h = block.header;
   const int64_t elem = ElementSize(h.element_type);
   const int64_t index_size = h.has_indices() ? 4 : 0;
@@ -137,8 +138,15 @@ absl::Status ChunkBlock(const Block& block, int64_t chunk_bytes, const MessageSi
       auto* c = msg.mutable_attention();
       FillBlockHeader(h, c);
       c->set_byte_offset(first * elem);
-      c->set_data(values + first * elem, n * elem);
-      if (index_size > 0) c->set_indices(indices + first * 4, n * 4);
+      const absl::string_view v(values + first * elem, n * elem);
+      const absl::string_view i =
+          index_size > 0 ? absl::string_view(indices + first * 4, n * 4) : absl::string_view();
+      if (place != nullptr) {
+        RETURN_IF_ERROR((*place)(v, i, c));
+      } else {
+        c->set_data(v.data(), v.size());
+        if (!i.empty()) c->set_indices(i.data(), i.size());
+      }
     }
     RETURN_IF_ERROR(emit(msg));
   }

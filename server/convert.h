@@ -38,9 +38,15 @@ void FillStatistic(const Block& block, v1::StatisticChunk* out);
 // Receives the messages of a chunked block one at a time; an error stops the chunking.
 using MessageSink = std::function<absl::Status(const v1::StreamAttentionResponse& message)>;
 
+// Places an attention chunk's values and indices elsewhere than in the message (the shared ring):
+// writes them and fills the chunk's shared_* fields instead of `data` / `indices`.
+using ChunkPlacer = std::function<absl::Status(absl::string_view values, absl::string_view indices,
+                                               v1::AttentionChunk* chunk)>;
+
 // The one chunker (StreamAttention): a block of either kind in messages whose payload is at most
 // `chunk_bytes`, each made just before `emit` takes it: one chunk's copy exists at a time, not the
-// whole block's.
-absl::Status ChunkBlock(const Block& block, int64_t chunk_bytes, const MessageSink& emit);
+// whole block's. With `place`, attention chunks carry their place instead of their bytes.
+absl::Status ChunkBlock(const Block& block, int64_t chunk_bytes, const MessageSink& emit,
+                        const ChunkPlacer* place = nullptr);
 
 }  // namespace attnscope

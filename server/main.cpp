@@ -31,6 +31,9 @@ ABSL_FLAG(std::string, dtype, "",
 ABSL_FLAG(int, max_concurrent, 1, "generations running at once");
 ABSL_FLAG(int, max_queue, 16, "generations waiting; beyond: RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, chunk_bytes, 1 << 20, "attention payload bytes per streamed message");
+ABSL_FLAG(int64_t, max_shared_bytes, int64_t{1} << 30,
+          "largest shared-memory ring a same-host client may ask the server to write attention "
+          "into (its values then skip the wire); 0: never");
 ABSL_FLAG(int64_t, max_capture_bytes, int64_t{64} << 30,
           "capture byte budget per request (0: none)");
 ABSL_FLAG(int64_t, query_block, 128, "attention rows materialized at once for captured layers");
@@ -104,6 +107,9 @@ absl::StatusOr<ServiceOptions> ServiceOptionsFromFlags(const std::string& name) 
   options.model_name = name;
   options.chunk_bytes = absl::GetFlag(FLAGS_chunk_bytes);
   options.max_capture_bytes = absl::GetFlag(FLAGS_max_capture_bytes);
+  options.max_shared_bytes = absl::GetFlag(FLAGS_max_shared_bytes);
+  if (options.max_shared_bytes < 0)
+    return absl::InvalidArgumentError("--max_shared_bytes must be >= 0 (0: never)");
   options.scheduler.max_concurrent = absl::GetFlag(FLAGS_max_concurrent);
   options.scheduler.max_queue = absl::GetFlag(FLAGS_max_queue);
   options.stall_timeout_s = absl::GetFlag(FLAGS_stall_timeout_s);

@@ -56,6 +56,14 @@ std::string Metrics::Render(int queued, int running) const {
   gauge("attnscope_stalled_streams_total",
         "Streams stopped because the client took no message for the stall timeout.", "counter",
         stalled_streams.load());
+  gauge("attnscope_shared_streams_total",
+        "Streams whose attention values went through the client's shared-memory region.", "counter",
+        shared_streams.load());
+  gauge("attnscope_shared_refused_total",
+        "Streams that asked for shared-memory output and fell back to the wire.", "counter",
+        shared_refused.load());
+  gauge("attnscope_shared_bytes_total", "Attention bytes written to shared-memory regions.",
+        "counter", shared_bytes.load());
   gauge("attnscope_stream_queue_high_water",
         "Most messages ever waiting in one stream's outgoing queue.", "gauge",
         stream_queue_high_water.load());

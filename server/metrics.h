@@ -28,6 +28,9 @@ class Metrics {
   std::atomic<int64_t> withdrawn{0};        // queued requests whose client left before they ran
   std::atomic<int64_t> stalled_streams{0};  // streams stopped because the client stopped reading
   std::atomic<int64_t> stream_queue_high_water{0};
+  std::atomic<int64_t> shared_streams{0};  // streams whose attention went through a shared region
+  std::atomic<int64_t> shared_refused{0};  // streams that asked for one and fell back to the wire
+  std::atomic<int64_t> shared_bytes{0};    // attention bytes written to shared regions
 
  private:
   struct Histogram {

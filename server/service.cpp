@@ -181,17 +181,74 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
 
   // AttentionSink, on the engine thread.
   absl::Status OnBlock(const Block& block) override {
-    return ChunkBlock(
-        block, service_->options_.chunk_bytes, [this](const v1::StreamAttentionResponse& msg) {
-          const int64_t n = msg.has_attention()
-                                ? static_cast<int64_t>(msg.attention().data().size() +
-                                                       msg.attention().indices().size())
-                                : static_cast<int64_t>(msg.statistic().data().size());
-          RETURN_IF_ERROR(Push(msg));
-          bytes_sent_ += n;
-          if (msg.has_attention()) service_->metrics_.attention_bytes += n;
-          return absl::OkStatus();
-        });
+    auto emit = [this](const v1::StreamAttentionResponse& msg) {
+      const int64_t n = msg.has_attention()
+                            ? static_cast<int64_t>(msg.attention().data().size() +
+                                                   msg.attention().indices().size()) +
+                                  msg.attention().shared_bytes() +
+                                  msg.attention().shared_index_bytes()
+                            : static_cast<int64_t>(msg.statistic().data().size());
+      RETURN_IF_ERROR(Push(msg));
+      bytes_sent_ += n;
+      if (msg.has_attention()) service_->metrics_.attention_bytes += n;
+      return absl::OkStatus();
+    };
+    if (ring_ == nullptr || block.header.kind != BlockKind::kAttention)
+      return ChunkBlock(block, service_->options_.chunk_bytes, emit);
+    const ChunkPlacer place = [this](absl::string_view values, absl::string_view indices,
+                                     v1::AttentionChunk* chunk) -> absl::Status {
+      ASSIGN_OR_RETURN(const int64_t position, ring_->Put(values, indices, [this](double idle_s) {
+        return WaitForRing(idle_s);
+      }));
+      chunk->set_shared_position(position);
+      chunk->set_shared_bytes(static_cast<int64_t>(values.size()));
+      chunk->set_shared_index_bytes(static_cast<int64_t>(indices.size()));
+      service_->metrics_.shared_bytes += static_cast<int64_t>(values.size() + indices.size());
+      return absl::OkStatus();
+    };
+    const int64_t piece =
+        std::min(std::max(service_->options_.shared_chunk_bytes, service_->options_.chunk_bytes),
+                 ring_->capacity() / 4);
+    return ChunkBlock(block, piece, emit, &place);
+  }
+
+  // The engine thread waits for room in the shared ring: the client's reading is its progress, as
+  // a taken message is on the wire. Stops on cancel, shutdown, or a client that reads nothing for
+  // the stall timeout.
+  absl::Status WaitForRing(double idle_s) {
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      if (state_->cancelled)
+        return absl::CancelledError("the client cancelled the stream or disconnected");
+    }
+    if (idle_s <= service_->options_.stall_timeout_s) return absl::OkStatus();
+    ++service_->metrics_.stalled_streams;
+    spdlog::warn(
+        "StreamAttention peer={}: the client read nothing from its shared region for {} s; "
+        "stopping the stream and freeing its slot",
+        state_->context->peer(), service_->options_.stall_timeout_s);
+    return absl::DeadlineExceededError(absl::StrCat(
+        "the client read nothing from its shared region for ", service_->options_.stall_timeout_s,
+        " s (--stall_timeout_s); the stream was stopped"));
+  }
+
+  // Opens the request's shared region, if it names one: the header says whether it is used or
+  // why not (the values then go on the wire). Only a malformed name or key fails the call.
+  absl::Status AttachSharedOutput(v1::StreamHeader* header) {
+    if (!request_.has_shared_output()) return absl::OkStatus();
+    const v1::SharedOutput& so = request_.shared_output();
+    auto ring = shared_ring::Writer::Open(so.name(), so.capacity(), so.key(),
+                                          service_->options_.max_shared_bytes);
+    if (ring.ok()) {
+      ring_ = std::move(*ring);
+      header->set_shared_output(true);
+      ++service_->metrics_.shared_streams;
+      return absl::OkStatus();
+    }
+    if (absl::IsInvalidArgument(ring.status())) return ring.status();
+    ++service_->metrics_.shared_refused;
+    header->set_shared_output_refused(std::string(ring.status().message()));
+    return absl::OkStatus();
   }
   absl::Status OnToken(int64_t step, int64_t id) override {
     ++service_->metrics_.tokens_generated;
@@ -265,6 +322,7 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     h->set_estimated_bytes(resolved_.estimated_bytes);
     h->set_chunk_bytes(service_->options_.chunk_bytes);
     h->set_max_new_tokens(resolved_.generate.max_new_tokens);
+    RETURN_IF_ERROR(AttachSharedOutput(h));
     absl::Status pushed_header = Push(header);
     absl::StatusOr<GenerateResult> result =
         pushed_header.ok()
@@ -337,6 +395,7 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
   ResolvedRequest resolved_;  // the job's
   int64_t bytes_sent_ = 0;    // the job's
   int64_t tokens_ = 0;        // the job's: tokens generated, also when the stream ends early
+  std::unique_ptr<shared_ring::Writer> ring_;  // the job's: the client's region, when used
 };
 
 // A unary call whose work runs on a scheduler thread. A client that leaves while the call is

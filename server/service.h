@@ -20,6 +20,7 @@
 
 #include "attnscope/v1/attnscope.grpc.pb.h"
 #include "model/engine.h"
+#include "model/io/shared_ring.h"
 #include "server/auth.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
@@ -34,9 +35,13 @@ struct ServiceOptions {
   int64_t max_capture_bytes = 0;     // byte budget per request; 0: none
   int stream_queue_messages = 8;  // outgoing messages buffered per stream before generation waits
   double stall_timeout_s = 30;  // a write not taken by the client for this long cancels the stream
-  BearerTokens auth;            // accepted bearer tokens; empty: no authentication
-  SchedulerOptions scheduler;   // generations (and their request resolution)
-  SchedulerOptions tokenizer{2, 64};  // Tokenize / Detokenize calls
+  // Largest shared-memory ring a stream may ask the server to write into (same-host output);
+  // 0: never. Rings hold values only while the client copies them out.
+  int64_t max_shared_bytes = int64_t{1} << 30;
+  int64_t shared_chunk_bytes = 4 << 20;  // attention bytes per shared piece (<= ring / 4)
+  BearerTokens auth;                     // accepted bearer tokens; empty: no authentication
+  SchedulerOptions scheduler;            // generations (and their request resolution)
+  SchedulerOptions tokenizer{2, 64};     // Tokenize / Detokenize calls
 };
 
 // Every method is registered raw (bytes in, bytes out): a request that does not decode is answered

@@ -17,6 +17,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "attnscope/v1/attnscope.grpc.pb.h"
@@ -24,6 +25,7 @@
 #include "model/capture/spec_flags.h"
 #include "model/capture/spec_text.h"
 #include "model/io/files.h"
+#include "model/io/shared_ring.h"
 #include "model/io/status_macros.h"
 #include "proto/contract.h"
 
@@ -61,6 +63,9 @@ ABSL_FLAG(std::string, format, "safetensors",
           "safetensors, or pickle (the prototype's .pkl layout)");
 ABSL_FLAG(bool, overwrite, false, "redo samples whose file already exists");
 ABSL_FLAG(double, timeout_s, 0, "deadline per sample in seconds (0: none)");
+ABSL_FLAG(int64_t, shared_memory_bytes, int64_t{64} << 20,
+          "ring size for same-host output: attention values come through shared memory instead "
+          "of the wire when the server is on this host (the wire otherwise); 0: always the wire");
 
 namespace attnscope {
 namespace {
@@ -73,6 +78,7 @@ struct Options {
   int max_samples = 0, max_new_tokens = 0;
   int64_t max_length = 0;
   double timeout_s = 0;
+  int64_t shared_memory_bytes = 0;
   SampleFormat format = SampleFormat::kSafetensors;
   v1::CaptureSpec capture;
 };
@@ -103,6 +109,11 @@ absl::StatusOr<Options> OptionsFromFlags() {
   o.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   o.max_length = absl::GetFlag(FLAGS_max_length);
   o.timeout_s = absl::GetFlag(FLAGS_timeout_s);
+  o.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
+  if (o.shared_memory_bytes != 0 && o.shared_memory_bytes < shared_ring::kMinCapacity) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--shared_memory_bytes must be 0 or at least ", shared_ring::kMinCapacity));
+  }
   const std::string format = absl::GetFlag(FLAGS_format);
   if (format == "pickle") {
     o.format = SampleFormat::kPickle;
@@ -309,10 +320,60 @@ v1::GenerateRequest RequestFor(const Options& o, const Sample& sample) {
   return req;
 }
 
+// Same-host output for the samples of one run: one ring, reused sample after sample, replaced
+// after a sample that failed (its server job may still be finishing a write), given up for the run
+// once the server says it cannot use it.
+struct SharedOutput {
+  std::unique_ptr<shared_ring::Reader> ring;
+  int64_t bytes = 0;
+  bool refused = false;
+
+  shared_ring::Reader* Get() {
+    if (refused || bytes == 0) return nullptr;
+    if (ring == nullptr) {
+      auto made = shared_ring::Reader::Create(bytes);
+      if (!made.ok()) {
+        std::cerr << "attnscope-capture: no shared memory (" << made.status().message()
+                  << "); using the wire" << std::endl;
+        refused = true;
+        return nullptr;
+      }
+      ring = std::move(*made);
+    }
+    return ring.get();
+  }
+};
+
+// A chunk whose values wait in the ring: handed to the writer in place, then released.
+absl::Status TakeShared(shared_ring::Reader* ring, const v1::AttentionChunk& c,
+                        SampleWriter* writer, bool save) {
+  if (ring == nullptr || !c.data().empty() || !c.indices().empty() || c.shared_bytes() < 0 ||
+      c.shared_index_bytes() < 0 || c.shared_bytes() > ring->capacity() ||
+      c.shared_index_bytes() > ring->capacity()) {
+    return absl::DataLossError(
+        "malformed stream from the server: an attention chunk that is not a valid shared piece");
+  }
+  const int64_t n = c.shared_bytes() + c.shared_index_bytes();
+  ASSIGN_OR_RETURN(absl::string_view piece, ring->View(c.shared_position(), n));
+  if (save) {
+    RETURN_IF_ERROR(
+        writer->OnAttention(c, piece.substr(0, c.shared_bytes()), piece.substr(c.shared_bytes())));
+  }
+  return ring->Release(c.shared_position() + n);
+}
+
 // Streams one sample into `path`; prints what the prototype printed.
 absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, size_t index,
-                           const Sample& sample, const std::string& path) {
-  const v1::GenerateRequest req = RequestFor(o, sample);
+                           const Sample& sample, const std::string& path,
+                           SharedOutput* shared_output) {
+  v1::GenerateRequest req = RequestFor(o, sample);
+  shared_ring::Reader* ring = o.save_attention ? shared_output->Get() : nullptr;
+  if (ring != nullptr) {
+    req.mutable_shared_output()->set_name(ring->name());
+    req.mutable_shared_output()->set_capacity(ring->capacity());
+    req.mutable_shared_output()->set_key(ring->key());
+  }
+  bool shared = false;  // the server writes into the ring
   grpc::ClientContext ctx;
   Authorize(o, &ctx);
   if (o.timeout_s > 0) {
@@ -334,13 +395,37 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
         std::cout << "Processing sample " << index
                   << ", input length: " << msg.header().prompt_token_ids_size() << std::endl;
         layers_captured = msg.header().capture().layers_size();
-        if (save) local = writer.OnHeader(msg.header(), req.max_new_tokens());
+        shared = msg.header().shared_output();
+        if (shared && ring == nullptr) {
+          local = absl::DataLossError(
+              "malformed stream from the server: shared output nobody asked for");
+        } else if (ring != nullptr && !shared) {
+          // Another host or IPC namespace, or a server that does not allow it: the wire, for the
+          // rest of the run. Said aloud only where it was to be expected to work.
+          if (absl::StartsWith(o.server, "127.") || absl::StartsWith(o.server, "localhost") ||
+              absl::StartsWith(o.server, "[::1]") || absl::StartsWith(o.server, "unix:")) {
+            std::cerr << "attnscope-capture: the server does not use shared memory ("
+                      << msg.header().shared_output_refused() << "); using the wire" << std::endl;
+          }
+          shared_output->refused = true;
+          shared_output->ring.reset();
+          ring = nullptr;
+        }
+        if (save && local.ok()) local = writer.OnHeader(msg.header(), req.max_new_tokens());
         break;
       case v1::StreamAttentionResponse::kToken:
         local = writer.OnToken(msg.token());
         break;
       case v1::StreamAttentionResponse::kAttention:
-        if (save) local = writer.OnAttention(msg.attention());
+        if (shared) {
+          local = TakeShared(ring, msg.attention(), &writer, save);
+        } else if (msg.attention().shared_bytes() != 0 ||
+                   msg.attention().shared_index_bytes() != 0) {
+          local = absl::DataLossError(
+              "malformed stream from the server: a shared piece on a stream without shared output");
+        } else if (save) {
+          local = writer.OnAttention(msg.attention());
+        }
         break;
       case v1::StreamAttentionResponse::kStatistic:
         if (save) local = writer.OnStatistic(msg.statistic());
@@ -367,6 +452,7 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
     local = absl::DataLossError("the stream ended without its trailer (a proxy cut it short?)");
   }
   if (!local.ok() || !status.ok()) {
+    shared_output->ring.reset();  // the failed stream's server job may still write into it
     return absl::Status(
         local.ok() ? absl::StatusCode::kUnavailable : local.code(),
         absl::StrCat("\nSample ", index, " failed: ",
@@ -414,6 +500,8 @@ int Run() {
     return 1;
   }
   int failures = 0;
+  SharedOutput shared_output;
+  shared_output.bytes = o.shared_memory_bytes;
   for (size_t i = 0; i < samples->size(); ++i) {
     const std::string path =
         absl::StrCat(o.output_dir, "/attention_sample_", i,
@@ -424,7 +512,8 @@ int Run() {
                 << std::endl;
       continue;
     }
-    if (absl::Status s = CaptureSample(o, stub.get(), i, (*samples)[i], path); !s.ok()) {
+    if (absl::Status s = CaptureSample(o, stub.get(), i, (*samples)[i], path, &shared_output);
+        !s.ok()) {
       std::cerr << s.message() << std::endl;
       ++failures;
     }

@@ -163,7 +163,7 @@ absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_
 }
 
 absl::Status SampleWriter::Append(const std::string& name, const std::string& dtype,
-                                  const std::vector<int64_t>& shape, const std::string& data,
+                                  const std::vector<int64_t>& shape, absl::string_view data,
                                   int64_t byte_offset, int64_t total_bytes) {
   auto it = entry_of_.find(name);
   if (it == entry_of_.end()) {
@@ -192,7 +192,7 @@ absl::Status SampleWriter::Append(const std::string& name, const std::string& dt
   return absl::OkStatus();
 }
 
-absl::Status SampleWriter::WriteFull(const BlockHeader& h, const std::string& data,
+absl::Status SampleWriter::WriteFull(const BlockHeader& h, absl::string_view data,
                                      int64_t byte_offset) {
   // Block values are [heads, rows, keys] row-major; this chunk holds elements [first, first + n).
   // They go straight to their place in the mapped pickle, converted to float32.
@@ -271,8 +271,8 @@ absl::Status SampleWriter::CheckBlock(const BlockHeader& h, int64_t block_bytes,
   return absl::OkStatus();
 }
 
-absl::Status SampleWriter::OnChunk(const BlockHeader& h, const std::string& data,
-                                   const std::string& indices, int64_t byte_offset,
+absl::Status SampleWriter::OnChunk(const BlockHeader& h, absl::string_view data,
+                                   absl::string_view indices, int64_t byte_offset,
                                    int64_t block_bytes) {
   const int64_t n = static_cast<int64_t>(data.size());
   RETURN_IF_ERROR(CheckBlock(h, block_bytes, byte_offset, n));
@@ -303,9 +303,14 @@ absl::Status SampleWriter::OnChunk(const BlockHeader& h, const std::string& data
 }
 
 absl::Status SampleWriter::OnAttention(const v1::AttentionChunk& c) {
+  return OnAttention(c, c.data(), c.indices());
+}
+
+absl::Status SampleWriter::OnAttention(const v1::AttentionChunk& c, absl::string_view values,
+                                       absl::string_view indices) {
   if (!have_header_) return Malformed("an attention chunk before the stream header");
   ASSIGN_OR_RETURN(const BlockHeader h, BlockHeaderOf(c));
-  return OnChunk(h, c.data(), c.indices(), c.byte_offset(), c.block_bytes());
+  return OnChunk(h, values, indices, c.byte_offset(), c.block_bytes());
 }
 
 absl::Status SampleWriter::OnStatistic(const v1::StatisticChunk& s) {
@@ -314,7 +319,7 @@ absl::Status SampleWriter::OnStatistic(const v1::StatisticChunk& s) {
   // block_bytes 0: a server that sends whole blocks only (Generate's layout).
   const int64_t total =
       s.block_bytes() > 0 ? s.block_bytes() : static_cast<int64_t>(s.data().size());
-  return OnChunk(h, s.data(), std::string(), s.byte_offset(), total);
+  return OnChunk(h, s.data(), absl::string_view(), s.byte_offset(), total);
 }
 
 absl::Status SampleWriter::OnToken(const v1::TokenEvent& token) {

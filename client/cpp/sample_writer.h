@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "attnscope/v1/attnscope.pb.h"
 #include "model/capture/block.h"
 #include "model/io/safetensors_writer.h"
@@ -37,6 +38,9 @@ class SampleWriter {
   // `max_new_tokens` bounds the rows of the assembled matrices.
   absl::Status OnHeader(const v1::StreamHeader& header, int64_t max_new_tokens);
   absl::Status OnAttention(const v1::AttentionChunk& chunk);
+  // A chunk whose values (and top_k indices) came another way than its message (a shared ring).
+  absl::Status OnAttention(const v1::AttentionChunk& chunk, absl::string_view values,
+                           absl::string_view indices);
   absl::Status OnStatistic(const v1::StatisticChunk& chunk);
   absl::Status OnToken(const v1::TokenEvent& token);
   // Assembles the file and renames it into place; refuses a sample with a missing or incomplete
@@ -58,12 +62,12 @@ class SampleWriter {
   absl::Status CheckBlock(const BlockHeader& h, int64_t block_bytes, int64_t byte_offset,
                           int64_t data_bytes) const;
   // The one reassembler: a chunk of either kind, its values (and indices) appended in order.
-  absl::Status OnChunk(const BlockHeader& h, const std::string& data, const std::string& indices,
+  absl::Status OnChunk(const BlockHeader& h, absl::string_view data, absl::string_view indices,
                        int64_t byte_offset, int64_t block_bytes);
   absl::Status Append(const std::string& name, const std::string& dtype,
-                      const std::vector<int64_t>& shape, const std::string& data,
+                      const std::vector<int64_t>& shape, absl::string_view data,
                       int64_t byte_offset, int64_t total_bytes);
-  absl::Status WriteFull(const BlockHeader& h, const std::string& data, int64_t byte_offset);
+  absl::Status WriteFull(const BlockHeader& h, absl::string_view data, int64_t byte_offset);
   absl::Status WriteSafetensors(const std::string& metadata);
   absl::Status WritePickle();
 

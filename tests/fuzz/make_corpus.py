@@ -85,6 +85,20 @@ def auth():
     out("auth", "wrong", "Basic s3cret\ns3cret\n")
 
 
+def shared_ring():
+    """First byte: 1 = client side (position, size words), 0 = server side (flags, then operations)."""
+    w = lambda *xs: b"".join(struct.pack("<Q", x) for x in xs)  # noqa: E731
+    cap = 1 << 16
+    out("shared_ring", "client_laps", b"\x01" + w(0, 1001, 1000, cap // 2, cap, cap // 2 + 1, 3 * cap, 0))
+    out("shared_ring", "client_bad", b"\x01" + w(5, cap + 2, (1 << 63) - 9, 20, cap - 10, 30))
+    # The real region, capacity, key and limit; puts between published read positions.
+    out("shared_ring", "server_ok", b"\x00" + w(1 | 2 | 4 | 8, 0 | (cap // 2 << 8), 2 | (cap // 2 << 8), 0,
+                                                1, cap // 2, 0 | (cap // 4 << 8), 1, cap, 0 | (cap << 8)))
+    out("shared_ring", "server_poked", b"\x00" + w(1 | 2 | 4 | 8 | 16 | (64 << 16)) + b"\xff" * 80 +
+        w(0 | (100 << 8), 1, 1 << 62, 2 | (5000 << 8), 0 | (cap << 8)))
+    out("shared_ring", "server_names", b"\x00" + w(2 | 4 | 8 | (12 << 56)) + b"/attnscope-x" + w(0))
+
+
 def request(build):
     sys.path[:0] = [os.path.join(ROOT, "client", "python"), os.path.join(build, "python")]
     from attnscope.client import Client, capture_spec
@@ -149,6 +163,7 @@ if __name__ == "__main__":
     tokenizer()
     registry()
     auth()
+    shared_ring()
     request(build)
     template()
     chat_config()

@@ -1,9 +1,11 @@
 """A thin, numpy-returning wrapper around the generated gRPC stubs."""
 import json
+import threading
 from dataclasses import dataclass, field
 
 import grpc
 
+from attnscope import shared
 from attnscope.blocks import BlockAssembler
 from attnscope.v1 import attnscope_pb2 as pb
 from attnscope.v1 import attnscope_pb2_grpc as pb_grpc
@@ -28,11 +30,14 @@ _DTYPE_OF = {number: _ELEMENT_DTYPES[name] for name, number in ELEMENT_TYPES.ite
 
 
 class _Chunk:
-    """A chunk message seen with its phase as a name (BlockAssembler's keys)."""
+    """A chunk message seen with its phase as a name (BlockAssembler's keys); `data` and `indices`
+    replaced when they came through the shared ring."""
 
-    def __init__(self, message):
+    def __init__(self, message, data=None, indices=None):
         self._m = message
         self.phase = _PHASE_NAMES.get(message.phase, str(message.phase))
+        if data is not None:
+            self.data, self.indices = data, indices
 
     def __getattr__(self, name):
         return getattr(self._m, name)
@@ -48,6 +53,7 @@ class StreamResult:
     trailer: object = None
     messages: int = 0
     max_message_bytes: int = 0
+    shared_output: bool = False  # attention values came through shared memory
 
 
 def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, query_ranges=(), pool=0,
@@ -79,9 +85,12 @@ def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, qu
 
 
 class Client:
-    """Connects to an attnscope server. `token`: bearer token; `root_certificates`: PEM bytes for TLS."""
+    """Connects to an attnscope server. `token`: bearer token; `root_certificates`: PEM bytes for TLS.
+    `shared_memory`: ring bytes for same-host output (stream_attention's values come through shared
+    memory when the server is on this host, the wire otherwise); 0: always the wire."""
 
-    def __init__(self, target="127.0.0.1:50051", token=None, root_certificates=None, timeout=None):
+    def __init__(self, target="127.0.0.1:50051", token=None, root_certificates=None, timeout=None,
+                 shared_memory=64 << 20):
         options = [("grpc.max_receive_message_length", 256 << 20)]
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
@@ -91,6 +100,35 @@ class Client:
         self.stub = pb_grpc.AttentionServiceStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout = timeout
+        self.shared_memory = shared_memory if shared.available() else 0
+        self.shared_refused = None  # why the server could not use shared memory, once it said so
+        self._rings = []            # idle rings; a stream takes one and gives it back when it ends well
+        self._rings_lock = threading.Lock()
+
+    def close(self):
+        with self._rings_lock:
+            rings, self._rings = self._rings, []
+        for ring in rings:
+            ring.close()
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _take_ring(self):
+        if not self.shared_memory or self.shared_refused is not None:
+            return None
+        with self._rings_lock:
+            if self._rings:
+                return self._rings.pop()
+        try:
+            return shared.SharedRing(self.shared_memory)
+        except OSError as e:
+            self.shared_refused = f"cannot create a shared-memory region: {e}"
+            return None
 
     def model_info(self):
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout)
@@ -137,19 +175,46 @@ class Client:
 
     def stream_attention(self, *args, **kwargs):
         """Runs a StreamAttention call and assembles its chunks into numpy arrays."""
+        request = self.request(*args, **kwargs)
+        ring = self._take_ring()
+        if ring is not None:
+            request.shared_output.CopyFrom(ring.request_field())
+        try:
+            result = self._stream_attention(request, ring)
+        except BaseException:
+            if ring is not None:
+                ring.close()  # the failed stream's server job may still be writing into it
+            raise
+        if ring is not None:
+            with self._rings_lock:
+                self._rings.append(ring)
+        return result
+
+    def _stream_attention(self, request, ring):
         result = StreamResult()
         blocks = BlockAssembler(lambda number: _DTYPE_OF[number])
-        for msg in self.stream_raw(self.request(*args, **kwargs)):
+        for msg in self.stream_raw(request):
             result.messages += 1
             result.max_message_bytes = max(result.max_message_bytes, msg.ByteSize())
             kind = msg.WhichOneof("event")
             if kind == "header":
                 result.header = msg.header
+                result.shared_output = msg.header.shared_output
+                if result.shared_output and ring is None:
+                    raise ValueError("malformed stream from the server: shared output nobody asked for")
+                if ring is not None and not result.shared_output:
+                    self.shared_refused = msg.header.shared_output_refused
             elif kind == "token":
                 result.tokens.append(msg.token.id)
             elif kind in ("attention", "statistic"):
                 chunk = getattr(msg, kind)
-                done = blocks.add(_Chunk(chunk), stat=chunk.kind if kind == "statistic" else None)
+                if kind == "attention" and result.shared_output:
+                    wrapped = _Chunk(chunk, *ring.take(chunk))
+                elif kind == "attention" and (chunk.shared_bytes or chunk.shared_index_bytes):
+                    raise ValueError("malformed stream from the server: a shared piece without shared output")
+                else:
+                    wrapped = _Chunk(chunk)
+                done = blocks.add(wrapped, stat=chunk.kind if kind == "statistic" else None)
                 if done is None:
                     continue
                 key, values, indices = done

@@ -1,0 +1,280 @@
+#include "model/io/shared_ring.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+
+namespace attnscope {
+namespace shared_ring {
+namespace {
+
+constexpr absl::string_view kPrefix = "/attnscope-";
+
+std::string Errno() { return std::strerror(errno); }
+
+uint64_t Load64(const char* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+absl::Status RandomBytes(char* out, size_t n) {
+  while (n > 0) {
+    const ssize_t got = getrandom(out, n, 0);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return absl::InternalError(absl::StrCat("getrandom: ", Errno()));
+    }
+    out += got;
+    n -= static_cast<size_t>(got);
+  }
+  return absl::OkStatus();
+}
+
+// Regions of this user's processes that died without removing them ("/attnscope-<pid>-...").
+void RemoveOrphans() {
+  DIR* dir = opendir("/dev/shm");
+  if (dir == nullptr) return;
+  while (const dirent* e = readdir(dir)) {
+    const absl::string_view entry(e->d_name);
+    if (entry.substr(0, kPrefix.size() - 1) != kPrefix.substr(1)) continue;
+    const absl::string_view rest = entry.substr(kPrefix.size() - 1);
+    long pid = 0;
+    size_t i = 0;
+    while (i < rest.size() && i < 9 && rest[i] >= '0' && rest[i] <= '9')
+      pid = pid * 10 + (rest[i++] - '0');
+    if (i == 0 || i >= rest.size() || rest[i] != '-' || pid <= 0) continue;
+    if (kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    struct stat st;
+    const std::string path = absl::StrCat("/dev/shm/", entry);
+    if (lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == getuid())
+      shm_unlink(absl::StrCat("/", entry).c_str());
+  }
+  closedir(dir);
+}
+
+}  // namespace
+
+absl::Status CheckName(absl::string_view name) {
+  const bool prefixed = name.substr(0, kPrefix.size()) == kPrefix;
+  const absl::string_view rest = prefixed ? name.substr(kPrefix.size()) : absl::string_view();
+  bool ok = prefixed && rest.size() >= 8 && rest.size() <= 64;
+  for (char c : rest) {
+    ok = ok && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                c == '-' || c == '_');
+  }
+  if (ok) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      "shared_output.name must be \"/attnscope-\" followed by 8-64 of [A-Za-z0-9_-]");
+}
+
+// --- Writer ---------------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<Writer>> Writer::Open(const std::string& name, int64_t capacity,
+                                                     const std::string& key, int64_t max_capacity) {
+  if (absl::Status s = CheckName(name); !s.ok()) return s;
+  if (static_cast<int64_t>(key.size()) != kKeyBytes)
+    return absl::InvalidArgumentError(
+        absl::StrCat("shared_output.key must be ", kKeyBytes, " bytes, not ", key.size()));
+  if (max_capacity <= 0)
+    return absl::FailedPreconditionError(
+        "this server does not write to shared memory (--max_shared_bytes=0)");
+  if (capacity < kMinCapacity || capacity > max_capacity) {
+    return absl::FailedPreconditionError(absl::StrCat("shared_output.capacity ", capacity,
+                                                      " is outside ", kMinCapacity, "-",
+                                                      max_capacity, " (--max_shared_bytes)"));
+  }
+  // glibc's shm_open adds O_NOFOLLOW | O_CLOEXEC; O_NONBLOCK keeps a FIFO planted under the name
+  // from blocking the open (fstat refuses it next).
+  const int fd = shm_open(name.c_str(), O_RDWR | O_NONBLOCK, 0);
+  if (fd < 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cannot open the shared region ", name, " here: ", Errno(),
+        errno == ENOENT ? " (the client is on another host, or in another IPC namespace)" : ""));
+  }
+  std::unique_ptr<Writer> w(new Writer(fd, capacity));
+  struct stat st;
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+    return absl::FailedPreconditionError(absl::StrCat(name, " is not a shared-memory region"));
+  if (st.st_size != kHeaderBytes + capacity) {
+    return absl::FailedPreconditionError(absl::StrCat("the shared region ", name, " holds ",
+                                                      st.st_size, " bytes, not the header and ",
+                                                      capacity, " ring bytes the request says"));
+  }
+  char header[kReadAt + 8];
+  if (pread(fd, header, sizeof(header), 0) != static_cast<ssize_t>(sizeof(header)))
+    return absl::FailedPreconditionError(absl::StrCat("cannot read the header of ", name));
+  uint32_t version;
+  std::memcpy(&version, header + kVersionAt, 4);
+  if (std::memcmp(header + kMagicAt, kMagic, 8) != 0 || version != kVersion ||
+      Load64(header + kCapacityAt) != static_cast<uint64_t>(capacity)) {
+    return absl::FailedPreconditionError(absl::StrCat("the shared region ", name,
+                                                      " has no attnscope ring header of version ",
+                                                      kVersion, " and capacity ", capacity));
+  }
+  if (std::memcmp(header + kKeyAt, key.data(), kKeyBytes) != 0)
+    return absl::FailedPreconditionError(
+        absl::StrCat("the key does not match the shared region ", name));
+  // A region is reused stream after stream: this stream starts where the client has read to.
+  const uint64_t start = Load64(header + kReadAt);
+  if (start > (uint64_t{1} << 62))
+    return absl::FailedPreconditionError(
+        absl::StrCat("the shared region ", name, " has a read position out of range"));
+  w->read_ = w->write_ = static_cast<int64_t>(start);
+  return w;
+}
+
+Writer::~Writer() { close(fd_); }
+
+absl::StatusOr<int64_t> Writer::ReadPosition() {
+  // Two equal reads in a row: a value the client stored, never a torn mix of two.
+  uint64_t previous = ~uint64_t{0};
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    char bytes[8];
+    if (pread(fd_, bytes, 8, kReadAt) != 8)
+      return absl::FailedPreconditionError("the shared region was truncated by the client");
+    const uint64_t v = Load64(bytes);
+    if (v == previous) {
+      // Behind the last value seen: no progress (a client's store seen part-way), not an error.
+      if (v < static_cast<uint64_t>(read_)) return read_;
+      if (v > static_cast<uint64_t>(write_)) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("the shared region's read position ", v, " is outside the data written (",
+                         read_, "-", write_, "): the client broke the ring protocol"));
+      }
+      read_ = static_cast<int64_t>(v);
+      return read_;
+    }
+    previous = v;
+  }
+  return absl::FailedPreconditionError("the shared region's read position does not settle");
+}
+
+absl::Status Writer::WriteAt(int64_t ring_offset, absl::string_view bytes) {
+  const char* p = bytes.data();
+  int64_t left = static_cast<int64_t>(bytes.size());
+  int64_t at = kHeaderBytes + ring_offset;
+  while (left > 0) {
+    const ssize_t n = pwrite(fd_, p, static_cast<size_t>(left), at);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot write to the shared region: ", n < 0 ? Errno() : "no progress"));
+    }
+    p += n;
+    left -= n;
+    at += n;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> Writer::Put(absl::string_view a, absl::string_view b,
+                                    const KeepWaiting& keep_waiting) {
+  const int64_t n = static_cast<int64_t>(a.size() + b.size());
+  if (n > capacity_)
+    return absl::InternalError(absl::StrCat("a piece of ", n, " bytes exceeds the ring"));
+  int64_t position = write_;
+  if (position % capacity_ + n > capacity_) position += capacity_ - position % capacity_;
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point moved = Clock::now();
+  auto pause = std::chrono::microseconds(20);
+  int64_t last_read = read_;
+  while (position + n - read_ > capacity_) {
+    auto read = ReadPosition();
+    if (!read.ok()) return read.status();
+    if (position + n - *read <= capacity_) break;
+    const auto now = Clock::now();
+    if (*read != last_read) {
+      last_read = *read;
+      moved = now;
+    }
+    if (absl::Status s = keep_waiting(std::chrono::duration<double>(now - moved).count());
+        !s.ok()) {
+      return s;
+    }
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds(2000));
+  }
+  const int64_t offset = position % capacity_;
+  if (absl::Status s = WriteAt(offset, a); !s.ok()) return s;
+  if (absl::Status s = WriteAt(offset + static_cast<int64_t>(a.size()), b); !s.ok()) return s;
+  write_ = position + n;
+  return position;
+}
+
+// --- Reader ---------------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<Reader>> Reader::Create(int64_t capacity) {
+  if (capacity < kMinCapacity)
+    return absl::InvalidArgumentError(
+        absl::StrCat("a shared ring needs at least ", kMinCapacity, " bytes"));
+  RemoveOrphans();
+  std::unique_ptr<Reader> r(new Reader());
+  char random[8 + kKeyBytes];
+  if (absl::Status s = RandomBytes(random, sizeof(random)); !s.ok()) return s;
+  r->name_ = absl::StrCat(kPrefix, getpid(), "-", absl::BytesToHexString({random, 8}));
+  r->key_.assign(random + 8, kKeyBytes);
+  r->capacity_ = capacity;
+  r->map_size_ = kHeaderBytes + capacity;
+  const int fd = shm_open(r->name_.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+  if (fd < 0) return absl::UnavailableError(absl::StrCat("shm_open ", r->name_, ": ", Errno()));
+  r->linked_ = true;
+  void* map = MAP_FAILED;
+  if (ftruncate(fd, r->map_size_) == 0)
+    map = mmap(nullptr, r->map_size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  const std::string error = Errno();
+  close(fd);
+  if (map == MAP_FAILED)
+    return absl::UnavailableError(absl::StrCat("cannot map ", r->name_, ": ", error));
+  r->map_ = static_cast<char*>(map);
+  std::memcpy(r->map_ + kMagicAt, kMagic, 8);
+  std::memcpy(r->map_ + kVersionAt, &kVersion, 4);
+  const uint64_t cap = static_cast<uint64_t>(capacity);
+  std::memcpy(r->map_ + kCapacityAt, &cap, 8);
+  std::memcpy(r->map_ + kKeyAt, r->key_.data(), kKeyBytes);
+  return r;
+}
+
+Reader::~Reader() {
+  if (map_ != nullptr) munmap(map_, map_size_);
+  Unlink();
+}
+
+void Reader::Unlink() {
+  if (linked_) shm_unlink(name_.c_str());
+  linked_ = false;
+}
+
+absl::StatusOr<absl::string_view> Reader::View(int64_t position, int64_t n) const {
+  if (position < released_ || n < 0 || n > capacity_ || position > (int64_t{1} << 62) ||
+      position + n - released_ > capacity_ || position % capacity_ + n > capacity_) {
+    return absl::DataLossError(absl::StrCat(
+        "malformed stream from the server: a shared piece at ", position, " of ", n,
+        " bytes is outside the ring (capacity ", capacity_, ", released up to ", released_, ")"));
+  }
+  return absl::string_view(map_ + kHeaderBytes + position % capacity_, static_cast<size_t>(n));
+}
+
+absl::Status Reader::Release(int64_t end) {
+  if (end < released_)
+    return absl::InternalError("the shared ring's read position cannot go backwards");
+  released_ = end;
+  __atomic_store_n(reinterpret_cast<uint64_t*>(map_ + kReadAt), static_cast<uint64_t>(end),
+                   __ATOMIC_RELEASE);
+  return absl::OkStatus();
+}
+
+}  // namespace shared_ring
+}  // namespace attnscope
