@@ -25,7 +25,7 @@ capture() {  # format -> seconds
   local start end
   start=$(date +%s.%N)
   build/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --prompt_ids="@$WORK/ids" --max_new_tokens=32 \
-    --form=dense --format="$1" --output_dir="$WORK/out" --overwrite >/dev/null 2>"$WORK/capture.err" \
+    --form=dense --format="$1" --output_dir="$WORK/out" --overwrite --save_attention >/dev/null 2>"$WORK/capture.err" \
     || { cat "$WORK/capture.err" >&2; exit 1; }
   end=$(date +%s.%N)
   echo "$end - $start" | bc -l

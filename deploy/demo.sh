@@ -41,7 +41,7 @@ done
 
 # The prototype's basic command, against the demo server.
 "$BUILD"/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --output_dir="$OUT/attention_data" \
-  --max_new_tokens=16 --overwrite
+  --max_new_tokens=16 --overwrite --save_attention
 
 export PYTHONPATH="$ROOT/client/python:$BUILD/python"
 SAMPLE="$OUT/attention_data/attention_sample_1.safetensors"

@@ -11,6 +11,7 @@
 #include "model/capture/processor.h"
 #include "model/checkpoint/config.h"
 #include "model/checkpoint/weights.h"
+#include "model/io/device_name.h"
 #include "model/io/status_macros.h"
 #include "model/sampler.h"
 #include "model/tokenizer/tokenizer.h"
@@ -22,7 +23,8 @@ namespace {
 // Longest generation one request may ask for.
 constexpr int64_t kMaxNewTokensLimit = 1 << 20;
 
-absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
+absl::StatusOr<torch::Device> ParseDevice(const std::string& flag) {
+  const std::string name = DeviceName(flag);
   if (name == "cpu") return torch::Device(torch::kCPU);
   if (name == "cuda" || name.rfind("cuda:", 0) == 0) {
     if (!torch::cuda::is_available()) {
@@ -34,7 +36,7 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
     int index = 0;
     if (name.size() > 5 && !absl::SimpleAtoi(name.substr(5), &index)) {
       return absl::InvalidArgumentError(
-          absl::StrCat("device '", name, "' is not cpu, cuda or cuda:N"));
+          absl::StrCat("device '", name, "' is not cpu, cuda, cuda:N or a GPU index"));
     }
     if (index < 0 || index >= static_cast<int>(torch::cuda::device_count())) {
       return absl::OutOfRangeError(
@@ -42,7 +44,8 @@ absl::StatusOr<torch::Device> ParseDevice(const std::string& name) {
     }
     return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
   }
-  return absl::InvalidArgumentError(absl::StrCat("device '", name, "' is not cpu, cuda or cuda:N"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("device '", name, "' is not cpu, cuda, cuda:N or a GPU index"));
 }
 
 absl::StatusOr<torch::ScalarType> ParseDType(const std::string& name, const torch::Device& device) {

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "model/engine.h"
 #include "model/io/files.h"
+#include "model/io/flags_usage.h"
 #include "model/io/status_macros.h"
 #include "server/registry.h"
 #include "server/service.h"
@@ -25,7 +26,8 @@ ABSL_FLAG(std::string, model, "", "model name to look up in --models (the protot
 ABSL_FLAG(std::string, models, "",
           "model registry JSON: {name: {\"path\": DIR, \"max_length\": N}}");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "address to listen on");
-ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
+ABSL_FLAG(std::string, device, "cpu",
+          "cpu, cuda, cuda:N, or a GPU index N (the prototype's --device 0)");
 ABSL_FLAG(std::string, dtype, "",
           "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)");
 ABSL_FLAG(int, max_concurrent, 1, "generations running at once");
@@ -299,10 +301,11 @@ absl::Status Serve() {
 }  // namespace attnscope
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "Serves one resident Llama-family model over gRPC with exact attention capture.\n"
-      "  attnscope-server --model_dir DIR [--device cuda] [--listen HOST:PORT] ...\n"
-      "Options: --helpfull");
+  attnscope::SetUsage(
+      "attnscope-server",
+      "serves one resident Llama-family model over gRPC with exact attention capture",
+      "--model_dir DIR | --model NAME --models REGISTRY.json [--device cuda] "
+      "[--listen HOST:PORT] [flags]");
   absl::ParseCommandLine(argc, argv);
   absl::Status status = attnscope::Serve();
   if (!status.ok()) {

@@ -73,7 +73,7 @@ class AttnscopeServer:
             f.write(",".join(map(str, prompt_ids(n))))
         data = os.path.join(out_dir, f"attnscope_{mode}_{n}")
         args = [self.capture_bin(), f"--server={self.target}", f"--prompt_ids=@{ids}", f"--max_new_tokens={NEW}",
-                f"--output_dir={data}", "--overwrite"]
+                f"--output_dir={data}", "--overwrite", "--save_attention"]
         args += (["--form=dense", "--dtype=float16"] if mode == "dense"
                  else ["--form=none", "--stats=entropy,key_score:64,sink:4,local:64"])
         t0 = time.time()

@@ -24,7 +24,9 @@
 #include "client/cpp/sample_writer.h"
 #include "model/capture/spec_flags.h"
 #include "model/capture/spec_text.h"
+#include "model/io/device_name.h"
 #include "model/io/files.h"
+#include "model/io/flags_usage.h"
 #include "model/io/shared_ring.h"
 #include "model/io/status_macros.h"
 #include "proto/contract.h"
@@ -33,8 +35,10 @@
 ABSL_FLAG(std::string, model, "",
           "model name the server must be serving (e.g. llama3.1-8b-128k); empty: any");
 ABSL_FLAG(std::string, device, "",
-          "device the server should run on (checked against the server; set it there)");
-ABSL_FLAG(bool, save_attention, true, "store attention (false: generate and print only)");
+          "device the server should run on: cuda, cuda:N or the prototype's GPU index N (checked "
+          "against the server; set it there)");
+ABSL_FLAG(bool, save_attention, false,
+          "store attention (the prototype's default, off: generate and print only)");
 ABSL_FLAG(int, max_samples, 0, "process at most this many samples (0: all)");
 ABSL_FLAG(int64_t, max_length, 0,
           "truncate prompts longer than this in the middle (first + last half)");
@@ -86,7 +90,7 @@ struct Options {
 absl::StatusOr<Options> OptionsFromFlags() {
   Options o;
   o.model = absl::GetFlag(FLAGS_model);
-  o.device = absl::GetFlag(FLAGS_device);
+  o.device = DeviceName(absl::GetFlag(FLAGS_device));
   o.output_dir = absl::GetFlag(FLAGS_output_dir);
   o.server = absl::GetFlag(FLAGS_server);
   o.token = absl::GetFlag(FLAGS_token);
@@ -526,8 +530,11 @@ int Run() {
 }  // namespace attnscope
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "Streams generations with attention from an attnscope server into sample files.");
+  attnscope::SetUsage(
+      "attnscope-capture",
+      "streams generations with attention from an attnscope server into sample files",
+      "[--server HOST:PORT] (--prompt TEXT | --prompt_file F | --prompt_ids 1,2,3 | "
+      "--dataset F.jsonl) [--save_attention] [--form ...] [flags]");
   absl::ParseCommandLine(argc, argv);
   return attnscope::Run();
 }

@@ -21,6 +21,7 @@
 #include "model/capture/spec_flags.h"
 #include "model/capture/spec_text.h"
 #include "model/engine.h"
+#include "model/io/flags_usage.h"
 #include "model/io/safetensors_writer.h"
 #include "model/io/status_macros.h"
 
@@ -174,6 +175,11 @@ absl::Status Run() {
 }  // namespace attnscope
 
 int main(int argc, char** argv) {
+  attnscope::SetUsage(
+      "attnscope-run",
+      "one generation with attention capture in process (no server), for checks and "
+      "benchmarks",
+      "--model_dir DIR (--prompt TEXT | --prompt_ids 1,2,3) [--form ...] [flags]");
   absl::ParseCommandLine(argc, argv);
   absl::Status status = attnscope::Run();
   if (!status.ok()) {

@@ -111,7 +111,7 @@ def fake():
 
 def run_capture(target, out_dir, *extra):
     return subprocess.run([binary("attnscope-capture"), f"--server={target}", f"--output_dir={out_dir}",
-                           "--prompt_ids=1,2,3,4", "--max_new_tokens=2", *extra],
+                           "--prompt_ids=1,2,3,4", "--max_new_tokens=2", "--save_attention", *extra],
                           capture_output=True, text=True, timeout=60)
 
 

@@ -35,7 +35,7 @@ def server(model, tmp_path_factory):
 
 def capture(server, out_dir, *args, check=True):
     proc = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={out_dir}",
-                           *args], capture_output=True, text=True, timeout=300)
+                           "--save_attention", *args], capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -107,7 +107,7 @@ def test_killed_client_leaves_no_complete_looking_file(server, tmp_path):
     out = tmp_path / "data"
     ids = ",".join(map(str, PROMPT * 80))  # 960 tokens: a 47 MB dense capture, killed right after its header
     cmd = [binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={out}", f"--prompt_ids={ids}",
-           "--max_new_tokens=60"]
+           "--max_new_tokens=60", "--save_attention"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("Processing sample 0")

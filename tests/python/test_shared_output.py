@@ -94,7 +94,7 @@ def test_capture_client_files_are_identical_either_way(server, tmp_path, fmt):
         out = tmp_path / name
         p = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={out}",
                             "--prompt_ids=" + ",".join(map(str, PROMPT * 6)), "--max_new_tokens=5",
-                            f"--format={fmt}", "--stats=entropy", *flags],
+                            f"--format={fmt}", "--stats=entropy", "--save_attention", *flags],
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "shared memory" not in p.stderr
@@ -126,7 +126,7 @@ def test_server_that_cannot_use_the_region_falls_back_to_the_wire(model, tmp_pat
         assert metrics(s.mport)["attnscope_shared_refused_total"] == 1
         c.close()
         p = subprocess.run([binary("attnscope-capture"), f"--server={s.target}", f"--output_dir={tmp_path / 'o'}",
-                            "--prompt_ids=1,2,3", "--max_new_tokens=2"], capture_output=True, text=True, timeout=120)
+                            "--prompt_ids=1,2,3", "--max_new_tokens=2", "--save_attention"], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "does not use shared memory" in p.stderr and "--max_shared_bytes=0" in p.stderr
     finally:

@@ -1,12 +1,15 @@
 """A thin, numpy-returning wrapper around the generated gRPC stubs."""
 import json
 import threading
-from dataclasses import dataclass, field
 
 import grpc
 
+import numpy as np
+
 from attnscope import shared
-from attnscope.blocks import BlockAssembler
+from attnscope.blocks import BlockAssembler, BlockKey
+from attnscope.results import Captured
+from attnscope.sample import Sample
 from attnscope.v1 import attnscope_pb2 as pb
 from attnscope.v1 import attnscope_pb2_grpc as pb_grpc
 
@@ -24,6 +27,8 @@ ELEMENT_TYPES = _names(pb.ElementType, "ELEMENT_")
 PHASES = _names(pb.Phase, "PHASE_")
 POOL_OPS = _names(pb.PoolOp, "POOL_")
 _PHASE_NAMES = {number: name for name, number in PHASES.items()}
+_FORM_NAMES = {number: name for name, number in FORMS.items()}
+_POOL_OP_NAMES = {number: name for name, number in POOL_OPS.items()}
 # safetensors dtype names of element types (the one table beside the enum: sizes and encodings).
 _ELEMENT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _DTYPE_OF = {number: _ELEMENT_DTYPES[name] for name, number in ELEMENT_TYPES.items()}
@@ -43,17 +48,133 @@ class _Chunk:
         return getattr(self._m, name)
 
 
-@dataclass
-class StreamResult:
-    header: object = None
-    tokens: list = field(default_factory=list)
-    attention: dict = field(default_factory=dict)   # (phase, step, layer, query_begin) -> array
-    indices: dict = field(default_factory=dict)     # top_k: same keys -> int32 key indices
-    statistics: dict = field(default_factory=dict)  # (kind, phase, step, layer, query_begin) -> float32 array
-    trailer: object = None
-    messages: int = 0
-    max_message_bytes: int = 0
-    shared_output: bool = False  # attention values came through shared memory
+class BlockTable(dict):
+    """Raw blocks keyed (phase, step, layer, query_begin) as they came; call it for the layer's
+    assembled array: r.attention(layer, phase=None), r.indices(layer) (attnscope.results)."""
+
+    def __init__(self, assemble):
+        super().__init__()
+        self._assemble = assemble
+
+    def __call__(self, layer, phase=None):
+        return self._assemble(layer, phase)
+
+
+class StreamResult(Captured):
+    """What a StreamAttention call returned: header, generated tokens, blocks, trailer; arrays
+    through attention(layer), indices(layer), statistic(kind, layer) (attnscope.results)."""
+
+    def __init__(self):
+        self.header = None
+        self.tokens = []         # generated token ids
+        self.token_pieces = []   # their pieces
+        self.attention = BlockTable(lambda layer, phase: Captured.attention(self, layer, phase))
+        self.indices = BlockTable(lambda layer, phase: Captured.indices(self, layer, phase))
+        self.statistics = {}     # (kind, phase, step, layer, query_begin) -> float32 array
+        self.trailer = None
+        self.messages = 0
+        self.max_message_bytes = 0
+        self.shared_output = False  # attention values came through shared memory
+
+    def __repr__(self):
+        return (f"<attnscope.StreamResult: {self.form}, {len(self.attention)} attention blocks, "
+                f"{len(self.statistics)} statistic blocks, {len(self.tokens)} tokens: {self.text!r}>")
+
+    # Captured's view of the blocks.
+    @property
+    def _attention(self):
+        return {BlockKey(*k): v for k, v in self.attention.items()}
+
+    @property
+    def _indices(self):
+        return {BlockKey(*k): v for k, v in self.indices.items()}
+
+    @property
+    def _statistics(self):
+        return {BlockKey(*k[1:], stat=k[0]): v for k, v in self.statistics.items()}
+
+    @property
+    def capture(self):
+        return self.header.capture if self.header is not None else pb.CaptureSpec()
+
+    @property
+    def form(self):
+        return _FORM_NAMES.get(self.capture.form, "none")
+
+    @property
+    def pool(self):
+        return self.capture.pool
+
+    @property
+    def pool_op(self):
+        return _POOL_OP_NAMES.get(self.capture.pool_op, "mean")
+
+    @property
+    def prompt_token_ids(self):
+        return list(self.header.prompt_token_ids) if self.header is not None else []
+
+    @property
+    def prompt_length(self):
+        return len(self.prompt_token_ids)
+
+    @property
+    def layers(self):
+        return list(self.capture.layers) or self.captured_layers
+
+    @property
+    def position_pieces(self):
+        """Display text of each position: prompt pieces, then generated pieces but the last."""
+        prompt = list(self.header.prompt_pieces) if self.header is not None else []
+        return prompt + self.token_pieces[:-1]
+
+    @property
+    def text(self):
+        return self.trailer.text if self.trailer is not None else ""
+
+    @property
+    def timings(self):
+        t = self.trailer.timings if self.trailer is not None else pb.Timings()
+        return {f.name: getattr(t, f.name) for f in pb.Timings.DESCRIPTOR.fields}
+
+    def metadata(self):
+        """The sample metadata attnscope-capture stores (attnscope.Sample.metadata)."""
+        h, t = self.header, self.trailer
+        if h is None or t is None:
+            raise ValueError("the stream did not complete (no header or trailer)")
+        c = h.capture
+        return {
+            "format_version": 1, "model": h.model.name, "architecture": h.model.architecture, "prompt": "",
+            "prompt_token_ids": list(h.prompt_token_ids), "prompt_pieces": list(h.prompt_pieces),
+            "token_ids": list(t.token_ids), "generated_text": t.text,
+            "finish_reason": pb.FinishReason.Name(t.finish_reason),
+            "timings": {"prefill_ms": t.timings.prefill_ms, "decode_ms": t.timings.decode_ms},
+            "num_layers": h.model.num_layers, "num_heads": h.model.num_heads,
+            "capture": {"layers": list(c.layers), "heads": list(c.heads), "form": pb.Form.Name(c.form),
+                        "element_type": pb.ElementType.Name(c.element_type), "pool": c.pool, "top_k": c.top_k,
+                        "last_queries": c.last_queries},
+            "token_pieces": list(self.token_pieces),
+        }
+
+    def to_sample(self):
+        """The result as a stored sample would read (attnscope.Sample), without a file."""
+        from attnscope.blocks import block_name
+        tensors = {}
+        for k, v in self.attention.items():
+            tensors[block_name(BlockKey(*k))] = v
+            if k in self.indices:
+                tensors[block_name(BlockKey(*k)) + ".indices"] = self.indices[k]
+        for k, v in self.statistics.items():
+            tensors[block_name(BlockKey(*k[1:], stat=k[0]))] = v
+        tensors["prompt_token_ids"] = np.asarray(self.prompt_token_ids, np.int64)
+        tensors["token_ids"] = np.asarray(self.tokens, np.int64)
+        return Sample(None, tensors, self.metadata())
+
+    def save(self, path):
+        """Writes the file attnscope-capture would (.safetensors; .pkl: the prototype's layout)."""
+        sample = self.to_sample()
+        sample.path = path
+        sample.save(path)
+        return path
 
 
 def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, query_ranges=(), pool=0,
@@ -206,6 +327,7 @@ class Client:
                     self.shared_refused = msg.header.shared_output_refused
             elif kind == "token":
                 result.tokens.append(msg.token.id)
+                result.token_pieces.append(msg.token.piece)
             elif kind in ("attention", "statistic"):
                 chunk = getattr(msg, kind)
                 if kind == "attention" and result.shared_output:

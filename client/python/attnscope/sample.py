@@ -6,7 +6,8 @@ import struct
 
 import numpy as np
 
-from attnscope.blocks import block_name, parse_block_name
+from attnscope.blocks import parse_block_name
+from attnscope.results import Captured, form_name
 
 _NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
        "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
@@ -105,24 +106,69 @@ def _check_prototype_layout(data, path):
             raise SampleError(f"{path}: layer {k} holds a {t.dtype} array of {t.ndim} dimensions, not [1, H, T, T]")
 
 
-class Sample:
-    """One stored sample: attention per layer, tokens, and what produced them."""
+class Sample(Captured):
+    """One stored sample: its blocks assembled into arrays (attnscope.results), tokens, and what
+    produced them."""
 
     def __init__(self, path, tensors, metadata):
         self.path = path
         self.tensors = tensors
         self.metadata = metadata
+        self._attention, self._indices, self._statistics = {}, {}, {}
+        for name, blk in tensors.items():
+            parsed = parse_block_name(name)
+            if parsed is None:
+                continue
+            key, is_indices = parsed
+            if getattr(blk, "ndim", 0) not in (2, 3):
+                raise SampleError(f"{path}: block {name!r} has {getattr(blk, 'ndim', 0)} dimensions")
+            table = self._statistics if key.stat is not None else (self._indices if is_indices else self._attention)
+            table[key] = blk
+
+    def __repr__(self):
+        return (f"<attnscope.Sample {os.path.basename(str(self.path))}: {self.form}, layers {self.layers}, "
+                f"{len(self.token_ids)} positions{', statistics ' + ', '.join(self.statistic_kinds) if self.statistic_kinds else ''}>")
+
+    @property
+    def capture(self):
+        return self.metadata.get("capture", {}) or {}
+
+    @property
+    def form(self):
+        return form_name(self.capture.get("form"))
+
+    @property
+    def pool(self):
+        return int(self.capture.get("pool", 0) or 0)
+
+    @property
+    def pool_op(self):
+        spec = str(self.metadata.get("capture_spec", ""))
+        return "max" if spec.startswith("pooled:") and spec.split()[0].endswith(":max") else "mean"
+
+    @property
+    def prompt_length(self):
+        return len(self.metadata.get("prompt_token_ids", []))
 
     @property
     def layers(self):
         if "layers" in self.metadata:
             return list(self.metadata["layers"])
-        return sorted(self.metadata.get("capture", {}).get("layers", []))
+        captured = self.captured_layers
+        return captured if captured else sorted(self.capture.get("layers", []))
 
     @property
     def num_heads(self):
         a = self.attention(self.layers[0])
         return a.shape[0]
+
+    @property
+    def text(self):
+        return self.metadata.get("generated_text", "")
+
+    @property
+    def timings(self):
+        return dict(self.metadata.get("timings", {}))
 
     @property
     def token_ids(self):
@@ -132,59 +178,78 @@ class Sample:
         return prompt + gen[:-1]
 
     @property
-    def tokens(self):
+    def position_pieces(self):
         """Display text of each position (prompt pieces, then generated pieces but the last)."""
         pieces = list(self.metadata.get("prompt_pieces", [])) + list(self.metadata.get("token_pieces", []))[:-1]
-        n = self.attention(self.layers[0]).shape[-1]
-        if len(pieces) < n or not all(isinstance(p, str) for p in pieces[:n]):
+        return [p if isinstance(p, str) else str(p) for p in pieces]
+
+    @property
+    def tokens(self):
+        """position_pieces for the positions of the matrices (their numbers where pieces are missing)."""
+        if self.form in ("dense", "head_mean", "head_max") or "layers" in self.metadata:
+            n = self.attention(self.layers[0]).shape[-1]
+        else:
+            n = len(self.token_ids)
+        pieces = self.position_pieces
+        if len(pieces) < n:
             return [str(i) for i in range(n)]
         return pieces[:n]
 
-    def attention(self, layer):
-        """[heads, T, T] float32: the full lower-triangular matrix of `layer`."""
+    def attention(self, layer, phase=None):
+        """The layer's attention (attnscope.results): dense [heads, T, T] float32, the reduced forms
+        in their own shapes."""
         full = self.tensors.get(f"layer.{layer}")
         if full is not None:
             return np.asarray(full, dtype=np.float32)
-        return self._assemble(layer)
-
-    def _assemble(self, layer):
-        blocks = {}
-        for name, blk in self.tensors.items():
-            parsed = parse_block_name(name)
-            if parsed is not None and parsed[0].stat is None and not parsed[1] and parsed[0].layer == layer:
-                blocks[parsed[0]] = blk
-        if not blocks:
-            raise KeyError(f"layer {layer} was not captured (captured: {self.layers})")
-        if self.metadata.get("capture", {}).get("form") not in (None, "FORM_DENSE"):
-            raise ValueError("only dense captures assemble into full matrices; read sample.tensors directly")
-        # The matrix side comes from the blocks themselves (metadata may claim anything), and the
-        # assembled array may not be much larger than the data it is built from.
-        placed = []
-        for key, blk in blocks.items():
-            if blk.ndim != 3:
-                raise SampleError(f"{self.path}: attention block {block_name(key)!r} is malformed")
-            placed.append((key.query_begin, blk))
-        heads = placed[0][1].shape[0]
-        T = max(max(qb + b.shape[1], b.shape[2]) for qb, b in placed)
-        have = sum(b.nbytes for _, b in placed)
-        if any(b.shape[0] != heads for _, b in placed):
-            raise SampleError(f"{self.path}: blocks of layer {layer} disagree on the number of heads")
-        if heads * T * T * 4 > 16 * have + (64 << 20):
-            raise SampleError(f"{self.path}: layer {layer} would assemble to {heads} x {T} x {T} from only {have} bytes "
-                              "of blocks; the file is inconsistent")
-        out = np.zeros((heads, T, T), np.float32)
-        for qb, blk in placed:
-            out[:, qb:qb + blk.shape[1], :blk.shape[2]] = blk
-        return out
+        try:
+            return Captured.attention(self, layer, phase)
+        except ValueError as e:
+            raise SampleError(f"{self.path}: {e}") from None
 
     def to_pickle(self, path):
-        """Writes the prototype's layout: {layer: {'shape': [1, H, T, T], 'tensor': float32 array}}."""
+        """Writes the prototype's layout: {layer: {'shape': [1, H, T, T], 'tensor': float32 array}}
+        (dense captures)."""
+        if self.form != "dense" and "layers" not in self.metadata:
+            raise ValueError(f"the prototype's pickle holds dense matrices; this sample is {self.form!r}")
         data = {}
         for layer in self.layers:
             a = self.attention(layer)[None]
             data[layer] = {"shape": list(a.shape), "tensor": a}
         with open(path, "wb") as f:
             pickle.dump(data, f)
+
+    def save(self, path):
+        """Writes the sample as attnscope-capture does (.safetensors, or .pkl: the prototype's)."""
+        if str(path).endswith(".pkl"):
+            return self.to_pickle(path)
+        write_safetensors(path, self.tensors, {"attnscope": json.dumps(self.metadata), "format": "pt"})
+
+
+_DTYPE_NAMES = {np.dtype(v).str.lstrip("<>|="): k for k, v in _NP.items()}
+
+
+def write_safetensors(path, tensors, metadata):
+    """A safetensors file from numpy arrays (little-endian, in the given order), written to a
+    temporary name and renamed into place."""
+    header, offset, arrays = {"__metadata__": metadata}, 0, []
+    for name, arr in tensors.items():
+        a = np.ascontiguousarray(arr)
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        dtype = _DTYPE_NAMES.get(a.dtype.str.lstrip("<>|="))
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: dtype {a.dtype} has no safetensors name")
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = f"{path}.partial"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in arrays:
+            f.write(a.tobytes())
+    os.replace(tmp, path)
 
 
 def load(path, allow_unsafe_pickle=False):

@@ -1,15 +1,24 @@
-"""The reference viewer: heatmaps, layer and head comparisons (matplotlib), and a self-contained
-interactive HTML page.
+"""The reference viewer: pictures of every form and statistic (matplotlib figures), and a
+self-contained interactive HTML page.
 
-    /usr/bin/python3 -m attnscope.view SAMPLE --layer 0 --head 0 --out heatmap.png
-    /usr/bin/python3 -m attnscope.view SAMPLE --compare-layers 0,8,16 --out layers.png
-    /usr/bin/python3 -m attnscope.view SAMPLE --compare-heads --layer 0 --out heads.png
-    /usr/bin/python3 -m attnscope.view SAMPLE --html page.html
-    /usr/bin/python3 -m attnscope.view SAMPLE --export-pickle sample.pkl
+    python -m attnscope.view                          the first sample of attention_data/, as a PNG
+    python -m attnscope.view SAMPLE --layer 0 --head 0 --out heatmap.png
+    python -m attnscope.view SAMPLE --compare-layers 0,8,16 --out layers.png
+    python -m attnscope.view SAMPLE --compare-heads --layer 0 --out heads.png
+    python -m attnscope.view SAMPLE --stat row_entropy --out entropy.png   (any statistic captured)
+    python -m attnscope.view SAMPLE --html page.html
+    python -m attnscope.view SAMPLE --export-pickle sample.pkl
+
+Dense, head_mean/head_max, pooled (axes in token positions) and top_k (a sparse heatmap: each row's
+K keys) all draw as heatmaps; statistics as layer x head overviews (entropy, sink and local mass),
+key scores and their variance along the prompt with its tokens, row statistics along positions.
+Everything here takes a stored sample (attnscope.load) or a stream result alike.
 """
 import argparse
+import glob
 import html
 import json
+import os
 
 import numpy as np
 
@@ -18,6 +27,9 @@ from .sample import load
 MAX_TICKS = 40          # token labels shown per axis at most
 HTML_FULL_LIMIT = 1024  # above this many tokens the page shows downsampled tiles
 HTML_BUDGET = 4_000_000  # numbers embedded in a page at most (all layers and heads together)
+SPARSE_DENSE_LIMIT = 8192  # top_k rows drawn as a dense canvas up to this many keys
+CMAP = "viridis"        # perceptual; the HTML page uses the same map
+KEY_STATS = ("key_score", "key_score_variance")
 
 
 def _norm(log, vmax):
@@ -28,32 +40,76 @@ def _norm(log, vmax):
     return mcolors.PowerNorm(gamma=0.4, vmin=0.0, vmax=vmax)
 
 
-def _ticks(ax, tokens):
-    n = len(tokens)
-    step = max(1, int(np.ceil(n / MAX_TICKS)))
-    idx = list(range(0, n, step))
-    labels = [repr(tokens[i])[1:-1][:12] for i in idx]
-    ax.set_xticks(idx)
-    ax.set_xticklabels(labels, rotation=90, fontsize=6)
-    ax.set_yticks(idx)
-    ax.set_yticklabels(labels, fontsize=6)
+def _tokens(sample):
+    return list(getattr(sample, "position_pieces", None) or getattr(sample, "tokens", []) or [])
 
 
-def heatmap(sample, layer, head, ax=None, log=False):
-    """Attention of one layer and head, keys on x, queries on y, tokens as labels."""
+def _label(tokens, pos):
+    return repr(tokens[pos])[1:-1][:12] if 0 <= pos < len(tokens) else str(pos)
+
+
+def _ticks(ax, tokens, rows, cols, step=1):
+    """Token labels on both axes where they fit; rows/cols are the positions each index shows."""
+    for axis, positions in (("x", cols), ("y", rows)):
+        n = len(positions)
+        every = max(1, int(np.ceil(n / MAX_TICKS)))
+        idx = list(range(0, n, every))
+        labels = [_label(tokens, int(positions[i])) if step == 1 else str(int(positions[i])) for i in idx]
+        if axis == "x":
+            ax.set_xticks(idx)
+            ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        else:
+            ax.set_yticks(idx)
+            ax.set_yticklabels(labels, fontsize=6)
+
+
+def matrix(sample, layer, head=0, phase=None):
+    """(2-D array to draw, query position of each row, key position of each column, tile side).
+    top_k rows are spread into a sparse matrix (zeros off the K kept keys)."""
+    form = getattr(sample, "form", "dense")
+    a = sample.attention(layer, phase) if phase is not None else sample.attention(layer)
+    head = min(head, a.shape[0] - 1) if form in ("head_mean", "head_max") else head
+    if not 0 <= head < a.shape[0]:
+        raise IndexError(f"head {head}: the capture holds {a.shape[0]} heads")
+    try:
+        rows = sample.positions(layer, phase)
+    except (AttributeError, KeyError):
+        rows = np.arange(a.shape[1])
+    if form == "top_k":
+        idx = sample.indices(layer, phase)[head]
+        width = int(max(rows.max() + 1, idx.max() + 1))
+        if width > SPARSE_DENSE_LIMIT:
+            raise ValueError(f"top_k over {width} keys: use top_k_scatter() for a sparse picture")
+        m = np.zeros((len(rows), width), np.float32)
+        ok = idx >= 0
+        r = np.broadcast_to(np.arange(len(rows))[:, None], idx.shape)
+        m[r[ok], idx[ok]] = a[head][ok]
+        return m, rows, np.arange(width), 1
+    step = getattr(sample, "pool", 1) if form == "pooled" else 1
+    return a[head], rows, np.arange(a.shape[2]) * step, step
+
+
+def heatmap(sample, layer, head=0, ax=None, log=False, phase=None):
+    """Attention of one layer and head, keys on x, queries on y, tokens (or positions, for tiles)
+    as labels. Works for every form; top_k draws its K keys per row."""
     import matplotlib.pyplot as plt
-    a = sample.attention(layer)[head]
+    m, rows, cols, step = matrix(sample, layer, head, phase)
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 7))
-    masked = np.ma.masked_where(np.triu(np.ones_like(a, dtype=bool), 1), a)
+    above = cols[None, :] > rows[:, None] + step - 1
+    masked = np.ma.masked_where(above, m)
     if log:
         masked = np.ma.masked_less_equal(masked, 0)
-    im = ax.imshow(masked, cmap="viridis", norm=_norm(log, float(a.max()) or 1.0), interpolation="nearest")
-    _ticks(ax, sample.tokens)
-    ax.set_title(f"layer {layer}, head {head}")
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
-    ax.figure.colorbar(im, ax=ax, fraction=0.046)
+    im = ax.imshow(masked, cmap=CMAP, norm=_norm(log, float(m.max()) or 1.0), interpolation="nearest",
+                   aspect="auto")
+    _ticks(ax, _tokens(sample), rows, cols, step)
+    form = getattr(sample, "form", "dense")
+    what = {"head_mean": "mean over heads", "head_max": "max over heads"}.get(form, f"head {head}")
+    extra = {"pooled": f", {step}x{step} tiles", "top_k": ", top-k keys per row"}
+    ax.set_title(f"layer {layer}, {what}{extra.get(form, '')}")
+    ax.set_xlabel("key position" if step > 1 else "key")
+    ax.set_ylabel("query position" if step > 1 else "query")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, label="attention weight")
     ax.figure.tight_layout()
     return ax.figure
 
@@ -67,9 +123,9 @@ def _grid(sample, panels, title, log):
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, (layer, head) in zip(axes.flat, panels):
-        a = sample.attention(layer)[head]
-        ax.imshow(np.ma.masked_where(np.triu(np.ones_like(a, dtype=bool), 1), a), cmap="viridis",
-                  norm=_norm(log, float(a.max()) or 1.0), interpolation="nearest")
+        m, r, c, step = matrix(sample, layer, head)
+        ax.imshow(np.ma.masked_where(c[None, :] > r[:, None] + step - 1, m), cmap=CMAP,
+                  norm=_norm(log, float(m.max()) or 1.0), interpolation="nearest", aspect="auto")
         ax.set_title(f"layer {layer}, head {head}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -87,6 +143,86 @@ def compare_heads(sample, layer, heads=None, log=False):
     return _grid(sample, [(layer, h) for h in heads], f"layer {layer}: heads", log)
 
 
+def _stat_layers(sample, kind):
+    return sorted({k.layer for k in sample._statistics if k.stat == kind})
+
+
+def statistic_overview(sample, kind, ax=None, phase=None):
+    """Layer x head picture of a statistic's mean over positions: e.g. which heads are sharp
+    (low row_entropy), which attend to the sink (sink_mass) or locally (local_mass)."""
+    import matplotlib.pyplot as plt
+    layers = _stat_layers(sample, kind)
+    if not layers:
+        raise KeyError(f"no statistic {kind!r} captured (captured: {sample.statistic_kinds})")
+    grid = np.stack([sample.statistic(kind, l, phase)[1].mean(axis=1) for l in layers])
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.2 + 0.35 * grid.shape[1], 1.2 + 0.3 * len(layers)))
+    im = ax.imshow(grid, cmap=CMAP, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(layers)))
+    ax.set_yticklabels(layers, fontsize=7)
+    ax.set_xticks(range(grid.shape[1]))
+    ax.set_xticklabels(range(grid.shape[1]), fontsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{kind}: mean over positions")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def statistic_positions(sample, kind, layer, head=None, ax=None):
+    """A statistic along positions, with the tokens: key_score / key_score_variance per prompt
+    key, row statistics per query position (prefill rows, then decode steps). head None: one line
+    per head (up to 8) and their mean."""
+    import matplotlib.pyplot as plt
+    pos, values = sample.statistic(kind, layer)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6, min(20, len(pos) / 6)), 3.5))
+    if head is None:
+        for h in range(min(8, values.shape[0])):
+            ax.plot(pos, values[h], lw=0.8, alpha=0.5, label=f"head {h}")
+        ax.plot(pos, values.mean(0), lw=2, color="black", label="mean")
+        ax.legend(fontsize=6, ncol=5)
+    else:
+        ax.plot(pos, values[head], lw=1.2)
+    tokens = _tokens(sample)
+    every = max(1, int(np.ceil(len(pos) / MAX_TICKS)))
+    ax.set_xticks(pos[::every])
+    ax.set_xticklabels([_label(tokens, int(p)) for p in pos[::every]], rotation=90, fontsize=6)
+    axis = "prompt key" if kind in KEY_STATS else "query position"
+    ax.set_xlabel(axis)
+    ax.set_ylabel(kind)
+    ax.set_title(f"{kind}, layer {layer}" + ("" if head is None else f", head {head}"))
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def statistics_figure(sample, layer=None):
+    """Every captured statistic in one figure: the layer x head overview of each, and along
+    positions for `layer` (the first captured by default)."""
+    import matplotlib.pyplot as plt
+    kinds = sample.statistic_kinds
+    if not kinds:
+        raise ValueError("the sample holds no statistics")
+    layer = _stat_layers(sample, kinds[0])[0] if layer is None else layer
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(14, 3.2 * len(kinds)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.5]})
+    for row, kind in zip(axes, kinds):
+        statistic_overview(sample, kind, ax=row[0])
+        statistic_positions(sample, kind, layer, ax=row[1])
+    fig.tight_layout()
+    return fig
+
+
+def overview(sample, layer=None, head=0, log=False):
+    """The sample's natural picture: a heatmap when it holds attention, its statistics otherwise."""
+    if getattr(sample, "form", "dense") != "none" and (getattr(sample, "_attention", None) or
+                                                       any(k.startswith("layer.") for k in getattr(sample, "tensors", {}))):
+        layers = sample.layers
+        return heatmap(sample, layers[0] if layer is None else layer, head, log=log)
+    return statistics_figure(sample, layer)
+
+
 def _pool(a, p):
     """Mean over p×p tiles (edge tiles average what they cover)."""
     H, T, _ = a.shape
@@ -98,104 +234,199 @@ def _pool(a, p):
     return sums / (counts[:, None] * counts[None, :])
 
 
+def _views(sample):
+    """What the page can show: per layer, one matrix per head (attention), or per statistic and
+    layer a heads x positions matrix (statistics-only samples)."""
+    views = []
+    form = getattr(sample, "form", "dense")
+    has_attention = form != "none" and (getattr(sample, "_attention", None) or
+                                        any(k.startswith("layer.") for k in getattr(sample, "tensors", {})))
+    if has_attention:
+        layers = sample.layers
+        heads = sample.attention(layers[0]).shape[0]
+        for layer in layers:
+            mats, rows, cols, step = [], None, None, 1
+            for h in range(heads):
+                m, rows, cols, step = matrix(sample, layer, h)
+                mats.append(m)
+            a = np.stack(mats)
+            side = max(32, int(np.sqrt(HTML_BUDGET / (len(layers) * heads))))
+            n = max(a.shape[1], a.shape[2])
+            pool = 1 if n <= min(HTML_FULL_LIMIT, side) else int(np.ceil(n / min(side, 512)))
+            if pool > 1:  # tiles of the tiles: positions stay in tokens
+                a = _pool(np.pad(a, ((0, 0), (0, max(0, n - a.shape[1])), (0, max(0, n - a.shape[2])))), pool)
+                rows, cols, step = rows[::pool][:a.shape[1]], cols[::pool][:a.shape[2]], step * pool
+            views.append({"name": f"layer {layer}", "heads": np.round(a, 5).tolist(), "rows": [int(r) for r in rows],
+                          "cols": [int(c) for c in cols], "step": int(step), "causal": True})
+    for kind in getattr(sample, "statistic_kinds", []):
+        for layer in _stat_layers(sample, kind):
+            pos, values = sample.statistic(kind, layer)
+            views.append({"name": f"{kind}, layer {layer}", "heads": [np.round(values, 5).tolist()],
+                          "rows": list(range(values.shape[0])), "cols": [int(p) for p in pos], "step": 1,
+                          "causal": False, "row_label": "head"})
+    return views
+
+
 def html_page(sample, title=None):
-    """A self-contained page: choose layer and head, hover a token to see its attention row.
-    Above HTML_FULL_LIMIT tokens the matrices are shown as downsampled tiles."""
-    tokens = sample.tokens
-    T = len(tokens)
-    layers = sample.layers
-    heads = sample.attention(layers[0]).shape[0]
-    side = max(32, int(np.sqrt(HTML_BUDGET / (len(layers) * heads))))
-    pool = 1 if T <= min(HTML_FULL_LIMIT, side) else int(np.ceil(T / min(side, 512)))
-    data = {}
-    for layer in layers:
-        a = sample.attention(layer)
-        if pool > 1:
-            a = _pool(a, pool)
-        data[str(layer)] = np.round(a, 5).tolist()
+    """A self-contained page: choose a view (layer, or statistic) and head; the heatmap uses the
+    PNGs' colour map with a power or log scale and a colour bar, token labels where they fit;
+    hovering a cell highlights its query row and key column and shows both tokens and the weight,
+    and shades the token strip below by that query's attention."""
+    import matplotlib
+    views = _views(sample)
+    if not views:
+        raise ValueError("the sample holds neither attention nor statistics")
+    lut = [[int(255 * c) for c in matplotlib.colormaps[CMAP](i / 255)[:3]] for i in range(256)]
+    tokens = _tokens(sample)
+    payload = json.dumps({"tokens": tokens, "views": views, "lut": lut})
     # Token pieces are untrusted text: inside <script>, '<', '>' and '&' must not appear literally
     # (a piece "</script>" would end the script), nor U+2028/2029 (line ends in older JavaScript).
-    payload = json.dumps({"tokens": tokens, "layers": layers, "pool": pool, "attention": data})
     for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
                     ("\u2029", "\\u2029")):
         payload = payload.replace(ch, esc)
-    return _TEMPLATE.replace("__TITLE__", html.escape(title or str(sample.path))).replace("__DATA__", payload)
+    name = title or os.path.basename(str(getattr(sample, "path", None) or "stream result"))
+    return _TEMPLATE.replace("__TITLE__", html.escape(name)).replace("__DATA__", payload)
 
 
 _TEMPLATE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>__TITLE__</title>
 <style>
-body{font-family:sans-serif;margin:16px} #tokens span{padding:1px 2px;margin:1px;display:inline-block;
-border-radius:3px;cursor:pointer;white-space:pre} canvas{border:1px solid #ccc;image-rendering:pixelated}
-#info{margin:8px 0;color:#444}
+body{font-family:sans-serif;margin:16px;color:#222} #strip span{padding:1px 2px;margin:1px;display:inline-block;
+border-radius:3px;white-space:pre;font-family:monospace;font-size:12px} canvas{image-rendering:pixelated}
+#info{margin:8px 0;min-height:1.3em;font-family:monospace} .row{display:flex;gap:12px;align-items:flex-start}
+label{margin-right:12px}
 </style></head><body>
 <h3>__TITLE__</h3>
-<label>layer <select id="layer"></select></label>
+<label>view <select id="view"></select></label>
 <label>head <select id="head"></select></label>
+<label>scale <select id="scale"><option value="power">power (0.4)</option><option value="log">log</option>
+<option value="linear">linear</option></select></label>
 <div id="info"></div>
-<canvas id="map" width="512" height="512"></canvas>
-<div id="tokens"></div>
+<div class="row"><canvas id="map" width="640" height="640"></canvas>
+<div><canvas id="bar" width="24" height="256"></canvas><div id="barmax"></div><div id="barmin"></div></div></div>
+<h4>one query's attention over the text <small>(hover a row)</small></h4>
+<div id="strip"></div>
 <script>
 const D = __DATA__;
-const layerSel = document.getElementById('layer'), headSel = document.getElementById('head');
-const info = document.getElementById('info'), canvas = document.getElementById('map');
-const tokensDiv = document.getElementById('tokens');
-D.layers.forEach(l => layerSel.add(new Option(l, l)));
-const nHeads = D.attention[String(D.layers[0])].length;
-for (let h = 0; h < nHeads; h++) headSel.add(new Option(h, h));
-function matrix() { return D.attention[layerSel.value][Number(headSel.value)]; }
+const $ = id => document.getElementById(id);
+const map = $('map'), ctx = map.getContext('2d'), strip = $('strip');
+const PAD = 90, SIZE = 540;  // room for token labels, then the matrix
+D.views.forEach((v, i) => $('view').add(new Option(v.name, i)));
+const state = Object.fromEntries(new URLSearchParams(location.hash.slice(1)));
+function view() { return D.views[Number($('view').value)]; }
+function fillHeads() {
+  const keep = $('head').value, v = view(), n = v.heads.length;
+  $('head').innerHTML = '';
+  for (let h = 0; h < n; h++) $('head').add(new Option(v.row_label ? 'all' : h, h));
+  $('head').value = keep !== '' && Number(keep) < n ? keep : '0';
+  $('head').disabled = n === 1;
+}
+function scale(x, max) {
+  const s = $('scale').value;
+  if (max <= 0 || x <= 0) return 0;
+  if (s === 'log') return Math.max(0, 1 + Math.log10(x / max) / 4);
+  return s === 'power' ? Math.pow(x / max, 0.4) : x / max;
+}
+function label(p) { const t = D.tokens[p]; return t === undefined ? String(p) : JSON.stringify(t).slice(1, -1).slice(0, 10); }
+let M = null, cell = 1;
 function draw() {
-  const m = matrix(), n = m.length, ctx = canvas.getContext('2d');
-  const img = ctx.createImageData(n, n);
-  let max = 0; m.forEach(r => r.forEach(v => { if (v > max) max = v; }));
-  for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) {
-    // Above the diagonal (future keys) stays light grey; weights use a power scale to show small ones.
-    const v = Math.pow(m[i][j] / (max || 1), 0.4), k = 4 * (i * n + j), future = j > i;
-    img.data[k] = future ? 235 : 255 * v; img.data[k + 1] = future ? 235 : 80 * v;
-    img.data[k + 2] = future ? 235 : 255 * (1 - v); img.data[k + 3] = 255;
+  const v = view(), m = v.heads[Number($('head').value)], R = m.length, C = m[0].length;
+  M = {v, m, R, C, max: Math.max(...m.map(r => Math.max(...r)))};
+  cell = SIZE / Math.max(R, C);
+  const img = ctx.createImageData(C, R);
+  for (let i = 0; i < R; i++) for (let j = 0; j < C; j++) {
+    const k = 4 * (i * C + j), future = v.causal && v.cols[j] > v.rows[i] + v.step - 1;
+    const c = future ? [240, 240, 240] : D.lut[Math.min(255, Math.round(255 * scale(m[i][j], M.max)))];
+    img.data[k] = c[0]; img.data[k + 1] = c[1]; img.data[k + 2] = c[2]; img.data[k + 3] = 255;
   }
-  const off = document.createElement('canvas'); off.width = n; off.height = n;
+  const off = document.createElement('canvas'); off.width = C; off.height = R;
   off.getContext('2d').putImageData(img, 0, 0);
-  ctx.imageSmoothingEnabled = false; ctx.clearRect(0, 0, canvas.width, canvas.height);
-  ctx.drawImage(off, 0, 0, canvas.width, canvas.height);
-  info.textContent = D.tokens.length + ' tokens' + (D.pool > 1 ? ', shown as ' + D.pool + 'x' + D.pool + ' tiles' : '');
+  ctx.clearRect(0, 0, map.width, map.height); ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(off, PAD, PAD, C * cell, R * cell);
+  // Labels where they fit: tokens (positions for tiles and statistics' heads).
+  ctx.fillStyle = '#333'; ctx.font = '9px monospace';
+  const every = Math.max(1, Math.ceil(10 / cell));
+  for (let i = 0; i < R; i += every) ctx.fillText(v.row_label ? v.row_label + ' ' + v.rows[i] : (v.step > 1 ? String(v.rows[i]) : label(v.rows[i])), 2, PAD + (i + 0.8) * cell);
+  ctx.save(); ctx.rotate(-Math.PI / 2);
+  for (let j = 0; j < C; j += every) ctx.fillText(v.step > 1 ? String(v.cols[j]) : label(v.cols[j]), -PAD + 2, PAD + (j + 0.8) * cell);
+  ctx.restore();
+  const bar = $('bar').getContext('2d');
+  for (let y = 0; y < 256; y++) { const c = D.lut[255 - y]; bar.fillStyle = `rgb(${c[0]},${c[1]},${c[2]})`; bar.fillRect(0, y, 24, 1); }
+  $('barmax').textContent = M.max.toPrecision(3);
+  $('barmin').textContent = $('scale').value === 'log' ? (M.max / 1e4).toPrecision(2) : '0';
+  location.hash = 'view=' + $('view').value + '&head=' + $('head').value + '&scale=' + $('scale').value;
 }
-function showRow(q) {
-  const row = matrix()[Math.floor(q / D.pool)]; let max = 0; row.forEach(v => { if (v > max) max = v; });
-  tokensDiv.querySelectorAll('span').forEach((s, k) => {
-    const v = k <= q ? row[Math.floor(k / D.pool)] / (max || 1) : 0;
-    s.style.background = 'rgba(255,80,0,' + v.toFixed(3) + ')';
+function hover(i, j) {
+  if (!M || i < 0 || j < 0 || i >= M.R || j >= M.C) return;
+  draw();
+  ctx.strokeStyle = 'rgba(255,255,255,0.9)'; ctx.lineWidth = 1;
+  ctx.strokeRect(PAD, PAD + i * cell, M.C * cell, cell); ctx.strokeRect(PAD + j * cell, PAD, cell, M.R * cell);
+  const v = M.v, q = v.rows[i], k = v.cols[j];
+  $('info').textContent = (v.row_label ? v.row_label + ' ' + q : 'query ' + q + ' "' + label(q) + '"') +
+      ' -> ' + (v.step > 1 ? 'keys ' + k + '-' + (k + v.step - 1) : 'key ' + k + ' "' + label(k) + '"') +
+      ': ' + M.m[i][j].toPrecision(4);
+  $('info').dataset.row = String(q); $('info').dataset.col = String(k);
+  if (v.row_label) return;
+  const row = M.m[i], max = Math.max(...row);
+  strip.querySelectorAll('span').forEach((s, p) => {
+    const c = Math.min(M.C - 1, Math.floor(p / v.step));
+    const w = p <= q + v.step - 1 && v.cols[c] <= p ? scale(row[c], max) : 0;
+    s.style.background = 'rgba(253,231,37,' + w.toFixed(3) + ')';
+    s.style.outline = p === q ? '1px solid #444' : '';
   });
+  strip.dataset.query = String(q);
 }
-D.tokens.forEach((t, q) => {
-  const s = document.createElement('span'); s.textContent = t; s.title = 'position ' + q;
-  s.addEventListener('mouseenter', () => showRow(q)); tokensDiv.appendChild(s);
+map.addEventListener('mousemove', e => {
+  const r = map.getBoundingClientRect();
+  hover(Math.floor((e.clientY - r.top - PAD) / cell), Math.floor((e.clientX - r.left - PAD) / cell));
 });
-tokensDiv.dataset.count = String(D.tokens.length);
-layerSel.onchange = draw; headSel.onchange = draw; draw();
+D.tokens.forEach((t, p) => { const s = document.createElement('span'); s.textContent = t; s.title = 'position ' + p; strip.appendChild(s); });
+strip.dataset.count = String(D.tokens.length);
+$('view').value = state.view && D.views[Number(state.view)] ? state.view : '0';
+fillHeads();
+if (state.head) $('head').value = Number(state.head) < view().heads.length ? state.head : '0';
+if (state.scale) $('scale').value = state.scale;
+$('view').onchange = () => { fillHeads(); draw(); };
+$('head').onchange = draw; $('scale').onchange = draw;
+draw();
+if (state.hover) { const [i, j] = state.hover.split(',').map(Number); hover(i, j); }
 </script></body></html>
 """
+
+
+def first_sample(folder="attention_data"):
+    """The prototype's viewer opened the first sample of attention_data/ when given none."""
+    found = sorted(glob.glob(os.path.join(folder, "attention_sample_*.safetensors")) +
+                   glob.glob(os.path.join(folder, "attention_sample_*.pkl")),
+                   key=lambda p: (int(''.join(c for c in os.path.basename(p) if c.isdigit()) or 0), p))
+    if not found:
+        raise SystemExit(f"no sample given and none in {folder}/ (attention_sample_N.safetensors or .pkl)")
+    return found[0]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m attnscope.view", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sample")
+    ap.add_argument("sample", nargs="?", default=None,
+                    help="a stored sample (default: the first in attention_data/, as the prototype's viewer)")
     ap.add_argument("--allow-unsafe-pickle", action="store_true",
                     help="load a .pkl with plain pickle (runs whatever it holds: only for files you trust)")
     ap.add_argument("--layer", type=int, default=None)
     ap.add_argument("--head", type=int, default=0)
     ap.add_argument("--compare-layers", default=None, help="comma-separated layers")
     ap.add_argument("--compare-heads", action="store_true")
+    ap.add_argument("--stat", default=None,
+                    help="a captured statistic (row_entropy, sink_mass, local_mass, key_score, key_score_variance), "
+                         "or 'all'")
     ap.add_argument("--log", action="store_true", help="logarithmic colour scale")
-    ap.add_argument("--out", default=None, help="PNG file")
+    ap.add_argument("--out", default=None, help="PNG file (default with no other output: <sample>.png)")
     ap.add_argument("--html", default=None, help="write the interactive HTML page here")
     ap.add_argument("--export-pickle", default=None, help="write the prototype's pickle layout here")
     a = ap.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")
-    s = load(a.sample, allow_unsafe_pickle=a.allow_unsafe_pickle)
-    layer = s.layers[0] if a.layer is None else a.layer
+    path = a.sample or first_sample()
+    s = load(path, allow_unsafe_pickle=a.allow_unsafe_pickle)
     if a.export_pickle:
         s.to_pickle(a.export_pickle)
         print(f"wrote {a.export_pickle}")
@@ -203,15 +434,24 @@ def main(argv=None):
         with open(a.html, "w", encoding="utf-8") as f:
             f.write(html_page(s))
         print(f"wrote {a.html}")
-    if a.out:
-        if a.compare_layers:
+    out = a.out
+    if out is None and not (a.html or a.export_pickle):
+        out = os.path.splitext(os.path.basename(path))[0] + ".png"
+    if out:
+        if a.stat == "all":
+            fig = statistics_figure(s, a.layer)
+        elif a.stat:
+            layer = a.layer if a.layer is not None else _stat_layers(s, a.stat)[:1] or [0]
+            layer = layer[0] if isinstance(layer, list) else layer
+            fig = statistic_positions(s, a.stat, layer) if a.layer is not None else statistic_overview(s, a.stat)
+        elif a.compare_layers:
             fig = compare_layers(s, [int(x) for x in a.compare_layers.split(",")], a.head, a.log)
         elif a.compare_heads:
-            fig = compare_heads(s, layer, log=a.log)
+            fig = compare_heads(s, s.layers[0] if a.layer is None else a.layer, log=a.log)
         else:
-            fig = heatmap(s, layer, a.head, log=a.log)
-        fig.savefig(a.out, dpi=110)
-        print(f"wrote {a.out}")
+            fig = overview(s, a.layer, a.head, a.log)
+        fig.savefig(out, dpi=110)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

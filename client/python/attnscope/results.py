@@ -1,0 +1,201 @@
+"""Arrays from captured blocks, the same code for a live stream (StreamResult) and a stored sample
+(Sample): blocks come per query block and per decode step; these assemble them per layer.
+
+    r.attention(layer)           dense [heads, T, T]; head_mean/head_max [1, T, T];
+                                 pooled [heads, ceil(T/P), ceil(T/P)]; top_k values [heads, R, K]
+    r.indices(layer)             top_k key indices [heads, R, K] (int32; -1 where a row has fewer)
+    r.positions(layer)           the query position of each row of attention() (tile starts for pooled)
+    r.statistic(kind, layer)     (positions, values [heads, N]): row statistics per query position,
+                                 key statistics per prompt key
+    r.statistics_table()         every statistic as a pandas DataFrame (when pandas is installed)
+
+Rows a capture left out (rows=last:N, ranges) are simply absent: attention() is square only when
+every row was captured; positions() says which rows there are. Entries above the diagonal are 0."""
+import numpy as np
+
+FORM_PREFIX = "FORM_"
+
+
+def form_name(value):
+    """'dense' from 'FORM_DENSE' or 'dense' (stored samples keep the proto's enum name)."""
+    value = str(value or "dense")
+    return value[len(FORM_PREFIX):].lower() if value.startswith(FORM_PREFIX) else value.lower()
+
+
+class Captured:
+    """Mixin: subclasses set `_attention`, `_indices`, `_statistics` ({BlockKey: ndarray}) and
+    provide `form`, `pool`, `pool_op`, `prompt_length`."""
+
+    _attention = {}
+    _indices = {}
+    _statistics = {}
+
+    # -- what was captured -------------------------------------------------------------------
+    @property
+    def captured_layers(self):
+        return sorted({k.layer for k in self._attention} | {k.layer for k in self._statistics})
+
+    @property
+    def statistic_kinds(self):
+        return sorted({k.stat for k in self._statistics})
+
+    def _keys(self, table, layer, phase, stat=None):
+        keys = [k for k in table if k.layer == layer and k.stat == stat and (phase is None or k.phase == phase)]
+        if not keys:
+            what = f"statistic {stat!r}" if stat else "attention"
+            raise KeyError(f"no {what} for layer {layer}{'' if phase is None else ' in ' + phase} "
+                           f"(captured layers: {self.captured_layers}"
+                           f"{', statistics: ' + ', '.join(self.statistic_kinds) if self.statistic_kinds else ''})")
+        return sorted(keys, key=lambda k: (k.query_begin, k.step))
+
+    def _rows(self, key, blk, keys):
+        """Query positions of a block's rows."""
+        if self.form != "pooled":
+            return np.arange(key.query_begin, key.query_begin + blk.shape[1])
+        # Pooled blocks hold tiles: their rows run to the next block of the phase, or the prompt's end.
+        later = [k.query_begin for k in keys if k.phase == key.phase and k.query_begin > key.query_begin]
+        end = min(later + [key.query_begin + blk.shape[1] * self.pool])
+        if key.phase == "prefill":
+            end = min(end, max(self.prompt_length, key.query_begin + 1))
+        else:
+            end = key.query_begin + 1
+        return np.arange(key.query_begin, end)
+
+    # -- attention ----------------------------------------------------------------------------
+    def positions(self, layer, phase=None):
+        """Query position of each row attention(layer, phase) returns (for pooled: the first
+        position of each tile row)."""
+        keys = self._keys(self._attention, layer, phase)
+        rows = np.concatenate([self._rows(k, self._attention[k], keys) for k in keys])
+        if self.form == "pooled":
+            return np.unique(rows // self.pool) * self.pool
+        return rows
+
+    def attention(self, layer, phase=None):
+        """The layer's attention assembled from its blocks (see the module's docstring)."""
+        keys = self._keys(self._attention, layer, phase)
+        if self.form == "pooled":
+            return self._pooled(layer, keys)
+        if self.form == "top_k":
+            return self._stack_top_k(self._attention, keys, 0.0, np.float32)
+        blocks = [(self._rows(k, self._attention[k], keys), self._attention[k]) for k in keys]
+        rows = np.concatenate([r for r, _ in blocks])
+        heads = blocks[0][1].shape[0]
+        width = max(b.shape[2] for _, b in blocks)
+        have = sum(b.nbytes for _, b in blocks)
+        if any(b.ndim != 3 or b.shape[0] != heads for _, b in blocks):
+            raise ValueError(f"attention blocks of layer {layer} disagree on their shape")
+        if heads * len(rows) * width * 4 > 16 * have + (64 << 20):
+            raise ValueError(f"layer {layer} would assemble to {heads} x {len(rows)} x {width} from only {have} "
+                             "bytes of blocks; the blocks are inconsistent")
+        out = np.zeros((heads, len(rows), width), np.float32)
+        at = 0
+        for r, b in blocks:
+            out[:, at:at + len(r), :b.shape[2]] = b
+            at += len(r)
+        return out
+
+    def indices(self, layer, phase=None):
+        """top_k: the key index of each value in attention(layer, phase); -1 pads short rows."""
+        if self.form != "top_k":
+            raise ValueError(f"indices come with form='top_k' captures; this one is {self.form!r}")
+        keys = self._keys(self._attention, layer, phase)
+        return self._stack_top_k(self._indices, keys, -1, np.int32)
+
+    def _stack_top_k(self, table, keys, fill, dtype):
+        blocks = [table[k] for k in keys]
+        heads, k = blocks[0].shape[0], max(b.shape[2] for b in blocks)
+        out = np.full((heads, sum(b.shape[1] for b in blocks), k), fill, dtype)
+        at = 0
+        for b in blocks:
+            out[:, at:at + b.shape[1], :b.shape[2]] = b
+            at += b.shape[1]
+        return out
+
+    def _pooled(self, layer, keys):
+        """Tiles of the whole matrix (what view._pool computes from a dense capture): each block's
+        tiles are turned back into sums (mean) and placed by their first row, then divided by the
+        rows captured in the tile and the keys it covers. Exact when prefill blocks start at
+        multiples of P (query blocks are powers of two)."""
+        p = self.pool
+        placed = [(self._rows(k, self._attention[k], keys), self._attention[k].astype(np.float64)) for k in keys]
+        heads = placed[0][1].shape[0]
+        end = int(max(r[-1] + 1 for r, _ in placed))
+        n_rows = -(-end // p)
+        n_cols = max(b.shape[2] for _, b in placed)
+        acc = np.zeros((heads, n_rows, n_cols))
+        rows_in = np.zeros(n_rows)
+        mean = self.pool_op != "max"
+        for rows, b in placed:
+            # The block's key length: causal (its last row + 1), or the prompt's for prefill
+            # blocks padded to it; the one its tile count agrees with.
+            last, tk = int(rows[-1]) + 1, b.shape[2]
+            key_len = last if -(-last // p) == tk else (
+                self.prompt_length if -(-self.prompt_length // p) == tk else tk * p)
+            key_counts = np.minimum(p, np.maximum(key_len - np.arange(tk) * p, 0))
+            for i in range(b.shape[1]):
+                tile_rows = rows[i * p:(i + 1) * p]
+                if len(tile_rows) == 0:
+                    continue
+                t = int(tile_rows[0]) // p
+                if mean:
+                    acc[:, t, :tk] += b[:, i, :] * len(tile_rows) * key_counts
+                else:
+                    acc[:, t, :tk] = np.maximum(acc[:, t, :tk], b[:, i, :])
+                rows_in[t] += len(tile_rows)
+        keep = rows_in > 0
+        out = acc[:, keep]
+        if mean:
+            width = min(end, n_cols * p)
+            cols = np.minimum(p, np.maximum(width - np.arange(n_cols) * p, 1))
+            out = out / (rows_in[keep][:, None] * cols[None, :])
+        return out.astype(np.float32)
+
+    # -- statistics ---------------------------------------------------------------------------
+    def statistic(self, kind, layer, phase=None):
+        """(positions, values [heads, N] float32) of one statistic: row statistics (row_entropy,
+        sink_mass, local_mass) per query position, prefill rows then decode steps; key statistics
+        (key_score, key_score_variance) per prompt key."""
+        keys = self._keys(self._statistics, layer, phase, stat=kind)
+        blocks = [self._statistics[k] for k in keys]
+        positions = np.concatenate([np.arange(k.query_begin, k.query_begin + b.shape[1]) for k, b in zip(keys, blocks)])
+        return positions, np.concatenate(blocks, axis=1).astype(np.float32)
+
+    def statistics_table(self):
+        """Every statistic as a long pandas DataFrame: kind, layer, head, position, value (and
+        token, where the tokens are known). Needs pandas."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("statistics_table() needs pandas (Debian: python3-pandas)") from None
+        tokens = list(getattr(self, "tokens", []) or [])
+        frames = []
+        for kind in self.statistic_kinds:
+            for layer in sorted({k.layer for k in self._statistics if k.stat == kind}):
+                pos, values = self.statistic(kind, layer)
+                heads = values.shape[0]
+                frame = pd.DataFrame({
+                    "kind": kind, "layer": layer, "head": np.repeat(np.arange(heads), len(pos)),
+                    "position": np.tile(pos, heads), "value": values.reshape(-1)})
+                if tokens:
+                    frame["token"] = [tokens[p] if p < len(tokens) else "" for p in frame["position"]]
+                frames.append(frame)
+        if not frames:
+            return pd.DataFrame(columns=["kind", "layer", "head", "position", "value"])
+        return pd.concat(frames, ignore_index=True)
+
+    def to_xarray(self, layer, phase=None):
+        """attention(layer, phase) as an xarray DataArray with head, query and key coordinates.
+        Needs xarray."""
+        try:
+            import xarray as xr
+        except ImportError:
+            raise ImportError("to_xarray() needs xarray (Debian: python3-xarray)") from None
+        a = self.attention(layer, phase)
+        dims = ("head", "row", "rank") if self.form == "top_k" else ("head", "query", "key")
+        coords = {dims[1]: self.positions(layer, phase)}
+        if self.form != "top_k":
+            step = self.pool if self.form == "pooled" else 1
+            coords["key"] = np.arange(a.shape[2]) * step
+        return xr.DataArray(a, dims=dims, coords=coords, name=f"attention layer {layer}",
+                            attrs={"form": self.form, "layer": layer})
