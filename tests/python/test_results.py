@@ -155,3 +155,144 @@ def test_save_load_and_the_capture_clients_file_read_the_same(server, dense, tmp
                                atol=1e-6)
     xa = stored.to_xarray(1)
     assert xa.dims == ("head", "query", "key") and list(xa.coords["query"].values[:2]) == [0, 8]
+
+
+FORMS = {"dense": dict(form="dense"), "head_mean": dict(form="head_mean"), "pooled": dict(form="pooled", pool=8),
+         "top_k": dict(form="top_k", capture_top_k=3), "last_rows": dict(form="dense", last_queries=4)}
+
+
+@pytest.mark.parametrize("name", sorted(FORMS))
+def test_every_form_has_a_picture(client, tmp_path, name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    from attnscope import view
+    r = run(client, **FORMS[name])
+    images = []
+    for layer, head in ((0, 0), (2, 1)):
+        fig = view.heatmap(r, layer, head)
+        fig.savefig(tmp_path / f"{layer}.png", dpi=60)
+        images.append(mpimg.imread(tmp_path / f"{layer}.png"))
+        assert images[-1].std() > 0.01, f"{name} is blank"
+    assert not np.array_equal(images[0], images[1])
+    fig = view.compare_heads(r, 1)
+    assert len(fig.axes) >= 1
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+def test_every_statistic_has_a_picture(dense, tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    from attnscope import view
+    for kind in dense.statistic_kinds:
+        for fig in (view.statistic_overview(dense, kind), view.statistic_positions(dense, kind, 1)):
+            fig.savefig(tmp_path / "s.png", dpi=50)
+            matplotlib.pyplot.close(fig)
+    fig = view.statistics_figure(dense)
+    assert len(fig.axes) >= 2 * len(dense.statistic_kinds)
+    matplotlib.pyplot.close("all")
+
+
+def test_viewer_cli_opens_the_first_sample_like_the_prototype(server, tmp_path):
+    import os
+    import sys
+    data = tmp_path / "attention_data"
+    for extra in (["--form=none", "--stats=entropy,sink:2"], ["--form=pooled:8"]):
+        p = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={data}",
+                            "--prompt_ids=" + ",".join(map(str, PROMPT)), "--max_new_tokens=3", "--save_attention",
+                            "--overwrite", *extra], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(BUILD), "client", "python")}
+        p = subprocess.run([sys.executable, "-m", "attnscope.view"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert (tmp_path / "attention_sample_0.png").stat().st_size > 5000
+        (tmp_path / "attention_sample_0.png").unlink()
+    p = subprocess.run([sys.executable, "-m", "attnscope.view", "--stat", "all", "--out", "x.png"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0  # the pooled sample holds no statistics: a clear error, not a picture
+    assert "no statistics" in p.stderr
+
+
+def chromium(page, tmp_path, *args):
+    import shutil
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+                           "--hide-scrollbars", *args, page], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["dense", "pooled", "statistics"])
+def test_html_page_draws_and_hover_shows_the_row(client, dense, tmp_path, name):
+    from attnscope import view
+    r = dense if name != "pooled" else run(client, **FORMS["pooled"])
+    s = r.to_sample()
+    if name == "statistics":
+        s = attnscope.Sample(tmp_path / "stats.safetensors",
+                             {k: v for k, v in s.tensors.items() if not k.startswith("attention.")},
+                             {**s.metadata, "capture": {**s.metadata["capture"], "form": "FORM_NONE"}})
+    else:
+        s.path = tmp_path / "s.safetensors"
+    page = tmp_path / "page.html"
+    page.write_text(view.html_page(s), encoding="utf-8")
+    text = page.read_text()
+    assert "<title>s.safetensors</title>" in text or name == "statistics"
+    assert str(tmp_path) not in text  # the file name, not its path
+    hover = "2,3" if name == "statistics" else "5,3"
+    proc = chromium(page.as_uri() + f"#view=0&head=1&hover={hover}", tmp_path, "--dump-dom")
+    dom = proc.stdout
+    errors = [l for l in proc.stderr.splitlines() if "CONSOLE" in l and ("Error" in l or "Uncaught" in l)]
+    assert not errors, errors
+    assert f'data-count="{T}"' in dom, dom[:300]
+    if name == "dense":
+        assert 'data-row="5"' in dom and 'data-col="3"' in dom and 'data-query="5"' in dom
+        assert "query 5" in dom and "key 3" in dom
+    elif name == "pooled":
+        assert 'data-row="40"' in dom and "keys 24-31" in dom
+    else:
+        assert 'data-row="2"' in dom and "head 2, position 3" in dom
+    shot = tmp_path / "shot.png"
+    chromium(page.as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=900,900")
+    import matplotlib.image as mpimg
+    img = mpimg.imread(str(shot))
+    heat = img[150:600, 150:600, :3]  # the heatmap's area
+    assert heat.std() > 0.05, "the heatmap is blank"
+    assert len(np.unique((heat * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 20
+
+
+def test_asyncio_client_runs_requests_at_once(server, dense):
+    import asyncio
+
+    async def main():
+        async with attnscope.AsyncClient(server.target) as c:
+            info = await c.model_info()
+            ids, _ = await c.tokenize("x") if info.has_tokenizer else ([], [])
+            a, b = await asyncio.gather(
+                c.stream_attention(token_ids=PROMPT, max_new_tokens=NEW, ignore_eos=True, form="dense"),
+                c.stream_attention(token_ids=PROMPT, max_new_tokens=NEW, ignore_eos=True, row_entropy=True))
+            g = await c.generate(token_ids=PROMPT, max_new_tokens=2)
+            many = await c.stream_many([PROMPT, PROMPT[:20]], progress=False, max_new_tokens=2, form="head_mean")
+            return a, b, g, many, ids
+
+    a, b, g, many, _ = asyncio.run(main())
+    np.testing.assert_array_equal(a.attention(2), dense.attention(2))
+    np.testing.assert_array_equal(b.statistic("row_entropy", 0)[1], dense.statistic("row_entropy", 0)[1])
+    assert len(g.token_ids) == 2
+    assert [m.attention(0).shape for m in many] == [(1, 42, 42), (1, 21, 21)]
+
+
+def test_progress_bars_and_notebook_display(client, capsys):
+    r = client.stream_attention(token_ids=PROMPT, max_new_tokens=NEW, ignore_eos=True, form="dense", progress=True)
+    err = capsys.readouterr().err
+    assert "attention" in err and "B" in err  # tqdm's bar on stderr
+    rs = client.stream_many([PROMPT, PROMPT[:10]], max_new_tokens=2, form="none", row_entropy=True)
+    assert len(rs) == 2 and "samples" in capsys.readouterr().err
+    page = r._repr_html_()
+    assert "attnscope StreamResult" in page and "<iframe srcdoc=" in page and "dense" in page
+    s = r.to_sample()
+    assert "attnscope Sample" in s._repr_html_()

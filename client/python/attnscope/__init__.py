@@ -7,8 +7,8 @@ __path__ = extend_path(__path__, __name__)
 from .sample import Sample, SampleError, load  # noqa: E402
 
 try:  # the gRPC client needs the generated stubs (built with the project)
-    from .client import Client, StreamResult  # noqa: E402
+    from .client import AsyncClient, Client, StreamResult  # noqa: E402
 except ImportError:  # loading and viewing stored samples works without them
     pass
 
-__all__ = ["Client", "StreamResult", "Sample", "SampleError", "load"]
+__all__ = ["AsyncClient", "Client", "StreamResult", "Sample", "SampleError", "load"]

@@ -205,6 +205,93 @@ def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, qu
         statistics=pb.Statistics(**statistics))
 
 
+def _progress(iterable, progress, unit):
+    """tqdm over `iterable` when wanted and installed; the iterable itself otherwise."""
+    if progress is False:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, unit=unit)
+
+
+class _Receiver:
+    """Turns one stream's messages into a StreamResult (blocking and asyncio clients alike): chunks
+    reassembled into blocks, shared-memory pieces copied out of the ring, progress shown."""
+
+    def __init__(self, client, ring, progress):
+        self.client, self.ring, self.progress = client, ring, progress
+        self.result = StreamResult()
+        self.blocks = BlockAssembler(lambda number: _DTYPE_OF[number])
+        self.bar = None
+
+    def _start_bar(self, header):
+        if self.progress is False:
+            return
+        if self.progress is None and header.estimated_bytes < (64 << 20):
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=header.estimated_bytes or None, unit="B", unit_scale=True, desc="attention")
+
+    def feed(self, msg):
+        result = self.result
+        result.messages += 1
+        result.max_message_bytes = max(result.max_message_bytes, msg.ByteSize())
+        kind = msg.WhichOneof("event")
+        if kind == "header":
+            result.header = msg.header
+            result.shared_output = msg.header.shared_output
+            if result.shared_output and self.ring is None:
+                raise ValueError("malformed stream from the server: shared output nobody asked for")
+            if self.ring is not None and not result.shared_output:
+                self.client.shared_refused = msg.header.shared_output_refused
+            self._start_bar(msg.header)
+        elif kind == "token":
+            result.tokens.append(msg.token.id)
+            result.token_pieces.append(msg.token.piece)
+            if self.bar is not None:
+                self.bar.set_postfix(tokens=len(result.tokens), refresh=False)
+        elif kind in ("attention", "statistic"):
+            chunk = getattr(msg, kind)
+            if kind == "attention" and result.shared_output:
+                wrapped = _Chunk(chunk, *self.ring.take(chunk))
+            elif kind == "attention" and (chunk.shared_bytes or chunk.shared_index_bytes):
+                raise ValueError("malformed stream from the server: a shared piece without shared output")
+            else:
+                wrapped = _Chunk(chunk)
+            if self.bar is not None:
+                self.bar.update(len(wrapped.data) + len(getattr(wrapped, "indices", b"") or b""))
+            done = self.blocks.add(wrapped, stat=chunk.kind if kind == "statistic" else None)
+            if done is None:
+                return
+            key, values, indices = done
+            if key.stat is None:
+                result.attention[key[:4]] = values
+                if indices is not None:
+                    result.indices[key[:4]] = indices
+            else:
+                result.statistics[(key.stat,) + key[:4]] = values
+        elif kind == "trailer":
+            result.trailer = msg.trailer
+
+    def fail(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.ring is not None:
+            self.ring.close()  # the failed stream's server job may still be writing into it
+
+    def finish(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.ring is not None:
+            self.client._give_ring(self.ring)
+        return self.result
+
+
 class Client:
     """Connects to an attnscope server. `token`: bearer token; `root_certificates`: PEM bytes for TLS.
     `shared_memory`: ring bytes for same-host output (stream_attention's values come through shared
@@ -213,11 +300,12 @@ class Client:
     def __init__(self, target="127.0.0.1:50051", token=None, root_certificates=None, timeout=None,
                  shared_memory=64 << 20):
         options = [("grpc.max_receive_message_length", 256 << 20)]
+        channels = self._channels()
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self.channel = grpc.secure_channel(target, creds, options=options)
+            self.channel = channels.secure_channel(target, creds, options=options)
         else:
-            self.channel = grpc.insecure_channel(target, options=options)
+            self.channel = channels.insecure_channel(target, options=options)
         self.stub = pb_grpc.AttentionServiceStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.timeout = timeout
@@ -226,11 +314,18 @@ class Client:
         self._rings = []            # idle rings; a stream takes one and gives it back when it ends well
         self._rings_lock = threading.Lock()
 
-    def close(self):
+    @staticmethod
+    def _channels():
+        return grpc
+
+    def _close_rings(self):
         with self._rings_lock:
             rings, self._rings = self._rings, []
         for ring in rings:
             ring.close()
+
+    def close(self):
+        self._close_rings()
         self.channel.close()
 
     def __enter__(self):
@@ -238,6 +333,10 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+    def _give_ring(self, ring):
+        with self._rings_lock:
+            self._rings.append(ring)
 
     def _take_ring(self):
         if not self.shared_memory or self.shared_refused is not None:
@@ -294,61 +393,123 @@ class Client:
     def generate(self, *args, **kwargs):
         return self.stub.Generate(self.request(*args, **kwargs), metadata=self.metadata, timeout=self.timeout)
 
-    def stream_attention(self, *args, **kwargs):
-        """Runs a StreamAttention call and assembles its chunks into numpy arrays."""
+    def stream_attention(self, *args, progress=None, **kwargs):
+        """Runs a StreamAttention call; returns a StreamResult whose blocks assemble into arrays
+        (r.attention(layer), r.statistic(kind, layer)). `progress`: a tqdm bar of the bytes and
+        tokens received (None: shown for captures above 64 MB when tqdm is installed)."""
         request = self.request(*args, **kwargs)
+        receiver = self._receiver(request, progress)
+        try:
+            for msg in self.stream_raw(request):
+                receiver.feed(msg)
+        except BaseException:
+            receiver.fail()
+            raise
+        return receiver.finish()
+
+    def stream_many(self, inputs, progress=None, **kwargs):
+        """One stream per input (a prompt string, a list of token ids, or a dict of request keywords),
+        with a progress bar over the samples (tqdm when installed); returns the results."""
+        results = []
+        for item in _progress(inputs, progress, "samples"):
+            kw = dict(kwargs)
+            if isinstance(item, str):
+                kw["prompt"] = item
+            elif isinstance(item, dict):
+                kw.update(item)
+            else:
+                kw["token_ids"] = list(item)
+            results.append(self.stream_attention(progress=False, **kw))
+        return results
+
+    def _receiver(self, request, progress):
         ring = self._take_ring()
         if ring is not None:
             request.shared_output.CopyFrom(ring.request_field())
-        try:
-            result = self._stream_attention(request, ring)
-        except BaseException:
-            if ring is not None:
-                ring.close()  # the failed stream's server job may still be writing into it
-            raise
-        if ring is not None:
-            with self._rings_lock:
-                self._rings.append(ring)
-        return result
-
-    def _stream_attention(self, request, ring):
-        result = StreamResult()
-        blocks = BlockAssembler(lambda number: _DTYPE_OF[number])
-        for msg in self.stream_raw(request):
-            result.messages += 1
-            result.max_message_bytes = max(result.max_message_bytes, msg.ByteSize())
-            kind = msg.WhichOneof("event")
-            if kind == "header":
-                result.header = msg.header
-                result.shared_output = msg.header.shared_output
-                if result.shared_output and ring is None:
-                    raise ValueError("malformed stream from the server: shared output nobody asked for")
-                if ring is not None and not result.shared_output:
-                    self.shared_refused = msg.header.shared_output_refused
-            elif kind == "token":
-                result.tokens.append(msg.token.id)
-                result.token_pieces.append(msg.token.piece)
-            elif kind in ("attention", "statistic"):
-                chunk = getattr(msg, kind)
-                if kind == "attention" and result.shared_output:
-                    wrapped = _Chunk(chunk, *ring.take(chunk))
-                elif kind == "attention" and (chunk.shared_bytes or chunk.shared_index_bytes):
-                    raise ValueError("malformed stream from the server: a shared piece without shared output")
-                else:
-                    wrapped = _Chunk(chunk)
-                done = blocks.add(wrapped, stat=chunk.kind if kind == "statistic" else None)
-                if done is None:
-                    continue
-                key, values, indices = done
-                if key.stat is None:
-                    result.attention[key[:4]] = values
-                    if indices is not None:
-                        result.indices[key[:4]] = indices
-                else:
-                    result.statistics[(key.stat,) + key[:4]] = values
-            elif kind == "trailer":
-                result.trailer = msg.trailer
-        return result
+        return _Receiver(self, ring, progress)
 
     def stream_raw(self, request):
         return self.stub.StreamAttention(request, metadata=self.metadata, timeout=self.timeout)
+
+
+class AsyncClient(Client):
+    """The client over grpc.aio, for notebooks that run several requests at once (same keywords
+    and results as Client):
+
+        async with attnscope.AsyncClient("127.0.0.1:50051") as c:
+            a, b = await asyncio.gather(c.stream_attention(prompt="one", form="dense"),
+                                        c.stream_attention(prompt="two", row_entropy=True))
+    """
+
+    @staticmethod
+    def _channels():
+        return grpc.aio
+
+    async def model_info(self):
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout)
+
+    async def tokenize(self, text, add_special_tokens=True):
+        r = await self.stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+                                     metadata=self.metadata, timeout=self.timeout)
+        return list(r.ids), list(r.pieces)
+
+    async def detokenize(self, ids, skip_special_tokens=False):
+        r = await self.stub.Detokenize(pb.DetokenizeRequest(ids=list(ids), skip_special_tokens=skip_special_tokens),
+                                       metadata=self.metadata, timeout=self.timeout)
+        return r.text
+
+    async def generate(self, *args, **kwargs):
+        return await self.stub.Generate(self.request(*args, **kwargs), metadata=self.metadata, timeout=self.timeout)
+
+    async def stream_attention(self, *args, progress=None, **kwargs):
+        request = self.request(*args, **kwargs)
+        receiver = self._receiver(request, progress)
+        try:
+            async for msg in self.stream_raw(request):
+                receiver.feed(msg)
+        except BaseException:
+            receiver.fail()
+            raise
+        return receiver.finish()
+
+    async def stream_many(self, inputs, progress=None, concurrency=4, **kwargs):
+        """Up to `concurrency` streams at once, results in input order, a bar over the samples."""
+        import asyncio
+        inputs = list(inputs)
+        gate = asyncio.Semaphore(concurrency)
+        bar = None
+        try:
+            from tqdm.auto import tqdm
+            bar = None if progress is False else tqdm(total=len(inputs), unit="samples")
+        except ImportError:
+            pass
+
+        async def one(item):
+            kw = dict(kwargs)
+            if isinstance(item, str):
+                kw["prompt"] = item
+            elif isinstance(item, dict):
+                kw.update(item)
+            else:
+                kw["token_ids"] = list(item)
+            async with gate:
+                r = await self.stream_attention(progress=False, **kw)
+            if bar is not None:
+                bar.update(1)
+            return r
+
+        try:
+            return await asyncio.gather(*(one(i) for i in inputs))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    async def close(self):
+        self._close_rings()
+        await self.channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()

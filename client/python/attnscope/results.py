@@ -11,6 +11,8 @@
 
 Rows a capture left out (rows=last:N, ranges) are simply absent: attention() is square only when
 every row was captured; positions() says which rows there are. Entries above the diagonal are 0."""
+import html
+
 import numpy as np
 
 FORM_PREFIX = "FORM_"
@@ -199,3 +201,32 @@ class Captured:
             coords["key"] = np.arange(a.shape[2]) * step
         return xr.DataArray(a, dims=dims, coords=coords, name=f"attention layer {layer}",
                             attrs={"form": self.form, "layer": layer})
+
+    # -- Jupyter --------------------------------------------------------------------------------
+    HTML_INLINE_LIMIT = 8 << 20  # larger pages are not inlined into the notebook
+
+    def _summary_rows(self):
+        rows = [("form", self.form), ("layers", ", ".join(map(str, self.captured_layers)) or "-")]
+        if self.statistic_kinds:
+            rows.append(("statistics", ", ".join(self.statistic_kinds)))
+        text = getattr(self, "text", "")
+        if text:
+            rows.append(("generated", text[:200]))
+        return rows
+
+    def _repr_html_(self):
+        """In Jupyter: a compact summary, then the interactive page (attnscope.view.html_page)."""
+        title = type(self).__name__
+        table = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td style='text-align:left'>"
+                        f"{html.escape(str(v))}</td></tr>" for k, v in self._summary_rows())
+        out = f"<div><b>attnscope {title}</b><table>{table}</table></div>"
+        try:
+            from attnscope import view
+            page = view.html_page(self)
+        except Exception as e:  # a summary is still worth showing
+            return out + f"<div><i>no picture: {html.escape(str(e))}</i></div>"
+        if len(page) > self.HTML_INLINE_LIMIT:
+            return out + ("<div><i>the interactive page is too large to inline; write it with "
+                          "attnscope.view.html_page(...)</i></div>")
+        return out + (f"<iframe srcdoc=\"{html.escape(page, quote=True)}\" "
+                      "style='width:100%;height:900px;border:0'></iframe>")

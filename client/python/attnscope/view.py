@@ -327,7 +327,7 @@ function scale(x, max) {
   if (s === 'log') return Math.max(0, 1 + Math.log10(x / max) / 4);
   return s === 'power' ? Math.pow(x / max, 0.4) : x / max;
 }
-function label(p) { const t = D.tokens[p]; return t === undefined ? String(p) : JSON.stringify(t).slice(1, -1).slice(0, 10); }
+function label(p) { const t = D.tokens[p]; return t === undefined || t === '' ? String(p) : JSON.stringify(t).slice(1, -1).slice(0, 10); }
 let M = null, cell = 1;
 function draw() {
   const v = view(), m = v.heads[Number($('head').value)], R = m.length, C = m[0].length;
@@ -362,9 +362,11 @@ function hover(i, j) {
   ctx.strokeStyle = 'rgba(255,255,255,0.9)'; ctx.lineWidth = 1;
   ctx.strokeRect(PAD, PAD + i * cell, M.C * cell, cell); ctx.strokeRect(PAD + j * cell, PAD, cell, M.R * cell);
   const v = M.v, q = v.rows[i], k = v.cols[j];
-  $('info').textContent = (v.row_label ? v.row_label + ' ' + q : 'query ' + q + ' "' + label(q) + '"') +
-      ' -> ' + (v.step > 1 ? 'keys ' + k + '-' + (k + v.step - 1) : 'key ' + k + ' "' + label(k) + '"') +
-      ': ' + M.m[i][j].toPrecision(4);
+  $('info').textContent = v.row_label
+      ? v.row_label + ' ' + q + ', position ' + k + ' "' + label(k) + '": ' + M.m[i][j].toPrecision(4)
+      : 'query ' + q + ' "' + label(q) + '" -> ' +
+        (v.step > 1 ? 'keys ' + k + '-' + (k + v.step - 1) : 'key ' + k + ' "' + label(k) + '"') +
+        ': ' + M.m[i][j].toPrecision(4);
   $('info').dataset.row = String(q); $('info').dataset.col = String(k);
   if (v.row_label) return;
   const row = M.m[i], max = Math.max(...row);
@@ -380,7 +382,7 @@ map.addEventListener('mousemove', e => {
   const r = map.getBoundingClientRect();
   hover(Math.floor((e.clientY - r.top - PAD) / cell), Math.floor((e.clientX - r.left - PAD) / cell));
 });
-D.tokens.forEach((t, p) => { const s = document.createElement('span'); s.textContent = t; s.title = 'position ' + p; strip.appendChild(s); });
+D.tokens.forEach((t, p) => { const s = document.createElement('span'); s.textContent = t === '' ? '#' + p : t; s.title = 'position ' + p; strip.appendChild(s); });
 strip.dataset.count = String(D.tokens.length);
 $('view').value = state.view && D.views[Number(state.view)] ? state.view : '0';
 fillHeads();
