@@ -51,6 +51,10 @@ mkdir -p "$OUT/plots"
 /usr/bin/python3 -m attnscope.view "$SAMPLE" --compare-heads --layer 3 --out "$OUT/plots/heads_layer3.png"
 /usr/bin/python3 -m attnscope.view "$SAMPLE" --html "$OUT/attention.html"
 
+# The quickstart notebook, executed headless against the same server (any cell error fails).
+ATTNSCOPE_SERVER="127.0.0.1:$PORT" /usr/bin/python3 tests/tools/run_notebook.py examples/quickstart.ipynb \
+  "$OUT/notebook"
+
 kill $SERVER
 wait $SERVER 2>/dev/null || true
 trap - EXIT
@@ -59,6 +63,7 @@ cat <<MSG
 attnscope demo done.
   samples:   $OUT/attention_data/attention_sample_{0,1,2}.safetensors
   plots:     $OUT/plots/*.png
-  HTML page: $OUT/attention.html   (open it in a browser; hover a token)
+  HTML page: $OUT/attention.html   (open it in a browser; hover the heatmap)
+  notebook:  $OUT/notebook/quickstart.ipynb   (examples/quickstart.ipynb, executed)
   server log: $OUT/server.log
 MSG

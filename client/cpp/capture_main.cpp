@@ -67,7 +67,7 @@ ABSL_FLAG(std::string, format, "safetensors",
           "safetensors, or pickle (the prototype's .pkl layout)");
 ABSL_FLAG(bool, overwrite, false, "redo samples whose file already exists");
 ABSL_FLAG(double, timeout_s, 0, "deadline per sample in seconds (0: none)");
-ABSL_FLAG(int64_t, shared_memory_bytes, int64_t{64} << 20,
+ABSL_FLAG(int64_t, shared_memory_bytes, int64_t{16} << 20,
           "ring size for same-host output: attention values come through shared memory instead "
           "of the wire when the server is on this host (the wire otherwise); 0: always the wire");
 
@@ -320,7 +320,8 @@ v1::GenerateRequest RequestFor(const Options& o, const Sample& sample) {
   }
   req.set_max_new_tokens(o.max_new_tokens);
   req.set_max_length(o.max_length);
-  *req.mutable_capture() = o.capture;
+  // Without --save_attention the prototype generated and printed: nothing captured.
+  if (o.save_attention) *req.mutable_capture() = o.capture;
   return req;
 }
 
@@ -418,7 +419,7 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
         if (save && local.ok()) local = writer.OnHeader(msg.header(), req.max_new_tokens());
         break;
       case v1::StreamAttentionResponse::kToken:
-        local = writer.OnToken(msg.token());
+        if (save) local = writer.OnToken(msg.token());
         break;
       case v1::StreamAttentionResponse::kAttention:
         if (shared) {

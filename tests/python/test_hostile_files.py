@@ -97,8 +97,14 @@ def test_metadata_cannot_inflate_the_assembled_matrix(tmp_path):
     dense_sample(path, ["a", "b"], extra_meta={"prompt_token_ids": list(range(12000))})
     s = attnscope.load(str(path))
     assert s.attention(0).shape == (2, 2, 2)  # from the blocks, not the metadata
-    row = np.ones((2, 1, 12001), np.float32)  # one row placed at position 12000
+    row = np.ones((2, 1, 12001), np.float32)  # one row placed at position 12000: only that row
     dense_sample(path, ["a"], blocks={"attention.prefill.0.0.12000": (row, "F32")})
+    s = attnscope.load(str(path))
+    assert s.attention(0).shape == (2, 1, 12001) and list(s.positions(0)) == [12000]
+    # 3000 one-key rows and one row 200,000 keys wide (1.6 MB of blocks) would assemble to 4.8 GB.
+    blocks = {f"attention.decode.0.{i + 1}.{i}": (np.ones((2, 1, 1), np.float32), "F32") for i in range(3000)}
+    blocks["attention.decode.0.3001.3000"] = (np.ones((2, 1, 200000), np.float32), "F32")
+    dense_sample(path, ["a"], blocks=blocks)
     with pytest.raises(SampleError, match="inconsistent"):
         attnscope.load(str(path)).attention(0)
 

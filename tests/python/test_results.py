@@ -296,3 +296,39 @@ def test_progress_bars_and_notebook_display(client, capsys):
     assert "attnscope StreamResult" in page and "<iframe srcdoc=" in page and "dense" in page
     s = r.to_sample()
     assert "attnscope Sample" in s._repr_html_()
+
+
+def test_help_lists_each_programs_options(server, tmp_path):
+    for prog, flags in (("attnscope-capture", ["--save_attention", "--shared_memory_bytes", "--form", "--stats"]),
+                        ("attnscope-server", ["--model_dir", "--max_shared_bytes", "--stall_timeout_s", "--device"])):
+        p = subprocess.run([binary(prog), "--help"], capture_output=True, text=True, timeout=60)
+        text = p.stdout + p.stderr
+        assert "No flags matched" not in text and "Usage: " + prog in text, text[:500]
+        for flag in flags:
+            assert flag in text, (prog, flag)
+        assert "default:" in text and "usage message" not in text.lower().replace("usage: ", "")
+
+
+def test_prototype_habits_save_attention_off_and_device_index(server, tmp_path):
+    p = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={tmp_path}",
+                        "--prompt_ids=1,2,3", "--max_new_tokens=2", "--device", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "Generated:" in p.stdout and not list(tmp_path.iterdir())  # printed, nothing stored
+    assert "--device cuda:0 requested, but the server runs on cpu" in p.stderr
+
+
+def test_readme_notebook_section_is_the_notebooks_first_cell():
+    import json
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("## From a notebook"):]
+    block = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    with open(os.path.join(root, "examples", "quickstart.ipynb"), encoding="utf-8") as f:
+        nb = json.load(f)
+    first = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
+    assert block.strip() == first.strip()
+    assert len(first.strip().splitlines()) <= 10

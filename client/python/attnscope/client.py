@@ -298,7 +298,7 @@ class Client:
     memory when the server is on this host, the wire otherwise); 0: always the wire."""
 
     def __init__(self, target="127.0.0.1:50051", token=None, root_certificates=None, timeout=None,
-                 shared_memory=64 << 20):
+                 shared_memory=16 << 20):
         options = [("grpc.max_receive_message_length", 256 << 20)]
         channels = self._channels()
         if root_certificates is not None:

@@ -54,7 +54,7 @@ def _remove_orphans():
 class SharedRing:
     """One ring, used by one stream at a time (streams reuse it one after another)."""
 
-    def __init__(self, capacity=64 << 20):
+    def __init__(self, capacity=16 << 20):
         if capacity < MIN_CAPACITY:
             raise ValueError(f"a shared ring needs at least {MIN_CAPACITY} bytes")
         _remove_orphans()

@@ -154,7 +154,9 @@ def statistic_overview(sample, kind, ax=None, phase=None):
     layers = _stat_layers(sample, kind)
     if not layers:
         raise KeyError(f"no statistic {kind!r} captured (captured: {sample.statistic_kinds})")
-    grid = np.stack([sample.statistic(kind, l, phase)[1].mean(axis=1) for l in layers])
+    # Key statistics sum to a constant over the keys: their peak says more than their mean.
+    reduce, how = (np.max, "max over prompt keys") if kind in KEY_STATS else (np.mean, "mean over positions")
+    grid = np.stack([reduce(sample.statistic(kind, l, phase)[1], axis=1) for l in layers])
     if ax is None:
         _, ax = plt.subplots(figsize=(1.2 + 0.35 * grid.shape[1], 1.2 + 0.3 * len(layers)))
     im = ax.imshow(grid, cmap=CMAP, aspect="auto", interpolation="nearest")
@@ -164,7 +166,7 @@ def statistic_overview(sample, kind, ax=None, phase=None):
     ax.set_xticklabels(range(grid.shape[1]), fontsize=7)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{kind}: mean over positions")
+    ax.set_title(f"{kind}: {how}", fontsize=10)
     ax.figure.colorbar(im, ax=ax, fraction=0.046)
     ax.figure.tight_layout()
     return ax.figure
