@@ -2,6 +2,9 @@
 # attnscope containers.
 #   CPU, from Debian 12 packages only (the same install/build scripts CI runs):
 #     docker build --target cpu -t attnscope:cpu .
+#   The CPU image's smoke test (a server inside the image, a capture, the file loaded; fails the
+#   build on any error): --target smoke. deploy/image-check.sh builds both with podman, no Docker
+#   engine needed; CI runs it.
 #   CUDA, with a pinned CUDA libtorch 2.x on an official CUDA base (Ubuntu 24.04 ships the same
 #   gRPC 1.51 / protobuf 3.21 / Abseil 20220623 as Debian 12):
 #     docker build --target cuda -t attnscope:cuda .
@@ -15,11 +18,13 @@ WORKDIR /src
 COPY deploy/install-deps.sh deploy/install-deps.sh
 RUN bash deploy/install-deps.sh --build && rm -rf /var/lib/apt/lists/*
 COPY . .
-RUN rm -rf build && bash deploy/build.sh \
+RUN rm -rf build && bash deploy/build.sh --product \
  && mkdir -p /opt/attnscope/bin /opt/attnscope/lib \
  && cp build/server/attnscope-server build/client/cpp/attnscope-capture build/model/attnscope-run \
        build/model/attnscope-tokenize /opt/attnscope/bin/ \
- && cp build/model/libattnscope_spm_shim.so /opt/attnscope/lib/
+ && cp build/model/libattnscope_spm_shim.so /opt/attnscope/lib/ \
+ && python3 tests/tools/checkpoint.py llama31_gqa /smoke/model --seed 1 \
+ && mkdir -p /smoke/python && cp -r client/python/attnscope /smoke/python/ && cp deploy/smoke.sh /smoke/
 
 FROM ${DEBIAN_IMAGE} AS cpu
 COPY deploy/install-deps.sh /tmp/install-deps.sh
@@ -32,6 +37,21 @@ EXPOSE 50051 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["attnscope-capture", "--health", "--server=127.0.0.1:50051"]
 ENTRYPOINT ["attnscope-server", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090"]
+
+# The CPU image tested from inside a build (podman cannot run containers everywhere): no compiler or
+# -dev package in it, then a server on a small random-weight checkpoint, a capture, and the stored
+# file loaded, as the image's non-root user. numpy (to load the file) is added to this stage only.
+FROM cpu AS smoke
+USER root
+RUN dpkg-query -W -f '${Package}\n' | sort > /tmp/runtime-packages \
+ && echo "smoke: the runtime image holds $(wc -l < /tmp/runtime-packages) packages" \
+ && if grep -E -- '-dev$|^(gcc|g\+\+|cpp|clang|cmake|make|build-essential)(-[0-9.]+)?$' /tmp/runtime-packages; then \
+      echo "smoke: build tools or -dev packages in the runtime image (above)" >&2; exit 1; fi \
+ && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-numpy \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=cpu-build /smoke /smoke
+USER attnscope
+RUN bash /smoke/smoke.sh
 
 ############################## CUDA ##############################
 FROM ${CUDA_DEVEL_IMAGE} AS cuda-build
@@ -46,9 +66,7 @@ RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-ins
 WORKDIR /src
 COPY . .
 RUN rm -rf build \
- && cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH=/opt/libtorch \
-      -DATTNSCOPE_BUILD_TESTS=OFF -DATTNSCOPE_BUILD_BENCH=OFF \
- && cmake --build build -j "$(nproc)" \
+ && JOBS="$(nproc)" bash deploy/build.sh --product -- -DCMAKE_PREFIX_PATH=/opt/libtorch \
  && mkdir -p /opt/attnscope/bin /opt/attnscope/lib \
  && cp build/server/attnscope-server build/client/cpp/attnscope-capture build/model/attnscope-run /opt/attnscope/bin/ \
  && cp build/model/libattnscope_spm_shim.so /opt/attnscope/lib/

@@ -14,7 +14,7 @@ BUILD=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-numpy python3-grpcio python3-protobuf python3-matplotlib
 )
-TEST=(python3-pytest python3-jinja2 python3-pandas python3-xarray python3-tqdm python3-nbclient python3-ipykernel sentencepiece openssl chromium docker-compose bc clang clang-format libclang-rt-14-dev)
+TEST=(podman debootstrap python3-pytest python3-jinja2 python3-pandas python3-xarray python3-tqdm python3-nbclient python3-ipykernel sentencepiece openssl chromium docker-compose bc clang clang-format libclang-rt-14-dev)
 RUNTIME=(
   libtorch1.13 libopenblas0-pthread libgrpc++1.51 libgrpc29 libprotobuf32 libsentencepiece0 libabsl20220623
   libspdlog1.10 libfmt9 libpcre2-8-0 libutf8proc2 libcpp-httplib0.11 ca-certificates

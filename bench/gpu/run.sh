@@ -28,21 +28,23 @@ TORCH_LIB=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(tor
 export LD_LIBRARY_PATH="$TORCH_LIB:$LD_LIBRARY_PATH"
 
 echo "== build ($(( $(date +%s) - START )) s)"
-configure() {
-  rm -rf build-gpu
-  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_STANDARD="$1" \
-    -DCMAKE_PREFIX_PATH="$TORCH_CMAKE;$PREFIX/usr;$PREFIX/usr/lib/x86_64-linux-gnu/cmake" \
-    -DProtobuf_PROTOC_EXECUTABLE="$PREFIX/usr/bin/protoc" -DATTNSCOPE_PYTHON=python3 -DATTNSCOPE_BUILD_BENCH=OFF
+# Through deploy/build.sh, the script CI and the container images build with.
+GPU_CMAKE=(-DCMAKE_PREFIX_PATH="$TORCH_CMAKE;$PREFIX/usr;$PREFIX/usr/lib/x86_64-linux-gnu/cmake"
+           -DProtobuf_PROTOC_EXECUTABLE="$PREFIX/usr/bin/protoc" -DATTNSCOPE_PYTHON=python3 -DATTNSCOPE_BUILD_BENCH=OFF)
+gpu_build() {  # C++ standard, targets
+  JOBS=16 ATTNSCOPE_GENERATOR=Ninja bash deploy/build.sh --build-dir build-gpu --targets "$2" -- \
+    -DCMAKE_CXX_STANDARD="$1" "${GPU_CMAKE[@]}"
 }
 TARGETS="attnscope-run attnscope_model_tests attnscope-server attnscope-capture attnscope-tokenize"
 built=0
 for std in 17 20; do
-  if configure "$std" > "$OUT/cmake_$std.txt" 2>&1 && ninja -C build-gpu -j 16 $TARGETS > "$OUT/build_$std.txt" 2>&1; then
+  rm -rf build-gpu
+  if gpu_build "$std" "$TARGETS" > "$OUT/build_$std.txt" 2>&1; then
     echo "built with C++$std"; built=1; break
   fi
-  echo "C++$std build failed:"; grep -m 20 -E "error|Error" "$OUT/cmake_$std.txt" "$OUT/build_$std.txt" | cut -c1-300
+  echo "C++$std build failed:"; grep -m 20 -E "error|Error" "$OUT/build_$std.txt" | cut -c1-300
   # Without gRPC, at least the engine.
-  if ninja -C build-gpu -j 16 attnscope-run attnscope_model_tests > "$OUT/build_engine_$std.txt" 2>&1; then
+  if gpu_build "$std" "attnscope-run attnscope_model_tests" > "$OUT/build_engine_$std.txt" 2>&1; then
     echo "engine-only build with C++$std"; built=2; break
   fi
 done

@@ -232,8 +232,11 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const Options& o) {
   return grpc::CreateCustomChannel(o.server, creds, args);
 }
 
+// Every call's metadata: the bearer token, and the model, which a multi-model front door routes by
+// (deploy/gpus.py's Envoy: x-attnscope-model).
 void Authorize(const Options& o, grpc::ClientContext* ctx) {
   if (!o.token.empty()) ctx->AddMetadata("authorization", "Bearer " + o.token);
+  if (!o.model.empty()) ctx->AddMetadata("x-attnscope-model", o.model);
 }
 
 int Health(const std::shared_ptr<grpc::Channel>& channel) {

@@ -40,6 +40,21 @@ def dense(layer=0, phase=pb.PHASE_PREFILL, step=0, qb=0, rows=P, keys=P, shape=N
         block_bytes=len(data) if block_bytes is None else block_bytes, data=data))
 
 
+def shared_header():
+    h = header()
+    h.header.shared_output = True
+    return h
+
+
+def shared(position=0, n=4 * H * P * P, data=b""):
+    """An attention chunk that says its values wait in the client's ring."""
+    msg = dense(data=b"", block_bytes=4 * H * P * P)
+    msg.attention.shared_position = position
+    msg.attention.shared_bytes = n
+    msg.attention.data = data
+    return msg
+
+
 def token(step, id_):
     return pb.StreamAttentionResponse(token=pb.TokenEvent(step=step, id=id_, piece=f"t{id_}"))
 
@@ -86,16 +101,26 @@ STREAMS = {
         kind="row_entropy", layer=0, shape=[H, P * 1000], block_bytes=H * P * 4, data=b"\0" * (H * P * 4))),
         trailer()],
     "too many tokens": [header()] + [token(i, 5) for i in range(1, 50)] + [trailer()],
+    # Same-host output (issue 14): the client checks every announced piece against its ring.
+    "shared piece outside the ring": [shared_header(), shared(position=1 << 40), trailer()],
+    "shared piece crossing the ring's end": [shared_header(), shared(position=(16 << 20) - 8), trailer()],
+    "shared piece larger than the ring": [shared_header(), shared(n=(16 << 20) + 4), trailer()],
+    "shared piece going backwards": [shared_header(), shared(position=64), shared(position=0), trailer()],
+    "shared piece with bytes on the wire too": [shared_header(), shared(data=b"\0" * 4), trailer()],
+    "shared piece on a wire stream": [header(), shared(), trailer()],
 }
 
 
 class Fake(pb_grpc.AttentionServiceServicer):
     stream = []
+    seen = []  # (method, metadata dict, request) of each call
 
     def GetModelInfo(self, request, context):
+        Fake.seen.append(("GetModelInfo", dict(context.invocation_metadata()), request))
         return pb.ModelInfo(name="fake", num_layers=L, num_heads=H, device="cpu")
 
     def StreamAttention(self, request, context):
+        Fake.seen.append(("StreamAttention", dict(context.invocation_metadata()), request))
         yield from Fake.stream
 
 
@@ -137,3 +162,22 @@ def test_well_formed_fake_stream_is_saved(fake, tmp_path, fmt):
     assert a.shape == (H, P + 1, P + 1)
     np.testing.assert_allclose(a[:, :P, :P], 1.0 / P)
     np.testing.assert_allclose(a[:, P, :], 1.0 / (P + 1))
+
+
+def test_capture_names_its_model_and_its_ring_to_the_server(fake, tmp_path):
+    """Issue 16: a multi-model front door routes by x-attnscope-model, which the client sets from
+    --model on every call; issue 14: the stream asks for same-host output with a fresh ring."""
+    Fake.stream, Fake.seen = good_stream(), []
+    proc = run_capture(fake, tmp_path, "--model=fake")
+    assert proc.returncode == 0, proc.stderr
+    assert [m for m, _, _ in Fake.seen] == ["GetModelInfo", "StreamAttention"]
+    for _, metadata, _ in Fake.seen:
+        assert metadata.get("x-attnscope-model") == "fake"
+    request = Fake.seen[1][2]
+    assert request.shared_output.name.startswith(f"/attnscope-") and len(request.shared_output.key) == 16
+    assert request.shared_output.capacity == 16 << 20
+    import attnscope
+    c = attnscope.Client(fake, model="fake", shared_memory=0)
+    Fake.seen = []
+    c.stream_attention(token_ids=[1, 2, 3, 4], max_new_tokens=2, form="dense")
+    assert Fake.seen[0][1].get("x-attnscope-model") == "fake" and Fake.seen[0][2].model == "fake"

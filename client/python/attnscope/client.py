@@ -292,13 +292,26 @@ class _Receiver:
         return self.result
 
 
+MODEL_HEADER = "x-attnscope-model"
+
+
+def _with_model(client, request):
+    """The request with the client's default model, and the call's metadata (the model header)."""
+    if not request.model and client.model:
+        request.model = client.model
+    metadata = [m for m in client.metadata if m[0] != MODEL_HEADER]
+    if request.model:
+        metadata.append((MODEL_HEADER, request.model))
+    return request, metadata
+
+
 class Client:
     """Connects to an attnscope server. `token`: bearer token; `root_certificates`: PEM bytes for TLS.
     `shared_memory`: ring bytes for same-host output (stream_attention's values come through shared
     memory when the server is on this host, the wire otherwise); 0: always the wire."""
 
     def __init__(self, target="127.0.0.1:50051", token=None, root_certificates=None, timeout=None,
-                 shared_memory=16 << 20):
+                 shared_memory=16 << 20, model=""):
         options = [("grpc.max_receive_message_length", 256 << 20)]
         channels = self._channels()
         if root_certificates is not None:
@@ -308,6 +321,11 @@ class Client:
             self.channel = channels.insecure_channel(target, options=options)
         self.stub = pb_grpc.AttentionServiceStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        # `model`: the default model of requests, also sent as the x-attnscope-model header that a
+        # multi-model front door (deploy/gpus.py's Envoy) routes by.
+        self.model = model
+        if model:
+            self.metadata.append((MODEL_HEADER, model))
         self.timeout = timeout
         self.shared_memory = shared_memory if shared.available() else 0
         self.shared_refused = None  # why the server could not use shared memory, once it said so
@@ -391,7 +409,8 @@ class Client:
         return req
 
     def generate(self, *args, **kwargs):
-        return self.stub.Generate(self.request(*args, **kwargs), metadata=self.metadata, timeout=self.timeout)
+        request, metadata = _with_model(self, self.request(*args, **kwargs))
+        return self.stub.Generate(request, metadata=metadata, timeout=self.timeout)
 
     def stream_attention(self, *args, progress=None, **kwargs):
         """Runs a StreamAttention call; returns a StreamResult whose blocks assemble into arrays
@@ -429,7 +448,8 @@ class Client:
         return _Receiver(self, ring, progress)
 
     def stream_raw(self, request):
-        return self.stub.StreamAttention(request, metadata=self.metadata, timeout=self.timeout)
+        request, metadata = _with_model(self, request)
+        return self.stub.StreamAttention(request, metadata=metadata, timeout=self.timeout)
 
 
 class AsyncClient(Client):
@@ -459,7 +479,8 @@ class AsyncClient(Client):
         return r.text
 
     async def generate(self, *args, **kwargs):
-        return await self.stub.Generate(self.request(*args, **kwargs), metadata=self.metadata, timeout=self.timeout)
+        request, metadata = _with_model(self, self.request(*args, **kwargs))
+        return await self.stub.Generate(request, metadata=metadata, timeout=self.timeout)
 
     async def stream_attention(self, *args, progress=None, **kwargs):
         request = self.request(*args, **kwargs)
