@@ -25,13 +25,14 @@ RUN rm -rf build && bash deploy/build.sh --product \
  && cp build/model/libattnscope_spm_shim.so /opt/attnscope/lib/ \
  && python3 tests/tools/checkpoint.py llama31_gqa /smoke/model --seed 1 \
  && mkdir -p /smoke/python && cp -r client/python/attnscope /smoke/python/ && cp deploy/smoke.sh /smoke/
+# The programs' shared libraries, and nothing else of the build's packages, go to the runtime stage.
+RUN bash deploy/bundle-libs.sh /opt/attnscope/lib /opt/attnscope/bin/* /opt/attnscope/lib/libattnscope_spm_shim.so
 
 FROM ${DEBIAN_IMAGE} AS cpu
-COPY deploy/install-deps.sh /tmp/install-deps.sh
-RUN bash /tmp/install-deps.sh --runtime && rm -rf /var/lib/apt/lists/* /tmp/install-deps.sh \
- && useradd --system --uid 10001 --create-home attnscope
+RUN useradd --system --uid 10001 --create-home attnscope
 COPY --from=cpu-build /opt/attnscope /opt/attnscope
-ENV PATH=/opt/attnscope/bin:$PATH ATTNSCOPE_SPM_SHIM=/opt/attnscope/lib/libattnscope_spm_shim.so
+ENV PATH=/opt/attnscope/bin:$PATH LD_LIBRARY_PATH=/opt/attnscope/lib \
+    ATTNSCOPE_SPM_SHIM=/opt/attnscope/lib/libattnscope_spm_shim.so
 USER attnscope
 EXPOSE 50051 9090
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
@@ -39,12 +40,14 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
 ENTRYPOINT ["attnscope-server", "--listen=0.0.0.0:50051", "--metrics_listen=0.0.0.0:9090"]
 
 # The CPU image tested from inside a build (podman cannot run containers everywhere): no compiler or
-# -dev package in it, then a server on a small random-weight checkpoint, a capture, and the stored
+# -dev package in it (and the libraries it holds listed), then a server on a small random-weight checkpoint, a capture, and the stored
 # file loaded, as the image's non-root user. numpy (to load the file) is added to this stage only.
 FROM cpu AS smoke
 USER root
 RUN dpkg-query -W -f '${Package}\n' | sort > /tmp/runtime-packages \
- && echo "smoke: the runtime image holds $(wc -l < /tmp/runtime-packages) packages" \
+ && echo "smoke: the runtime image holds the base's $(wc -l < /tmp/runtime-packages) packages and" \
+         "$(ls /opt/attnscope/lib | wc -l) libraries ($(du -sh /opt/attnscope/lib | cut -f1)):" \
+         "$(ls /opt/attnscope/lib | tr '\n' ' ')" \
  && if grep -E -- '-dev$|^(gcc|g\+\+|cpp|clang|cmake|make|build-essential)(-[0-9.]+)?$' /tmp/runtime-packages; then \
       echo "smoke: build tools or -dev packages in the runtime image (above)" >&2; exit 1; fi \
  && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-numpy \

@@ -60,6 +60,9 @@ set -e
 grep -q "smoke: passed" /tmp/attnscope-image-check.log || fail "the smoke stage did not report success"
 build --target cpu -t "$TAG" > /tmp/attnscope-image-build.log 2>&1 \
   || { tail -40 /tmp/attnscope-image-build.log >&2; fail "podman build --target cpu failed"; }
+# The build stage tagged, so that its layers stay the next run's cache; stages of earlier runs go.
+build --target cpu-build -t "$TAG-build" > /dev/null 2>&1 || true
+$SUDO podman image prune -f > /dev/null 2>&1 || true
 SIZE=$($SUDO podman image inspect "$TAG" --format '{{.Size}}')
 echo "image-check: $TAG built and smoke-tested in $(( $(date +%s) - BUILD_START )) s" \
      "(base image included: $(( $(date +%s) - START )) s); size $(( SIZE / 1000000 )) MB"

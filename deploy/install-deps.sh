@@ -2,7 +2,6 @@
 # Installs the Debian 12 packages attnscope needs. Idempotent.
 #   install-deps.sh            build + tests (what CI and a developer need)
 #   install-deps.sh --build    build only (the container's build stage)
-#   install-deps.sh --runtime  shared libraries the binaries need at run time (the runtime stage)
 set -euo pipefail
 
 BUILD=(
@@ -15,15 +14,10 @@ BUILD=(
   python3 python3-numpy python3-grpcio python3-protobuf python3-matplotlib
 )
 TEST=(podman debootstrap python3-pytest python3-jinja2 python3-pandas python3-xarray python3-tqdm python3-nbclient python3-ipykernel sentencepiece openssl chromium docker-compose bc clang clang-format libclang-rt-14-dev)
-RUNTIME=(
-  libtorch1.13 libopenblas0-pthread libgrpc++1.51 libgrpc29 libprotobuf32 libsentencepiece0 libabsl20220623
-  libspdlog1.10 libfmt9 libpcre2-8-0 libutf8proc2 libcpp-httplib0.11 ca-certificates
-)
 case "${1:-}" in
   --build) PACKAGES=("${BUILD[@]}") ;;
-  --runtime) PACKAGES=("${RUNTIME[@]}") ;;
   "") PACKAGES=("${BUILD[@]}" "${TEST[@]}") ;;
-  *) echo "usage: install-deps.sh [--build|--runtime]" >&2; exit 2 ;;
+  *) echo "usage: install-deps.sh [--build]" >&2; exit 2 ;;
 esac
 
 SUDO=""
