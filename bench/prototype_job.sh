@@ -6,6 +6,8 @@
 # transformers' generate + assemble + pickle.dump (model already loaded, best of N) where torch and
 # transformers are importable (they are not on the Debian CPU machine: then that row says so).
 # Usage: bench/prototype_job.sh [RUNS]   (default 3)
+#   CAPTURE_ARGS="--shared_memory_bytes=0" bench/prototype_job.sh   the wire instead of same-host
+#   shared memory (attnscope-capture's default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
@@ -25,7 +27,7 @@ capture() {  # format -> seconds
   local start end
   start=$(date +%s.%N)
   build/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --prompt_ids="@$WORK/ids" --max_new_tokens=32 \
-    --form=dense --format="$1" --output_dir="$WORK/out" --overwrite --save_attention >/dev/null 2>"$WORK/capture.err" \
+    --form=dense --format="$1" --output_dir="$WORK/out" --overwrite --save_attention ${CAPTURE_ARGS:-} >/dev/null 2>"$WORK/capture.err" \
     || { cat "$WORK/capture.err" >&2; exit 1; }
   end=$(date +%s.%N)
   echo "$end - $start" | bc -l
