@@ -236,7 +236,11 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect(const Options& o) {
 // (deploy/gpus.py's Envoy: x-attnscope-model).
 void Authorize(const Options& o, grpc::ClientContext* ctx) {
   if (!o.token.empty()) ctx->AddMetadata("authorization", "Bearer " + o.token);
-  if (!o.model.empty()) ctx->AddMetadata("x-attnscope-model", o.model);
+  // Only a name fit for a header (printable ASCII, <= 256 characters); the server answers any
+  // other with NOT_FOUND.
+  bool routable = !o.model.empty() && o.model.size() <= 256;
+  for (char c : o.model) routable = routable && c >= ' ' && c <= '~';
+  if (routable) ctx->AddMetadata("x-attnscope-model", o.model);
 }
 
 int Health(const std::shared_ptr<grpc::Channel>& channel) {

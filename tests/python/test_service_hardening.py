@@ -211,9 +211,14 @@ def test_long_model_name_is_not_echoed_whole(model, tmp_path):
     s = start(model, tmp_path)
     try:
         c = attnscope.Client(s.target)
-        with pytest.raises(grpc.RpcError) as e:
-            c.generate(token_ids=PROMPT, model="m" * 100_000)
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details()) < 400
+        # Names unfit for the routing header (issue 16) travel in the request only.
+        for name in ("m" * 100_000, "modèle\n"):
+            with pytest.raises(grpc.RpcError) as e:
+                c.generate(token_ids=PROMPT, model=name)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details()) < 400
+        p = subprocess.run([binary("attnscope-capture"), f"--server={s.target}", "--model=" + "m" * 100_000,
+                            "--prompt_ids=1,2"], capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and "metadata" not in p.stderr and len(p.stderr) < 2000, p.stderr[:500]
     finally:
         s.stop()
 

@@ -300,9 +300,15 @@ def _with_model(client, request):
     if not request.model and client.model:
         request.model = client.model
     metadata = [m for m in client.metadata if m[0] != MODEL_HEADER]
-    if request.model:
+    if _routable(request.model):
         metadata.append((MODEL_HEADER, request.model))
     return request, metadata
+
+
+def _routable(model):
+    """A model name fit for a header (printable ASCII, at most 256 characters); any other name goes
+    to the server unrouted, which answers NOT_FOUND for it."""
+    return bool(model) and len(model) <= 256 and all(" " <= ch <= "~" for ch in model)
 
 
 class Client:
@@ -324,7 +330,7 @@ class Client:
         # `model`: the default model of requests, also sent as the x-attnscope-model header that a
         # multi-model front door (deploy/gpus.py's Envoy) routes by.
         self.model = model
-        if model:
+        if _routable(model):
             self.metadata.append((MODEL_HEADER, model))
         self.timeout = timeout
         self.shared_memory = shared_memory if shared.available() else 0
