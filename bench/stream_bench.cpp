@@ -46,6 +46,65 @@ uint64_t Fold(const char* p, size_t n, uint64_t acc) {
   return acc;
 }
 
+// One configuration: a loopback server over `engine`, the request streamed twice (the first lap
+// also faults the ring's pages in), every received byte read once. `ring` null: the wire.
+struct Measured {
+  double seconds = 1e30;  // best of two
+  int64_t received = 0;
+  uint64_t fold = 0;
+  bool shared = false;
+};
+absl::StatusOr<Measured> Measure(const Engine* engine, const ServiceOptions& so,
+                                 v1::GenerateRequest request, shared_ring::Reader* ring) {
+  AttentionServiceImpl service(engine, so);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  builder.SetMaxSendMessageSize(static_cast<int>(so.chunk_bytes * 2 + (1 << 20)));
+  auto server = builder.BuildAndStart();
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  auto stub = v1::AttentionService::NewStub(grpc::CreateCustomChannel(
+      "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials(), args));
+  if (ring != nullptr) {
+    request.mutable_shared_output()->set_name(ring->name());
+    request.mutable_shared_output()->set_capacity(ring->capacity());
+    request.mutable_shared_output()->set_key(ring->key());
+  }
+  Measured m;
+  for (int rep = 0; rep < 2; ++rep) {
+    grpc::ClientContext ctx;
+    const auto t0 = Clock::now();
+    auto reader = stub->StreamAttention(&ctx, request);
+    v1::StreamAttentionResponse msg;
+    m.received = 0;
+    m.fold = 0;
+    while (reader->Read(&msg)) {
+      if (msg.has_header()) m.shared = msg.header().shared_output();
+      if (!msg.has_attention()) continue;
+      const auto& c = msg.attention();
+      absl::string_view values = c.data();
+      if (m.shared) {
+        const int64_t n = c.shared_bytes() + c.shared_index_bytes();
+        auto piece = ring->View(c.shared_position(), n);
+        if (!piece.ok()) return piece.status();
+        values = piece->substr(0, c.shared_bytes());
+        m.fold = Fold(values.data(), values.size(), m.fold);
+        ring->Release(c.shared_position() + n).IgnoreError();
+      } else {
+        m.fold = Fold(values.data(), values.size(), m.fold);
+      }
+      m.received += static_cast<int64_t>(values.size());
+    }
+    grpc::Status st = reader->Finish();
+    if (!st.ok()) return absl::InternalError(st.error_message());
+    m.seconds = std::min(m.seconds, Seconds(t0));
+  }
+  server->Shutdown();
+  return m;
+}
+
 int Main() {
   EngineOptions eo;
   eo.model_dir = absl::GetFlag(FLAGS_model_dir);
@@ -103,46 +162,15 @@ int Main() {
     if (!absl::GetFlag(FLAGS_wire)) break;
     ServiceOptions so;
     so.chunk_bytes = chunk;
-    AttentionServiceImpl service(engine->get(), so);
-    grpc::ServerBuilder builder;
-    int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(&service);
-    builder.SetMaxSendMessageSize(static_cast<int>(chunk * 2 + (1 << 20)));
-    auto server = builder.BuildAndStart();
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(64 << 20);
-    auto channel = grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(port),
-                                             grpc::InsecureChannelCredentials(), args);
-    auto stub = v1::AttentionService::NewStub(channel);
-    double best = 1e30;
-    for (int rep = 0; rep < 2; ++rep) {
-      grpc::ClientContext ctx;
-      t0 = Clock::now();
-      auto reader = stub->StreamAttention(&ctx, request);
-      v1::StreamAttentionResponse msg;
-      int64_t received = 0;
-      uint64_t fold = 0;
-      while (reader->Read(&msg)) {
-        if (!msg.has_attention()) continue;
-        const std::string& data = msg.attention().data();
-        fold = Fold(data.data(), data.size(), fold);
-        received += data.size();
-      }
-      grpc::Status st = reader->Finish();
-      const double s = Seconds(t0);
-      if (!st.ok() || received != bytes) {
-        std::fprintf(stderr, "stream failed: %s (%ld of %ld bytes)\n", st.error_message().c_str(),
-                     (long)received, (long)bytes);
-        return 1;
-      }
-      best = std::min(best, s);
-      wire_fold = fold;
+    auto m = Measure(engine->get(), so, request, nullptr);
+    if (!m.ok() || m->received != bytes) {
+      std::fprintf(stderr, "stream failed: %s\n",
+                   m.ok() ? "bytes missing" : m.status().ToString().c_str());
+      return 1;
     }
-    const double s = best;
+    wire_fold = m->fold;
     std::printf("| gRPC stream (engine + transport) | %ld KiB | %.3f | %.3f | %.2f |\n",
-                (long)(chunk >> 10), s, bytes / s / 1e9, engine_s / s);
-    server->Shutdown();
+                (long)(chunk >> 10), m->seconds, bytes / m->seconds / 1e9, engine_s / m->seconds);
   }
 
   // Shared-memory output: descriptors on the stream, values through the ring.
@@ -151,63 +179,25 @@ int Main() {
   for (const auto& [ring_bytes, piece_bytes] : rings) {
     ServiceOptions so;
     so.shared_chunk_bytes = piece_bytes;
-    AttentionServiceImpl service(engine->get(), so);
-    grpc::ServerBuilder builder;
-    int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(&service);
-    auto server = builder.BuildAndStart();
-    auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
-                                       grpc::InsecureChannelCredentials());
-    auto stub = v1::AttentionService::NewStub(channel);
     auto ring = shared_ring::Reader::Create(ring_bytes);
     if (!ring.ok()) {
       std::fprintf(stderr, "%s\n", ring.status().ToString().c_str());
       return 1;
     }
-    v1::GenerateRequest shared_request = request;
-    shared_request.mutable_shared_output()->set_name((*ring)->name());
-    shared_request.mutable_shared_output()->set_capacity(ring_bytes);
-    shared_request.mutable_shared_output()->set_key((*ring)->key());
-    double best = 1e30;
-    for (int rep = 0; rep < 2; ++rep) {  // the first lap also faults the ring's pages in
-      grpc::ClientContext ctx;
-      t0 = Clock::now();
-      auto reader = stub->StreamAttention(&ctx, shared_request);
-      v1::StreamAttentionResponse msg;
-      int64_t received = 0;
-      uint64_t fold = 0;
-      bool shared = false;
-      while (reader->Read(&msg)) {
-        if (msg.has_header()) shared = msg.header().shared_output();
-        if (!msg.has_attention()) continue;
-        const auto& c = msg.attention();
-        const int64_t n = c.shared_bytes() + c.shared_index_bytes();
-        auto piece = (*ring)->View(c.shared_position(), n);
-        if (!piece.ok()) {
-          std::fprintf(stderr, "%s\n", piece.status().ToString().c_str());
-          return 1;
-        }
-        fold = Fold(piece->data(), c.shared_bytes(), fold);
-        (*ring)->Release(c.shared_position() + n).IgnoreError();
-        received += c.shared_bytes();
-      }
-      grpc::Status st = reader->Finish();
-      const double s = Seconds(t0);
-      if (!st.ok() || !shared || received != bytes ||
-          (absl::GetFlag(FLAGS_wire) && fold != wire_fold)) {
-        std::fprintf(stderr, "shared stream failed: %s (shared %d, %ld of %ld bytes, %s)\n",
-                     st.error_message().c_str(), shared, (long)received, (long)bytes,
-                     fold == wire_fold ? "same bytes" : "NOT the wire's bytes");
-        return 1;
-      }
-      best = std::min(best, s);
+    auto m = Measure(engine->get(), so, request, ring->get());
+    if (!m.ok() || !m->shared || m->received != bytes ||
+        (absl::GetFlag(FLAGS_wire) && m->fold != wire_fold)) {
+      std::fprintf(stderr, "shared stream failed: %s\n",
+                   !m.ok()                ? m.status().ToString().c_str()
+                   : !m->shared           ? "the server did not use the ring"
+                   : m->fold != wire_fold ? "NOT the wire's bytes"
+                                          : "bytes missing");
+      return 1;
     }
     std::printf(
         "| shared memory (engine + ring) | %ld MiB pieces, %ld MiB ring | %.3f | %.3f | %.2f |\n",
-        (long)(piece_bytes >> 20), (long)(ring_bytes >> 20), best, bytes / best / 1e9,
-        engine_s / best);
-    server->Shutdown();
+        (long)(piece_bytes >> 20), (long)(ring_bytes >> 20), m->seconds, bytes / m->seconds / 1e9,
+        engine_s / m->seconds);
   }
   return 0;
 }

@@ -205,15 +205,31 @@ def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, qu
         statistics=pb.Statistics(**statistics))
 
 
-def _progress(iterable, progress, unit):
-    """tqdm over `iterable` when wanted and installed; the iterable itself otherwise."""
-    if progress is False:
-        return iterable
+def _tqdm():
+    """tqdm's bar class where tqdm is installed; None otherwise (progress is then quiet)."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return iterable
-    return tqdm(iterable, unit=unit)
+        return None
+    return tqdm
+
+
+def _progress(iterable, progress, unit):
+    """tqdm over `iterable` when wanted and installed; the iterable itself otherwise."""
+    tqdm = _tqdm()
+    return iterable if progress is False or tqdm is None else tqdm(iterable, unit=unit)
+
+
+def _item_kwargs(item, kwargs):
+    """stream_many's inputs: a prompt string, a dict of request keywords, or token ids."""
+    kw = dict(kwargs)
+    if isinstance(item, str):
+        kw["prompt"] = item
+    elif isinstance(item, dict):
+        kw.update(item)
+    else:
+        kw["token_ids"] = list(item)
+    return kw
 
 
 class _Receiver:
@@ -229,11 +245,8 @@ class _Receiver:
     def _start_bar(self, header):
         if self.progress is False:
             return
-        if self.progress is None and header.estimated_bytes < (64 << 20):
-            return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
+        tqdm = _tqdm()
+        if tqdm is None or (self.progress is None and header.estimated_bytes < (64 << 20)):
             return
         self.bar = tqdm(total=header.estimated_bytes or None, unit="B", unit_scale=True, desc="attention")
 
@@ -437,14 +450,7 @@ class Client:
         with a progress bar over the samples (tqdm when installed); returns the results."""
         results = []
         for item in _progress(inputs, progress, "samples"):
-            kw = dict(kwargs)
-            if isinstance(item, str):
-                kw["prompt"] = item
-            elif isinstance(item, dict):
-                kw.update(item)
-            else:
-                kw["token_ids"] = list(item)
-            results.append(self.stream_attention(progress=False, **kw))
+            results.append(self.stream_attention(progress=False, **_item_kwargs(item, kwargs)))
         return results
 
     def _receiver(self, request, progress):
@@ -504,23 +510,12 @@ class AsyncClient(Client):
         import asyncio
         inputs = list(inputs)
         gate = asyncio.Semaphore(concurrency)
-        bar = None
-        try:
-            from tqdm.auto import tqdm
-            bar = None if progress is False else tqdm(total=len(inputs), unit="samples")
-        except ImportError:
-            pass
+        tqdm = _tqdm()
+        bar = None if progress is False or tqdm is None else tqdm(total=len(inputs), unit="samples")
 
         async def one(item):
-            kw = dict(kwargs)
-            if isinstance(item, str):
-                kw["prompt"] = item
-            elif isinstance(item, dict):
-                kw.update(item)
-            else:
-                kw["token_ids"] = list(item)
             async with gate:
-                r = await self.stream_attention(progress=False, **kw)
+                r = await self.stream_attention(progress=False, **_item_kwargs(item, kwargs))
             if bar is not None:
                 bar.update(1)
             return r
