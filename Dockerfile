@@ -47,14 +47,17 @@ USER root
 RUN dpkg-query -W -f '${Package}\n' | sort > /tmp/runtime-packages \
  && echo "smoke: the runtime image holds the base's $(wc -l < /tmp/runtime-packages) packages and" \
          "$(ls /opt/attnscope/lib | wc -l) libraries ($(du -sh /opt/attnscope/lib | cut -f1)):" \
-         "$(ls /opt/attnscope/lib | tr '\n' ' ')" \
+         "$(ls /opt/attnscope/lib | tr '\n' ' ')" | tee /etc/attnscope-runtime-report \
  && if grep -E -- '-dev$|^(gcc|g\+\+|cpp|clang|cmake|make|build-essential)(-[0-9.]+)?$' /tmp/runtime-packages; then \
       echo "smoke: build tools or -dev packages in the runtime image (above)" >&2; exit 1; fi \
  && apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-numpy \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=cpu-build /smoke /smoke
 USER attnscope
-RUN bash /smoke/smoke.sh
+# A value of its own per check (deploy/image-check.sh passes one), so that the smoke test runs every
+# time instead of being taken from the layer cache of an earlier build of the same tree.
+ARG SMOKE_RUN=unset
+RUN echo "smoke: run $SMOKE_RUN" && cat /etc/attnscope-runtime-report && bash /smoke/smoke.sh
 
 ############################## CUDA ##############################
 FROM ${CUDA_DEVEL_IMAGE} AS cuda-build

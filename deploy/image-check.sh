@@ -48,16 +48,20 @@ else
 fi
 
 BUILD_START=$(date +%s)
+# The smoke stage's RUN takes this value, so it runs every time (never from the layer cache).
+RUN_ID="$(date +%s%N)-$$"
 build() {
   $SUDO podman build --isolation chroot --build-arg DEBIAN_IMAGE="$BASE" -f Dockerfile "$@" .
 }
 set +e
-build --target smoke -t "$TAG-smoke" 2>&1 | tee /tmp/attnscope-image-check.log \
+build --target smoke -t "$TAG-smoke" --build-arg SMOKE_RUN="$RUN_ID" 2>&1 | tee /tmp/attnscope-image-check.log \
   | grep --line-buffered -E 'STEP [0-9]|^smoke:|^(Error|error)'
 rc=${PIPESTATUS[0]}
 set -e
 [ "$rc" -eq 0 ] || { tail -40 /tmp/attnscope-image-check.log >&2; fail "podman build --target smoke failed"; }
-grep -q "smoke: passed" /tmp/attnscope-image-check.log || fail "the smoke stage did not report success"
+grep -q "^smoke: run $RUN_ID" /tmp/attnscope-image-check.log \
+  || fail "the smoke stage did not run in this build (taken from the layer cache?)"
+grep -q "^smoke: passed" /tmp/attnscope-image-check.log || fail "the smoke stage did not report success"
 build --target cpu -t "$TAG" > /tmp/attnscope-image-build.log 2>&1 \
   || { tail -40 /tmp/attnscope-image-build.log >&2; fail "podman build --target cpu failed"; }
 # The build stage tagged, so that its layers stay the next run's cache; stages of earlier runs go.
