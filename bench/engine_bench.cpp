@@ -16,6 +16,7 @@
 #include "absl/flags/parse.h"
 #include "bench/counting_sink.h"
 #include "model/engine.h"
+#include "model/io/host_memory.h"
 
 ABSL_FLAG(std::string, model_dir, "",
           "checkpoint folder (tests/tools/checkpoint.py bench_engine DIR)");
@@ -192,5 +193,6 @@ int Main() {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
+  attnscope::RetainFreedHostMemory(attnscope::kDefaultRetainedHostBytes);  // as the server
   return attnscope::Main();
 }

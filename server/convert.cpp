@@ -138,14 +138,25 @@ absl::Status ChunkBlock(const Block& block, int64_t chunk_bytes, const MessageSi
       auto* c = msg.mutable_attention();
       FillBlockHeader(h, c);
       c->set_byte_offset(first * elem);
-      const absl::string_view v(values + first * elem, n * elem);
-      const absl::string_view i =
-          index_size > 0 ? absl::string_view(indices + first * 4, n * 4) : absl::string_view();
-      if (place != nullptr) {
-        RETURN_IF_ERROR((*place)(v, i, c));
+      ChunkPiece piece;
+      piece.value_bytes = n * elem;
+      if (values != nullptr) {
+        piece.values = absl::string_view(values + first * elem, n * elem);
       } else {
-        c->set_data(v.data(), v.size());
-        if (!i.empty()) c->set_indices(i.data(), i.size());
+        piece.fill = [&block, first, n](void* dst) { block.fill(first, n, dst); };
+      }
+      if (index_size > 0) piece.indices = absl::string_view(indices + first * 4, n * 4);
+      if (place != nullptr) {
+        RETURN_IF_ERROR((*place)(piece, c));
+      } else {
+        if (values != nullptr) {
+          c->set_data(piece.values.data(), piece.values.size());
+        } else {
+          std::string* data = c->mutable_data();
+          data->resize(static_cast<size_t>(piece.value_bytes));
+          piece.fill(data->data());
+        }
+        if (!piece.indices.empty()) c->set_indices(piece.indices.data(), piece.indices.size());
       }
     }
     RETURN_IF_ERROR(emit(msg));

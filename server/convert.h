@@ -38,14 +38,23 @@ void FillStatistic(const Block& block, v1::StatisticChunk* out);
 // Receives the messages of a chunked block one at a time; an error stops the chunking.
 using MessageSink = std::function<absl::Status(const v1::StreamAttentionResponse& message)>;
 
+// One attention chunk's payload: its values as bytes, or (a block given with Block::fill) `fill`,
+// which writes its `value_bytes` where it is told; and its indices, if the form has them.
+struct ChunkPiece {
+  absl::string_view values;
+  int64_t value_bytes = 0;
+  std::function<void(void* dst)> fill;  // set when `values` is not
+  absl::string_view indices;
+};
 // Places an attention chunk's values and indices elsewhere than in the message (the shared ring):
 // writes them and fills the chunk's shared_* fields instead of `data` / `indices`.
-using ChunkPlacer = std::function<absl::Status(absl::string_view values, absl::string_view indices,
-                                               v1::AttentionChunk* chunk)>;
+using ChunkPlacer = std::function<absl::Status(const ChunkPiece& piece, v1::AttentionChunk* chunk)>;
 
 // The one chunker (StreamAttention): a block of either kind in messages whose payload is at most
 // `chunk_bytes`, each made just before `emit` takes it: one chunk's copy exists at a time, not the
-// whole block's. With `place`, attention chunks carry their place instead of their bytes.
+// whole block's. With `place`, attention chunks carry their place instead of their bytes. A block
+// given with `fill` instead of values is written chunk by chunk (straight into the place, with
+// `place`).
 absl::Status ChunkBlock(const Block& block, int64_t chunk_bytes, const MessageSink& emit,
                         const ChunkPlacer* place = nullptr);
 

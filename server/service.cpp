@@ -195,15 +195,20 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     };
     if (ring_ == nullptr || block.header.kind != BlockKind::kAttention)
       return ChunkBlock(block, service_->options_.chunk_bytes, emit);
-    const ChunkPlacer place = [this](absl::string_view values, absl::string_view indices,
+    const ChunkPlacer place = [this](const ChunkPiece& piece,
                                      v1::AttentionChunk* chunk) -> absl::Status {
-      ASSIGN_OR_RETURN(const int64_t position, ring_->Put(values, indices, [this](double idle_s) {
-        return WaitForRing(idle_s);
-      }));
+      const auto keep_waiting = [this](double idle_s) { return WaitForRing(idle_s); };
+      // Dense values come as `fill`: the engine writes them straight into the ring.
+      ASSIGN_OR_RETURN(const int64_t position,
+                       piece.fill ? ring_->Place(
+                                        piece.value_bytes, [&piece](char* dst) { piece.fill(dst); },
+                                        keep_waiting)
+                                  : ring_->Put(piece.values, piece.indices, keep_waiting));
       chunk->set_shared_position(position);
-      chunk->set_shared_bytes(static_cast<int64_t>(values.size()));
-      chunk->set_shared_index_bytes(static_cast<int64_t>(indices.size()));
-      service_->metrics_.shared_bytes += static_cast<int64_t>(values.size() + indices.size());
+      chunk->set_shared_bytes(piece.value_bytes);
+      chunk->set_shared_index_bytes(static_cast<int64_t>(piece.indices.size()));
+      service_->metrics_.shared_bytes +=
+          piece.value_bytes + static_cast<int64_t>(piece.indices.size());
       return absl::OkStatus();
     };
     const int64_t piece =
@@ -211,6 +216,10 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
                  ring_->capacity() / 4);
     return ChunkBlock(block, piece, emit, &place);
   }
+
+  // Dense blocks come unmaterialized when they go to the mapped ring (ChunkBlock has them written
+  // there piece by piece).
+  bool PlacesValues() const override { return ring_ != nullptr && ring_->mapped(); }
 
   // The engine thread waits for room in the shared ring: the client's reading is its progress, as
   // a taken message is on the wire. Stops on cancel, shutdown, or a client that reads nothing for

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -42,10 +43,17 @@ struct BlockHeader {
 };
 
 // A block with its bytes: little-endian, row-major, valid only during the sink call.
+// Writes the values' elements [first, first + count) (row-major, header.element_type) to `dst`.
+using BlockFill = std::function<void(int64_t first, int64_t count, void* dst)>;
+
 struct Block {
   BlockHeader header;
-  const void* values = nullptr;   // header.value_bytes()
+  const void* values = nullptr;   // header.value_bytes(); null when `fill` is given instead
   const void* indices = nullptr;  // int32 key indices, header.index_bytes()
+  // Only for a sink whose PlacesValues() is true, and only for dense attention blocks: the values
+  // are not materialized; the sink has them written straight where they go (its shared ring),
+  // piece by piece, during OnBlock.
+  BlockFill fill;
 };
 
 // The one naming of stored blocks (safetensors tensor names, the Python readers' keys):
@@ -73,6 +81,8 @@ class AttentionSink {
  public:
   virtual ~AttentionSink() = default;
   virtual absl::Status OnBlock(const Block& block) { return absl::OkStatus(); }
+  // True: dense attention blocks may come with Block::fill instead of values (one copy fewer).
+  virtual bool PlacesValues() const { return false; }
   // Generated token number `step` (1-based), as soon as it is chosen.
   virtual absl::Status OnToken(int64_t step, int64_t token_id) { return absl::OkStatus(); }
   // Logits ([vocab] float32) that chose token `step`; only when WantsLogits().

@@ -222,6 +222,47 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
   h.form = spec_.form;
   h.pool = spec_.pool;
   h.element_type = spec_.element_type;
+  if (spec_.form == Form::kDense && sink_->PlacesValues()) {
+    // Written piece by piece where the sink places them (keys padded with 0 on the way): no
+    // materialized copy of the block.
+    const int64_t heads = rows.size(0), have = rows.size(2);
+    const int64_t keys = std::max(have, key_length);
+    h.shape = {heads, m, keys};
+    const auto options = torch::TensorOptions().dtype(TorchType(spec_.element_type));
+    block.fill = [&rows, m, have, keys, options](int64_t first, int64_t count, void* dst) {
+      char* out = static_cast<char*>(dst);
+      const int64_t elem = static_cast<int64_t>(options.dtype().itemsize());
+      for (int64_t at = first, end = first + count; at < end;) {
+        const int64_t row = at / keys, col = at % keys;  // row: over (head, query row)
+        const int64_t head = row / m, r = row % m;
+        int64_t n = 0;
+        if (col == 0 && r == 0 && end - at >= m * keys) {  // whole heads, in one copy
+          const int64_t count_heads = (end - at) / (m * keys);
+          torch::Tensor d = torch::from_blob(out, {count_heads, m, keys}, options);
+          d.narrow(2, 0, have).copy_(rows.narrow(0, head, count_heads));
+          if (keys > have) d.narrow(2, have, keys - have).zero_();
+          n = count_heads * m * keys;
+        } else if (col == 0 && end - at >= keys) {  // whole rows of one head
+          const int64_t count_rows = std::min(m - r, (end - at) / keys);
+          torch::Tensor d = torch::from_blob(out, {count_rows, keys}, options);
+          d.narrow(1, 0, have).copy_(rows[head].narrow(0, r, count_rows));
+          if (keys > have) d.narrow(1, have, keys - have).zero_();
+          n = count_rows * keys;
+        } else {  // part of one row
+          const int64_t stop = std::min(keys, col + (end - at));
+          const int64_t copied = std::min(std::max(have, col), stop);
+          torch::Tensor d = torch::from_blob(out, {stop - col}, options);
+          if (copied > col)
+            d.narrow(0, 0, copied - col).copy_(rows[head][r].narrow(0, col, copied - col));
+          if (stop > copied) d.narrow(0, copied - col, stop - copied).zero_();
+          n = stop - col;
+        }
+        out += n * elem;
+        at += n;
+      }
+    };
+    return sink_->OnBlock(block);
+  }
   torch::Tensor values, indices;
   switch (spec_.form) {
     case Form::kNone:

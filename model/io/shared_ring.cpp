@@ -8,13 +8,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <thread>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "model/io/status_macros.h"
 
 namespace attnscope {
 namespace shared_ring {
@@ -63,6 +66,83 @@ void RemoveOrphans() {
       shm_unlink(absl::StrCat("/", entry).c_str());
   }
   closedir(dir);
+}
+
+// The writer's mappings of client regions, guarded: a write into a page the client has cut off
+// (it shrank its region, or /dev/shm ran out of room for a page) raises SIGBUS; the handler puts
+// private zero pages in the region's place, the write is retried there and lands nowhere, and the
+// writer sees `broken` and ends the stream (the pattern Wayland compositors use for the shared
+// buffers of their clients). Lock-free, so that it is safe in a signal handler.
+struct GuardSlot {
+  std::atomic<int> used{0};
+  std::atomic<uintptr_t> begin{0}, end{0};
+  std::atomic<int> broken{0};
+};
+constexpr int kGuardSlots = 256;
+GuardSlot g_guard[kGuardSlots];
+struct sigaction g_previous_bus_action;
+std::once_flag g_guard_once;
+bool g_guard_installed = false;
+
+void OnBusError(int sig, siginfo_t* info, void* context) {
+  const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
+  // A fault (si_code > 0) at a guarded address; one sent by kill or raise never is.
+  for (GuardSlot& slot : g_guard) {
+    if (info->si_code <= 0) break;
+    const uintptr_t begin = slot.begin.load(std::memory_order_acquire);
+    const uintptr_t end = slot.end.load(std::memory_order_acquire);
+    if (begin == 0 || addr < begin || addr >= end) continue;
+    if (mmap(reinterpret_cast<void*>(begin), end - begin, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) != MAP_FAILED) {
+      slot.broken.store(1, std::memory_order_release);
+      return;
+    }
+    break;
+  }
+  // Not a guarded region: what handled SIGBUS before (by default, the process ends as it would
+  // have: a faulting access faults again under the default action).
+  const struct sigaction& previous = g_previous_bus_action;
+  if ((previous.sa_flags & SA_SIGINFO) != 0 && previous.sa_sigaction != nullptr) {
+    previous.sa_sigaction(sig, info, context);
+  } else if ((previous.sa_flags & SA_SIGINFO) == 0 && previous.sa_handler != SIG_DFL &&
+             previous.sa_handler != SIG_IGN) {
+    previous.sa_handler(sig);
+  } else {
+    signal(SIGBUS, SIG_DFL);
+    if (info->si_code <= 0) raise(sig);  // sent, not a fault: delivered again once this returns
+  }
+}
+
+// A guard slot for [begin, begin + bytes), or -1 (no handler, or all slots taken: the caller
+// writes with pwrite instead).
+int AcquireGuard(char* begin, int64_t bytes) {
+  std::call_once(g_guard_once, [] {
+    struct sigaction action {};
+    action.sa_sigaction = OnBusError;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    g_guard_installed = sigaction(SIGBUS, &action, &g_previous_bus_action) == 0;
+  });
+  if (!g_guard_installed) return -1;
+  const long page = sysconf(_SC_PAGESIZE);
+  const uintptr_t end =
+      reinterpret_cast<uintptr_t>(begin) + static_cast<uintptr_t>((bytes + page - 1) / page * page);
+  for (int i = 0; i < kGuardSlots; ++i) {
+    int expected = 0;
+    if (!g_guard[i].used.compare_exchange_strong(expected, 1)) continue;
+    g_guard[i].broken.store(0);
+    g_guard[i].end.store(end, std::memory_order_release);
+    g_guard[i].begin.store(reinterpret_cast<uintptr_t>(begin), std::memory_order_release);
+    return i;
+  }
+  return -1;
+}
+
+void ReleaseGuard(int i) {
+  g_guard[i].begin.store(0, std::memory_order_release);
+  g_guard[i].end.store(0, std::memory_order_release);
+  g_guard[i].broken.store(0);
+  g_guard[i].used.store(0, std::memory_order_release);
 }
 
 }  // namespace
@@ -133,10 +213,26 @@ absl::StatusOr<std::unique_ptr<Writer>> Writer::Open(const std::string& name, in
     return absl::FailedPreconditionError(
         absl::StrCat("the shared region ", name, " has a read position out of range"));
   w->read_ = w->write_ = static_cast<int64_t>(start);
+  // The ring mapped for Place, under the guard; where it cannot be (pages larger than the header,
+  // no guard slot), Place writes with pwrite.
+  void* map = mmap(nullptr, static_cast<size_t>(capacity), PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                   kHeaderBytes);
+  if (map != MAP_FAILED) {
+    w->guard_ = AcquireGuard(static_cast<char*>(map), capacity);
+    if (w->guard_ >= 0) {
+      w->map_ = static_cast<char*>(map);
+    } else {
+      munmap(map, static_cast<size_t>(capacity));
+    }
+  }
   return w;
 }
 
-Writer::~Writer() { close(fd_); }
+Writer::~Writer() {
+  if (map_ != nullptr) munmap(map_, static_cast<size_t>(capacity_));
+  if (guard_ >= 0) ReleaseGuard(guard_);
+  close(fd_);
+}
 
 absl::StatusOr<int64_t> Writer::ReadPosition() {
   // Two equal reads in a row: a value the client stored, never a torn mix of two.
@@ -180,9 +276,7 @@ absl::Status Writer::WriteAt(int64_t ring_offset, absl::string_view bytes) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<int64_t> Writer::Put(absl::string_view a, absl::string_view b,
-                                    const KeepWaiting& keep_waiting) {
-  const int64_t n = static_cast<int64_t>(a.size() + b.size());
+absl::StatusOr<int64_t> Writer::Reserve(int64_t n, const KeepWaiting& keep_waiting) {
   if (n > capacity_)
     return absl::InternalError(absl::StrCat("a piece of ", n, " bytes exceeds the ring"));
   int64_t position = write_;
@@ -205,11 +299,42 @@ absl::StatusOr<int64_t> Writer::Put(absl::string_view a, absl::string_view b,
       return s;
     }
     std::this_thread::sleep_for(pause);
-    pause = std::min(pause * 2, std::chrono::microseconds(2000));
+    // A reader that is moving frees room within about a piece's read time: look again soon (a
+    // long sleep here idles the engine). One that has not moved for a while: back off to 2 ms.
+    const bool recent = now - moved < std::chrono::milliseconds(50);
+    pause = std::min(pause * 2, std::chrono::microseconds(recent ? 100 : 2000));
   }
+  return position;
+}
+
+absl::StatusOr<int64_t> Writer::Put(absl::string_view a, absl::string_view b,
+                                    const KeepWaiting& keep_waiting) {
+  const int64_t n = static_cast<int64_t>(a.size() + b.size());
+  ASSIGN_OR_RETURN(const int64_t position, Reserve(n, keep_waiting));
   const int64_t offset = position % capacity_;
-  if (absl::Status s = WriteAt(offset, a); !s.ok()) return s;
-  if (absl::Status s = WriteAt(offset + static_cast<int64_t>(a.size()), b); !s.ok()) return s;
+  RETURN_IF_ERROR(WriteAt(offset, a));
+  RETURN_IF_ERROR(WriteAt(offset + static_cast<int64_t>(a.size()), b));
+  write_ = position + n;
+  return position;
+}
+
+absl::StatusOr<int64_t> Writer::Place(int64_t n, const std::function<void(char* dst)>& fill,
+                                      const KeepWaiting& keep_waiting) {
+  if (n < 0) return absl::InternalError("a piece of negative size");
+  ASSIGN_OR_RETURN(const int64_t position, Reserve(n, keep_waiting));
+  const int64_t offset = position % capacity_;
+  if (map_ != nullptr) {
+    if (g_guard[guard_].broken.load(std::memory_order_acquire) == 0) fill(map_ + offset);
+    if (g_guard[guard_].broken.load(std::memory_order_acquire) != 0) {
+      return absl::FailedPreconditionError(
+          "the shared region was cut short during the stream (the client shrank it, or /dev/shm "
+          "is full): the stream was stopped");
+    }
+  } else {
+    std::string buffer(static_cast<size_t>(n), '\0');
+    fill(buffer.data());
+    RETURN_IF_ERROR(WriteAt(offset, buffer));
+  }
   write_ = position + n;
   return position;
 }

@@ -8,9 +8,11 @@
 //
 // Positions are byte counts since the stream began; a piece of `n` bytes at position p lives at
 // ring offset p % capacity and never wraps (the writer skips to the next lap when it would). The
-// writer never maps the region: it writes with pwrite and reads the client's position with pread,
-// so a client that truncates or unlinks its region cannot crash the server (no SIGBUS), and
-// nothing outside [header, header + capacity) of the region the request named is ever written.
+// writer reads the client's position with pread, never through a mapping; it maps only the ring,
+// which Place fills in place (the engine writes attention values straight into it), under a
+// SIGBUS guard: a client that shrinks or unlinks its region cannot crash the server (the faulting
+// writes land in private pages and the stream ends), and nothing outside [header, header +
+// capacity) of the region the request named is ever written. Put writes with pwrite.
 // The key, random and readable only by whoever can open the region, keeps one client from naming
 // another's region. A client reuses its region for its streams one after another (each starts at
 // the read position the last one left); it removes the name when done, and Create removes the
@@ -63,8 +65,17 @@ class Writer {
   absl::StatusOr<int64_t> Put(absl::string_view a, absl::string_view b,
                               const KeepWaiting& keep_waiting);
 
+  // Reserves `n` <= capacity bytes at the next position with room (waiting as Put does), has
+  // `fill` write them in place (into the mapped ring; where the ring is not mapped, into a buffer
+  // then pwrite), and returns the position. FailedPrecondition once the client has cut its region
+  // short: what `fill` wrote then went to private pages, never to the server's own memory.
+  absl::StatusOr<int64_t> Place(int64_t n, const std::function<void(char* dst)>& fill,
+                                const KeepWaiting& keep_waiting);
+  bool mapped() const { return map_ != nullptr; }
+
  private:
   Writer(int fd, int64_t capacity) : fd_(fd), capacity_(capacity) {}
+  absl::StatusOr<int64_t> Reserve(int64_t n, const KeepWaiting& keep_waiting);
   // The client's read position, checked: never past what was written (an error); a value behind
   // the last one seen counts as no progress.
   absl::StatusOr<int64_t> ReadPosition();
@@ -72,6 +83,8 @@ class Writer {
 
   int fd_;
   int64_t capacity_;
+  char* map_ = nullptr;  // the ring, mapped and guarded, or null
+  int guard_ = -1;
   int64_t write_ = 0;  // end of the last piece
   int64_t read_ = 0;   // the client's position as last seen
 };

@@ -22,6 +22,7 @@
 #include "model/capture/spec_text.h"
 #include "model/engine.h"
 #include "model/io/flags_usage.h"
+#include "model/io/host_memory.h"
 #include "model/io/safetensors_writer.h"
 #include "model/io/status_macros.h"
 
@@ -181,6 +182,7 @@ int main(int argc, char** argv) {
       "benchmarks",
       "--model_dir DIR (--prompt TEXT | --prompt_ids 1,2,3) [--form ...] [flags]");
   absl::ParseCommandLine(argc, argv);
+  attnscope::RetainFreedHostMemory(attnscope::kDefaultRetainedHostBytes);  // as the server
   absl::Status status = attnscope::Run();
   if (!status.ok()) {
     std::cerr << "attnscope-run: " << status << std::endl;

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <thread>
 
@@ -312,6 +313,65 @@ TEST_P(AttentionPaths, FastPathMatchesReferencePath) {
 INSTANTIATE_TEST_SUITE_P(PositionsAndWindows, AttentionPaths,
                          ::testing::Combine(::testing::Values(0, 20, 36),
                                             ::testing::Values(0, 5, 64)));
+
+// A sink that takes dense blocks unmaterialized (as the server's shared-ring sink does) and has
+// them written in irregular pieces: every byte must equal the materialized block's.
+class PlacingSink : public AttentionSink {
+ public:
+  explicit PlacingSink(bool places) : places_(places) {}
+  bool PlacesValues() const override { return places_; }
+  absl::Status OnBlock(const Block& b) override {
+    if (b.header.kind != BlockKind::kAttention) return absl::OkStatus();
+    std::string bytes(static_cast<size_t>(b.header.value_bytes()), '\x7f');
+    if (b.values != nullptr) {
+      EXPECT_FALSE(b.fill);
+      std::memcpy(bytes.data(), b.values, bytes.size());
+    } else {
+      EXPECT_TRUE(places_ && b.fill && b.header.form == Form::kDense);
+      const int64_t elem = ElementSize(b.header.element_type);
+      const int64_t count = b.header.numel();
+      // Pieces of 1, 2, 3, ... elements, then the rest: starts and ends inside rows, whole rows,
+      // and pieces over several heads.
+      int64_t first = 0;
+      for (int64_t n = 1; first < count; ++n) {
+        const int64_t take = n > 12 ? count - first : std::min(n, count - first);
+        b.fill(first, take, bytes.data() + first * elem);
+        first += take;
+      }
+    }
+    blocks.push_back(BlockName(b.header) + ":" + std::to_string(b.header.shape.back()));
+    values.push_back(std::move(bytes));
+    return absl::OkStatus();
+  }
+  std::vector<std::string> blocks, values;
+
+ private:
+  bool places_;
+};
+
+TEST_F(EngineTest, DenseBlocksWrittenInPlaceEqualMaterializedOnes) {
+  // Query blocks of 3 rows: prefill blocks whose keys are padded, and decode rows.
+  testing::TempDir dir;
+  ASSERT_TRUE(testing::WriteTinyCheckpoint(dir.path(), testing::TinyLlamaConfig()).ok());
+  EngineOptions options;
+  options.model_dir = dir.path();
+  options.query_block = 3;
+  auto engine = Engine::Load(options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  for (ElementType type : {ElementType::kFloat32, ElementType::kFloat16, ElementType::kBFloat16}) {
+    CaptureSpec spec;
+    spec.form = Form::kDense;
+    spec.element_type = type;
+    spec.heads = {1, 3};
+    PlacingSink materialized(false), placed(true);
+    ASSERT_TRUE((*engine)->Generate(Request(4), spec, &materialized, nullptr).ok());
+    ASSERT_TRUE((*engine)->Generate(Request(4), spec, &placed, nullptr).ok());
+    ASSERT_EQ(materialized.blocks, placed.blocks);
+    ASSERT_GT(materialized.blocks.size(), 4u);
+    for (size_t i = 0; i < placed.values.size(); ++i)
+      EXPECT_EQ(materialized.values[i], placed.values[i]) << placed.blocks[i];
+  }
+}
 
 }  // namespace
 }  // namespace attnscope

@@ -99,6 +99,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         }
         close(fd);
       }
+    } else if (op & 4) {  // the engine writes in place, into a region that may have shrunk
+      const int64_t n = static_cast<int64_t>((op >> 8) % (cap + 1));
+      auto place = (*writer)->Place(
+          n, [n](char* dst) { std::memcpy(dst, kPiece.data(), static_cast<size_t>(n)); },
+          NeverWait);
+      attnscope::fuzz::Record(place.status());
     } else {
       const size_t a = (op >> 8) % (cap + 1), b = (op >> 32) % (cap / 4);
       auto put = (*writer)->Put(absl::string_view(kPiece).substr(0, a),

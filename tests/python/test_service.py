@@ -220,8 +220,10 @@ def test_slow_reader_keeps_memory_flat(model, tmp_path):
 
     mport = free_port()
     # glibc keeps freed blocks above its (self-raising) mmap threshold on the heap, so resident
-    # size would include what the allocator caches; a fixed threshold makes it follow live memory.
+    # size would include what the allocator caches; a fixed threshold makes it follow live memory
+    # (and --host_memory_retain_bytes=0 leaves glibc's settings to the environment).
     s = Server(binary("attnscope-server"), model, "--chunk_bytes=4096", f"--metrics_listen=127.0.0.1:{mport}",
+               "--host_memory_retain_bytes=0",
                log_path=str(tmp_path / "log"), env={"MALLOC_MMAP_THRESHOLD_": "131072"})
     try:
         c = attnscope.Client(s.target, timeout=120)
