@@ -229,8 +229,9 @@ absl::StatusOr<std::unique_ptr<Writer>> Writer::Open(const std::string& name, in
 }
 
 Writer::~Writer() {
-  if (map_ != nullptr) munmap(map_, static_cast<size_t>(capacity_));
+  // The guard goes first: once unmapped, the addresses may be mapped again by anyone else.
   if (guard_ >= 0) ReleaseGuard(guard_);
+  if (map_ != nullptr) munmap(map_, static_cast<size_t>(capacity_));
   close(fd_);
 }
 
