@@ -39,7 +39,7 @@ ABSL_FLAG(int64_t, max_shared_bytes, int64_t{1} << 30,
           "into (its values then skip the wire); 0: never");
 ABSL_FLAG(int64_t, host_memory_retain_bytes, attnscope::kDefaultRetainedHostBytes,
           "freed host memory the allocator keeps for reuse (per arena) instead of handing it back "
-          "to the kernel and faulting it in again: about 15 % of a CPU capture; 0: glibc's "
+          "to the kernel and faulting it in again: about 15 % of a CPU capture at 4k; 0: glibc's "
           "defaults");
 ABSL_FLAG(int64_t, max_capture_bytes, int64_t{64} << 30,
           "capture byte budget per request (0: none)");

@@ -42,10 +42,10 @@ struct BlockHeader {
   int64_t index_bytes() const { return has_indices() ? numel() * 4 : 0; }
 };
 
-// A block with its bytes: little-endian, row-major, valid only during the sink call.
 // Writes the values' elements [first, first + count) (row-major, header.element_type) to `dst`.
 using BlockFill = std::function<void(int64_t first, int64_t count, void* dst)>;
 
+// A block with its bytes: little-endian, row-major, valid only during the sink call.
 struct Block {
   BlockHeader header;
   const void* values = nullptr;   // header.value_bytes(); null when `fill` is given instead

@@ -1,7 +1,8 @@
 // The host allocator for a process that runs the engine. A CPU capture allocates and frees blocks
 // of tens of MiB per query block (probabilities, scores, captured rows); glibc's defaults hand
 // such blocks back to the kernel on free (munmap, heap trimming) and the next allocation faults in
-// fresh zeroed pages: 15-20 % of a CPU capture's time (BENCHMARKS.md, "Same-host output").
+// fresh zeroed pages: about 15-18 % of a CPU capture's time at 4k tokens (BENCHMARKS.md, "Same-host
+// output").
 #pragma once
 
 #include <cstdint>

@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <iterator>
 #include <limits>
 #include <thread>
 
@@ -328,15 +330,34 @@ class PlacingSink : public AttentionSink {
       std::memcpy(bytes.data(), b.values, bytes.size());
     } else {
       EXPECT_TRUE(places_ && b.fill && b.header.form == Form::kDense);
+      ++filled;
       const int64_t elem = ElementSize(b.header.element_type);
       const int64_t count = b.header.numel();
-      // Pieces of 1, 2, 3, ... elements, then the rest: starts and ends inside rows, whole rows,
-      // and pieces over several heads.
-      int64_t first = 0;
-      for (int64_t n = 1; first < count; ++n) {
-        const int64_t take = n > 12 ? count - first : std::min(n, count - first);
-        b.fill(first, take, bytes.data() + first * elem);
-        first += take;
+      const int64_t row = b.header.shape.back();
+      // Every way a piece can start and end: the whole block at once (whole heads); one row less
+      // one element at a time (parts of rows); one row, then two rows at a time (whole rows from
+      // any row of a head, and across heads); 1, 2, 3, ... elements, then the rest (starts inside
+      // rows, then whole rows up to a head's end and whole heads). Each into its own buffer, each
+      // equal to the first.
+      const std::function<int64_t(int64_t)> schedules[] = {
+          [&](int64_t) { return count; },
+          [&](int64_t) { return std::max<int64_t>(1, row - 1); },
+          [&](int64_t k) { return k == 0 ? row : 2 * row; },
+          [&](int64_t k) { return k < 5 ? k + 1 : count; },
+      };
+      for (size_t s = 0; s < std::size(schedules); ++s) {
+        std::string piecewise(bytes.size(), '\x7f');
+        int64_t first = 0;
+        for (int64_t k = 0; first < count; ++k) {
+          const int64_t take = std::min(schedules[s](k), count - first);
+          b.fill(first, take, piecewise.data() + first * elem);
+          first += take;
+        }
+        if (s == 0) {
+          bytes = piecewise;
+        } else {
+          EXPECT_EQ(piecewise, bytes) << BlockName(b.header) << ", schedule " << s;
+        }
       }
     }
     blocks.push_back(BlockName(b.header) + ":" + std::to_string(b.header.shape.back()));
@@ -344,6 +365,7 @@ class PlacingSink : public AttentionSink {
     return absl::OkStatus();
   }
   std::vector<std::string> blocks, values;
+  int64_t filled = 0;  // blocks that came with `fill`
 
  private:
   bool places_;
@@ -368,6 +390,8 @@ TEST_F(EngineTest, DenseBlocksWrittenInPlaceEqualMaterializedOnes) {
     ASSERT_TRUE((*engine)->Generate(Request(4), spec, &placed, nullptr).ok());
     ASSERT_EQ(materialized.blocks, placed.blocks);
     ASSERT_GT(materialized.blocks.size(), 4u);
+    EXPECT_EQ(materialized.filled, 0);
+    EXPECT_EQ(placed.filled, static_cast<int64_t>(placed.blocks.size()));
     for (size_t i = 0; i < placed.values.size(); ++i)
       EXPECT_EQ(materialized.values[i], placed.values[i]) << placed.blocks[i];
   }
