@@ -33,11 +33,17 @@ mkdir -p "$OUT"
 "$BUILD"/server/attnscope-server --model_dir="$MODEL" --listen="127.0.0.1:$PORT" > "$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
-for _ in $(seq 1 120); do
-  "$BUILD"/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --health >/dev/null 2>&1 && break
-  kill -0 $SERVER 2>/dev/null || { cat "$OUT/server.log"; exit 1; }
-  sleep 0.5
+# Ready means ready: the server prints "listening on HOST:PORT" once every listener is bound and
+# health says SERVING (with port 0 it also tells which port it got). Waits for that, not for a time;
+# gives up only if the server exits, or after 10 minutes.
+for _ in $(seq 1 6000); do
+  BOUND=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$OUT/server.log")
+  [ -n "$BOUND" ] && break
+  kill -0 $SERVER 2>/dev/null || { echo "demo: the server exited:" >&2; cat "$OUT/server.log" >&2; exit 1; }
+  sleep 0.1
 done
+[ -n "${BOUND:-}" ] || { echo "demo: the server never said it listens:" >&2; cat "$OUT/server.log" >&2; exit 1; }
+PORT=$BOUND
 
 # The prototype's basic command, against the demo server.
 "$BUILD"/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --output_dir="$OUT/attention_data" \

@@ -184,9 +184,10 @@ absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec&
         "the prompt has ", prompt_len, " tokens, more than the model's context of ",
         info_.max_position_embeddings, "; set max_length to truncate it in the middle"));
   }
-  if (request.max_new_tokens < 1 || request.max_new_tokens > kMaxNewTokensLimit) {
+  if (request.max_new_tokens < 0 || request.max_new_tokens > kMaxNewTokensLimit) {
     return absl::OutOfRangeError(absl::StrCat("max_new_tokens = ", request.max_new_tokens,
-                                              " must be in [1, ", kMaxNewTokensLimit, "]"));
+                                              " must be in [0, ", kMaxNewTokensLimit,
+                                              "] (0: the prompt only)"));
   }
   const auto& s = request.sampling;
   if (!(s.temperature >= 0.0))
@@ -255,7 +256,9 @@ absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
         transformer_->Forward(request.prompt_ids, &cache, &processor, Phase::kPrefill, 0, fwd));
     result.timings.prefill_ms = MsSince(t0);
     t0 = std::chrono::steady_clock::now();
-    for (int64_t step = 1;; ++step) {
+    // max_new_tokens 0: the forward pass over the prompt is all (its captures, no token).
+    if (request.max_new_tokens == 0) result.finish = FinishReason::kLength;
+    for (int64_t step = 1; request.max_new_tokens > 0; ++step) {
       if (sink != nullptr && sink->WantsLogits()) {
         const torch::Tensor host = logits.to(torch::kFloat32).cpu().contiguous();
         HostArray view;

@@ -48,7 +48,7 @@ struct ModelInfo : ModelConfig {
 
 struct GenerateRequest {
   std::vector<int64_t> prompt_ids;
-  int64_t max_new_tokens = 16;  // >= 1
+  int64_t max_new_tokens = 16;  // >= 0 (0: the forward pass over the prompt only)
   SamplingParams sampling;
   std::vector<int64_t> stop_token_ids;  // besides the model's eos ids
   bool ignore_eos = false;

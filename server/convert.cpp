@@ -26,8 +26,9 @@ std::vector<int64_t> TruncateMiddle(const std::vector<int64_t>& ids, int64_t max
 }
 
 absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& request,
-                                               const Engine& engine, const std::string& served_name,
-                                               int64_t budget_bytes) {
+                                               const Engine& engine,
+                                               const ResolveOptions& options) {
+  const std::string& served_name = options.served_name;
   if (!request.model().empty() && request.model() != served_name) {
     constexpr size_t kShown = 80;  // a name is echoed only this far
     const std::string& asked = request.model();
@@ -59,9 +60,17 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
       return absl::InvalidArgumentError("the request has no input: set text, token_ids or chat");
   }
   if (request.max_length() < 0) return absl::InvalidArgumentError("max_length must be >= 0");
-  r.generate.prompt_ids = TruncateMiddle(r.generate.prompt_ids, request.max_length());
+  // The request's limit, else the registry's for the served model (a default never replaces a
+  // value the user gave).
+  r.max_length = request.max_length() > 0 ? request.max_length() : options.default_max_length;
+  r.untruncated_prompt_tokens = static_cast<int64_t>(r.generate.prompt_ids.size());
+  r.generate.prompt_ids = TruncateMiddle(r.generate.prompt_ids, r.max_length);
+  if (request.has_max_new_tokens() && request.max_new_tokens() < 0)
+    return absl::OutOfRangeError(
+        absl::StrCat("max_new_tokens = ", request.max_new_tokens(),
+                     " must be >= 0 (0: the prompt only, no token generated)"));
   r.generate.max_new_tokens =
-      request.max_new_tokens() == 0 ? kDefaultMaxNewTokens : request.max_new_tokens();
+      request.has_max_new_tokens() ? request.max_new_tokens() : kDefaultMaxNewTokens;
   r.generate.sampling.temperature = request.sampling().temperature();
   r.generate.sampling.top_k = request.sampling().top_k();
   r.generate.sampling.top_p = request.sampling().top_p() == 0 ? 1.0 : request.sampling().top_p();
@@ -76,17 +85,20 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
   r.estimated_bytes = EstimateCaptureBytes(r.capture, info.num_layers, info.num_heads,
                                            static_cast<int64_t>(r.generate.prompt_ids.size()),
                                            r.generate.max_new_tokens);
-  int64_t budget = budget_bytes;
-  if (request.capture().max_bytes() > 0)
-    budget = budget > 0 ? std::min(budget, request.capture().max_bytes())
-                        : request.capture().max_bytes();
+  // The tighter of the server's budget and the request's own max_bytes (the clients' limit).
+  const int64_t asked = request.capture().max_bytes();
+  const bool request_binds =
+      asked > 0 && (options.budget_bytes <= 0 || asked < options.budget_bytes);
+  const int64_t budget = request_binds ? asked : options.budget_bytes;
   if (budget > 0 && r.estimated_bytes > budget) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("the capture would produce about ", MB(r.estimated_bytes),
-                     ", over the budget of ", MB(budget),
-                     "; shrink it: fewer layers or heads, last_queries or query_ranges, "
-                     "FORM_POOLED, FORM_TOP_K or "
-                     "FORM_HEAD_MEAN, statistics only, ELEMENT_FLOAT16, or fewer max_new_tokens"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the capture would produce about ", MB(r.estimated_bytes), ", over ",
+        request_binds ? "the request's max_bytes of " : "the server's budget of ", MB(budget),
+        "; shrink it: fewer layers or heads, rows=last:N or query ranges, form pooled, top_k or "
+        "head_mean, statistics only, element type float16, or fewer max_new_tokens",
+        request_binds ? "; or raise the limit (Python: max_bytes=N per call or "
+                        "Client(max_bytes=N); attnscope-capture: --max_bytes N; 0: none)"
+                      : ""));
   }
   return r;
 }

@@ -12,21 +12,29 @@
 
 namespace attnscope {
 
-// Default for GenerateRequest.max_new_tokens = 0.
+// Default for a GenerateRequest without max_new_tokens (0 is the prompt only).
 constexpr int64_t kDefaultMaxNewTokens = 16;
+
+// What the server adds to every request's resolution.
+struct ResolveOptions {
+  std::string served_name = "model";  // a request naming another model gets NOT_FOUND
+  int64_t budget_bytes = 0;           // capture byte budget per request; 0: none
+  int64_t default_max_length = 0;  // the registry's max_length, for requests without one; 0: none
+};
 
 struct ResolvedRequest {
   GenerateRequest generate;
   CaptureSpec capture;
   int64_t estimated_bytes = 0;
+  int64_t max_length = 0;                 // the middle truncation applied (0: none)
+  int64_t untruncated_prompt_tokens = 0;  // the prompt's length before it
 };
 
 // Resolves the input (token ids, or text/chat through the engine's tokenizer), middle truncation,
-// generation parameters and capture spec; checks everything the engine checks and the byte budget
-// (`budget_bytes` > 0). Errors carry the status a user should see.
+// generation parameters and capture spec; checks everything the engine checks and the byte budget.
+// Errors carry the status a user should see.
 absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& request,
-                                               const Engine& engine, const std::string& served_name,
-                                               int64_t budget_bytes);
+                                               const Engine& engine, const ResolveOptions& options);
 
 // LongBench-style middle truncation: the first half and the last half of `max_length` tokens.
 std::vector<int64_t> TruncateMiddle(const std::vector<int64_t>& ids, int64_t max_length);

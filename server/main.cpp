@@ -85,7 +85,7 @@ absl::Status SplitHostPort(const std::string& address, const char* flag, std::st
 }
 
 // The served name and folder, from --model_dir or from --model through the registry.
-absl::Status ResolveModel(std::string* name, std::string* model_dir) {
+absl::Status ResolveModel(std::string* name, std::string* model_dir, int64_t* max_length) {
   *model_dir = absl::GetFlag(FLAGS_model_dir);
   *name = absl::GetFlag(FLAGS_model);
   if (!name->empty()) {
@@ -97,6 +97,7 @@ absl::Status ResolveModel(std::string* name, std::string* model_dir) {
     ASSIGN_OR_RETURN(std::string text, ReadRegularFile(registry, kMaxSmallFileBytes));
     ASSIGN_OR_RETURN(RegistryEntry entry, LookupModel(text, *name, registry));
     *model_dir = entry.path;
+    *max_length = entry.max_length;  // the prototype's per-model truncation
   }
   if (model_dir->empty())
     return absl::InvalidArgumentError("give --model_dir DIR, or --model NAME with --models");
@@ -250,7 +251,8 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(AttentionServiceImpl* 
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0)
     return absl::UnavailableError(absl::StrCat("cannot listen on ", listen));
-  server->GetHealthCheckService()->SetServingStatus(true);
+  // NOT_SERVING until every listener is bound (Serve says SERVING).
+  server->GetHealthCheckService()->SetServingStatus(false);
   *bound = listen.rfind("unix:", 0) == 0
                ? listen
                : absl::StrCat(listen.substr(0, listen.find_last_of(':')), ":", port);
@@ -259,8 +261,13 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartServer(AttentionServiceImpl* 
 
 absl::Status Serve() {
   std::string name, model_dir;
-  RETURN_IF_ERROR(ResolveModel(&name, &model_dir));
+  int64_t registry_max_length = 0;
+  RETURN_IF_ERROR(ResolveModel(&name, &model_dir, &registry_max_length));
   ASSIGN_OR_RETURN(ServiceOptions options, ServiceOptionsFromFlags(name));
+  options.default_max_length = registry_max_length;
+  if (registry_max_length > 0)
+    spdlog::info("prompts without max_length are truncated in the middle to {} tokens (registry)",
+                 registry_max_length);
   RETURN_IF_ERROR(CheckListenPolicy(options));
   ASSIGN_OR_RETURN(EngineOptions engine_options, EngineOptionsFromFlags(model_dir));
   spdlog::info("loading {} on {}", model_dir, engine_options.device);
@@ -288,6 +295,9 @@ absl::Status Serve() {
                    info.chat_template_error);
     }
   }
+  // Ready means ready: health says SERVING, and "listening on" is printed, only once every
+  // listener asked for (gRPC, metrics) is bound.
+  server->GetHealthCheckService()->SetServingStatus(true);
   spdlog::info("attnscope-server serving '{}' ({}) on {}", name, info.model_type, bound);
   std::cout << "listening on " << bound << std::endl;
 

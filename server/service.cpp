@@ -17,6 +17,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// What a client hears when its shared region cannot be used (the details go to the server log).
+constexpr absl::string_view kSharedRegionRefused =
+    "the shared-memory region could not be used by this server (a client on another host or in "
+    "another IPC namespace, or a region that is not the caller's: its name, size, header or key "
+    "did not check out); the values come on the wire";
+
 double MsBetween(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
@@ -256,7 +262,14 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     }
     if (absl::IsInvalidArgument(ring.status())) return ring.status();
     ++service_->metrics_.shared_refused;
-    header->set_shared_output_refused(std::string(ring.status().message()));
+    if (absl::IsPermissionDenied(ring.status())) {
+      // The details (whether a name exists, its size, that a key is wrong) are for the log only.
+      spdlog::info("request {}: shared output refused: {}", header->request_id(),
+                   std::string(ring.status().message()));
+      header->set_shared_output_refused(std::string(kSharedRegionRefused));
+    } else {
+      header->set_shared_output_refused(std::string(ring.status().message()));
+    }
     return absl::OkStatus();
   }
   absl::Status OnToken(int64_t step, int64_t id) override {
@@ -315,8 +328,7 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     const auto started = Clock::now();
     const Engine& engine = *service_->engine_;
     if (state_->cancel.cancelled()) return CancelledStatus(service_->accepting());
-    auto resolved = ResolveRequest(request_, engine, service_->options_.model_name,
-                                   service_->options_.max_capture_bytes);
+    auto resolved = ResolveRequest(request_, engine, service_->resolve_options());
     if (!resolved.ok()) return resolved.status();
     resolved_ = std::move(*resolved);
     v1::StreamAttentionResponse header;
@@ -331,6 +343,8 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     h->set_estimated_bytes(resolved_.estimated_bytes);
     h->set_chunk_bytes(service_->options_.chunk_bytes);
     h->set_max_new_tokens(resolved_.generate.max_new_tokens);
+    h->set_max_length(resolved_.max_length);
+    h->set_untruncated_prompt_tokens(resolved_.untruncated_prompt_tokens);
     RETURN_IF_ERROR(AttachSharedOutput(h));
     absl::Status pushed_header = Push(header);
     absl::StatusOr<GenerateResult> result =
@@ -581,8 +595,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerCon
                                         v1::GenerateResponse* response,
                                         const CancelToken& cancel) -> absl::Status {
     const auto started = Clock::now();
-    ASSIGN_OR_RETURN(ResolvedRequest r, ResolveRequest(request, *engine_, options_.model_name,
-                                                       options_.max_capture_bytes));
+    ASSIGN_OR_RETURN(ResolvedRequest r, ResolveRequest(request, *engine_, resolve_options()));
     r.capture.form = Form::kNone;  // Generate returns statistics only
     CollectingSink sink(response);
     auto result = engine_->Generate(r.generate, r.capture, &sink, &cancel);

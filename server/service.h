@@ -22,6 +22,7 @@
 #include "model/engine.h"
 #include "model/io/shared_ring.h"
 #include "server/auth.h"
+#include "server/convert.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 
@@ -33,6 +34,8 @@ struct ServiceOptions {
   std::string model_name = "model";  // what requests may name in `model`
   int64_t chunk_bytes = 1 << 20;     // payload bytes per streamed message
   int64_t max_capture_bytes = 0;     // byte budget per request; 0: none
+  int64_t default_max_length = 0;    // middle truncation for requests without max_length (the
+                                     // model registry's max_length); 0: none
   int stream_queue_messages = 8;  // outgoing messages buffered per stream before generation waits
   double stall_timeout_s = 30;  // a write not taken by the client for this long cancels the stream
   // Largest shared-memory ring a stream may ask the server to write into (same-host output);
@@ -93,6 +96,9 @@ class AttentionServiceImpl final : public RawAttentionService {
   void Register(CancelToken* token);
   void Unregister(CancelToken* token);
   bool accepting() const { return accepting_; }
+  ResolveOptions resolve_options() const {
+    return {options_.model_name, options_.max_capture_bytes, options_.default_max_length};
+  }
   // Streams the stall watchdog looks at.
   void Watch(const std::shared_ptr<StreamState>& state);
   void WatchdogLoop();

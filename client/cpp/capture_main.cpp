@@ -42,7 +42,8 @@ ABSL_FLAG(bool, save_attention, false,
 ABSL_FLAG(int, max_samples, 0, "process at most this many samples (0: all)");
 ABSL_FLAG(int64_t, max_length, 0,
           "truncate prompts longer than this in the middle (first + last half)");
-ABSL_FLAG(int, max_new_tokens, 32, "tokens to generate per sample");
+ABSL_FLAG(int, max_new_tokens, 32,
+          "tokens to generate per sample (0: the prompt only: one forward pass, prefill captures)");
 ABSL_FLAG(std::string, output_dir, "attention_data", "where sample files go");
 // Connection.
 ABSL_FLAG(std::string, server, "127.0.0.1:50051", "attnscope server address");
@@ -66,6 +67,10 @@ ABSL_FLAG(std::string, chat_template_kwargs, "",
 ABSL_FLAG(std::string, format, "safetensors",
           "safetensors, or pickle (the prototype's .pkl layout)");
 ABSL_FLAG(bool, overwrite, false, "redo samples whose file already exists");
+ABSL_FLAG(int64_t, max_bytes, int64_t{4} << 30,
+          "refuse a sample whose capture the server estimates above this many bytes, before any "
+          "attention byte is sent (0: no limit of this client's; the server's budget still "
+          "applies)");
 ABSL_FLAG(double, timeout_s, 0, "deadline per sample in seconds (0: none)");
 ABSL_FLAG(int64_t, shared_memory_bytes, int64_t{16} << 20,
           "ring size for same-host output: attention values come through shared memory instead "
@@ -81,6 +86,7 @@ struct Options {
   bool save_attention = true, health = false, chat = false, overwrite = false;
   int max_samples = 0, max_new_tokens = 0;
   int64_t max_length = 0;
+  int64_t max_bytes = 0;  // the client's capture limit (capture.max_bytes); 0: none
   double timeout_s = 0;
   int64_t shared_memory_bytes = 0;
   SampleFormat format = SampleFormat::kSafetensors;
@@ -112,6 +118,8 @@ absl::StatusOr<Options> OptionsFromFlags() {
   o.max_samples = absl::GetFlag(FLAGS_max_samples);
   o.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   o.max_length = absl::GetFlag(FLAGS_max_length);
+  o.max_bytes = absl::GetFlag(FLAGS_max_bytes);
+  if (o.max_bytes < 0) return absl::InvalidArgumentError("--max_bytes must be >= 0 (0: no limit)");
   o.timeout_s = absl::GetFlag(FLAGS_timeout_s);
   o.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
   if (o.shared_memory_bytes != 0 && o.shared_memory_bytes < shared_ring::kMinCapacity) {
@@ -328,7 +336,10 @@ v1::GenerateRequest RequestFor(const Options& o, const Sample& sample) {
   req.set_max_new_tokens(o.max_new_tokens);
   req.set_max_length(o.max_length);
   // Without --save_attention the prototype generated and printed: nothing captured.
-  if (o.save_attention) *req.mutable_capture() = o.capture;
+  if (o.save_attention) {
+    *req.mutable_capture() = o.capture;
+    req.mutable_capture()->set_max_bytes(o.max_bytes);  // the server refuses before it starts
+  }
   return req;
 }
 
@@ -376,7 +387,7 @@ absl::Status TakeShared(shared_ring::Reader* ring, const v1::AttentionChunk& c,
 
 // Streams one sample into `path`; prints what the prototype printed.
 absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, size_t index,
-                           const Sample& sample, const std::string& path,
+                           const Sample& sample, const std::string& path, bool replace,
                            SharedOutput* shared_output) {
   v1::GenerateRequest req = RequestFor(o, sample);
   shared_ring::Reader* ring = o.save_attention ? shared_output->Get() : nullptr;
@@ -392,7 +403,7 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
     ctx.set_deadline(std::chrono::system_clock::now() +
                      std::chrono::milliseconds(static_cast<int64_t>(o.timeout_s * 1000)));
   }
-  SampleWriter writer(path, o.format);
+  SampleWriter writer(path, o.format, replace);
   auto reader = stub->StreamAttention(&ctx, req);
   v1::StreamAttentionResponse msg;
   absl::Status local;
@@ -407,6 +418,12 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
         std::cout << "Processing sample " << index
                   << ", input length: " << msg.header().prompt_token_ids_size() << std::endl;
         layers_captured = msg.header().capture().layers_size();
+        if (o.max_bytes > 0 && msg.header().estimated_bytes() > o.max_bytes) {
+          local = absl::ResourceExhaustedError(absl::StrCat(
+              "the capture would produce about ", msg.header().estimated_bytes() / 1e6,
+              " MB, over --max_bytes ", o.max_bytes, "; shrink it or raise --max_bytes (0: none)"));
+          break;
+        }
         shared = msg.header().shared_output();
         if (shared && ring == nullptr) {
           local = absl::DataLossError(
@@ -518,13 +535,29 @@ int Run() {
     const std::string path =
         absl::StrCat(o.output_dir, "/attention_sample_", i,
                      o.format == SampleFormat::kPickle ? ".pkl" : ".safetensors");
+    // A rerun skips finished samples; a file there that is not one (cut short, not a sample) is
+    // redone, and said so.
+    bool replace = o.overwrite;
     struct stat st {};
-    if (o.save_attention && !o.overwrite && stat(path.c_str(), &st) == 0) {
-      std::cout << "Skipping sample " << i << ": " << path << " exists (--overwrite to redo it)"
-                << std::endl;
-      continue;
+    if (o.save_attention && !o.overwrite && lstat(path.c_str(), &st) == 0) {
+      if (absl::Status whole = CheckStoredSample(path, o.format); whole.ok()) {
+        std::cout << "Skipping sample " << i << ": " << path << " exists (--overwrite to redo it)"
+                  << std::endl;
+        continue;
+      } else if (!S_ISREG(st.st_mode)) {
+        std::cerr << "Sample " << i << ": " << path
+                  << " exists and is not a regular file; it is left alone and the sample not "
+                     "stored"
+                  << std::endl;
+        ++failures;
+        continue;
+      } else {
+        std::cout << "Redoing sample " << i << ": " << whole.message() << std::endl;
+        replace = true;
+      }
     }
-    if (absl::Status s = CaptureSample(o, stub.get(), i, (*samples)[i], path, &shared_output);
+    if (absl::Status s =
+            CaptureSample(o, stub.get(), i, (*samples)[i], path, replace, &shared_output);
         !s.ok()) {
       std::cerr << s.message() << std::endl;
       ++failures;

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +14,8 @@
 #include "absl/strings/str_join.h"
 #include "client/cpp/pickle_writer.h"
 #include "model/capture/spec_text.h"
+#include "model/io/atomic_file.h"
+#include "model/io/files.h"
 #include "model/io/half.h"
 #include "model/io/safetensors_writer.h"
 #include "model/io/status_macros.h"
@@ -74,15 +77,13 @@ absl::Status CopyRange(std::FILE* from, int64_t offset, int64_t n, std::FILE* to
 
 }  // namespace
 
-SampleWriter::SampleWriter(std::string path, SampleFormat format)
-    : path_(std::move(path)), format_(format) {}
+SampleWriter::SampleWriter(std::string path, SampleFormat format, bool replace)
+    : path_(std::move(path)), format_(format), replace_(replace) {}
 
 SampleWriter::~SampleWriter() {
   if (data_ != nullptr) std::fclose(data_);
   if (pickle_map_ != nullptr) munmap(pickle_map_, static_cast<size_t>(pickle_map_size_));
-  if (pickle_fd_ >= 0) close(pickle_fd_);
-  std::remove((path_ + ".data.partial").c_str());
-  if (!finished_) std::remove((path_ + ".partial").c_str());
+  // pickle_file_ removes its work file unless it was published.
 }
 
 absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_new_tokens) {
@@ -130,9 +131,8 @@ absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_
         "--format pickle stores full matrices: it needs --form dense over every query row with the "
         "prefill phase");
   }
-  data_ = std::fopen((path_ + ".data.partial").c_str(), "w+b");
-  if (data_ == nullptr)
-    return absl::PermissionDeniedError(absl::StrCat("cannot write beside ", path_));
+  // Blocks wait in a file without a name (nothing another user plants can be written through).
+  ASSIGN_OR_RETURN(data_, CreateScratchFile(DirectoryOf(path_)));
   if (assemble_) {
     for (size_t i = 0; i < spec_.layers.size(); ++i) layer_slot_[spec_.layers[i]] = i;
     const double bytes = static_cast<double>(layer_slot_.size()) * heads_ * 4.0 *
@@ -143,16 +143,16 @@ absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_
     }
     const PrototypePickleLayout layout{static_cast<int64_t>(layer_slot_.size()), heads_, max_rows_};
     pickle_map_size_ = layout.FileSize();
-    const std::string tmp = path_ + ".partial";
-    pickle_fd_ = open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (pickle_fd_ < 0) return absl::PermissionDeniedError(absl::StrCat("cannot write ", tmp));
+    ASSIGN_OR_RETURN(pickle_file_, AtomicFile::Create(path_));
+    const int pickle_fd = pickle_file_->fd();
+    const std::string& tmp = pickle_file_->work_path();
     // The space is reserved now: a full disk is an error here, never a SIGBUS while writing.
-    if (const int err = posix_fallocate(pickle_fd_, 0, pickle_map_size_); err != 0) {
+    if (const int err = posix_fallocate(pickle_fd, 0, pickle_map_size_); err != 0) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "cannot reserve ", pickle_map_size_, " bytes for ", tmp, ": ", std::strerror(err)));
     }
     void* map = mmap(nullptr, static_cast<size_t>(pickle_map_size_), PROT_READ | PROT_WRITE,
-                     MAP_SHARED, pickle_fd_, 0);
+                     MAP_SHARED, pickle_fd, 0);
     if (map == MAP_FAILED) {
       return absl::ResourceExhaustedError(
           absl::StrCat("cannot map ", tmp, ": ", std::strerror(errno)));
@@ -186,7 +186,8 @@ absl::Status SampleWriter::Append(const std::string& name, const std::string& dt
   entry.written += static_cast<int64_t>(data.size());
   if (format_ == SampleFormat::kSafetensors && !data.empty() &&
       std::fwrite(data.data(), 1, data.size(), data_) != data.size()) {
-    return absl::DataLossError(absl::StrCat("cannot write ", path_, ".data.partial (disk full?)"));
+    return absl::DataLossError(
+        absl::StrCat("cannot write the work file beside ", path_, " (disk full?)"));
   }
   data_size_ += static_cast<int64_t>(data.size());
   return absl::OkStatus();
@@ -351,7 +352,7 @@ absl::Status SampleWriter::WriteSafetensors(const std::string& metadata) {
         8 * prompt_ids.size());
   w.Add("token_ids", "I64", {static_cast<int64_t>(token_ids.size())}, token_ids.data(),
         8 * token_ids.size());
-  return w.Write(path_);
+  return w.Write(path_, replace_);
 }
 
 absl::Status SampleWriter::WritePickle() {
@@ -386,15 +387,10 @@ absl::Status SampleWriter::WritePickle() {
               end.size());
   munmap(pickle_map_, static_cast<size_t>(pickle_map_size_));
   pickle_map_ = nullptr;
-  const std::string tmp = path_ + ".partial";
-  absl::Status s;
-  if (ftruncate(pickle_fd_, final_layout.FileSize()) != 0)
-    s = absl::DataLossError(absl::StrCat("cannot size ", tmp));
-  if (close(pickle_fd_) != 0 && s.ok()) s = absl::DataLossError(absl::StrCat("cannot close ", tmp));
-  pickle_fd_ = -1;
-  if (s.ok() && std::rename(tmp.c_str(), path_.c_str()) != 0)
-    s = absl::PermissionDeniedError(absl::StrCat("cannot rename ", tmp, " to ", path_));
-  return s;
+  if (ftruncate(pickle_file_->fd(), final_layout.FileSize()) != 0)
+    return absl::DataLossError(absl::StrCat("cannot size ", pickle_file_->work_path()));
+  // The values were written through the mapping: fsync (in Publish) writes them out too.
+  return pickle_file_->Publish(replace_);
 }
 
 absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer,
@@ -442,6 +438,62 @@ absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer,
   if (!s.ok()) return s;
   finished_ = true;
   return absl::OkStatus();
+}
+
+absl::Status CheckStoredSample(const std::string& path, SampleFormat format) {
+  struct stat st {};
+  ASSIGN_OR_RETURN(const int fd, OpenRegularFile(path, &st));
+  const int64_t size = st.st_size;
+  auto read_at = [&](int64_t offset, int64_t n) -> absl::StatusOr<std::string> {
+    std::string out(static_cast<size_t>(n), '\0');
+    if (n < 0 || offset < 0 || offset + n > size ||
+        pread(fd, out.data(), static_cast<size_t>(n), offset) != static_cast<ssize_t>(n))
+      return absl::DataLossError(absl::StrCat(path, " is shorter than its contents say"));
+    return out;
+  };
+  auto check = [&]() -> absl::Status {
+    if (format == SampleFormat::kPickle) {
+      const std::string preamble = PrototypePickleLayout::Preamble();
+      const std::string end = PrototypePickleLayout::End();
+      ASSIGN_OR_RETURN(const std::string first, read_at(0, static_cast<int64_t>(preamble.size())));
+      ASSIGN_OR_RETURN(const std::string last, read_at(size - static_cast<int64_t>(end.size()),
+                                                       static_cast<int64_t>(end.size())));
+      if (first != preamble || last != end)
+        return absl::DataLossError(absl::StrCat(path, " is not a whole sample pickle"));
+      return absl::OkStatus();
+    }
+    ASSIGN_OR_RETURN(const std::string len_bytes, read_at(0, 8));
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(len_bytes[i]);
+    constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;
+    if (n > kMaxHeaderBytes || static_cast<int64_t>(n) > size - 8)
+      return absl::DataLossError(absl::StrCat(path, ": a header of ", n, " bytes in ", size));
+    ASSIGN_OR_RETURN(const std::string text, read_at(8, static_cast<int64_t>(n)));
+    const nlohmann::json header = nlohmann::json::parse(text, nullptr, false);
+    if (header.is_discarded() || !header.is_object())
+      return absl::DataLossError(absl::StrCat(path, ": the header is not a JSON object"));
+    const auto meta = header.find("__metadata__");
+    if (meta == header.end() || !meta->is_object() || !meta->contains("attnscope"))
+      return absl::DataLossError(absl::StrCat(path, " holds no attnscope metadata"));
+    int64_t end = 0;
+    for (const auto& [name, entry] : header.items()) {
+      if (name == "__metadata__") continue;
+      const auto offsets = entry.is_object() ? entry.find("data_offsets") : entry.end();
+      if (!entry.is_object() || offsets == entry.end() || !offsets->is_array() ||
+          offsets->size() != 2 || !(*offsets)[1].is_number_unsigned())
+        return absl::DataLossError(absl::StrCat(path, ": tensor ", name, " has no data_offsets"));
+      end = std::max(end, (*offsets)[1].get<int64_t>());
+    }
+    if (8 + static_cast<int64_t>(n) + end != size) {
+      return absl::DataLossError(absl::StrCat(path, " has ", size,
+                                              " bytes; its header accounts for ",
+                                              8 + static_cast<int64_t>(n) + end));
+    }
+    return absl::OkStatus();
+  };
+  absl::Status s = check();
+  close(fd);
+  return s;
 }
 
 }  // namespace attnscope

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "absl/strings/string_view.h"
 #include "attnscope/v1/attnscope.pb.h"
 #include "model/capture/block.h"
+#include "model/io/atomic_file.h"
 #include "model/io/safetensors_writer.h"
 
 namespace attnscope {
@@ -31,8 +33,10 @@ enum class SampleFormat { kSafetensors, kPickle };
 
 class SampleWriter {
  public:
-  // `path` is the final file; work files live beside it with a ".partial" suffix.
-  SampleWriter(std::string path, SampleFormat format);
+  // `path` is the final file; the work file lives beside it under a fresh name
+  // (model/io/atomic_file.h). `replace`: a file already at `path` when the sample is finished is
+  // replaced (--overwrite); otherwise Finish fails with ALREADY_EXISTS and leaves it alone.
+  SampleWriter(std::string path, SampleFormat format, bool replace = false);
   ~SampleWriter();  // removes work files of an unfinished sample
 
   // `max_new_tokens` bounds the rows of the assembled matrices.
@@ -73,6 +77,7 @@ class SampleWriter {
 
   std::string path_;
   SampleFormat format_;
+  bool replace_ = false;
   v1::StreamHeader header_;
   CaptureSpec spec_;  // the header's, converted
   bool have_header_ = false;
@@ -86,7 +91,7 @@ class SampleWriter {
   // Pickle: the output file itself, mapped, laid out for T = max_rows_ (PrototypePickleLayout);
   // dense values are converted straight into their place. A shorter generation is compacted in
   // place at the end.
-  int pickle_fd_ = -1;
+  std::unique_ptr<AtomicFile> pickle_file_;
   char* pickle_map_ = nullptr;
   int64_t pickle_map_size_ = 0;
   std::vector<Entry> entries_;              // in arrival (= file) order
@@ -97,5 +102,10 @@ class SampleWriter {
   int64_t bytes_received_ = 0;
   bool finished_ = false;
 };
+
+// Whether the file at `path` is a whole stored sample of `format` (what a rerun may skip): for
+// safetensors, a header that parses, carries the attnscope metadata and accounts for every byte of
+// the file; for pickle, the prototype layout's first and last bytes. DATA_LOSS says what is wrong.
+absl::Status CheckStoredSample(const std::string& path, SampleFormat format);
 
 }  // namespace attnscope

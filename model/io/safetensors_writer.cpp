@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "model/io/atomic_file.h"
 
 namespace attnscope {
 
@@ -29,7 +30,7 @@ void SafetensorsWriter::Add(const std::string& name, const std::string& dtype,
   });
 }
 
-absl::Status SafetensorsWriter::Write(const std::string& path) const {
+absl::Status SafetensorsWriter::Write(const std::string& path, bool replace) const {
   if (declared_ != supplied_) {
     return absl::InternalError(absl::StrCat("safetensors writer: ", declared_,
                                             " bytes declared but ", supplied_, " supplied"));
@@ -45,41 +46,42 @@ absl::Status SafetensorsWriter::Write(const std::string& path) const {
   // Strings from a server or a prompt may hold invalid UTF-8: replaced, never a throw.
   std::string text = header.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   text.append((8 - text.size() % 8) % 8, ' ');  // data section starts 8-byte aligned
-  return WriteFileAtomically(path, [&](std::FILE* out) -> absl::Status {
-    unsigned char le[8];
-    const uint64_t len = text.size();
-    for (int i = 0; i < 8; ++i) le[i] = static_cast<unsigned char>(len >> (8 * i));
-    if (std::fwrite(le, 1, 8, out) != 8 ||
-        std::fwrite(text.data(), 1, text.size(), out) != text.size())
-      return absl::DataLossError("short write of the header (disk full?)");
-    for (const Source& s : sources_) {
-      const long before = std::ftell(out);
-      if (absl::Status st = s.write(out); !st.ok()) return st;
-      if (before >= 0 && std::ftell(out) - before != s.bytes) {
-        return absl::InternalError(absl::StrCat("safetensors writer: a source wrote ",
-                                                std::ftell(out) - before, " bytes instead of ",
-                                                s.bytes));
-      }
-    }
-    return absl::OkStatus();
-  });
+  return WriteFileAtomically(
+      path,
+      [&](std::FILE* out) -> absl::Status {
+        unsigned char le[8];
+        const uint64_t len = text.size();
+        for (int i = 0; i < 8; ++i) le[i] = static_cast<unsigned char>(len >> (8 * i));
+        if (std::fwrite(le, 1, 8, out) != 8 ||
+            std::fwrite(text.data(), 1, text.size(), out) != text.size())
+          return absl::DataLossError("short write of the header (disk full?)");
+        for (const Source& s : sources_) {
+          const long before = std::ftell(out);
+          if (absl::Status st = s.write(out); !st.ok()) return st;
+          if (before >= 0 && std::ftell(out) - before != s.bytes) {
+            return absl::InternalError(absl::StrCat("safetensors writer: a source wrote ",
+                                                    std::ftell(out) - before, " bytes instead of ",
+                                                    s.bytes));
+          }
+        }
+        return absl::OkStatus();
+      },
+      replace);
 }
 
 absl::Status WriteFileAtomically(const std::string& path,
-                                 const std::function<absl::Status(std::FILE* out)>& write) {
-  const std::string tmp = path + ".partial";
-  std::FILE* out = std::fopen(tmp.c_str(), "wb");
-  if (out == nullptr) return absl::PermissionDeniedError(absl::StrCat("cannot write ", tmp));
-  absl::Status s = write(out);
-  if (std::fclose(out) != 0 && s.ok()) s = absl::DataLossError(absl::StrCat("cannot close ", tmp));
-  if (s.ok() && std::rename(tmp.c_str(), path.c_str()) != 0)
-    s = absl::PermissionDeniedError(absl::StrCat("cannot rename ", tmp, " to ", path));
-  if (!s.ok()) {
-    std::remove(tmp.c_str());
-    if (s.message().find(tmp) == absl::string_view::npos &&
-        s.message().find(path) == absl::string_view::npos)
-      s = absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
+                                 const std::function<absl::Status(std::FILE* out)>& write,
+                                 bool replace) {
+  absl::Status s;
+  auto file = AtomicFile::Create(path);
+  if (!file.ok()) {
+    s = file.status();
+  } else {
+    s = write((*file)->stream());
+    if (s.ok()) s = (*file)->Publish(replace);
   }
+  if (!s.ok() && s.message().find(path) == absl::string_view::npos)
+    s = absl::Status(s.code(), absl::StrCat(path, ": ", s.message()));
   return s;
 }
 

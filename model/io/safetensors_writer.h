@@ -1,7 +1,8 @@
 // The one safetensors writer (attnscope-run's output, attnscope-capture's samples), without
 // libtorch. Tensors are laid out in the order they are declared; their bytes are either copied in
 // (Add) or streamed at Write time by the caller's sources (Declare + AddSource), so a sample of
-// many gigabytes is never held in memory. The file appears atomically: `path`.partial, then rename.
+// many gigabytes is never held in memory. The file appears atomically (model/io/atomic_file.h): a
+// work file under a fresh name beside it, fsynced, then renamed.
 #pragma once
 
 #include <cstdint>
@@ -40,8 +41,9 @@ class SafetensorsWriter {
   void SetMetadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
   size_t size() const { return entries_.size(); }
   bool contains(const std::string& name) const { return index_.count(name) > 0; }
-  // Writes `path`.partial, then renames it to `path`; the partial file is removed on failure.
-  absl::Status Write(const std::string& path) const;
+  // Writes a work file beside `path`, then renames it to `path`; the work file is removed on
+  // failure. Without `replace`, ALREADY_EXISTS when `path` appeared meanwhile (it is kept).
+  absl::Status Write(const std::string& path, bool replace = true) const;
 
  private:
   struct Source {
@@ -56,9 +58,10 @@ class SafetensorsWriter {
   std::map<std::string, std::string> metadata_;
 };
 
-// Writes `path`.partial through `write`, then renames it to `path` (removing the partial file on
-// any failure): a reader never sees a half-written file.
+// Writes a work file beside `path` through `write`, then renames it to `path` (AtomicFile; the
+// work file removed on any failure): a reader never sees a half-written file.
 absl::Status WriteFileAtomically(const std::string& path,
-                                 const std::function<absl::Status(std::FILE* out)>& write);
+                                 const std::function<absl::Status(std::FILE* out)>& write,
+                                 bool replace = true);
 
 }  // namespace attnscope

@@ -176,41 +176,48 @@ absl::StatusOr<std::unique_ptr<Writer>> Writer::Open(const std::string& name, in
                                                       " is outside ", kMinCapacity, "-",
                                                       max_capacity, " (--max_shared_bytes)"));
   }
+  // Refusals of the region itself (missing, not a region, wrong size, header or key) are
+  // PERMISSION_DENIED with the details, which the server logs; the client is told only that the
+  // region could not be used, so that no one learns about regions that are not theirs.
   // glibc's shm_open adds O_NOFOLLOW | O_CLOEXEC; O_NONBLOCK keeps a FIFO planted under the name
   // from blocking the open (fstat refuses it next).
   const int fd = shm_open(name.c_str(), O_RDWR | O_NONBLOCK, 0);
   if (fd < 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
+    return absl::PermissionDeniedError(absl::StrCat(
         "cannot open the shared region ", name, " here: ", Errno(),
         errno == ENOENT ? " (the client is on another host, or in another IPC namespace)" : ""));
   }
   std::unique_ptr<Writer> w(new Writer(fd, capacity));
   struct stat st;
   if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
-    return absl::FailedPreconditionError(absl::StrCat(name, " is not a shared-memory region"));
+    return absl::PermissionDeniedError(absl::StrCat(name, " is not a shared-memory region"));
   if (st.st_size != kHeaderBytes + capacity) {
-    return absl::FailedPreconditionError(absl::StrCat("the shared region ", name, " holds ",
-                                                      st.st_size, " bytes, not the header and ",
-                                                      capacity, " ring bytes the request says"));
+    return absl::PermissionDeniedError(absl::StrCat("the shared region ", name, " holds ",
+                                                    st.st_size, " bytes, not the header and ",
+                                                    capacity, " ring bytes the request says"));
   }
   char header[kReadAt + 8];
   if (pread(fd, header, sizeof(header), 0) != static_cast<ssize_t>(sizeof(header)))
-    return absl::FailedPreconditionError(absl::StrCat("cannot read the header of ", name));
+    return absl::PermissionDeniedError(absl::StrCat("cannot read the header of ", name));
   uint32_t version;
   std::memcpy(&version, header + kVersionAt, 4);
   if (std::memcmp(header + kMagicAt, kMagic, 8) != 0 || version != kVersion ||
       Load64(header + kCapacityAt) != static_cast<uint64_t>(capacity)) {
-    return absl::FailedPreconditionError(absl::StrCat("the shared region ", name,
-                                                      " has no attnscope ring header of version ",
-                                                      kVersion, " and capacity ", capacity));
+    return absl::PermissionDeniedError(absl::StrCat("the shared region ", name,
+                                                    " has no attnscope ring header of version ",
+                                                    kVersion, " and capacity ", capacity));
   }
-  if (std::memcmp(header + kKeyAt, key.data(), kKeyBytes) != 0)
-    return absl::FailedPreconditionError(
+  // Constant time: how many leading bytes of a guess match must not show in the time taken.
+  unsigned char differ = 0;
+  for (int i = 0; i < kKeyBytes; ++i)
+    differ |= static_cast<unsigned char>(header[kKeyAt + i] ^ key[static_cast<size_t>(i)]);
+  if (differ != 0)
+    return absl::PermissionDeniedError(
         absl::StrCat("the key does not match the shared region ", name));
   // A region is reused stream after stream: this stream starts where the client has read to.
   const uint64_t start = Load64(header + kReadAt);
   if (start > (uint64_t{1} << 62))
-    return absl::FailedPreconditionError(
+    return absl::PermissionDeniedError(
         absl::StrCat("the shared region ", name, " has a read position out of range"));
   w->read_ = w->write_ = static_cast<int64_t>(start);
   // The ring mapped for Place, under the guard; where it cannot be (pages larger than the header,
@@ -285,13 +292,17 @@ absl::StatusOr<int64_t> Writer::Reserve(int64_t n, const KeepWaiting& keep_waiti
   using Clock = std::chrono::steady_clock;
   Clock::time_point moved = Clock::now();
   auto pause = std::chrono::microseconds(20);
+  // Real progress only: the idle clock restarts when the reader has freed a whole piece's worth
+  // (this one's size, at most a quarter of the ring) since it last restarted. A reader that
+  // creeps a byte at a time holds the slot no longer than one that reads nothing.
+  const int64_t progress_bytes = std::max<int64_t>(1, std::min(n, capacity_ / 4));
   int64_t last_read = read_;
   while (position + n - read_ > capacity_) {
     auto read = ReadPosition();
     if (!read.ok()) return read.status();
     if (position + n - *read <= capacity_) break;
     const auto now = Clock::now();
-    if (*read != last_read) {
+    if (*read - last_read >= progress_bytes) {
       last_read = *read;
       moved = now;
     }

@@ -75,9 +75,26 @@ void HfTokenizer::Bpe(const std::string& word, std::vector<int64_t>* out) const 
   std::vector<int64_t> ids;
   for (int i = n > 0 ? 0 : -1; i >= 0; i = next[i]) ids.push_back(sym[i]);
   out->insert(out->end(), ids.begin(), ids.end());
+  // Only short words are cached, within a byte budget: a client sending long distinct words can
+  // neither grow the server's memory nor time what other clients' prompts held.
+  if (word.size() > kMaxCachedWordBytes) return;
+  const int64_t cost = CacheCost(word, ids);
   std::lock_guard<std::mutex> lock(cache_mu_);
-  if (cache_.size() > 100000) cache_.clear();
-  cache_.emplace(word, std::move(ids));
+  if (cache_bytes_ + cost > kWordCacheBudgetBytes) {
+    cache_.clear();
+    cache_bytes_ = 0;
+  }
+  if (cache_.emplace(word, std::move(ids)).second) cache_bytes_ += cost;
+}
+
+int64_t HfTokenizer::CacheCost(const std::string& word, const std::vector<int64_t>& ids) {
+  constexpr int64_t kEntryOverhead = 96;  // hash node, two headers, allocator slack
+  return static_cast<int64_t>(word.capacity() + ids.size() * sizeof(int64_t)) + kEntryOverhead;
+}
+
+int64_t HfTokenizer::word_cache_bytes() const {
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  return cache_bytes_;
 }
 
 std::vector<int64_t> HfTokenizer::Encode(const std::string& text, bool add_special_tokens) const {

@@ -138,7 +138,14 @@ class HfTokenizer : public Tokenizer {
   int64_t vocab_size() const override { return static_cast<int64_t>(id_to_token_.size()); }
   std::string kind() const override { return "tokenizer.json"; }
 
+  // Words longer than this are never cached (Hugging Face's BPE cache stops at 256 too).
+  static constexpr size_t kMaxCachedWordBytes = 256;
+  // Bytes the word cache may hold (keys, ids and their bookkeeping) before it starts again.
+  static constexpr int64_t kWordCacheBudgetBytes = int64_t{16} << 20;
+  int64_t word_cache_bytes() const;  // what the cache holds now, as counted against the budget
+
  private:
+  static int64_t CacheCost(const std::string& word, const std::vector<int64_t>& ids);
   absl::Status ParseModel(const json& model, int64_t max_id_limit, const std::string& path);
   absl::Status ParseNormalizer(const json& n, const std::string& path);
   absl::Status ParsePreTokenizer(const json& p, const std::string& path);
@@ -166,8 +173,11 @@ class HfTokenizer : public Tokenizer {
   std::vector<const AddedToken*> added_by_byte_[256];  // by first byte, longest first
   std::vector<bool> special_;                          // per id: an added token marked special
   std::vector<int64_t> prefix_ids_, suffix_ids_;
+  // BPE results of short words (at most kMaxCachedWordBytes), at most kWordCacheBudgetBytes in all
+  // (cleared when full).
   mutable std::mutex cache_mu_;
   mutable std::unordered_map<std::string, std::vector<int64_t>> cache_;
+  mutable int64_t cache_bytes_ = 0;
 };
 
 }  // namespace hf

@@ -89,7 +89,7 @@ TEST_F(EngineTest, BadRequestsGetPreciseStatuses) {
        "outside the vocabulary (0-31)"},
       {[](auto& r, auto&) { r.prompt_ids.assign(65, 1); }, absl::StatusCode::kOutOfRange,
        "max_length"},
-      {[](auto& r, auto&) { r.max_new_tokens = 0; }, absl::StatusCode::kOutOfRange,
+      {[](auto& r, auto&) { r.max_new_tokens = -1; }, absl::StatusCode::kOutOfRange,
        "max_new_tokens"},
       {[](auto& r, auto&) { r.sampling.top_p = 0; }, absl::StatusCode::kInvalidArgument, "top_p"},
       {[](auto& r, auto&) { r.sampling.temperature = -1; }, absl::StatusCode::kInvalidArgument,
@@ -195,6 +195,23 @@ TEST_F(EngineTest, CancelStopsWithinOneStep) {
   EXPECT_EQ(r->finish, FinishReason::kCancelled);
   EXPECT_EQ(r->tokens.size(), 3u);
   EXPECT_EQ(r->decode_steps, 2);
+}
+
+// max_new_tokens 0 is a forward pass over the prompt: its prefill blocks, no token (issue 21.A3:
+// it used to become 16 tokens).
+TEST_F(EngineTest, ZeroNewTokensIsThePromptOnly) {
+  RecordingSink sink;
+  CaptureSpec spec;
+  spec.form = Form::kDense;
+  auto r = engine_->Generate(Request(0), spec, &sink, nullptr);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->tokens.empty());
+  EXPECT_TRUE(sink.tokens.empty());
+  EXPECT_EQ(r->decode_steps, 0);
+  EXPECT_EQ(r->finish, FinishReason::kLength);
+  const int64_t P = static_cast<int64_t>(Request().prompt_ids.size());
+  EXPECT_EQ(sink.bytes, 2 * 4 * P * P * 4);  // both layers' [heads, P, P] prefill, nothing more
+  EXPECT_EQ(sink.bytes, EstimateCaptureBytes(spec, 2, 4, P, 0));
 }
 
 TEST_F(EngineTest, SinkErrorAbortsGeneration) {

@@ -2,6 +2,7 @@
 // with the checkpoint reader (model/io/safetensors.h); and each malformed chunk refused by name.
 #include "client/cpp/sample_writer.h"
 
+#include <dirent.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 
 #include "client/cpp/pickle_writer.h"
 #include "model/io/safetensors.h"
+#include "model/io/status_macros.h"
 #include "proto/contract.h"
 
 namespace attnscope {
@@ -97,8 +99,96 @@ class SampleWriterTest : public ::testing::Test {
     return t;
   }
 
+  // A whole one-layer-pair sample streamed into `w` (the first test's stream); Finish's status.
+  absl::Status WriteSample(SampleWriter* w, Form form = Form::kDense) {
+    RETURN_IF_ERROR(w->OnHeader(Header(form), 0));
+    for (int64_t layer : {0, 1}) {
+      for (const auto& c : Attention(Phase::kPrefill, 0, layer, 0, 3, 3, /*pieces=*/2))
+        RETURN_IF_ERROR(w->OnAttention(c));
+      RETURN_IF_ERROR(w->OnStatistic(Entropy(layer, 0, 3)));
+    }
+    RETURN_IF_ERROR(w->OnToken(Token(1, 8)));
+    for (int64_t layer : {0, 1}) {
+      for (const auto& c : Attention(Phase::kDecode, 1, layer, 3, 1, 4))
+        RETURN_IF_ERROR(w->OnAttention(c));
+    }
+    RETURN_IF_ERROR(w->OnToken(Token(2, 9)));
+    return w->Finish(Trailer(), "prompt");
+  }
+  std::string Read(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+
   std::string dir_, path_;
 };
+
+// Issue 21.C2: another user who can write to the output folder plants the work files' old fixed
+// names as symlinks to a file of the victim's; the capture must neither follow nor truncate them.
+TEST_F(SampleWriterTest, PlantedWorkFileNamesAreNeverFollowed) {
+  const std::string victim = dir_ + "/victim";
+  std::ofstream(victim) << "precious";
+  for (const char* suffix : {".data.partial", ".partial"}) {
+    ASSERT_EQ(symlink(victim.c_str(), (path_ + suffix).c_str()), 0);
+  }
+  for (SampleFormat format : {SampleFormat::kSafetensors, SampleFormat::kPickle}) {
+    SampleWriter w(path_, format, /*replace=*/true);
+    const absl::Status s = WriteSample(&w);
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(Read(victim), "precious");
+    EXPECT_TRUE(CheckStoredSample(path_, format).ok());
+  }
+}
+
+// Issue 21.C3: two captures of one sample name into one folder; the one that finishes second must
+// not replace the first's file and believe it stored its own.
+TEST_F(SampleWriterTest, ASampleThatAppearedMeanwhileIsNeverReplaced) {
+  for (SampleFormat format : {SampleFormat::kSafetensors, SampleFormat::kPickle}) {
+    std::remove(path_.c_str());
+    SampleWriter first(path_, format), second(path_, format);
+    ASSERT_TRUE(second.OnHeader(Header(), 0).ok());  // started before the first one finished
+    ASSERT_TRUE(WriteSample(&first).ok());
+    const std::string stored = Read(path_);
+    SampleWriter late(path_, format);
+    const absl::Status s = WriteSample(&late);
+    EXPECT_EQ(s.code(), absl::StatusCode::kAlreadyExists) << s;
+    EXPECT_NE(s.message().find("appeared while this run wrote it"), std::string::npos) << s;
+    EXPECT_EQ(Read(path_), stored);
+    SampleWriter again(path_, format, /*replace=*/true);  // --overwrite replaces it
+    EXPECT_TRUE(WriteSample(&again).ok());
+  }
+  // No work file is left behind.
+  for (const auto& name : {std::string("sample")}) {
+    std::string listing;
+    for (auto* d = opendir(dir_.c_str()); d != nullptr;) {
+      dirent* e = readdir(d);
+      if (e == nullptr) {
+        closedir(d);
+        break;
+      }
+      if (e->d_name[0] != '.') listing += std::string(e->d_name) + " ";
+    }
+    EXPECT_EQ(listing, name + " ");
+  }
+}
+
+// Issue 21.C9: a rerun skips only a whole sample; one cut short (or not a sample) is redone.
+TEST_F(SampleWriterTest, OnlyAWholeSampleCountsAsStored) {
+  for (SampleFormat format : {SampleFormat::kSafetensors, SampleFormat::kPickle}) {
+    std::remove(path_.c_str());
+    EXPECT_EQ(CheckStoredSample(path_, format).code(), absl::StatusCode::kNotFound);
+    SampleWriter w(path_, format);
+    ASSERT_TRUE(WriteSample(&w).ok());
+    EXPECT_TRUE(CheckStoredSample(path_, format).ok());
+    const std::string whole = Read(path_);
+    for (size_t cut : {size_t{0}, size_t{5}, size_t{100}, whole.size() - 1}) {
+      std::ofstream(path_, std::ios::binary | std::ios::trunc) << whole.substr(0, cut);
+      EXPECT_EQ(CheckStoredSample(path_, format).code(), absl::StatusCode::kDataLoss) << cut;
+    }
+    std::ofstream(path_, std::ios::binary | std::ios::trunc) << whole << "x";
+    EXPECT_EQ(CheckStoredSample(path_, format).code(), absl::StatusCode::kDataLoss);
+  }
+}
 
 TEST_F(SampleWriterTest, StoresEveryBlockUnderItsNameAndTheSpecAsText) {
   SampleWriter w(path_, SampleFormat::kSafetensors);
@@ -116,7 +206,6 @@ TEST_F(SampleWriterTest, StoresEveryBlockUnderItsNameAndTheSpecAsText) {
   ASSERT_TRUE(w.OnToken(Token(2, 9)).ok());
   absl::Status done = w.Finish(Trailer(), "prompt");
   ASSERT_TRUE(done.ok()) << done;
-  EXPECT_NE(access((path_ + ".partial").c_str(), F_OK), 0);
 
   auto file = SafetensorsFile::Open(path_);
   ASSERT_TRUE(file.ok()) << file.status();

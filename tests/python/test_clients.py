@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import reference
-from conftest import BUILD, ROOT, binary
+from conftest import BUILD, ROOT, binary, need_reference
 from service_fixture import Server, setup_paths
 
 setup_paths(BUILD)
@@ -161,7 +161,7 @@ def test_viewer_pngs_differ_between_layers_and_heads(stored, tmp_path):
 def test_html_page_in_headless_chromium(stored, tmp_path):
     browser = shutil.which("chromium")
     if browser is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+        need_reference(False, "chromium is not installed (apt-get install chromium)")
     out, _ = stored
     page = tmp_path / "page.html"
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "client", "python")}
@@ -180,15 +180,17 @@ def test_html_page_in_headless_chromium(stored, tmp_path):
 
 
 def test_capture_client_small_things(server, tmp_path):
-    """Issue 11.12: --format pickle with --max_new_tokens 0 (the server's default) failed every
-    sample; a missing --tls_ca was ignored; the output folder was not created recursively."""
+    """Issue 11.12: --format pickle with --max_new_tokens 0 failed every sample; a missing --tls_ca
+    was ignored; the output folder was not created recursively. Issue 21.A3: --max_new_tokens 0
+    silently generated 16 tokens; it is the prompt only (one forward pass), as in transformers."""
     ids = ",".join(map(str, PROMPT))
     out = tmp_path / "a" / "b" / "c"
-    capture(server, out, f"--prompt_ids={ids}", "--max_new_tokens=0", "--format=pickle")
+    proc = capture(server, out, f"--prompt_ids={ids}", "--max_new_tokens=0", "--format=pickle")
     with open(out / "attention_sample_0.pkl", "rb") as f:
         data = pickle.load(f)
-    T = data[0]["shape"][2]
-    assert T > len(PROMPT) and data[0]["tensor"].shape == (1, 4, T, T)
+    P = len(PROMPT)
+    assert data[0]["shape"] == [1, 4, P, P] and data[0]["tensor"].shape == (1, 4, P, P)
+    assert "Generated: \n" in proc.stdout, proc.stdout
     proc = capture(server, tmp_path / "x", f"--prompt_ids={ids}", f"--tls_ca={tmp_path}/missing.pem", check=False)
     assert proc.returncode == 2 and "--tls_ca" in proc.stderr and "missing.pem" in proc.stderr
 

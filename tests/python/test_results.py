@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import BUILD, binary
+from conftest import BUILD, ROOT, binary, need_reference
 from service_fixture import Server, setup_paths
 
 setup_paths(BUILD)
@@ -204,7 +204,7 @@ def test_viewer_cli_opens_the_first_sample_like_the_prototype(server, tmp_path):
                             "--prompt_ids=" + ",".join(map(str, PROMPT)), "--max_new_tokens=3", "--save_attention",
                             "--overwrite", *extra], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr
-        env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(BUILD), "client", "python")}
+        env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "client", "python")}
         p = subprocess.run([sys.executable, "-m", "attnscope.view"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=120)
         assert p.returncode == 0, p.stderr
@@ -219,8 +219,7 @@ def test_viewer_cli_opens_the_first_sample_like_the_prototype(server, tmp_path):
 def chromium(page, tmp_path, *args):
     import shutil
     browser = shutil.which("chromium")
-    if browser is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    need_reference(browser is not None, "chromium is not installed (apt-get install chromium)")
     return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
                            f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",

@@ -71,11 +71,11 @@ def test_statistics_larger_than_a_chunk_come_in_pieces(client):
 def test_stream_matches_reference_and_respects_chunk_size(client, model):
     r = client.stream_attention(token_ids=PROMPT, max_new_tokens=5, ignore_eos=True, form="dense")
     assert r.header is not None and list(r.header.prompt_token_ids) == PROMPT
-    assert r.trailer is not None and list(r.trailer.token_ids) == r.tokens and len(r.tokens) == 5
+    assert r.trailer is not None and list(r.trailer.token_ids) == r.generated_ids and len(r.generated_ids) == 5
     assert r.trailer.finish_reason == pb.FINISH_LENGTH
     # No message's attention payload exceeds the 1024-byte chunk size (plus its small header).
     assert r.max_message_bytes < 1024 + 200
-    _, ref = reference.forward(model, PROMPT + r.tokens[:-1])
+    _, ref = reference.forward(model, PROMPT + r.generated_ids[:-1])
     P = len(PROMPT)
     for layer in range(3):
         np.testing.assert_allclose(r.attention[("prefill", 0, layer, 0)], ref[layer][:, :P, :P], atol=1e-5, rtol=0)
@@ -89,7 +89,7 @@ def test_generate_unary_with_statistics(client):
     g = client.generate(token_ids=PROMPT, max_new_tokens=5, ignore_eos=True, row_entropy=True, key_score_window=4)
     s = client.stream_attention(token_ids=PROMPT, max_new_tokens=5, ignore_eos=True, row_entropy=True,
                                 key_score_window=4)
-    assert list(g.token_ids) == s.tokens
+    assert list(g.token_ids) == s.generated_ids
     assert g.prompt_tokens == len(PROMPT) and g.timings.prefill_ms > 0
     kinds = {st.kind for st in g.statistics}
     assert kinds == {"row_entropy", "key_score"}
@@ -122,9 +122,9 @@ BAD = [
     (dict(token_ids=[1, 2], model="llama3.1-8b-128k"), grpc.StatusCode.NOT_FOUND, "this server serves"),
     (dict(token_ids=[1, 2], temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     (dict(token_ids=PROMPT, form="dense", max_new_tokens=100, max_bytes=1000), grpc.StatusCode.RESOURCE_EXHAUSTED,
-     "over the budget"),
+     "over the request's max_bytes"),
     (dict(token_ids=[1] * 1000, form="dense", max_new_tokens=10), grpc.StatusCode.RESOURCE_EXHAUSTED,
-     "FORM_POOLED"),
+     "form pooled"),
 ]
 
 
@@ -172,7 +172,7 @@ def test_concurrent_clients_get_identical_results(client):
     for t in threads:
         t.join()
     for r in results:
-        assert r.tokens == expected.tokens
+        assert r.generated_ids == expected.generated_ids
         assert r.attention.keys() == expected.attention.keys()
         for k, v in expected.attention.items():
             np.testing.assert_array_equal(r.attention[k], v)

@@ -21,8 +21,7 @@ from attnscope.v1 import attnscope_pb2 as pb  # noqa: E402
 @pytest.fixture(scope="module")
 def spm_server(tmp_path_factory):
     model = os.path.join(FIXTURES, "tokenizer.model")
-    if not os.path.exists(model):
-        pytest.skip(f"{model} absent: the shared Llama 2 tokenizer fixture is not available")
+    need_reference(os.path.exists(model), f"{model} absent: the shared Llama 2 tokenizer fixture is not available")
     d = str(tmp_path_factory.mktemp("llama2spm"))
     checkpoint.make("llama_mha", d, vocab_size=32000)
     shutil.copy(model, d)  # tokenizer.model only: the SentencePiece path

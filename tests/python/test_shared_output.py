@@ -73,7 +73,7 @@ def test_shared_memory_gives_the_wires_results(server, capture):
     assert a.statistics.keys() == b.statistics.keys()
     for k in a.statistics:
         np.testing.assert_array_equal(a.statistics[k], b.statistics[k])
-    assert a.tokens == b.tokens
+    assert a.generated_ids == b.generated_ids and a.tokens == b.tokens
     assert a.trailer.bytes_sent == b.trailer.bytes_sent
     # Attention travelled as places only: no message carries its bytes.
     assert b.max_message_bytes < 4096
@@ -143,9 +143,21 @@ def test_other_peoples_regions_and_bad_names(server):
         req.shared_output.CopyFrom(pb.SharedOutput(name=victim.name, capacity=victim.capacity, key=b"k" * 16))
         msgs = list(c.stub.StreamAttention(req, timeout=60))
         assert not msgs[0].header.shared_output
-        assert "key does not match" in msgs[0].header.shared_output_refused
         assert any(m.attention.data for m in msgs)
         assert bytes(victim._map[:]) == before
+        # Issue 21.C12: the refusal says nothing about other people's regions: a wrong key, a wrong
+        # size and a name that does not exist read the same to the client; the details are logged.
+        refusals = {"wrong key": msgs[0].header.shared_output_refused}
+        for what, name, capacity in [("wrong size", victim.name, victim.capacity * 2),
+                                     ("no such name", "/attnscope-nobody-has-this-one", victim.capacity)]:
+            req.shared_output.CopyFrom(pb.SharedOutput(name=name, capacity=capacity, key=b"k" * 16))
+            refusals[what] = list(c.stub.StreamAttention(req, timeout=60))[0].header.shared_output_refused
+        assert len(set(refusals.values())) == 1, refusals
+        text = refusals["wrong key"]
+        assert "could not be used" in text and victim.name not in text and "key does not match" not in text
+        log = server.read_log()
+        assert f"the key does not match the shared region {victim.name}" in log
+        assert "/attnscope-nobody-has-this-one" in log
         for name, key, text in [("/dev/shm/x", b"k" * 16, "/attnscope-"), ("/attnscope-../../etc/passwd", b"k" * 16,
                                 "/attnscope-"), (victim.name, b"short", "16 bytes")]:
             req.shared_output.CopyFrom(pb.SharedOutput(name=name, capacity=victim.capacity, key=key))

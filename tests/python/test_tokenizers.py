@@ -64,8 +64,7 @@ def test_tokenizer_json_matches_reference(name, corpus_file):
 
 def fixture(name):
     path = os.path.join(FIXTURES, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} absent: the shared Llama 2 tokenizer fixture is not available")
+    need_reference(os.path.exists(path), f"{path} absent: the shared Llama 2 tokenizer fixture is not available")
     return path
 
 

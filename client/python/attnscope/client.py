@@ -66,8 +66,8 @@ class StreamResult(Captured):
 
     def __init__(self):
         self.header = None
-        self.tokens = []         # generated token ids
-        self.token_pieces = []   # their pieces
+        self.generated_ids = []     # the generated token ids, in order
+        self.generated_pieces = []  # their pieces
         self.attention = BlockTable(lambda layer, phase: Captured.attention(self, layer, phase))
         self.indices = BlockTable(lambda layer, phase: Captured.indices(self, layer, phase))
         self.statistics = {}     # (kind, phase, step, layer, query_begin) -> float32 array
@@ -78,7 +78,8 @@ class StreamResult(Captured):
 
     def __repr__(self):
         return (f"<attnscope.StreamResult: {self.form}, {len(self.attention)} attention blocks, "
-                f"{len(self.statistics)} statistic blocks, {len(self.tokens)} tokens: {self.text!r}>")
+                f"{len(self.statistics)} statistic blocks, {len(self.generated_ids)} tokens generated: "
+                f"{self.text!r}>")
 
     # Captured's view of the blocks.
     @property
@@ -122,10 +123,37 @@ class StreamResult(Captured):
         return list(self.capture.layers) or self.captured_layers
 
     @property
+    def model_heads(self):
+        """The model's number of attention heads."""
+        return self.header.model.num_heads if self.header is not None else 0
+
+    @property
+    def heads(self):
+        """The model's head number of each row of attention() and statistic() (heads=[2, 5]: [2, 5])."""
+        if self.capture.heads:
+            return list(self.capture.heads)
+        return list(range(self.header.model.num_heads)) if self.header is not None else []
+
+    @property
+    def token_pieces(self):
+        """The generated pieces (the stored metadata's name)."""
+        return self.generated_pieces
+
+    @property
+    def token_ids(self):
+        """Every position fed to the model: prompt ids, then generated ids but the last."""
+        return self.prompt_token_ids + self.generated_ids[:-1]
+
+    @property
     def position_pieces(self):
         """Display text of each position: prompt pieces, then generated pieces but the last."""
         prompt = list(self.header.prompt_pieces) if self.header is not None else []
-        return prompt + self.token_pieces[:-1]
+        return prompt + self.generated_pieces[:-1]
+
+    @property
+    def tokens(self):
+        """The piece at each position (as Sample.tokens): prompt, then generated but the last."""
+        return self.position_pieces
 
     @property
     def text(self):
@@ -149,10 +177,12 @@ class StreamResult(Captured):
             "finish_reason": pb.FinishReason.Name(t.finish_reason),
             "timings": {"prefill_ms": t.timings.prefill_ms, "decode_ms": t.timings.decode_ms},
             "num_layers": h.model.num_layers, "num_heads": h.model.num_heads,
+            "capture_spec": capture_spec_text(c),
             "capture": {"layers": list(c.layers), "heads": list(c.heads), "form": pb.Form.Name(c.form),
-                        "element_type": pb.ElementType.Name(c.element_type), "pool": c.pool, "top_k": c.top_k,
+                        "element_type": pb.ElementType.Name(c.element_type), "pool": c.pool,
+                        "pool_op": _POOL_OP_NAMES.get(c.pool_op, "mean"), "top_k": c.top_k,
                         "last_queries": c.last_queries},
-            "token_pieces": list(self.token_pieces),
+            "token_pieces": list(self.generated_pieces),
         }
 
     def to_sample(self):
@@ -166,7 +196,7 @@ class StreamResult(Captured):
         for k, v in self.statistics.items():
             tensors[block_name(BlockKey(*k[1:], stat=k[0]))] = v
         tensors["prompt_token_ids"] = np.asarray(self.prompt_token_ids, np.int64)
-        tensors["token_ids"] = np.asarray(self.tokens, np.int64)
+        tensors["token_ids"] = np.asarray(self.generated_ids, np.int64)
         return Sample(None, tensors, self.metadata())
 
     def save(self, path):
@@ -175,6 +205,61 @@ class StreamResult(Captured):
         sample.path = path
         sample.save(path)
         return path
+
+
+# The capture spec's text dialect (model/capture/spec_text.h), which stored samples keep as
+# metadata "capture_spec": statistics as (proto field, text name, takes a value), in the C++
+# table's order (model/capture/spec.h kStatistics).
+_STAT_TEXT = (("row_entropy", "entropy", False), ("sink_tokens", "sink", True), ("local_window", "local", True),
+              ("key_score_window", "key_score", True), ("key_score_variance", "variance", False))
+
+
+def capture_spec_text(c):
+    """A CaptureSpec in the dialect attnscope-capture stores (e.g. 'pooled:64:max stats=entropy
+    layers=0,8 heads=2,5 phases=prefill dtype=float16'), as model/capture/spec_text.cpp writes it."""
+    form = _FORM_NAMES.get(c.form, "none")
+    if form == "pooled":
+        op = _POOL_OP_NAMES.get(c.pool_op, "mean")
+        form = f"pooled:{c.pool}" + ("" if op == "mean" else f":{op}")
+    elif form == "top_k":
+        form = f"top_k:{c.top_k}"
+    out = [form]
+    stats = []
+    for field, text, takes_value in _STAT_TEXT:
+        v = int(getattr(c.statistics, field))
+        if v > 0:
+            stats.append(f"{text}:{v}" if takes_value else text)
+    if stats:
+        out.append("stats=" + ",".join(stats))
+    if c.layers:
+        out.append("layers=" + ",".join(map(str, c.layers)))
+    if c.heads:
+        out.append("heads=" + ",".join(map(str, c.heads)))
+    phases = [_PHASE_NAMES[p] for p in c.phases] or ["prefill", "decode"]
+    out.append("phases=" + ",".join(phases))
+    if c.last_queries > 0:
+        out.append(f"rows=last:{c.last_queries}")
+    elif c.query_ranges:
+        out.append("rows=" + ",".join(f"{r.begin}:{r.end}" for r in c.query_ranges))
+    out.append("dtype=" + {v: k for k, v in ELEMENT_TYPES.items()}.get(c.element_type, "float32"))
+    return " ".join(out)
+
+
+# What a client accepts by default: a capture whose estimate passes it is refused before any
+# attention byte is sent (max_bytes=N per call or Client(max_bytes=N) raises it; 0: no limit).
+DEFAULT_MAX_BYTES = 4 << 30
+
+
+class CaptureTooLarge(ValueError):
+    """The server's estimate of a capture is above this client's max_bytes."""
+
+
+def _too_large(estimate, limit):
+    return CaptureTooLarge(
+        f"the capture would produce about {estimate / 1e9:.2f} GB, over this client's max_bytes of "
+        f"{limit / 1e9:.2f} GB; shrink it (fewer layers or heads, last_queries=N, form='pooled', 'top_k' or "
+        f"'head_mean', statistics only, element_type='float16', fewer max_new_tokens) or raise the limit: "
+        f"max_bytes=N on the call or Client(max_bytes=N) (0: none)")
 
 
 def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, query_ranges=(), pool=0,
@@ -236,8 +321,8 @@ class _Receiver:
     """Turns one stream's messages into a StreamResult (blocking and asyncio clients alike): chunks
     reassembled into blocks, shared-memory pieces copied out of the ring, progress shown."""
 
-    def __init__(self, client, ring, progress):
-        self.client, self.ring, self.progress = client, ring, progress
+    def __init__(self, client, ring, progress, max_bytes=0):
+        self.client, self.ring, self.progress, self.max_bytes = client, ring, progress, max_bytes
         self.result = StreamResult()
         self.blocks = BlockAssembler(lambda number: _DTYPE_OF[number])
         self.bar = None
@@ -256,6 +341,8 @@ class _Receiver:
         result.max_message_bytes = max(result.max_message_bytes, msg.ByteSize())
         kind = msg.WhichOneof("event")
         if kind == "header":
+            if self.max_bytes and msg.header.estimated_bytes > self.max_bytes:
+                raise _too_large(msg.header.estimated_bytes, self.max_bytes)
             result.header = msg.header
             result.shared_output = msg.header.shared_output
             if result.shared_output and self.ring is None:
@@ -264,10 +351,10 @@ class _Receiver:
                 self.client.shared_refused = msg.header.shared_output_refused
             self._start_bar(msg.header)
         elif kind == "token":
-            result.tokens.append(msg.token.id)
-            result.token_pieces.append(msg.token.piece)
+            result.generated_ids.append(msg.token.id)
+            result.generated_pieces.append(msg.token.piece)
             if self.bar is not None:
-                self.bar.set_postfix(tokens=len(result.tokens), refresh=False)
+                self.bar.set_postfix(tokens=len(result.generated_ids), refresh=False)
         elif kind in ("attention", "statistic"):
             chunk = getattr(msg, kind)
             if kind == "attention" and result.shared_output:
@@ -330,7 +417,7 @@ class Client:
     memory when the server is on this host, the wire otherwise); 0: always the wire."""
 
     def __init__(self, target="127.0.0.1:50051", token=None, root_certificates=None, timeout=None,
-                 shared_memory=16 << 20, model=""):
+                 shared_memory=16 << 20, model="", max_bytes=DEFAULT_MAX_BYTES):
         options = [("grpc.max_receive_message_length", 256 << 20)]
         channels = self._channels()
         if root_certificates is not None:
@@ -346,6 +433,9 @@ class Client:
         if _routable(model):
             self.metadata.append((MODEL_HEADER, model))
         self.timeout = timeout
+        # Captures whose estimate passes this are refused before any attention byte is sent (the
+        # request carries it as capture.max_bytes); a call's max_bytes= replaces it; 0: no limit.
+        self.max_bytes = int(max_bytes or 0)
         self.shared_memory = shared_memory if shared.available() else 0
         self.shared_refused = None  # why the server could not use shared memory, once it said so
         self._rings = []            # idle rings; a stream takes one and gives it back when it ends well
@@ -407,7 +497,9 @@ class Client:
         """A GenerateRequest. The input is `prompt` (text), `token_ids`, or `chat`: a list of
         {"role": ..., "content": ...} rendered by the checkpoint's chat template, with
         `chat_template_kwargs` (a dict) as its variables."""
-        req = pb.GenerateRequest(model=model, max_new_tokens=max_new_tokens,
+        # max_new_tokens=0 is a forward pass over the prompt (prefill captures, no token); None: the
+        # server's default.
+        req = pb.GenerateRequest(model=model, **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}),
                                  sampling=pb.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                                                             seed=seed),
                                  stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, max_length=max_length,
@@ -427,20 +519,33 @@ class Client:
             req.text = prompt
         return req
 
+    def _limited_request(self, args, kwargs):
+        """The request, with this client's byte limit unless the call gave max_bytes (0: none)."""
+        limit = kwargs.pop("max_bytes", None)
+        limit = self.max_bytes if limit is None else int(limit or 0)
+        request = self.request(*args, **kwargs)
+        if limit and not request.capture.max_bytes:
+            request.capture.max_bytes = limit
+        return request, request.capture.max_bytes
+
     def generate(self, *args, **kwargs):
-        request, metadata = _with_model(self, self.request(*args, **kwargs))
+        request, _ = self._limited_request(args, kwargs)
+        request, metadata = _with_model(self, request)
         return self.stub.Generate(request, metadata=metadata, timeout=self.timeout)
 
     def stream_attention(self, *args, progress=None, **kwargs):
         """Runs a StreamAttention call; returns a StreamResult whose blocks assemble into arrays
         (r.attention(layer), r.statistic(kind, layer)). `progress`: a tqdm bar of the bytes and
-        tokens received (None: shown for captures above 64 MB when tqdm is installed)."""
-        request = self.request(*args, **kwargs)
-        receiver = self._receiver(request, progress)
+        tokens received (None: shown for captures above 64 MB when tqdm is installed).
+        `max_bytes`: refuse a capture whose estimate passes it (default: the client's, 4 GiB)."""
+        request, limit = self._limited_request(args, kwargs)
+        receiver = self._receiver(request, progress, limit)
+        call = self.stream_raw(request)
         try:
-            for msg in self.stream_raw(request):
+            for msg in call:
                 receiver.feed(msg)
         except BaseException:
+            call.cancel()  # the server stops within a step
             receiver.fail()
             raise
         return receiver.finish()
@@ -453,11 +558,11 @@ class Client:
             results.append(self.stream_attention(progress=False, **_item_kwargs(item, kwargs)))
         return results
 
-    def _receiver(self, request, progress):
+    def _receiver(self, request, progress, max_bytes=0):
         ring = self._take_ring()
         if ring is not None:
             request.shared_output.CopyFrom(ring.request_field())
-        return _Receiver(self, ring, progress)
+        return _Receiver(self, ring, progress, max_bytes)
 
     def stream_raw(self, request):
         request, metadata = _with_model(self, request)
@@ -491,16 +596,19 @@ class AsyncClient(Client):
         return r.text
 
     async def generate(self, *args, **kwargs):
-        request, metadata = _with_model(self, self.request(*args, **kwargs))
+        request, _ = self._limited_request(args, kwargs)
+        request, metadata = _with_model(self, request)
         return await self.stub.Generate(request, metadata=metadata, timeout=self.timeout)
 
     async def stream_attention(self, *args, progress=None, **kwargs):
-        request = self.request(*args, **kwargs)
-        receiver = self._receiver(request, progress)
+        request, limit = self._limited_request(args, kwargs)
+        receiver = self._receiver(request, progress, limit)
+        call = self.stream_raw(request)
         try:
-            async for msg in self.stream_raw(request):
+            async for msg in call:
                 receiver.feed(msg)
         except BaseException:
+            call.cancel()  # the server stops within a step
             receiver.fail()
             raise
         return receiver.finish()
@@ -520,9 +628,21 @@ class AsyncClient(Client):
                 bar.update(1)
             return r
 
+        # One stream failing ends them all: the others are cancelled (on the shared server too),
+        # never left running with their results dropped.
+        tasks = [asyncio.ensure_future(one(i)) for i in inputs]
         try:
-            return await asyncio.gather(*(one(i) for i in inputs))
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for index, task in enumerate(tasks):
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    error = task.exception()
+                    error.add_note(f"stream_many: input {index} failed; the other streams were cancelled")
+                    raise error
+            return [t.result() for t in tasks]
         finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if bar is not None:
                 bar.close()
 

@@ -26,7 +26,8 @@ def form_name(value):
 
 class Captured:
     """Mixin: subclasses set `_attention`, `_indices`, `_statistics` ({BlockKey: ndarray}) and
-    provide `form`, `pool`, `pool_op`, `prompt_length`."""
+    provide `form`, `pool`, `pool_op`, `prompt_length`, `heads` (the model's head number of each
+    array row) and `tokens` (the piece at each position)."""
 
     _attention = {}
     _indices = {}
@@ -40,6 +41,26 @@ class Captured:
     @property
     def statistic_kinds(self):
         return sorted({k.stat for k in self._statistics})
+
+    @property
+    def reduced_heads(self):
+        """head_mean / head_max: attention() holds one row for all the captured heads."""
+        return self.form in ("head_mean", "head_max")
+
+    def head_index(self, head):
+        """The row of the model's head `head` in attention() and statistic() arrays."""
+        heads = list(self.heads)
+        if head not in heads:
+            raise KeyError(f"head {head} was not captured (captured heads: {', '.join(map(str, heads))})")
+        return heads.index(head)
+
+    def head_label(self, head=None):
+        """How a picture names a row: 'head 5', or for head_mean/head_max 'mean over heads 2, 5'."""
+        if self.reduced_heads:
+            heads = list(self.heads)
+            what = "all heads" if len(heads) == getattr(self, "model_heads", -1) else "heads " + ", ".join(map(str, heads))
+            return f"{self.form[5:]} over {what}"
+        return f"head {head}"
 
     def _keys(self, table, layer, phase, stat=None):
         keys = [k for k in table if k.layer == layer and k.stat == stat and (phase is None or k.phase == phase)]
@@ -125,6 +146,10 @@ class Captured:
         end = int(max(r[-1] + 1 for r, _ in placed))
         n_rows = -(-end // p)
         n_cols = max(b.shape[2] for _, b in placed)
+        have = sum(b.nbytes for _, b in placed)
+        if heads * n_rows * n_cols * 8 > 16 * have + (64 << 20):
+            raise ValueError(f"layer {layer} would assemble to {heads} x {n_rows} x {n_cols} tiles from only {have} "
+                             "bytes of blocks; the blocks are inconsistent")
         acc = np.zeros((heads, n_rows, n_cols))
         rows_in = np.zeros(n_rows)
         mean = self.pool_op != "max"
@@ -170,15 +195,15 @@ class Captured:
             import pandas as pd
         except ImportError:
             raise ImportError("statistics_table() needs pandas (Debian: python3-pandas)") from None
-        tokens = list(getattr(self, "tokens", []) or [])
+        tokens = list(self.tokens or [])  # the piece at each position
         frames = []
         for kind in self.statistic_kinds:
             for layer in sorted({k.layer for k in self._statistics if k.stat == kind}):
                 pos, values = self.statistic(kind, layer)
-                heads = values.shape[0]
+                heads = self._head_numbers(values.shape[0])
                 frame = pd.DataFrame({
-                    "kind": kind, "layer": layer, "head": np.repeat(np.arange(heads), len(pos)),
-                    "position": np.tile(pos, heads), "value": values.reshape(-1)})
+                    "kind": kind, "layer": layer, "head": np.repeat(heads, len(pos)),
+                    "position": np.tile(pos, len(heads)), "value": values.reshape(-1)})
                 if tokens:
                     frame["token"] = [tokens[p] if p < len(tokens) else "" for p in frame["position"]]
                 frames.append(frame)
@@ -195,12 +220,18 @@ class Captured:
             raise ImportError("to_xarray() needs xarray (Debian: python3-xarray)") from None
         a = self.attention(layer, phase)
         dims = ("head", "row", "rank") if self.form == "top_k" else ("head", "query", "key")
-        coords = {dims[1]: self.positions(layer, phase)}
+        coords = {dims[1]: self.positions(layer, phase),
+                  "head": [self.head_label()] if self.reduced_heads else self._head_numbers(a.shape[0])}
         if self.form != "top_k":
             step = self.pool if self.form == "pooled" else 1
             coords["key"] = np.arange(a.shape[2]) * step
         return xr.DataArray(a, dims=dims, coords=coords, name=f"attention layer {layer}",
                             attrs={"form": self.form, "layer": layer})
+
+    def _head_numbers(self, rows):
+        """The model's head numbers of `rows` array rows (their indices if the capture does not say)."""
+        heads = list(self.heads or [])
+        return np.asarray(heads if len(heads) == rows else range(rows))
 
     # -- Jupyter --------------------------------------------------------------------------------
     HTML_INLINE_LIMIT = 8 << 20  # larger pages are not inlined into the notebook

@@ -1,4 +1,5 @@
 """Stored samples: `load(path)` for attnscope-capture's safetensors files and the prototype's pickles."""
+import codecs
 import json
 import os
 import pickle
@@ -30,6 +31,8 @@ def _read_header(f, size, path):
         header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SampleError(f"{path}: the header is not JSON ({e})") from None
+    except RecursionError:
+        raise SampleError(f"{path}: the header is nested too deeply to be a sample's") from None
     if not isinstance(header, dict):
         raise SampleError(f"{path}: the header is not a JSON object")
     return header, 8 + n
@@ -40,12 +43,15 @@ def _read_safetensors(path):
     entry is checked against the file before it is read."""
     try:
         from safetensors.numpy import load_file, safe_open  # optional, faster
-        with safe_open(path, "np") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(path)
-        return tensors, meta
     except ImportError:
         pass
+    else:
+        try:
+            with safe_open(path, "np") as f:
+                meta = f.metadata() or {}
+            return load_file(path), meta
+        except RecursionError:
+            raise SampleError(f"{path}: the header is nested too deeply to be a sample's") from None
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         header, base = _read_header(f, size, path)
@@ -77,6 +83,15 @@ def _read_safetensors(path):
     return tensors, meta
 
 
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    """The one use numpy's protocol-2 pickles make of _codecs.encode: array bytes kept as a latin-1
+    string. Any other codec (punycode is quadratic: a 400 KB pickle kept load() busy for an hour)
+    is refused."""
+    if str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1") or errors != "strict":
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with codec {encoding!r}: numpy's pickles use latin-1")
+    return codecs.latin_1_encode(text)[0]
+
+
 class _PrototypeUnpickler(pickle.Unpickler):
     """Admits only what the prototype's files hold: dicts, lists, ints, strings and numpy arrays.
     Any other global (os.system, builtins.eval, ...) is refused before it can run."""
@@ -84,10 +99,12 @@ class _PrototypeUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
@@ -143,6 +160,10 @@ class Sample(Captured):
 
     @property
     def pool_op(self):
+        """mean or max: the capture's own record (capture.pool_op), else its spec text."""
+        op = self.capture.get("pool_op")
+        if op in ("mean", "max"):
+            return op
         spec = str(self.metadata.get("capture_spec", ""))
         return "max" if spec.startswith("pooled:") and spec.split()[0].endswith(":max") else "mean"
 
@@ -161,6 +182,23 @@ class Sample(Captured):
     def num_heads(self):
         a = self.attention(self.layers[0])
         return a.shape[0]
+
+    @property
+    def model_heads(self):
+        """The model's number of attention heads (where the metadata says)."""
+        return int(self.metadata.get("num_heads", 0) or 0)
+
+    @property
+    def heads(self):
+        """The model's head number of each row of attention() and statistic() (heads=[2, 5]: [2, 5])."""
+        captured = list(self.capture.get("heads", []) or [])
+        if captured:
+            return [int(h) for h in captured]
+        if self.model_heads:
+            return list(range(self.model_heads))
+        if self.layers:
+            return list(range(self.attention(self.layers[0]).shape[0]))
+        return []
 
     @property
     def text(self):
@@ -259,7 +297,10 @@ def load(path, allow_unsafe_pickle=False):
     crafted file cannot run code; `allow_unsafe_pickle=True` lifts that for files you trust."""
     if str(path).endswith(".pkl"):
         with open(path, "rb") as f:
-            data = pickle.load(f) if allow_unsafe_pickle else _PrototypeUnpickler(f).load()
+            try:
+                data = pickle.load(f) if allow_unsafe_pickle else _PrototypeUnpickler(f).load()
+            except RecursionError:
+                raise SampleError(f"{path}: the pickle is nested too deeply to be a sample's") from None
         _check_prototype_layout(data, path)
         tensors = {f"layer.{k}": v["tensor"][0] for k, v in data.items()}
         return Sample(path, tensors, {"layers": sorted(data)})
@@ -268,6 +309,8 @@ def load(path, allow_unsafe_pickle=False):
         metadata = json.loads(meta["attnscope"]) if "attnscope" in meta else {}
     except json.JSONDecodeError as e:
         raise SampleError(f"{path}: the attnscope metadata is not JSON ({e})") from None
+    except RecursionError:
+        raise SampleError(f"{path}: the attnscope metadata is nested too deeply to be a sample's") from None
     if not isinstance(metadata, dict):
         raise SampleError(f"{path}: the attnscope metadata is not a JSON object")
     return Sample(path, tensors, metadata)

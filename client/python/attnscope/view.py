@@ -63,14 +63,28 @@ def _ticks(ax, tokens, rows, cols, step=1):
             ax.set_yticklabels(labels, fontsize=6)
 
 
-def matrix(sample, layer, head=0, phase=None):
-    """(2-D array to draw, query position of each row, key position of each column, tile side).
-    top_k rows are spread into a sparse matrix (zeros off the K kept keys)."""
+def _first_head(sample, head):
+    """`head` as given, or the first captured head (a capture of heads 2 and 5 has no head 0)."""
+    return head if head is not None else (list(sample.heads) or [0])[0]
+
+
+def _row(sample, head):
+    """The array row of the model's head `head` (head_mean/head_max: their one row)."""
+    if sample.reduced_heads:
+        return 0
+    try:
+        return sample.head_index(head)
+    except KeyError as e:
+        raise KeyError(e.args[0]) from None
+
+
+def matrix(sample, layer, head=None, phase=None):
+    """(2-D array to draw, query position of each row, key position of each column, tile side) of
+    the model's head `head` (default: the first captured). top_k rows are spread into a sparse
+    matrix (zeros off the K kept keys)."""
     form = getattr(sample, "form", "dense")
     a = sample.attention(layer, phase) if phase is not None else sample.attention(layer)
-    head = min(head, a.shape[0] - 1) if form in ("head_mean", "head_max") else head
-    if not 0 <= head < a.shape[0]:
-        raise IndexError(f"head {head}: the capture holds {a.shape[0]} heads")
+    head = _row(sample, _first_head(sample, head))
     try:
         rows = sample.positions(layer, phase)
     except (AttributeError, KeyError):
@@ -89,10 +103,12 @@ def matrix(sample, layer, head=0, phase=None):
     return a[head], rows, np.arange(a.shape[2]) * step, step
 
 
-def heatmap(sample, layer, head=0, ax=None, log=False, phase=None):
-    """Attention of one layer and head, keys on x, queries on y, tokens (or positions, for tiles)
-    as labels. Works for every form; top_k draws its K keys per row."""
+def heatmap(sample, layer, head=None, ax=None, log=False, phase=None):
+    """Attention of one layer and head (the model's head number; default: the first captured),
+    keys on x, queries on y, tokens (or positions, for tiles) as labels. Works for every form;
+    top_k draws its K keys per row."""
     import matplotlib.pyplot as plt
+    head = _first_head(sample, head)
     m, rows, cols, step = matrix(sample, layer, head, phase)
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 7))
@@ -104,7 +120,7 @@ def heatmap(sample, layer, head=0, ax=None, log=False, phase=None):
                    aspect="auto")
     _ticks(ax, _tokens(sample), rows, cols, step)
     form = getattr(sample, "form", "dense")
-    what = {"head_mean": "mean over heads", "head_max": "max over heads"}.get(form, f"head {head}")
+    what = sample.head_label(head)
     extra = {"pooled": f", {step}x{step} tiles", "top_k": ", top-k keys per row"}
     ax.set_title(f"layer {layer}, {what}{extra.get(form, '')}")
     ax.set_xlabel("key position" if step > 1 else "key")
@@ -126,7 +142,7 @@ def _grid(sample, panels, title, log):
         m, r, c, step = matrix(sample, layer, head)
         ax.imshow(np.ma.masked_where(c[None, :] > r[:, None] + step - 1, m), cmap=CMAP,
                   norm=_norm(log, float(m.max()) or 1.0), interpolation="nearest", aspect="auto")
-        ax.set_title(f"layer {layer}, head {head}", fontsize=9)
+        ax.set_title(f"layer {layer}, {sample.head_label(head)}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title)
@@ -134,12 +150,15 @@ def _grid(sample, panels, title, log):
     return fig
 
 
-def compare_layers(sample, layers, head=0, log=False):
-    return _grid(sample, [(l, head) for l in layers], f"head {head} across layers", log)
+def compare_layers(sample, layers, head=None, log=False):
+    """One head (the model's number; default: the first captured) across layers."""
+    head = _first_head(sample, head)
+    return _grid(sample, [(l, head) for l in layers], f"{sample.head_label(head)} across layers", log)
 
 
 def compare_heads(sample, layer, heads=None, log=False):
-    heads = list(range(sample.attention(layer).shape[0])) if heads is None else heads
+    """Heads of one layer, titled by the model's head numbers (default: every captured head)."""
+    heads = (list(sample.heads)[:1] if sample.reduced_heads else list(sample.heads)) if heads is None else heads
     return _grid(sample, [(layer, h) for h in heads], f"layer {layer}: heads", log)
 
 
@@ -163,7 +182,7 @@ def statistic_overview(sample, kind, ax=None, phase=None):
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels(layers, fontsize=7)
     ax.set_xticks(range(grid.shape[1]))
-    ax.set_xticklabels(range(grid.shape[1]), fontsize=7)
+    ax.set_xticklabels(sample._head_numbers(grid.shape[1]), fontsize=7)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(f"{kind}: {how}", fontsize=10)
@@ -174,19 +193,22 @@ def statistic_overview(sample, kind, ax=None, phase=None):
 
 def statistic_positions(sample, kind, layer, head=None, ax=None):
     """A statistic along positions, with the tokens: key_score / key_score_variance per prompt
-    key, row statistics per query position (prefill rows, then decode steps). head None: one line
-    per head (up to 8) and their mean."""
+    key, row statistics per query position (prefill rows, then decode steps). head (the model's
+    number) None: one line per head (up to 8) and their mean."""
     import matplotlib.pyplot as plt
     pos, values = sample.statistic(kind, layer)
+    numbers = sample._head_numbers(values.shape[0])
     if ax is None:
         _, ax = plt.subplots(figsize=(max(6, min(20, len(pos) / 6)), 3.5))
     if head is None:
-        for h in range(min(8, values.shape[0])):
-            ax.plot(pos, values[h], lw=0.8, alpha=0.5, label=f"head {h}")
+        for i in range(min(8, values.shape[0])):
+            ax.plot(pos, values[i], lw=0.8, alpha=0.5, label=f"head {numbers[i]}")
         ax.plot(pos, values.mean(0), lw=2, color="black", label="mean")
         ax.legend(fontsize=6, ncol=5)
     else:
-        ax.plot(pos, values[head], lw=1.2)
+        if head not in list(numbers):
+            raise KeyError(f"head {head} was not captured (captured heads: {', '.join(map(str, numbers))})")
+        ax.plot(pos, values[list(numbers).index(head)], lw=1.2)
     tokens = _tokens(sample)
     every = max(1, int(np.ceil(len(pos) / MAX_TICKS)))
     ax.set_xticks(pos[::every])
@@ -216,7 +238,7 @@ def statistics_figure(sample, layer=None):
     return fig
 
 
-def overview(sample, layer=None, head=0, log=False):
+def overview(sample, layer=None, head=None, log=False):
     """The sample's natural picture: a heatmap when it holds attention, its statistics otherwise."""
     if getattr(sample, "form", "dense") != "none" and (getattr(sample, "_attention", None) or
                                                        any(k.startswith("layer.") for k in getattr(sample, "tensors", {}))):
@@ -245,27 +267,29 @@ def _views(sample):
                                         any(k.startswith("layer.") for k in getattr(sample, "tensors", {})))
     if has_attention:
         layers = sample.layers
-        heads = sample.attention(layers[0]).shape[0]
+        heads = list(sample.heads)[:1] if sample.reduced_heads else list(sample.heads)
+        labels = [sample.head_label(heads[0])] if sample.reduced_heads else [str(h) for h in heads]
         for layer in layers:
             mats, rows, cols, step = [], None, None, 1
-            for h in range(heads):
+            for h in heads:
                 m, rows, cols, step = matrix(sample, layer, h)
                 mats.append(m)
             a = np.stack(mats)
-            side = max(32, int(np.sqrt(HTML_BUDGET / (len(layers) * heads))))
+            side = max(32, int(np.sqrt(HTML_BUDGET / (len(layers) * len(heads)))))
             n = max(a.shape[1], a.shape[2])
             pool = 1 if n <= min(HTML_FULL_LIMIT, side) else int(np.ceil(n / min(side, 512)))
             if pool > 1:  # tiles of the tiles: positions stay in tokens
                 a = _pool(np.pad(a, ((0, 0), (0, max(0, n - a.shape[1])), (0, max(0, n - a.shape[2])))), pool)
                 rows, cols, step = rows[::pool][:a.shape[1]], cols[::pool][:a.shape[2]], step * pool
-            views.append({"name": f"layer {layer}", "heads": np.round(a, 5).tolist(), "rows": [int(r) for r in rows],
-                          "cols": [int(c) for c in cols], "step": int(step), "causal": True})
+            views.append({"name": f"layer {layer}", "heads": np.round(a, 5).tolist(), "labels": labels,
+                          "rows": [int(r) for r in rows], "cols": [int(c) for c in cols], "step": int(step),
+                          "causal": True})
     for kind in getattr(sample, "statistic_kinds", []):
         for layer in _stat_layers(sample, kind):
             pos, values = sample.statistic(kind, layer)
             views.append({"name": f"{kind}, layer {layer}", "heads": [np.round(values, 5).tolist()],
-                          "rows": list(range(values.shape[0])), "cols": [int(p) for p in pos], "step": 1,
-                          "causal": False, "row_label": "head"})
+                          "labels": ["all"], "rows": [int(h) for h in sample._head_numbers(values.shape[0])],
+                          "cols": [int(p) for p in pos], "step": 1, "causal": False, "row_label": "head"})
     return views
 
 
@@ -319,7 +343,7 @@ function view() { return D.views[Number($('view').value)]; }
 function fillHeads() {
   const keep = $('head').value, v = view(), n = v.heads.length;
   $('head').innerHTML = '';
-  for (let h = 0; h < n; h++) $('head').add(new Option(v.row_label ? 'all' : h, h));
+  for (let h = 0; h < n; h++) $('head').add(new Option(v.labels[h], h));  // the model's head numbers
   $('head').value = keep !== '' && Number(keep) < n ? keep : '0';
   $('head').disabled = n === 1;
 }
@@ -329,11 +353,13 @@ function scale(x, max) {
   if (s === 'log') return Math.max(0, 1 + Math.log10(x / max) / 4);
   return s === 'power' ? Math.pow(x / max, 0.4) : x / max;
 }
+// A loop, not Math.max(...row): spreading a row of 125k+ numbers overflows the call stack.
+function maxOf(a) { let m = -Infinity; for (let i = 0; i < a.length; i++) if (a[i] > m) m = a[i]; return m; }
 function label(p) { const t = D.tokens[p]; return t === undefined || t === '' ? String(p) : JSON.stringify(t).slice(1, -1).slice(0, 10); }
 let M = null, cell = 1;
 function draw() {
   const v = view(), m = v.heads[Number($('head').value)], R = m.length, C = m[0].length;
-  M = {v, m, R, C, max: Math.max(...m.map(r => Math.max(...r)))};
+  M = {v, m, R, C, max: maxOf(m.map(maxOf))};
   cell = SIZE / Math.max(R, C);
   const img = ctx.createImageData(C, R);
   for (let i = 0; i < R; i++) for (let j = 0; j < C; j++) {
@@ -371,7 +397,7 @@ function hover(i, j) {
         ': ' + M.m[i][j].toPrecision(4);
   $('info').dataset.row = String(q); $('info').dataset.col = String(k);
   if (v.row_label) return;
-  const row = M.m[i], max = Math.max(...row);
+  const row = M.m[i], max = maxOf(row);
   strip.querySelectorAll('span').forEach((s, p) => {
     const c = Math.min(M.C - 1, Math.floor(p / v.step));
     const w = p <= q + v.step - 1 && v.cols[c] <= p ? scale(row[c], max) : 0;
@@ -416,7 +442,7 @@ def main(argv=None):
     ap.add_argument("--allow-unsafe-pickle", action="store_true",
                     help="load a .pkl with plain pickle (runs whatever it holds: only for files you trust)")
     ap.add_argument("--layer", type=int, default=None)
-    ap.add_argument("--head", type=int, default=0)
+    ap.add_argument("--head", type=int, default=None, help="the model's head number (default: the first captured)")
     ap.add_argument("--compare-layers", default=None, help="comma-separated layers")
     ap.add_argument("--compare-heads", action="store_true")
     ap.add_argument("--stat", default=None,
