@@ -132,9 +132,19 @@ absl::Status Engine::NeedTokenizer() const {
 }
 
 absl::StatusOr<std::vector<int64_t>> Engine::Encode(const std::string& text,
-                                                    bool add_special_tokens) const {
+                                                    bool add_special_tokens,
+                                                    int64_t max_tokens) const {
   RETURN_IF_ERROR(NeedTokenizer());
-  return tokenizer_->Encode(text, add_special_tokens);
+  if (max_tokens <= 0) return tokenizer_->Encode(text, add_special_tokens);
+  std::vector<int64_t> ids = tokenizer_->EncodeAtMost(text, add_special_tokens, max_tokens);
+  if (static_cast<int64_t>(ids.size()) > max_tokens) return TooLong(max_tokens);
+  return ids;
+}
+
+absl::Status Engine::TooLong(int64_t max_tokens) const {
+  return absl::OutOfRangeError(absl::StrCat(
+      "the prompt has more than ", max_tokens, " tokens, more than the model's context of ",
+      info_.max_position_embeddings, "; set max_length to truncate it in the middle"));
 }
 
 absl::StatusOr<std::string> Engine::Decode(const std::vector<int64_t>& ids,
@@ -149,12 +159,29 @@ std::vector<std::string> Engine::Pieces(const std::vector<int64_t>& ids) const {
   return out;
 }
 
-absl::StatusOr<std::vector<int64_t>> Engine::EncodeChat(
-    const std::vector<ChatMessage>& messages, const std::string& template_kwargs_json) const {
+absl::StatusOr<std::vector<int64_t>> Engine::EncodeChat(const std::vector<ChatMessage>& messages,
+                                                        const std::string& template_kwargs_json,
+                                                        int64_t max_tokens) const {
   RETURN_IF_ERROR(NeedTokenizer());
   std::string text;
   if (chat_template_.has_value()) {
-    ASSIGN_OR_RETURN(text, chat_template_->Render(messages, template_kwargs_json));
+    // A token stands for at most max_token_bytes of text (x4: normalization can shrink text,
+    // NFKC by up to 3x): text longer than this cannot be max_tokens tokens.
+    size_t max_output = ChatTemplate::kMaxRenderedBytes;
+    if (max_tokens > 0) {
+      const double fits = 4.0 * static_cast<double>(tokenizer_->max_token_bytes()) *
+                          static_cast<double>(max_tokens + 1);
+      max_output = static_cast<size_t>(std::min(fits, static_cast<double>(max_output)));
+    }
+    auto rendered = chat_template_->Render(messages, template_kwargs_json, max_output);
+    if (!rendered.ok() && absl::IsResourceExhausted(rendered.status()) &&
+        max_output < ChatTemplate::kMaxRenderedBytes &&
+        rendered.status().message().find(absl::StrCat("more than ", max_output, " bytes")) !=
+            absl::string_view::npos) {
+      return TooLong(max_tokens);
+    }
+    if (!rendered.ok()) return rendered.status();
+    text = std::move(*rendered);
   } else {
     if (!template_kwargs_json.empty()) {
       return absl::InvalidArgumentError(
@@ -164,7 +191,11 @@ absl::StatusOr<std::vector<int64_t>> Engine::EncodeChat(
     ASSIGN_OR_RETURN(text, RenderChat(chat_format_, messages));
   }
   // The rendered text carries its special tokens (BOS included) itself.
-  return tokenizer_->Encode(text, /*add_special_tokens=*/false);
+  if (max_tokens <= 0) return tokenizer_->Encode(text, /*add_special_tokens=*/false);
+  std::vector<int64_t> ids =
+      tokenizer_->EncodeAtMost(text, /*add_special_tokens=*/false, max_tokens);
+  if (static_cast<int64_t>(ids.size()) > max_tokens) return TooLong(max_tokens);
+  return ids;
 }
 
 absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec& capture) const {

@@ -97,8 +97,11 @@ class Engine {
 
   // Text needs a tokenizer: FAILED_PRECONDITION in token-id mode (a folder without tokenizer
   // files).
+  // `max_tokens` > 0: a text of more tokens is OUT_OF_RANGE, found without encoding all of it
+  // (a prompt that cannot fit the context costs the server little).
   absl::StatusOr<std::vector<int64_t>> Encode(const std::string& text,
-                                              bool add_special_tokens = true) const;
+                                              bool add_special_tokens = true,
+                                              int64_t max_tokens = 0) const;
   absl::StatusOr<std::string> Decode(const std::vector<int64_t>& ids,
                                      bool skip_special_tokens) const;
   // Display text of each id ("" for all in token-id mode).
@@ -106,8 +109,10 @@ class Engine {
   // The chat rendered with the checkpoint's chat template (template variables from
   // `template_kwargs_json`, a JSON object or empty) or, without one, the family's built-in format,
   // then encoded without adding special tokens (the rendered text carries them).
-  absl::StatusOr<std::vector<int64_t>> EncodeChat(
-      const std::vector<ChatMessage>& messages, const std::string& template_kwargs_json = "") const;
+  // `max_tokens` > 0 as for Encode; rendering stops too once its text cannot fit that many.
+  absl::StatusOr<std::vector<int64_t>> EncodeChat(const std::vector<ChatMessage>& messages,
+                                                  const std::string& template_kwargs_json = "",
+                                                  int64_t max_tokens = 0) const;
 
   // Checks a request and its capture spec without running anything.
   absl::Status Validate(const GenerateRequest& request, const CaptureSpec& capture) const;
@@ -121,6 +126,7 @@ class Engine {
  private:
   Engine() = default;
   absl::Status NeedTokenizer() const;
+  absl::Status TooLong(int64_t max_tokens) const;  // OUT_OF_RANGE: past the context
   EngineOptions options_;
   ModelInfo info_;
   std::unique_ptr<Transformer> transformer_;

@@ -38,6 +38,13 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
                                             shown, "'; connect to the server of that model"));
   }
   ResolvedRequest r;
+  if (request.max_length() < 0) return absl::InvalidArgumentError("max_length must be >= 0");
+  // The request's limit, else the registry's for the served model (a default never replaces a
+  // value the user gave).
+  r.max_length = request.max_length() > 0 ? request.max_length() : options.default_max_length;
+  // Without truncation a prompt past the context is refused: text and chats are encoded (and
+  // rendered) only until that is certain, not in full.
+  const int64_t max_tokens = r.max_length > 0 ? 0 : engine.info().max_position_embeddings;
   switch (request.input_case()) {
     case v1::GenerateRequest::kTokenIds:
       r.generate.prompt_ids.assign(request.token_ids().ids().begin(),
@@ -46,23 +53,21 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
     case v1::GenerateRequest::kText: {
       if (!utf8::IsValid(request.text()))
         return absl::InvalidArgumentError("the text is not valid UTF-8");
-      ASSIGN_OR_RETURN(r.generate.prompt_ids, engine.Encode(request.text()));
+      ASSIGN_OR_RETURN(r.generate.prompt_ids,
+                       engine.Encode(request.text(), /*add_special_tokens=*/true, max_tokens));
       break;
     }
     case v1::GenerateRequest::kChat: {
       std::vector<ChatMessage> messages;
       for (const auto& m : request.chat().messages()) messages.push_back({m.role(), m.content()});
-      ASSIGN_OR_RETURN(r.generate.prompt_ids,
-                       engine.EncodeChat(messages, request.chat().chat_template_kwargs()));
+      ASSIGN_OR_RETURN(
+          r.generate.prompt_ids,
+          engine.EncodeChat(messages, request.chat().chat_template_kwargs(), max_tokens));
       break;
     }
     case v1::GenerateRequest::INPUT_NOT_SET:
       return absl::InvalidArgumentError("the request has no input: set text, token_ids or chat");
   }
-  if (request.max_length() < 0) return absl::InvalidArgumentError("max_length must be >= 0");
-  // The request's limit, else the registry's for the served model (a default never replaces a
-  // value the user gave).
-  r.max_length = request.max_length() > 0 ? request.max_length() : options.default_max_length;
   r.untruncated_prompt_tokens = static_cast<int64_t>(r.generate.prompt_ids.size());
   r.generate.prompt_ids = TruncateMiddle(r.generate.prompt_ids, r.max_length);
   if (request.has_max_new_tokens() && request.max_new_tokens() < 0)

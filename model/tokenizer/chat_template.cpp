@@ -88,7 +88,8 @@ absl::StatusOr<std::optional<ChatTemplate>> ChatTemplate::Load(const std::string
 }
 
 absl::StatusOr<std::string> ChatTemplate::Render(const std::vector<ChatMessage>& messages,
-                                                 const std::string& kwargs_json) const {
+                                                 const std::string& kwargs_json,
+                                                 size_t max_output) const {
   if (template_ == nullptr) return parse_status_;
   if (messages.empty()) return absl::InvalidArgumentError("the chat has no messages");
   auto vars = std::make_shared<jinja::Dict>();
@@ -118,7 +119,7 @@ absl::StatusOr<std::string> ChatTemplate::Render(const std::vector<ChatMessage>&
       vars->Set(key, jinja::Value::FromJson(value));
     }
   }
-  auto text = template_->Render(jinja::Value::MakeDict(vars));
+  auto text = template_->Render(jinja::Value::MakeDict(vars), max_output);
   if (text.ok()) return text;
   const absl::Status& s = text.status();
   if (absl::IsFailedPrecondition(s)) {  // raise_exception()

@@ -28,8 +28,11 @@ class ChatTemplate {
   // INVALID_ARGUMENT for a conversation the template refuses (raise_exception, with its message)
   // or that fails in it, or for malformed kwargs; the parse error for a template that did not
   // parse (UNIMPLEMENTED naming the construct, or INVALID_ARGUMENT).
+  // Rendering stops past `max_output` bytes (RESOURCE_EXHAUSTED).
   absl::StatusOr<std::string> Render(const std::vector<ChatMessage>& messages,
-                                     const std::string& kwargs_json) const;
+                                     const std::string& kwargs_json,
+                                     size_t max_output = kMaxRenderedBytes) const;
+  static constexpr size_t kMaxRenderedBytes = size_t{16} << 20;
 
   const std::string& source() const { return source_; }  // file it came from
   const absl::Status& parse_status() const { return parse_status_; }

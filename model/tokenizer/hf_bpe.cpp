@@ -97,9 +97,11 @@ int64_t HfTokenizer::word_cache_bytes() const {
   return cache_bytes_;
 }
 
-std::vector<int64_t> HfTokenizer::Encode(const std::string& text, bool add_special_tokens) const {
+std::vector<int64_t> HfTokenizer::EncodeAtMost(const std::string& text, bool add_special_tokens,
+                                               int64_t max_tokens) const {
   std::vector<int64_t> ids;
   if (add_special_tokens) ids = prefix_ids_;
+  auto over = [&] { return max_tokens >= 0 && static_cast<int64_t>(ids.size()) > max_tokens; };
   // Added tokens are found in the raw text first; the text between them is normalized,
   // pre-tokenized and run through BPE.
   size_t segment_start = 0;
@@ -109,6 +111,7 @@ std::vector<int64_t> HfTokenizer::Encode(const std::string& text, bool add_speci
       for (const std::string& piece :
            PreTokenize(Normalize(text.substr(segment_start, end - segment_start)), first_segment)) {
         Bpe(piece, &ids);
+        if (over()) return;
       }
     }
     first_segment = false;
@@ -140,6 +143,7 @@ std::vector<int64_t> HfTokenizer::Encode(const std::string& text, bool add_speci
     }
     flush(begin);
     ids.push_back(hit->id);
+    if (over()) return ids;
     segment_start = pos = end;
   }
   flush(text.size());

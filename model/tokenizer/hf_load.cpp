@@ -278,6 +278,9 @@ absl::StatusOr<std::unique_ptr<HfTokenizer>> HfTokenizer::Parse(const std::strin
   } catch (const std::invalid_argument& e) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": unexpected structure: ", e.what()));
   }
+  for (const auto& [token, id] : t->vocab_)
+    t->max_token_bytes_ =
+        std::max<int64_t>(t->max_token_bytes_, static_cast<int64_t>(token.size()));
   // Longest first, so that matching at a position prefers the longest added token.
   std::sort(t->added_.begin(), t->added_.end(), [](const AddedToken& a, const AddedToken& b) {
     return a.content.size() > b.content.size();

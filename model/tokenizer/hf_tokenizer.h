@@ -127,7 +127,13 @@ class HfTokenizer : public Tokenizer {
  public:
   static absl::StatusOr<std::unique_ptr<HfTokenizer>> Parse(const std::string& path);
 
-  std::vector<int64_t> Encode(const std::string& text, bool add_special_tokens) const override;
+  std::vector<int64_t> Encode(const std::string& text, bool add_special_tokens) const override {
+    return EncodeAtMost(text, add_special_tokens, -1);
+  }
+  // Stops after the word that passes `max_tokens` (< 0: never).
+  std::vector<int64_t> EncodeAtMost(const std::string& text, bool add_special_tokens,
+                                    int64_t max_tokens) const override;
+  int64_t max_token_bytes() const override { return max_token_bytes_; }
   std::string Decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const override;
   std::string Piece(int64_t id) const override;
   std::optional<int64_t> TokenId(const std::string& token) const override {
@@ -178,6 +184,7 @@ class HfTokenizer : public Tokenizer {
   mutable std::mutex cache_mu_;
   mutable std::unordered_map<std::string, std::vector<int64_t>> cache_;
   mutable int64_t cache_bytes_ = 0;
+  int64_t max_token_bytes_ = 1;  // longest vocabulary entry or added token, in UTF-8 bytes
 };
 
 }  // namespace hf

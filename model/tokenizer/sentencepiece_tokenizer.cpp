@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 
@@ -94,6 +95,9 @@ class SentencePieceTokenizer : public Tokenizer {
     for (int id = 0; id < n; ++id) {
       const int kind = api_->kind(handle_, id);
       special_.push_back(kind == 1 || kind == 2);
+      max_token_bytes_ = std::max<int64_t>(
+          max_token_bytes_,
+          static_cast<int64_t>(TakeString(api_, api_->id_to_piece(handle_, id)).size()));
       // Control and unknown pieces written in the text stand for themselves, as in the
       // Hugging Face tokenizers of the same models.
       if (kind == 1 || kind == 2)
@@ -187,11 +191,13 @@ class SentencePieceTokenizer : public Tokenizer {
   }
   int64_t vocab_size() const override { return static_cast<int64_t>(special_.size()); }
   std::string kind() const override { return "sentencepiece"; }
+  int64_t max_token_bytes() const override { return max_token_bytes_; }
 
  private:
   const ShimApi* api_;
   void* handle_;
   std::vector<bool> special_;
+  int64_t max_token_bytes_ = 1;  // longest piece, in UTF-8 bytes
   std::vector<std::pair<std::string, int64_t>> specials_;
 };
 

