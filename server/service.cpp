@@ -7,6 +7,7 @@
 #include <functional>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "model/io/status_macros.h"
 #include "model/io/utf8.h"
 #include "server/convert.h"
@@ -204,12 +205,14 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     const ChunkPlacer place = [this](const ChunkPiece& piece,
                                      v1::AttentionChunk* chunk) -> absl::Status {
       const auto keep_waiting = [this](double idle_s) { return WaitForRing(idle_s); };
+      const auto put_started = Clock::now();
       // Dense values come as `fill`: the engine writes them straight into the ring.
       ASSIGN_OR_RETURN(const int64_t position,
                        piece.fill ? ring_->Place(
                                         piece.value_bytes, [&piece](char* dst) { piece.fill(dst); },
                                         keep_waiting)
                                   : ring_->Put(piece.values, piece.indices, keep_waiting));
+      RETURN_IF_ERROR(CountClientWait(put_started));
       chunk->set_shared_position(position);
       chunk->set_shared_bytes(piece.value_bytes);
       chunk->set_shared_index_bytes(static_cast<int64_t>(piece.indices.size()));
@@ -245,6 +248,31 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
     return absl::DeadlineExceededError(absl::StrCat(
         "the client read nothing from its shared region for ", service_->options_.stall_timeout_s,
         " s (--stall_timeout_s); the stream was stopped"));
+  }
+
+  // The idle share of a same-host stream: a reader that keeps up only just (each piece read within
+  // the stall timeout, but slowly) would hold its slot as long as it likes. (On the wire, a slow
+  // network is the usual reason to wait: the stall timeout alone applies there.) Once it has spent
+  // more than the stall timeout in all, and most of its time, waiting for its client while other
+  // requests wait for a slot, it is stopped.
+  absl::Status CountClientWait(Clock::time_point since) {
+    const auto now = Clock::now();
+    waited_s_ += MsBetween(since, now) / 1e3;
+    const double elapsed_s = MsBetween(job_started_, now) / 1e3;
+    const double stall_s = service_->options_.stall_timeout_s;
+    if (waited_s_ <= stall_s || waited_s_ <= 0.5 * elapsed_s ||
+        service_->scheduler_->queued() == 0) {
+      return absl::OkStatus();
+    }
+    ++service_->metrics_.stalled_streams;
+    spdlog::warn(
+        "StreamAttention peer={}: waited {:.1f} s of {:.1f} s for its client while others queue; "
+        "stopping the stream and freeing its slot",
+        state_->context->peer(), waited_s_, elapsed_s);
+    return absl::DeadlineExceededError(absl::StrFormat(
+        "the stream spent %.1f s of its %.1f s waiting for the client to read, while other "
+        "requests waited for a slot; it was stopped (read faster, or capture less)",
+        waited_s_, elapsed_s));
   }
 
   // Opens the request's shared region, if it names one: the header says whether it is used or
@@ -326,6 +354,7 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
   // ends.
   absl::Status Stream() {
     const auto started = Clock::now();
+    job_started_ = started;
     const Engine& engine = *service_->engine_;
     if (state_->cancel.cancelled()) return CancelledStatus(service_->accepting());
     auto resolved = ResolveRequest(request_, engine, service_->resolve_options());
@@ -415,9 +444,11 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
   const Clock::time_point received_;
   std::shared_ptr<StreamState> state_;
   Scheduler::Ticket ticket_ = 0;
-  ResolvedRequest resolved_;  // the job's
-  int64_t bytes_sent_ = 0;    // the job's
-  int64_t tokens_ = 0;        // the job's: tokens generated, also when the stream ends early
+  ResolvedRequest resolved_;       // the job's
+  int64_t bytes_sent_ = 0;         // the job's
+  int64_t tokens_ = 0;             // the job's: tokens generated, also when the stream ends early
+  Clock::time_point job_started_;  // the job's: when it began
+  double waited_s_ = 0;            // the job's: seconds spent waiting for the client to read
   std::unique_ptr<shared_ring::Writer> ring_;  // the job's: the client's region, when used
 };
 

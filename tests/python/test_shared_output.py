@@ -262,3 +262,50 @@ def test_cancel_storm_with_shared_rings(model, tmp_path):
     finally:
         s.stop()
     assert s.proc.returncode == 0, s.read_log()[-3000:]
+
+
+def test_a_slow_shared_reader_gives_its_slot_up_to_waiting_requests(model, tmp_path):
+    """Issue 21.C4: a reader that keeps just inside the stall rule held the only slot for as long as
+    it liked while a 1-token Generate waited. Now a same-host stream that has spent more than the
+    stall timeout, and most of its time, waiting for its reader while others queue is stopped; with
+    nobody waiting it may read as slowly as it likes."""
+    import threading
+    s = start(model, tmp_path, "--max_concurrent=1", "--stall_timeout_s=1")
+    try:
+        c = attnscope.Client(s.target, shared_memory=0)
+
+        def slow_stream(prompt_tokens):
+            ring = shared.SharedRing(shared.MIN_CAPACITY)
+            req = c.request(token_ids=[i % 150 + 1 for i in range(prompt_tokens)], max_new_tokens=2, ignore_eos=True,
+                            form="dense")
+            req.shared_output.CopyFrom(ring.request_field())
+            pieces = 0
+            try:
+                for msg in c.stub.StreamAttention(req, timeout=300):
+                    if msg.HasField("attention"):
+                        ring.take(msg.attention)  # a whole piece at a time, well within 1 s
+                        pieces += 1
+                        time.sleep(0.05)
+            finally:
+                ring.close()
+            return pieces
+
+        assert slow_stream(150) > 8  # alone: slow but never stopped
+        done = {}
+
+        def waiting_request():
+            deadline = time.time() + 120
+            while metrics(s.mport)["attnscope_running_generations"] < 1 and time.time() < deadline:
+                time.sleep(0.01)
+            done["tokens"] = len(c.generate(token_ids=PROMPT, max_new_tokens=1).token_ids)
+
+        waiter = threading.Thread(target=waiting_request)
+        waiter.start()
+        with pytest.raises(grpc.RpcError) as e:
+            slow_stream(300)
+        waiter.join()
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value
+        assert "waiting for the client to read, while other requests waited" in e.value.details()
+        assert done["tokens"] == 1
+    finally:
+        s.stop()
