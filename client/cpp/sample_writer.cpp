@@ -482,7 +482,11 @@ absl::Status CheckStoredSample(const std::string& path, SampleFormat format) {
       if (!entry.is_object() || offsets == entry.end() || !offsets->is_array() ||
           offsets->size() != 2 || !(*offsets)[1].is_number_unsigned())
         return absl::DataLossError(absl::StrCat(path, ": tensor ", name, " has no data_offsets"));
-      end = std::max(end, (*offsets)[1].get<int64_t>());
+      // Compared as unsigned with what the file can hold: no claimed offset overflows the sum.
+      const uint64_t claimed = (*offsets)[1].get<uint64_t>();
+      if (claimed > static_cast<uint64_t>(size))
+        return absl::DataLossError(absl::StrCat(path, ": tensor ", name, " ends past the file"));
+      end = std::max(end, static_cast<int64_t>(claimed));
     }
     if (8 + static_cast<int64_t>(n) + end != size) {
       return absl::DataLossError(absl::StrCat(path, " has ", size,

@@ -188,6 +188,15 @@ TEST_F(SampleWriterTest, OnlyAWholeSampleCountsAsStored) {
     std::ofstream(path_, std::ios::binary | std::ios::trunc) << whole << "x";
     EXPECT_EQ(CheckStoredSample(path_, format).code(), absl::StatusCode::kDataLoss);
   }
+  // A header whose offsets claim more than any file holds (the sum must not overflow).
+  const std::string header =
+      R"({"__metadata__": {"attnscope": "{}"}, "t": {"dtype": "U8", "shape": [1], )"
+      R"("data_offsets": [0, 18446744073709551615]}})";
+  std::string file(8, '\0');
+  for (int i = 0; i < 8; ++i) file[i] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  std::ofstream(path_, std::ios::binary | std::ios::trunc) << file << header << "x";
+  EXPECT_EQ(CheckStoredSample(path_, SampleFormat::kSafetensors).code(),
+            absl::StatusCode::kDataLoss);
 }
 
 TEST_F(SampleWriterTest, StoresEveryBlockUnderItsNameAndTheSpecAsText) {

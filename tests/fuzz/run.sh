@@ -10,7 +10,7 @@ ROOT=$(pwd)
 SECONDS_PER_TARGET="${1:-60}"
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(fuzz_safetensors fuzz_config fuzz_tokenizer fuzz_template fuzz_chat_config fuzz_registry fuzz_auth fuzz_request fuzz_stream)
+[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(fuzz_safetensors fuzz_config fuzz_tokenizer fuzz_template fuzz_chat_config fuzz_registry fuzz_auth fuzz_request fuzz_stream fuzz_stored_sample)
 BUILD="$ROOT/build-fuzz"
 CC=clang CXX=clang++ cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DATTNSCOPE_FUZZ=libfuzzer \
   -DATTNSCOPE_SANITIZE=address,undefined -DATTNSCOPE_BUILD_TESTS=OFF -DATTNSCOPE_BUILD_BENCH=OFF >/dev/null
