@@ -20,9 +20,9 @@ RUN bash deploy/install-deps.sh --build && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN rm -rf build && bash deploy/build.sh --product \
  && mkdir -p /opt/attnscope/bin /opt/attnscope/lib \
- && cp build/server/attnscope-server build/client/cpp/attnscope-capture build/model/attnscope-run \
-       build/model/attnscope-tokenize /opt/attnscope/bin/ \
- && cp build/model/libattnscope_spm_shim.so /opt/attnscope/lib/ \
+ && cp build/server/attnscope-server build/client/cpp/attnscope-capture build/tools/attnscope-run \
+       build/tools/attnscope-tokenize /opt/attnscope/bin/ \
+ && cp build/text/spm_shim/libattnscope_spm_shim.so /opt/attnscope/lib/ \
  && python3 tests/tools/checkpoint.py llama31_gqa /smoke/model --seed 1 \
  && mkdir -p /smoke/python && cp -r client/python/attnscope /smoke/python/ && cp deploy/smoke.sh /smoke/
 # The programs' shared libraries, and nothing else of the build's packages, go to the runtime stage.
@@ -74,8 +74,8 @@ COPY . .
 RUN rm -rf build \
  && JOBS="$(nproc)" bash deploy/build.sh --product -- -DCMAKE_PREFIX_PATH=/opt/libtorch \
  && mkdir -p /opt/attnscope/bin /opt/attnscope/lib \
- && cp build/server/attnscope-server build/client/cpp/attnscope-capture build/model/attnscope-run /opt/attnscope/bin/ \
- && cp build/model/libattnscope_spm_shim.so /opt/attnscope/lib/
+ && cp build/server/attnscope-server build/client/cpp/attnscope-capture build/tools/attnscope-run /opt/attnscope/bin/ \
+ && cp build/text/spm_shim/libattnscope_spm_shim.so /opt/attnscope/lib/
 
 FROM ${CUDA_RUNTIME_IMAGE} AS cuda
 RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \

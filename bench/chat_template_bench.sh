@@ -25,7 +25,7 @@ for name, model in [("Llama 2 chat", "meta-llama/Llama-2-7b-chat-hf"), ("Llama 3
     tmpl = named.get("tool_use", named.get("default")) if named else t
     v = ref.variables(entry, conv, {"tools": ref.TOOLS} if "tools" in name else {})
     case = json.dumps({"template": tmpl, "variables": v}) + "\n"
-    out = json.loads(subprocess.run(["build/model/attnscope-chat-template", "--repeat=2000"], input=case,
+    out = json.loads(subprocess.run(["build/tools/attnscope-chat-template", "--repeat=2000"], input=case,
                                     capture_output=True, text=True, check=True).stdout)
     compiled = env.from_string(tmpl)
     n = 500

@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "model/capture/block.h"
+#include "core/block.h"
 
 namespace attnscope {
 

@@ -15,8 +15,8 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "bench/counting_sink.h"
-#include "model/engine.h"
-#include "model/io/host_memory.h"
+#include "cli/host_memory.h"
+#include "engine/engine.h"
 
 ABSL_FLAG(std::string, model_dir, "",
           "checkpoint folder (tests/tools/checkpoint.py bench_engine DIR)");

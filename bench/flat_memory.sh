@@ -4,7 +4,7 @@
 # Prints a Markdown table. Each cell is its own process, so peak RSS is that run's alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN=build/model/attnscope-run
+RUN=build/tools/attnscope-run
 MODEL=${MODEL:-/tmp/attnscope-bench-long}
 LENGTHS=("$@")
 [ ${#LENGTHS[@]} -gt 0 ] || LENGTHS=(1024 4096 16384 32768)

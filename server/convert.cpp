@@ -4,8 +4,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "model/io/status_macros.h"
-#include "model/io/utf8.h"
+#include "core/status_macros.h"
+#include "core/utf8.h"
 #include "proto/contract.h"
 
 namespace attnscope {

@@ -6,8 +6,8 @@
 
 #include "absl/status/statusor.h"
 #include "attnscope/v1/attnscope.pb.h"
-#include "model/capture/block.h"
-#include "model/engine.h"
+#include "core/block.h"
+#include "engine/engine.h"
 #include "proto/contract.h"
 
 namespace attnscope {

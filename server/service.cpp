@@ -8,8 +8,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "model/io/status_macros.h"
-#include "model/io/utf8.h"
+#include "core/status_macros.h"
+#include "core/utf8.h"
 #include "server/convert.h"
 #include "server/grpc_status.h"
 

@@ -19,12 +19,12 @@
 #include <thread>
 
 #include "attnscope/v1/attnscope.grpc.pb.h"
-#include "model/engine.h"
-#include "model/io/shared_ring.h"
+#include "engine/engine.h"
 #include "server/auth.h"
 #include "server/convert.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
+#include "shm/shared_ring.h"
 
 namespace attnscope {
 

@@ -22,7 +22,7 @@ PROMPT = [1, 17, 42, 99, 7, 23, 64, 5, 88, 31, 12, 77]
 
 def run(build, model, ids, new, *extra):
     out = f"/tmp/fid-{os.getpid()}.safetensors"
-    cmd = [os.path.join(build, "model", "attnscope-run"), f"--model_dir={model}",
+    cmd = [os.path.join(build, "tools", "attnscope-run"), f"--model_dir={model}",
            "--prompt_ids=" + ",".join(map(str, ids)), f"--max_new_tokens={new}", f"--out={out}", *extra]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:

@@ -141,7 +141,7 @@ def prompt_ids(n):
 
 def attnscope(build, model, n, mode, out_dir):
     out = os.path.join(out_dir, f"attnscope_{mode}_{n}.safetensors")
-    args = [os.path.join(build, "model", "attnscope-run"), f"--model_dir={model}", "--device=cuda",
+    args = [os.path.join(build, "tools", "attnscope-run"), f"--model_dir={model}", "--device=cuda",
             "--compute_dtype=bfloat16", f"--random_prompt={n}", f"--max_new_tokens={NEW}",
             "--query_block=1024", "--block_elements=268435456"]
     if mode == "dense":

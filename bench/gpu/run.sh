@@ -35,7 +35,7 @@ gpu_build() {  # C++ standard, targets
   JOBS=16 ATTNSCOPE_GENERATOR=Ninja bash deploy/build.sh --build-dir build-gpu --targets "$2" -- \
     -DCMAKE_CXX_STANDARD="$1" "${GPU_CMAKE[@]}"
 }
-TARGETS="attnscope-run attnscope_model_tests attnscope-server attnscope-capture attnscope-tokenize"
+TARGETS="attnscope-run attnscope_engine_tests attnscope-server attnscope-capture attnscope-tokenize"
 built=0
 for std in 17 20; do
   rm -rf build-gpu
@@ -44,17 +44,17 @@ for std in 17 20; do
   fi
   echo "C++$std build failed:"; grep -m 20 -E "error|Error" "$OUT/build_$std.txt" | cut -c1-300
   # Without gRPC, at least the engine.
-  if gpu_build "$std" "attnscope-run attnscope_model_tests" > "$OUT/build_engine_$std.txt" 2>&1; then
+  if gpu_build "$std" "attnscope-run attnscope_engine_tests" > "$OUT/build_engine_$std.txt" 2>&1; then
     echo "engine-only build with C++$std"; built=2; break
   fi
 done
 [ "$built" -gt 0 ] || { echo "no build"; exit 1; }
 
 echo "== engine tests on the CUDA build ($(( $(date +%s) - START )) s)"
-timeout 120 build-gpu/tests/attnscope_model_tests --gtest_brief=1 2>&1 | tail -5
+timeout 120 build-gpu/tests/attnscope_engine_tests --gtest_brief=1 2>&1 | tail -5
 # The fused fast path (libtorch 2 only) against float64 over pos0 0/20/36 (prefill, masked
 # continuation, decode) and windows 0/5/64: each line prints its maximum difference.
-timeout 60 build-gpu/tests/attnscope_model_tests --gtest_filter='*AttentionPaths*' 2>&1 \
+timeout 60 build-gpu/tests/attnscope_engine_tests --gtest_filter='*AttentionPaths*' 2>&1 \
   | grep -E "max \||FAILED|PASSED|SKIPPED" | tee "$OUT/fast_path.txt" | tail -12
 
 if [ -z "${SKIP_FIDELITY:-}" ]; then

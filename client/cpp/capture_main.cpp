@@ -21,15 +21,15 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "attnscope/v1/attnscope.grpc.pb.h"
+#include "cli/capture_flags.h"
+#include "cli/usage.h"
 #include "client/cpp/sample_writer.h"
-#include "model/capture/spec_flags.h"
-#include "model/capture/spec_text.h"
-#include "model/io/device_name.h"
-#include "model/io/files.h"
-#include "model/io/flags_usage.h"
-#include "model/io/shared_ring.h"
-#include "model/io/status_macros.h"
+#include "core/capture_text.h"
+#include "core/device_name.h"
+#include "core/files.h"
+#include "core/status_macros.h"
 #include "proto/contract.h"
+#include "shm/shared_ring.h"
 
 // The prototype's options, same names.
 ABSL_FLAG(std::string, model, "",
@@ -63,7 +63,7 @@ ABSL_FLAG(std::string, system, "", "with --chat: a system message before each pr
 ABSL_FLAG(std::string, chat_template_kwargs, "",
           "with --chat: template variables as a JSON object, e.g. '{\"enable_thinking\": false}'");
 // Capture: --form, --stats, --layers, --heads, --phases, --rows, --dtype
-// (model/capture/spec_flags.h).
+// (cli/capture_flags.h).
 ABSL_FLAG(std::string, format, "safetensors",
           "safetensors, or pickle (the prototype's .pkl layout)");
 ABSL_FLAG(bool, overwrite, false, "redo samples whose file already exists");

@@ -13,12 +13,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "client/cpp/pickle_writer.h"
-#include "model/capture/spec_text.h"
-#include "model/io/atomic_file.h"
-#include "model/io/files.h"
-#include "model/io/half.h"
-#include "model/io/safetensors_writer.h"
-#include "model/io/status_macros.h"
+#include "core/atomic_file.h"
+#include "core/capture_text.h"
+#include "core/files.h"
+#include "core/half.h"
+#include "core/safetensors_writer.h"
+#include "core/status_macros.h"
 #include "proto/contract.h"
 
 namespace attnscope {

@@ -4,7 +4,7 @@
 //
 // Formats:
 //  - safetensors (default): every block as its own tensor under its stored name
-//    (model/capture/block.h BlockName: "attention.<phase>.<layer>.<step>.<query_begin>" with
+//    (core/block.h BlockName: "attention.<phase>.<layer>.<step>.<query_begin>" with
 //    ".indices" for top_k, "statistic.<kind>.<phase>.<layer>.<step>.<query_begin>"),
 //    "prompt_token_ids" and "token_ids" (I64); JSON metadata under "attnscope" (the capture spec
 //    as text under "capture_spec"). Readers assemble full matrices from the blocks
@@ -23,9 +23,9 @@
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "attnscope/v1/attnscope.pb.h"
-#include "model/capture/block.h"
-#include "model/io/atomic_file.h"
-#include "model/io/safetensors_writer.h"
+#include "core/atomic_file.h"
+#include "core/block.h"
+#include "core/safetensors_writer.h"
 
 namespace attnscope {
 
@@ -34,7 +34,7 @@ enum class SampleFormat { kSafetensors, kPickle };
 class SampleWriter {
  public:
   // `path` is the final file; the work file lives beside it under a fresh name
-  // (model/io/atomic_file.h). `replace`: a file already at `path` when the sample is finished is
+  // (core/atomic_file.h). `replace`: a file already at `path` when the sample is finished is
   // replaced (--overwrite); otherwise Finish fails with ALREADY_EXISTS and leaves it alone.
   SampleWriter(std::string path, SampleFormat format, bool replace = false);
   ~SampleWriter();  // removes work files of an unfinished sample

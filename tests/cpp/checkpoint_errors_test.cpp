@@ -9,11 +9,11 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-#include "model/checkpoint/arch.h"
-#include "model/checkpoint/config.h"
-#include "model/engine.h"
-#include "model/io/safetensors.h"
-#include "model/io/safetensors_writer.h"
+#include "core/safetensors.h"
+#include "core/safetensors_writer.h"
+#include "engine/checkpoint/arch.h"
+#include "engine/checkpoint/config.h"
+#include "engine/engine.h"
 #include "tests/cpp/tiny_checkpoint.h"
 
 namespace attnscope {

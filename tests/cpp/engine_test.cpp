@@ -1,6 +1,6 @@
 // The engine API: request validation, stopping rules, cancellation, concurrency, the fast path
 // against the reference path, and the capture size estimate.
-#include "model/engine.h"
+#include "engine/engine.h"
 
 #include <gtest/gtest.h>
 
@@ -11,7 +11,7 @@
 #include <limits>
 #include <thread>
 
-#include "model/attention.h"
+#include "engine/attention.h"
 #include "tests/cpp/tiny_checkpoint.h"
 
 namespace attnscope {

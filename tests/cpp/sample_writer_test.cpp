@@ -1,5 +1,5 @@
 // The C++ client's sample writer without a server: a stream of messages in, a file out, read back
-// with the checkpoint reader (model/io/safetensors.h); and each malformed chunk refused by name.
+// with the checkpoint reader (core/safetensors.h); and each malformed chunk refused by name.
 #include "client/cpp/sample_writer.h"
 
 #include <dirent.h>
@@ -12,8 +12,8 @@
 #include <sstream>
 
 #include "client/cpp/pickle_writer.h"
-#include "model/io/safetensors.h"
-#include "model/io/status_macros.h"
+#include "core/safetensors.h"
+#include "core/status_macros.h"
 #include "proto/contract.h"
 
 namespace attnscope {

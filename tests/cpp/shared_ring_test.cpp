@@ -1,7 +1,7 @@
-// The same-host ring (model/io/shared_ring.h) between a writer and a reader in one process: the
+// The same-host ring (shm/shared_ring.h) between a writer and a reader in one process: the
 // protocol (positions, laps, waiting for the reader, reuse stream after stream) and every way a
 // careless or hostile peer can break it, each refused with its message and never a crash.
-#include "model/io/shared_ring.h"
+#include "shm/shared_ring.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>

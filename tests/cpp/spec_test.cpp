@@ -1,11 +1,10 @@
 // The capture spec's tables, text dialect and contract conversions: every enum value has its row
 // and its proto value, text round-trips, and each malformed spelling gets a message naming it.
-#include "model/capture/spec.h"
-
 #include <gtest/gtest.h>
 
-#include "model/capture/block.h"
-#include "model/capture/spec_text.h"
+#include "core/block.h"
+#include "core/capture_spec.h"
+#include "core/capture_text.h"
 #include "proto/contract.h"
 
 namespace attnscope {

@@ -10,9 +10,9 @@
 #include <random>
 #include <string>
 
-#include "model/checkpoint/arch.h"
-#include "model/checkpoint/config.h"
-#include "model/io/safetensors_writer.h"
+#include "core/safetensors_writer.h"
+#include "engine/checkpoint/arch.h"
+#include "engine/checkpoint/config.h"
 
 namespace attnscope::testing {
 

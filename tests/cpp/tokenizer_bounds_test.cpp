@@ -10,7 +10,7 @@
 #include <random>
 #include <string>
 
-#include "model/tokenizer/hf_tokenizer.h"
+#include "text/tokenizer/hf_tokenizer.h"
 
 namespace attnscope {
 namespace {

@@ -1,8 +1,8 @@
 // A checkpoint's tokenizer_config.json as the chat template loader reads it (chat_template as a
 // string or named templates, special tokens as strings or AddedToken objects), then a conversation
 // rendered with it and with template variables. Every outcome must be a status.
-#include "model/tokenizer/chat_template.h"
 #include "tests/fuzz/fuzz_target.h"
+#include "text/chat/chat_template.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string dir = attnscope::fuzz::WriteScratch("tokenizer_config.json", data, size);

@@ -1,5 +1,5 @@
 // config.json: every field read with its type and range checked.
-#include "model/checkpoint/config.h"
+#include "engine/checkpoint/config.h"
 #include "tests/fuzz/fuzz_target.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -1,5 +1,5 @@
 // The safetensors reader on arbitrary files: header length, JSON, dtypes, shapes, offsets.
-#include "model/io/safetensors.h"
+#include "core/safetensors.h"
 #include "tests/fuzz/fuzz_target.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

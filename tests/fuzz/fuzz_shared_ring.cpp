@@ -1,4 +1,4 @@
-// The shared-memory ring (model/io/shared_ring.h) under what a hostile peer controls. The input's
+// The shared-memory ring (shm/shared_ring.h) under what a hostile peer controls. The input's
 // first byte picks the side; the rest is read as little-endian words:
 //  - server side: a request (name: the real region's or from the input; capacity; key; the
 //    server's limit), the region's header bytes as the client wrote them, then pieces to put
@@ -12,7 +12,7 @@
 #include <cstring>
 #include <string>
 
-#include "model/io/shared_ring.h"
+#include "shm/shared_ring.h"
 #include "tests/fuzz/fuzz_target.h"
 
 namespace {

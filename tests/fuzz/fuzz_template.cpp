@@ -1,7 +1,7 @@
 // Chat templates (a checkpoint's tokenizer_config.json or chat_template.jinja): parsed, then
 // rendered with a conversation; every outcome must be a status, within the step and size limits.
-#include "model/template/jinja.h"
 #include "tests/fuzz/fuzz_target.h"
+#include "text/jinja/jinja.h"
 
 namespace {
 

@@ -1,7 +1,7 @@
 // tokenizer.json: parsing (checked access to every key), then encoding and decoding a fixed text
 // with whatever was parsed.
-#include "model/tokenizer/tokenizer.h"
 #include "tests/fuzz/fuzz_target.h"
+#include "text/tokenizer/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string dir = attnscope::fuzz::WriteScratch("tokenizer.json", data, size);

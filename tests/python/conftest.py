@@ -36,7 +36,7 @@ def need_reference(present, message):
 
 
 def binary(name):
-    for sub in ("model", "server", "client/cpp", "bench", ""):
+    for sub in ("tools", "server", "client/cpp", "bench", ""):
         path = os.path.join(BUILD, sub, name)
         if os.path.exists(path):
             return path

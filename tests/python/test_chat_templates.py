@@ -1,4 +1,4 @@
-"""attnscope's Jinja renderer (model/template/) against Python's jinja2 configured as transformers
+"""attnscope's Jinja renderer (text/jinja/) against Python's jinja2 configured as transformers
 configures it (tests/tools/chat_reference.py): the chat templates of 166 real models on a set of
 conversations, and a corpus of small templates for the language's corners. Byte-identical text,
 the same raise_exception message, an error where jinja2 errs."""

@@ -1,5 +1,5 @@
 """Captured blocks, described once for Python: their stored names (the same scheme as the C++
-writer, model/capture/block.h BlockName) and the reassembly of streamed chunks into blocks."""
+writer, core/block.h BlockName) and the reassembly of streamed chunks into blocks."""
 from typing import NamedTuple, Optional
 
 import numpy as np

@@ -207,16 +207,16 @@ class StreamResult(Captured):
         return path
 
 
-# The capture spec's text dialect (model/capture/spec_text.h), which stored samples keep as
+# The capture spec's text dialect (core/capture_text.h), which stored samples keep as
 # metadata "capture_spec": statistics as (proto field, text name, takes a value), in the C++
-# table's order (model/capture/spec.h kStatistics).
+# table's order (core/capture_spec.h kStatistics).
 _STAT_TEXT = (("row_entropy", "entropy", False), ("sink_tokens", "sink", True), ("local_window", "local", True),
               ("key_score_window", "key_score", True), ("key_score_variance", "variance", False))
 
 
 def capture_spec_text(c):
     """A CaptureSpec in the dialect attnscope-capture stores (e.g. 'pooled:64:max stats=entropy
-    layers=0,8 heads=2,5 phases=prefill dtype=float16'), as model/capture/spec_text.cpp writes it."""
+    layers=0,8 heads=2,5 phases=prefill dtype=float16'), as core/capture_text.cpp writes it."""
     form = _FORM_NAMES.get(c.form, "none")
     if form == "pooled":
         op = _POOL_OP_NAMES.get(c.pool_op, "mean")

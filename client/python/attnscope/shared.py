@@ -1,5 +1,5 @@
 """Same-host output: the client's side of the shared-memory ring (the proto's SharedOutput; layout in
-model/io/shared_ring.h). A region under /dev/shm, mode 0600, that the server writes attention values
+shm/shared_ring.h). A region under /dev/shm, mode 0600, that the server writes attention values
 into; the stream then carries only where each piece lies. Every announced piece is checked before
 it is read, so a broken or hostile server gets an error, never a read outside the region."""
 import mmap

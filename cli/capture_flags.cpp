@@ -1,0 +1,35 @@
+#include "cli/capture_flags.h"
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "core/capture_text.h"
+
+ABSL_FLAG(std::string, form, "dense",
+          "attention matrices: none, dense, head_mean, head_max, pooled:P[:mean|max], top_k:K");
+ABSL_FLAG(std::string, stats, "",
+          "statistics, comma-separated: entropy, key_score:W, sink:K, local:W, variance");
+ABSL_FLAG(std::string, layers, "", "layers to capture, e.g. 0,8,16 (empty: all)");
+ABSL_FLAG(std::string, heads, "", "query heads to capture, e.g. 0,3 (empty: all)");
+ABSL_FLAG(std::string, phases, "prefill,decode", "prefill, decode, or prefill,decode");
+ABSL_FLAG(std::string, rows, "",
+          "prompt rows to capture: empty (all), last:N, or ranges A:B,C:D of positions");
+ABSL_FLAG(std::string, dtype, "float32",
+          "element type of captured matrices: float32, float16, bfloat16");
+
+namespace attnscope {
+
+absl::StatusOr<CaptureSpec> CaptureSpecFromFlags() {
+  CaptureSpecText text;
+  text.form = absl::GetFlag(FLAGS_form);
+  text.stats = absl::GetFlag(FLAGS_stats);
+  text.layers = absl::GetFlag(FLAGS_layers);
+  text.heads = absl::GetFlag(FLAGS_heads);
+  text.phases = absl::GetFlag(FLAGS_phases);
+  text.rows = absl::GetFlag(FLAGS_rows);
+  text.dtype = absl::GetFlag(FLAGS_dtype);
+  auto spec = ParseCaptureSpec(text);
+  if (!spec.ok()) return absl::InvalidArgumentError(absl::StrCat("--", spec.status().message()));
+  return spec;
+}
+
+}  // namespace attnscope

@@ -1,0 +1,93 @@
+// A captured block, described once: the engine fills it, the server's chunker cuts it into
+// messages, the clients' reassemblers rebuild it from them, and files name it by BlockName. No
+// libtorch here.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "core/capture_spec.h"
+
+namespace attnscope {
+
+enum class BlockKind { kAttention, kStatistic };
+
+struct BlockHeader {
+  BlockKind kind = BlockKind::kAttention;
+  StatKind stat = StatKind::kRowEntropy;  // kStatistic
+  Phase phase = Phase::kPrefill;
+  int64_t step = 0;  // 0 for prefill; t = 1, 2, ... for the token fed at decode step t
+  int64_t layer = 0;
+  std::vector<int64_t> heads;  // query heads covered (reduced over, for head forms)
+  int64_t query_begin = 0;     // absolute positions of the rows: [query_begin, query_end)
+  int64_t query_end = 0;
+  int64_t key_length = 0;    // keys [0, key_length); prefill: prompt length; decode t: prompt + t
+  Form form = Form::kDense;  // kAttention
+  int64_t pool = 0;          // kPooled
+  ElementType element_type = ElementType::kFloat32;  // of the values; statistics are float32
+  // Of the values (and of the indices, for forms that have them). Attention: per kForms' shape
+  // rule. Row statistics: [heads, query_end - query_begin]; key statistics: [heads, prompt].
+  std::vector<int64_t> shape;
+
+  bool has_indices() const { return kind == BlockKind::kAttention && RowOf(kForms, form).indices; }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+  int64_t value_bytes() const { return numel() * ElementSize(element_type); }
+  int64_t index_bytes() const { return has_indices() ? numel() * 4 : 0; }
+};
+
+// Writes the values' elements [first, first + count) (row-major, header.element_type) to `dst`.
+using BlockFill = std::function<void(int64_t first, int64_t count, void* dst)>;
+
+// A block with its bytes: little-endian, row-major, valid only during the sink call.
+struct Block {
+  BlockHeader header;
+  const void* values = nullptr;   // header.value_bytes(); null when `fill` is given instead
+  const void* indices = nullptr;  // int32 key indices, header.index_bytes()
+  // Only for a sink whose PlacesValues() is true, and only for dense attention blocks: the values
+  // are not materialized; the sink has them written straight where they go (its shared ring),
+  // piece by piece, during OnBlock.
+  BlockFill fill;
+};
+
+// The one naming of stored blocks (safetensors tensor names, the Python readers' keys):
+//   attention.<phase>.<layer>.<step>.<query_begin>        (+ ".indices" for the key indices)
+//   statistic.<kind>.<phase>.<layer>.<step>.<query_begin>
+std::string BlockName(const BlockHeader& header);
+inline std::string IndexName(const BlockHeader& header) { return BlockName(header) + ".indices"; }
+
+// Host memory of an array outside blocks (logits): contiguous, little-endian, row-major.
+struct HostArray {
+  const char* dtype = "F32";  // safetensors' name
+  const void* data = nullptr;
+  std::vector<int64_t> shape;
+  int64_t bytes = 0;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+// Receives results while a generation runs, on the engine's thread. A non-OK status stops the
+// generation and is returned by Engine::Generate.
+class AttentionSink {
+ public:
+  virtual ~AttentionSink() = default;
+  virtual absl::Status OnBlock(const Block& block) { return absl::OkStatus(); }
+  // True: dense attention blocks may come with Block::fill instead of values (one copy fewer).
+  virtual bool PlacesValues() const { return false; }
+  // Generated token number `step` (1-based), as soon as it is chosen.
+  virtual absl::Status OnToken(int64_t step, int64_t token_id) { return absl::OkStatus(); }
+  // Logits ([vocab] float32) that chose token `step`; only when WantsLogits().
+  virtual bool WantsLogits() const { return false; }
+  virtual absl::Status OnLogits(int64_t step, const HostArray& logits) { return absl::OkStatus(); }
+};
+
+}  // namespace attnscope

@@ -1,0 +1,359 @@
+#include "engine/capture_processor.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+
+namespace attnscope {
+namespace {
+
+torch::ScalarType TorchType(ElementType t) {
+  switch (t) {
+    case ElementType::kFloat32:
+      return torch::kFloat32;
+    case ElementType::kFloat16:
+      return torch::kFloat16;
+    case ElementType::kBFloat16:
+      return torch::kBFloat16;
+  }
+  return torch::kFloat32;
+}
+
+// Row entropies [..., rows] of float32 probabilities and the scores they came from (same shape,
+// rows contiguous), on the CPU in one read of each: H = lse - Σ p·s with lse = s_max - log p_max
+// (the softmax is monotonic: p is largest where s is). Eight independent lanes let the compiler
+// use vector registers; rows are split across the intra-op threads.
+torch::Tensor RowEntropyCpu(const torch::Tensor& probs, const torch::Tensor& scores) {
+  const torch::Tensor p = probs.contiguous(), s = scores.contiguous();
+  const int64_t k = p.size(-1), rows = k == 0 ? 0 : p.numel() / k;
+  std::vector<int64_t> out_shape(p.sizes().begin(), p.sizes().end() - 1);
+  torch::Tensor out = torch::empty(out_shape, p.options());
+  const float* P = p.data_ptr<float>();
+  const float* S = s.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    constexpr int L = 8;
+    for (int64_t r = begin; r < end; ++r) {
+      const float* pr = P + r * k;
+      const float* sr = S + r * k;
+      float smax[L], pmax[L], acc[L];
+      for (int i = 0; i < L; ++i) {
+        smax[i] = std::numeric_limits<float>::lowest();
+        pmax[i] = 0.0f;
+        acc[i] = 0.0f;
+      }
+      int64_t j = 0;
+      for (; j + L <= k; j += L) {
+        for (int i = 0; i < L; ++i) {
+          smax[i] = std::max(smax[i], sr[j + i]);
+          pmax[i] = std::max(pmax[i], pr[j + i]);
+          acc[i] += pr[j + i] * sr[j + i];
+        }
+      }
+      for (; j < k; ++j) {
+        smax[0] = std::max(smax[0], sr[j]);
+        pmax[0] = std::max(pmax[0], pr[j]);
+        acc[0] += pr[j] * sr[j];
+      }
+      float sm = smax[0], pm = pmax[0];
+      double dot = 0;
+      for (int i = 0; i < L; ++i) {
+        sm = std::max(sm, smax[i]);
+        pm = std::max(pm, pmax[i]);
+        dot += acc[i];
+      }
+      O[r] = static_cast<float>(
+          std::max(0.0, static_cast<double>(sm) - std::log(static_cast<double>(pm)) - dot));
+    }
+  });
+  return out;
+}
+
+// Pads the last dimension with zeros up to `length` (keys past the causal limit are masked).
+torch::Tensor PadKeys(const torch::Tensor& t, int64_t length) {
+  const int64_t have = t.size(-1);
+  if (have >= length) return t;
+  return torch::constant_pad_nd(t, {0, length - have}, 0.0);
+}
+
+}  // namespace
+
+CaptureProcessor::CaptureProcessor(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
+                                   int64_t prompt_len, AttentionSink* sink)
+    : spec_(spec), prompt_len_(prompt_len), sink_(sink) {
+  layer_on_.assign(num_layers, spec.layers.empty());
+  for (int64_t l : spec.layers) layer_on_[l] = true;
+  all_heads_ = spec.heads.empty();
+  if (all_heads_) {
+    for (int64_t h = 0; h < num_heads; ++h) heads_.push_back(h);
+  } else {
+    heads_ = spec.heads;
+  }
+  prompt_rows_ = PromptRows(spec, prompt_len);
+  key_score_.resize(num_layers);
+  var_sum_.resize(num_layers);
+  var_sum_sq_.resize(num_layers);
+}
+
+bool CaptureProcessor::Wants(Phase phase, int64_t layer) const {
+  if (sink_ == nullptr || !spec_.Enabled() || !layer_on_[layer]) return false;
+  return phase == Phase::kPrefill ? spec_.prefill : spec_.decode;
+}
+
+absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
+                                       int64_t query_begin, const torch::Tensor& probs,
+                                       const torch::Tensor& scores, int64_t key_length) {
+  torch::Tensor p = probs;  // [heads, m, computed_keys]
+  torch::Tensor s = scores;
+  if (!all_heads_) {
+    if (!head_index_.defined() || head_index_.device() != probs.device()) {
+      head_index_ = torch::tensor(heads_, torch::dtype(torch::kInt64)).to(probs.device());
+    }
+    p = p.index_select(0, head_index_);
+    if (spec_.stats.row_entropy) s = s.index_select(0, head_index_);
+  }
+  // Row entropy of the whole block at once, from the scores: with lse the softmax's
+  // log-normaliser, H = -Σ p log p = -Σ p (s - lse) = lse - Σ p·s; and lse = s_max - log p_max
+  // (at the row's largest score p is largest, so its log is exact). On the CPU one pass over the
+  // block (RowEntropyCpu); elsewhere three tensor operations.
+  torch::Tensor entropy;
+  if (spec_.stats.row_entropy && p.device().is_cpu() && p.scalar_type() == torch::kFloat32 &&
+      s.scalar_type() == torch::kFloat32) {
+    entropy = RowEntropyCpu(p, s);  // [h, m]
+  } else if (spec_.stats.row_entropy) {
+    auto [smax, arg] = s.max(-1, /*keepdim=*/true);                 // [h, m, 1]
+    torch::Tensor lse = smax - p.gather(-1, arg).log();             // [h, m, 1]
+    entropy = (lse.squeeze(-1) - (p * s).sum(-1)).clamp_min_(0.0);  // [h, m]
+  }
+  const int64_t m = p.size(1);
+  const int64_t computed = p.size(2);
+
+  if (phase == Phase::kPrefill) {
+    // Key score: attention each key receives, summed over the last W prompt rows.
+    const int64_t w = spec_.stats.key_score_window;
+    if (w > 0) {
+      const int64_t from = std::max<int64_t>(query_begin, prompt_len_ - w);
+      const int64_t to = query_begin + m;
+      if (!key_score_[layer].defined()) {
+        key_score_[layer] = torch::zeros({p.size(0), prompt_len_}, p.options());
+      }
+      if (from < to) {
+        key_score_[layer]
+            .narrow(1, 0, computed)
+            .add_(p.narrow(1, from - query_begin, to - from).sum(1));
+      }
+      if (to == prompt_len_) {
+        RETURN_IF_ERROR(EmitStat(StatKind::kKeyScore, phase, step, layer, 0, prompt_len_,
+                                 prompt_len_, key_score_[layer]));
+        key_score_[layer] = torch::Tensor();
+      }
+    }
+    // Rows the spec selects, as contiguous runs inside this block.
+    for (const QueryRange& r : prompt_rows_) {
+      const int64_t a = std::max(r.begin, query_begin);
+      const int64_t b = std::min(r.end, query_begin + m);
+      if (a >= b) continue;
+      RETURN_IF_ERROR(EmitRows(
+          phase, step, layer, a, p.narrow(1, a - query_begin, b - a),
+          entropy.defined() ? entropy.narrow(1, a - query_begin, b - a) : entropy, key_length));
+    }
+    return absl::OkStatus();
+  }
+
+  // Decode: one row over every earlier position.
+  if (spec_.stats.key_score_variance) {
+    const int64_t keys = std::min(prompt_len_, computed);
+    torch::Tensor row = p.select(1, 0).narrow(1, 0, keys).to(torch::kFloat64);  // [heads, prompt]
+    if (!var_sum_[layer].defined()) {
+      var_sum_[layer] = torch::zeros({p.size(0), prompt_len_}, row.options());
+      var_sum_sq_[layer] = torch::zeros({p.size(0), prompt_len_}, row.options());
+    }
+    var_sum_[layer].narrow(1, 0, keys).add_(row);
+    var_sum_sq_[layer].narrow(1, 0, keys).add_(row * row);
+    decode_steps_seen_ = std::max(decode_steps_seen_, step);
+  }
+  return EmitRows(phase, step, layer, query_begin, p, entropy, key_length);
+}
+
+absl::Status CaptureProcessor::EmitRows(Phase phase, int64_t step, int64_t layer, int64_t row_begin,
+                                        const torch::Tensor& rows, const torch::Tensor& entropy,
+                                        int64_t key_length) {
+  const int64_t m = rows.size(1);
+  const int64_t computed = rows.size(2);
+  const auto& st = spec_.stats;
+  if (st.row_entropy) {
+    RETURN_IF_ERROR(EmitStat(StatKind::kRowEntropy, phase, step, layer, row_begin, row_begin + m,
+                             key_length, entropy));
+  }
+  if (st.sink_tokens > 0) {
+    const int64_t k = std::min(st.sink_tokens, computed);
+    RETURN_IF_ERROR(EmitStat(StatKind::kSinkMass, phase, step, layer, row_begin, row_begin + m,
+                             key_length, rows.narrow(-1, 0, k).sum(-1)));
+  }
+  if (st.local_window > 0) {
+    // Row at position i: mass on keys (i - w, i], gathered (w per row) rather than masked (all
+    // keys).
+    const int64_t w = std::min(st.local_window, computed);
+    auto opts = torch::TensorOptions().dtype(torch::kInt64).device(rows.device());
+    torch::Tensor pos = torch::arange(row_begin, row_begin + m, opts).unsqueeze(1);  // (m, 1)
+    torch::Tensor key = pos - torch::arange(0, w, opts).unsqueeze(0);                // (m, w)
+    torch::Tensor valid = (key >= 0).to(rows.scalar_type());                         // (m, w)
+    torch::Tensor index = key.clamp_min(0).unsqueeze(0).expand({rows.size(0), m, w});
+    RETURN_IF_ERROR(EmitStat(StatKind::kLocalMass, phase, step, layer, row_begin, row_begin + m,
+                             key_length, (rows.gather(-1, index) * valid).sum(-1)));
+  }
+  if (spec_.form != Form::kNone)
+    RETURN_IF_ERROR(EmitForm(phase, step, layer, row_begin, rows, key_length));
+  return absl::OkStatus();
+}
+
+absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer, int64_t row_begin,
+                                        const torch::Tensor& rows, int64_t key_length) {
+  const int64_t m = rows.size(1);
+  Block block;
+  BlockHeader& h = block.header;
+  h = Header(BlockKind::kAttention, phase, step, layer, row_begin, row_begin + m, key_length);
+  h.form = spec_.form;
+  h.pool = spec_.pool;
+  h.element_type = spec_.element_type;
+  if (spec_.form == Form::kDense && sink_->PlacesValues()) {
+    // Written piece by piece where the sink places them (keys padded with 0 on the way): no
+    // materialized copy of the block.
+    const int64_t heads = rows.size(0), have = rows.size(2);
+    const int64_t keys = std::max(have, key_length);
+    h.shape = {heads, m, keys};
+    const auto options = torch::TensorOptions().dtype(TorchType(spec_.element_type));
+    block.fill = [&rows, m, have, keys, options](int64_t first, int64_t count, void* dst) {
+      char* out = static_cast<char*>(dst);
+      const int64_t elem = static_cast<int64_t>(options.dtype().itemsize());
+      for (int64_t at = first, end = first + count; at < end;) {
+        const int64_t row = at / keys, col = at % keys;  // row: over (head, query row)
+        const int64_t head = row / m, r = row % m;
+        int64_t n = 0;
+        if (col == 0 && r == 0 && end - at >= m * keys) {  // whole heads, in one copy
+          const int64_t count_heads = (end - at) / (m * keys);
+          torch::Tensor d = torch::from_blob(out, {count_heads, m, keys}, options);
+          d.narrow(2, 0, have).copy_(rows.narrow(0, head, count_heads));
+          if (keys > have) d.narrow(2, have, keys - have).zero_();
+          n = count_heads * m * keys;
+        } else if (col == 0 && end - at >= keys) {  // whole rows of one head
+          const int64_t count_rows = std::min(m - r, (end - at) / keys);
+          torch::Tensor d = torch::from_blob(out, {count_rows, keys}, options);
+          d.narrow(1, 0, have).copy_(rows[head].narrow(0, r, count_rows));
+          if (keys > have) d.narrow(1, have, keys - have).zero_();
+          n = count_rows * keys;
+        } else {  // part of one row
+          const int64_t stop = std::min(keys, col + (end - at));
+          const int64_t copied = std::min(std::max(have, col), stop);
+          torch::Tensor d = torch::from_blob(out, {stop - col}, options);
+          if (copied > col)
+            d.narrow(0, 0, copied - col).copy_(rows[head][r].narrow(0, col, copied - col));
+          if (stop > copied) d.narrow(0, copied - col, stop - copied).zero_();
+          n = stop - col;
+        }
+        out += n * elem;
+        at += n;
+      }
+    };
+    return sink_->OnBlock(block);
+  }
+  torch::Tensor values, indices;
+  switch (spec_.form) {
+    case Form::kNone:
+      return absl::OkStatus();
+    case Form::kDense:
+      values = PadKeys(rows, key_length);
+      break;
+    case Form::kHeadMean:
+      values = PadKeys(rows.mean(0, /*keepdim=*/true), key_length);
+      break;
+    case Form::kHeadMax:
+      values = PadKeys(std::get<0>(rows.max(0, /*keepdim=*/true)), key_length);
+      break;
+    case Form::kPooled: {
+      // Tiles start at the block's first row and at key 0; edge tiles average what they cover.
+      // A tile side past the block is one tile either way; clamping it keeps the padding small.
+      const int64_t p = std::min(spec_.pool, std::max(m, key_length));
+      const int64_t tr = CeilDiv(m, p);
+      const int64_t tk = CeilDiv(key_length, p);
+      // Keys first (the block shrinks p-fold), then rows; zero padding never wins a max of
+      // probabilities.
+      const bool max = spec_.pool_op == PoolOp::kMax;
+      torch::Tensor keys = torch::constant_pad_nd(rows, {0, tk * p - rows.size(2)}, 0.0)
+                               .view({rows.size(0), m, tk, p});
+      keys = max ? keys.amax(-1) : keys.sum(-1);  // (heads, m, tk)
+      torch::Tensor tiles =
+          torch::constant_pad_nd(keys, {0, 0, 0, tr * p - m}, 0.0).view({rows.size(0), tr, p, tk});
+      if (max) {
+        values = tiles.amax(2);
+      } else {
+        auto opts = torch::TensorOptions().dtype(torch::kFloat32).device(rows.device());
+        torch::Tensor row_count = (m - torch::arange(tr, opts) * p).clamp_max(p);           // (tr)
+        torch::Tensor key_count = (key_length - torch::arange(tk, opts) * p).clamp_max(p);  // (tk)
+        values = tiles.sum(2) / (row_count.unsqueeze(1) * key_count.unsqueeze(0));
+      }
+      break;
+    }
+    case Form::kTopK: {
+      const int64_t k = std::min(spec_.top_k, key_length);
+      auto [v, idx] = PadKeys(rows, key_length).topk(k, /*dim=*/-1);
+      values = v;
+      indices = idx.to(torch::kInt32).cpu().contiguous();
+      block.indices = indices.data_ptr();
+      break;
+    }
+  }
+  const torch::Tensor host = values.to(TorchType(spec_.element_type)).cpu().contiguous();
+  h.shape.assign(host.sizes().begin(), host.sizes().end());
+  block.values = host.data_ptr();
+  return sink_->OnBlock(block);
+}
+
+absl::Status CaptureProcessor::EmitStat(StatKind kind, Phase phase, int64_t step, int64_t layer,
+                                        int64_t row_begin, int64_t row_end, int64_t key_length,
+                                        const torch::Tensor& values) {
+  Block block;
+  BlockHeader& h = block.header;
+  h = Header(BlockKind::kStatistic, phase, step, layer, row_begin, row_end, key_length);
+  h.stat = kind;
+  h.element_type = ElementType::kFloat32;
+  const torch::Tensor host = values.to(torch::kFloat32).cpu().contiguous();
+  h.shape.assign(host.sizes().begin(), host.sizes().end());
+  block.values = host.data_ptr();
+  return sink_->OnBlock(block);
+}
+
+BlockHeader CaptureProcessor::Header(BlockKind kind, Phase phase, int64_t step, int64_t layer,
+                                     int64_t row_begin, int64_t row_end, int64_t key_length) const {
+  BlockHeader h;
+  h.kind = kind;
+  h.phase = phase;
+  h.step = step;
+  h.layer = layer;
+  h.heads = heads_;
+  h.query_begin = row_begin;
+  h.query_end = row_end;
+  h.key_length = key_length;
+  return h;
+}
+
+absl::Status CaptureProcessor::Finish() {
+  if (!spec_.stats.key_score_variance || decode_steps_seen_ == 0) return absl::OkStatus();
+  for (size_t layer = 0; layer < var_sum_.size(); ++layer) {
+    if (!var_sum_[layer].defined()) continue;
+    const double n = static_cast<double>(decode_steps_seen_);
+    torch::Tensor mean = var_sum_[layer] / n;
+    torch::Tensor var = (var_sum_sq_[layer] / n - mean * mean).clamp_min(0.0);
+    RETURN_IF_ERROR(EmitStat(StatKind::kKeyScoreVariance, Phase::kDecode, decode_steps_seen_,
+                             static_cast<int64_t>(layer), 0, prompt_len_, prompt_len_, var));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace attnscope

@@ -1,0 +1,344 @@
+#include "engine/engine.h"
+
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "core/device_name.h"
+#include "core/status_macros.h"
+#include "engine/capture_processor.h"
+#include "engine/checkpoint/config.h"
+#include "engine/checkpoint/weights.h"
+#include "engine/sampler.h"
+#include "engine/transformer.h"
+#include "text/tokenizer/tokenizer.h"
+
+namespace attnscope {
+namespace {
+
+// Longest generation one request may ask for.
+constexpr int64_t kMaxNewTokensLimit = 1 << 20;
+
+absl::StatusOr<torch::Device> ParseDevice(const std::string& flag) {
+  const std::string name = DeviceName(flag);
+  if (name == "cpu") return torch::Device(torch::kCPU);
+  if (name == "cuda" || name.rfind("cuda:", 0) == 0) {
+    if (!torch::cuda::is_available()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("device '", name,
+                       "' requested but this build of libtorch "
+                       "has no CUDA or no GPU is visible; use --device cpu"));
+    }
+    int index = 0;
+    if (name.size() > 5 && !absl::SimpleAtoi(name.substr(5), &index)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("device '", name, "' is not cpu, cuda, cuda:N or a GPU index"));
+    }
+    if (index < 0 || index >= static_cast<int>(torch::cuda::device_count())) {
+      return absl::OutOfRangeError(
+          absl::StrCat("device '", name, "': ", torch::cuda::device_count(), " GPUs visible"));
+    }
+    return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("device '", name, "' is not cpu, cuda, cuda:N or a GPU index"));
+}
+
+absl::StatusOr<torch::ScalarType> ParseDType(const std::string& name, const torch::Device& device) {
+  if (name.empty()) return device.is_cuda() ? torch::kBFloat16 : torch::kFloat32;
+  if (name == "float32" || name == "fp32") return torch::kFloat32;
+  if (name == "bfloat16" || name == "bf16") return torch::kBFloat16;
+  if (name == "float16" || name == "fp16") {
+    if (!device.is_cuda()) {
+      return absl::FailedPreconditionError(
+          "dtype float16 is for CUDA: libtorch's CPU kernels lack float16 matrix products; use "
+          "float32 or bfloat16 "
+          "on the CPU");
+    }
+    return torch::kFloat16;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("dtype '", name, "' is not float32, bfloat16 or float16"));
+}
+
+const char* DTypeName(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32:
+      return "float32";
+    case torch::kBFloat16:
+      return "bfloat16";
+    case torch::kFloat16:
+      return "float16";
+    default:
+      return "?";
+  }
+}
+
+double MsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+Engine::~Engine() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& options) {
+  std::unique_ptr<Engine> engine(new Engine());
+  engine->options_ = options;
+  ASSIGN_OR_RETURN(torch::Device device, ParseDevice(options.device));
+  ASSIGN_OR_RETURN(torch::ScalarType dtype, ParseDType(options.dtype, device));
+  ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
+  Weights weights;
+  {
+    c10::InferenceMode guard;
+    ASSIGN_OR_RETURN(weights, LoadWeights(options.model_dir, config, device, dtype));
+  }
+  ModelInfo& info = engine->info_;
+  const std::string model_type = config.model_type;
+  static_cast<ModelConfig&>(info) = config;
+  info.model_dir = options.model_dir;
+  info.dtype = DTypeName(dtype);
+  info.device = device.str();
+  auto tokenizer = Tokenizer::Load(options.model_dir);
+  if (tokenizer.ok()) {
+    engine->tokenizer_ = std::move(*tokenizer);
+    info.has_tokenizer = true;
+    info.tokenizer_kind = engine->tokenizer_->kind();
+    engine->chat_format_ = DetectChatFormat(model_type, engine->tokenizer_.get());
+    info.chat_format = ChatFormatName(engine->chat_format_);
+    ASSIGN_OR_RETURN(engine->chat_template_, ChatTemplate::Load(options.model_dir));
+    if (engine->chat_template_.has_value()) {
+      info.chat_format = "template";
+      info.chat_template_source = engine->chat_template_->source();
+      info.chat_template_error = std::string(engine->chat_template_->parse_status().message());
+    }
+  } else if (!absl::IsNotFound(tokenizer.status())) {
+    return tokenizer.status();  // files present but unusable: say so rather than serve without them
+  }
+  engine->transformer_ =
+      std::make_unique<Transformer>(std::move(config), std::move(weights), device, dtype);
+  return engine;
+}
+
+absl::Status Engine::NeedTokenizer() const {
+  if (tokenizer_ != nullptr) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("the model in ", info_.model_dir,
+                   " has no tokenizer.json or tokenizer.model; send token ids"));
+}
+
+absl::StatusOr<std::vector<int64_t>> Engine::Encode(const std::string& text,
+                                                    bool add_special_tokens,
+                                                    int64_t max_tokens) const {
+  RETURN_IF_ERROR(NeedTokenizer());
+  if (max_tokens <= 0) return tokenizer_->Encode(text, add_special_tokens);
+  std::vector<int64_t> ids = tokenizer_->EncodeAtMost(text, add_special_tokens, max_tokens);
+  if (static_cast<int64_t>(ids.size()) > max_tokens) return TooLong(max_tokens);
+  return ids;
+}
+
+absl::Status Engine::TooLong(int64_t max_tokens) const {
+  return absl::OutOfRangeError(absl::StrCat(
+      "the prompt has more than ", max_tokens, " tokens, more than the model's context of ",
+      info_.max_position_embeddings, "; set max_length to truncate it in the middle"));
+}
+
+absl::StatusOr<std::string> Engine::Decode(const std::vector<int64_t>& ids,
+                                           bool skip_special_tokens) const {
+  RETURN_IF_ERROR(NeedTokenizer());
+  return tokenizer_->Decode(ids, skip_special_tokens);
+}
+
+std::vector<std::string> Engine::Pieces(const std::vector<int64_t>& ids) const {
+  std::vector<std::string> out;
+  for (int64_t id : ids) out.push_back(tokenizer_ != nullptr ? tokenizer_->Piece(id) : "");
+  return out;
+}
+
+absl::StatusOr<std::vector<int64_t>> Engine::EncodeChat(const std::vector<ChatMessage>& messages,
+                                                        const std::string& template_kwargs_json,
+                                                        int64_t max_tokens) const {
+  RETURN_IF_ERROR(NeedTokenizer());
+  std::string text;
+  if (chat_template_.has_value()) {
+    // A token stands for at most max_token_bytes of text (x4: normalization can shrink text,
+    // NFKC by up to 3x): text longer than this cannot be max_tokens tokens.
+    size_t max_output = ChatTemplate::kMaxRenderedBytes;
+    if (max_tokens > 0) {
+      const double fits = 4.0 * static_cast<double>(tokenizer_->max_token_bytes()) *
+                          static_cast<double>(max_tokens + 1);
+      max_output = static_cast<size_t>(std::min(fits, static_cast<double>(max_output)));
+    }
+    auto rendered = chat_template_->Render(messages, template_kwargs_json, max_output);
+    if (!rendered.ok() && absl::IsResourceExhausted(rendered.status()) &&
+        max_output < ChatTemplate::kMaxRenderedBytes &&
+        rendered.status().message().find(absl::StrCat("more than ", max_output, " bytes")) !=
+            absl::string_view::npos) {
+      return TooLong(max_tokens);
+    }
+    if (!rendered.ok()) return rendered.status();
+    text = std::move(*rendered);
+  } else {
+    if (!template_kwargs_json.empty()) {
+      return absl::InvalidArgumentError(
+          "chat_template_kwargs given, but this checkpoint has no chat template (built-in format " +
+          info_.chat_format + ")");
+    }
+    ASSIGN_OR_RETURN(text, RenderChat(chat_format_, messages));
+  }
+  // The rendered text carries its special tokens (BOS included) itself.
+  if (max_tokens <= 0) return tokenizer_->Encode(text, /*add_special_tokens=*/false);
+  std::vector<int64_t> ids =
+      tokenizer_->EncodeAtMost(text, /*add_special_tokens=*/false, max_tokens);
+  if (static_cast<int64_t>(ids.size()) > max_tokens) return TooLong(max_tokens);
+  return ids;
+}
+
+absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec& capture) const {
+  const int64_t prompt_len = static_cast<int64_t>(request.prompt_ids.size());
+  if (prompt_len == 0)
+    return absl::InvalidArgumentError("the prompt is empty: send at least one token");
+  for (int64_t i = 0; i < prompt_len; ++i) {
+    const int64_t id = request.prompt_ids[i];
+    if (id < 0 || id >= info_.vocab_size) {
+      return absl::OutOfRangeError(absl::StrCat("token id ", id, " at position ", i,
+                                                " is outside the vocabulary (0-",
+                                                info_.vocab_size - 1, ")"));
+    }
+  }
+  if (prompt_len > info_.max_position_embeddings) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "the prompt has ", prompt_len, " tokens, more than the model's context of ",
+        info_.max_position_embeddings, "; set max_length to truncate it in the middle"));
+  }
+  if (request.max_new_tokens < 0 || request.max_new_tokens > kMaxNewTokensLimit) {
+    return absl::OutOfRangeError(absl::StrCat("max_new_tokens = ", request.max_new_tokens,
+                                              " must be in [0, ", kMaxNewTokensLimit,
+                                              "] (0: the prompt only)"));
+  }
+  const auto& s = request.sampling;
+  if (!(s.temperature >= 0.0))
+    return absl::InvalidArgumentError("temperature must be >= 0 (0 = greedy)");
+  if (s.top_k < 0) return absl::InvalidArgumentError("top_k must be >= 0 (0 = off)");
+  if (!(s.top_p > 0.0 && s.top_p <= 1.0))
+    return absl::InvalidArgumentError("top_p must be in (0, 1]");
+  for (int64_t id : request.stop_token_ids) {
+    if (id < 0 || id >= info_.vocab_size) {
+      return absl::OutOfRangeError(absl::StrCat(
+          "stop token id ", id, " is outside the vocabulary (0-", info_.vocab_size - 1, ")"));
+    }
+  }
+  RETURN_IF_ERROR(ValidateCaptureSpec(capture, info_.num_layers, info_.num_heads, prompt_len));
+  if (capture.form == Form::kPooled) {
+    // A tile's rows are computed together (blocks never split a tile): pool rows over the prompt's
+    // keys for every head. Up to kPoolRowsAlwaysAllowed rows are always allowed; more must fit
+    // the block budget.
+    constexpr int64_t kPoolRowsAlwaysAllowed = 64;
+    const int64_t rows = std::min(capture.pool, prompt_len);
+    const int64_t limit =
+        std::max(options_.block_elements, info_.num_heads * prompt_len * kPoolRowsAlwaysAllowed);
+    if (rows > kPoolRowsAlwaysAllowed && info_.num_heads * rows * prompt_len > limit) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "pool ", capture.pool, " needs ", rows, " attention rows at once (", info_.num_heads,
+          " heads x ", rows, " rows x ", prompt_len,
+          " keys = ", info_.num_heads * rows * prompt_len,
+          " probabilities), over the server's block budget of ", limit, "; use pool <= ",
+          std::max(kPoolRowsAlwaysAllowed,
+                   limit / std::max<int64_t>(1, info_.num_heads * prompt_len)),
+          " (or start the server with a larger --block_elements)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
+                                                const CaptureSpec& capture, AttentionSink* sink,
+                                                const CancelToken* cancel) const {
+  RETURN_IF_ERROR(Validate(request, capture));
+  try {
+    c10::InferenceMode guard;
+    const int64_t prompt_len = static_cast<int64_t>(request.prompt_ids.size());
+    // The last generated token is never fed, so the cache holds prompt + max_new_tokens - 1.
+    const int64_t capacity =
+        std::min(prompt_len + request.max_new_tokens - 1, info_.max_position_embeddings);
+    KVCache cache = transformer_->NewCache(std::max(capacity, prompt_len));
+    CaptureProcessor processor(capture, info_.num_layers, info_.num_heads, prompt_len, sink);
+    ForwardOptions fwd;
+    fwd.query_block = options_.query_block;
+    fwd.block_elements = options_.block_elements;
+    // Pooled tiles start at multiples of the tile side, so blocks must not split a tile.
+    if (capture.form == Form::kPooled) fwd.row_multiple = capture.pool;
+    fwd.fast_attention = options_.fast_attention;
+    Sampler sampler(request.sampling);
+    GenerateResult result;
+
+    auto is_cancelled = [&] { return cancel != nullptr && cancel->cancelled(); };
+    if (is_cancelled()) {
+      result.finish = FinishReason::kCancelled;
+      return result;
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    ASSIGN_OR_RETURN(
+        torch::Tensor logits,
+        transformer_->Forward(request.prompt_ids, &cache, &processor, Phase::kPrefill, 0, fwd));
+    result.timings.prefill_ms = MsSince(t0);
+    t0 = std::chrono::steady_clock::now();
+    // max_new_tokens 0: the forward pass over the prompt is all (its captures, no token).
+    if (request.max_new_tokens == 0) result.finish = FinishReason::kLength;
+    for (int64_t step = 1; request.max_new_tokens > 0; ++step) {
+      if (sink != nullptr && sink->WantsLogits()) {
+        const torch::Tensor host = logits.to(torch::kFloat32).cpu().contiguous();
+        HostArray view;
+        view.data = host.data_ptr();
+        view.shape = {host.numel()};
+        view.bytes = host.numel() * 4;
+        RETURN_IF_ERROR(sink->OnLogits(step, view));
+      }
+      const int64_t token = sampler.Next(logits);
+      result.tokens.push_back(token);
+      if (sink != nullptr) RETURN_IF_ERROR(sink->OnToken(step, token));
+      const auto& eos = info_.eos_token_ids;
+      const auto& stop = request.stop_token_ids;
+      if (!request.ignore_eos && std::find(eos.begin(), eos.end(), token) != eos.end()) {
+        result.finish = FinishReason::kEos;
+        break;
+      }
+      if (std::find(stop.begin(), stop.end(), token) != stop.end()) {
+        result.finish = FinishReason::kStopToken;
+        break;
+      }
+      if (step == request.max_new_tokens) {
+        result.finish = FinishReason::kLength;
+        break;
+      }
+      if (cache.length >= cache.capacity) {
+        result.finish = FinishReason::kContextFull;
+        break;
+      }
+      if (is_cancelled()) {
+        result.finish = FinishReason::kCancelled;
+        break;
+      }
+      ASSIGN_OR_RETURN(
+          logits, transformer_->Forward({token}, &cache, &processor, Phase::kDecode, step, fwd));
+      ++result.decode_steps;
+    }
+    result.timings.decode_ms = MsSince(t0);
+    RETURN_IF_ERROR(processor.Finish());
+    return result;
+  } catch (const c10::Error& e) {
+    const std::string what = e.what_without_backtrace();
+    if (what.find("out of memory") != std::string::npos) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("out of memory on ", info_.device,
+                       "; capture fewer layers or use statistics/pooled forms: ", what));
+    }
+    return absl::InternalError(absl::StrCat("libtorch error: ", what));
+  }
+}
+
+}  // namespace attnscope

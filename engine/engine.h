@@ -1,0 +1,138 @@
+// The engine API: load a checkpoint folder, describe the model, generate with attention capture.
+// Nothing here knows about gRPC or libtorch; the server reaches the model only through this header.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/block.h"
+#include "engine/checkpoint/config.h"
+#include "engine/sampling.h"
+#include "text/chat/chat.h"
+#include "text/chat/chat_template.h"
+
+namespace attnscope {
+
+class Transformer;
+class Tokenizer;
+
+struct EngineOptions {
+  std::string model_dir;       // Hugging Face checkpoint folder
+  std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
+  std::string dtype;  // "float32", "bfloat16", "float16"; empty: float32 on CPU, bfloat16 on CUDA
+  int64_t query_block = 128;  // attention rows materialized at once for captured layers
+  int64_t block_elements = int64_t{1}
+                           << 24;  // and at most this many probabilities at once (flat memory)
+  bool fast_attention = true;      // fused attention for layers not captured (libtorch >= 2.0)
+};
+
+// The one description of a served model: the checkpoint's configuration as read (ModelConfig:
+// layers, heads, vocabulary, context, eos ids, ...) plus what loading decided. The server's
+// GetModelInfo is this, field by field (server/convert.cpp FillModelInfo).
+struct ModelInfo : ModelConfig {
+  std::string model_dir;
+  std::string dtype;
+  std::string device;
+  bool has_tokenizer = false;
+  std::string tokenizer_kind;  // "tokenizer.json" or "sentencepiece"
+  // "template" (the checkpoint's own chat template), else a built-in format for checkpoints
+  // without one: llama2, llama3, mistral, chatml; empty: none.
+  std::string chat_format;
+  std::string chat_template_source;  // the file the template came from
+  std::string chat_template_error;   // why it did not parse (chat requests then fail with it)
+};
+
+struct GenerateRequest {
+  std::vector<int64_t> prompt_ids;
+  int64_t max_new_tokens = 16;  // >= 0 (0: the forward pass over the prompt only)
+  SamplingParams sampling;
+  std::vector<int64_t> stop_token_ids;  // besides the model's eos ids
+  bool ignore_eos = false;
+};
+
+enum class FinishReason { kEos, kStopToken, kLength, kContextFull, kCancelled };
+inline constexpr Named<FinishReason> kFinishReasons[] = {
+    {FinishReason::kEos, "eos"},
+    {FinishReason::kStopToken, "stop_token"},
+    {FinishReason::kLength, "length"},
+    {FinishReason::kContextFull, "context_full"},
+    {FinishReason::kCancelled, "cancelled"},
+};
+inline const char* FinishReasonName(FinishReason reason) {
+  return RowOf(kFinishReasons, reason).name;
+}
+
+struct Timings {
+  double prefill_ms = 0;
+  double decode_ms = 0;  // all decode steps together
+};
+
+struct GenerateResult {
+  std::vector<int64_t> tokens;  // generated ids, the stop token included
+  FinishReason finish = FinishReason::kLength;
+  Timings timings;
+  int64_t decode_steps = 0;  // forward passes after prefill
+};
+
+// Set from any thread; the generation stops before its next step.
+class CancelToken {
+ public:
+  void Cancel() { cancelled_.store(true); }
+  bool cancelled() const { return cancelled_.load(); }
+
+ private:
+  std::atomic<bool> cancelled_{false};
+};
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Load(const EngineOptions& options);
+  ~Engine();
+
+  const ModelInfo& info() const { return info_; }
+
+  // Text needs a tokenizer: FAILED_PRECONDITION in token-id mode (a folder without tokenizer
+  // files).
+  // `max_tokens` > 0: a text of more tokens is OUT_OF_RANGE, found without encoding all of it
+  // (a prompt that cannot fit the context costs the server little).
+  absl::StatusOr<std::vector<int64_t>> Encode(const std::string& text,
+                                              bool add_special_tokens = true,
+                                              int64_t max_tokens = 0) const;
+  absl::StatusOr<std::string> Decode(const std::vector<int64_t>& ids,
+                                     bool skip_special_tokens) const;
+  // Display text of each id ("" for all in token-id mode).
+  std::vector<std::string> Pieces(const std::vector<int64_t>& ids) const;
+  // The chat rendered with the checkpoint's chat template (template variables from
+  // `template_kwargs_json`, a JSON object or empty) or, without one, the family's built-in format,
+  // then encoded without adding special tokens (the rendered text carries them).
+  // `max_tokens` > 0 as for Encode; rendering stops too once its text cannot fit that many.
+  absl::StatusOr<std::vector<int64_t>> EncodeChat(const std::vector<ChatMessage>& messages,
+                                                  const std::string& template_kwargs_json = "",
+                                                  int64_t max_tokens = 0) const;
+
+  // Checks a request and its capture spec without running anything.
+  absl::Status Validate(const GenerateRequest& request, const CaptureSpec& capture) const;
+
+  // Prefill, then one token per step; attention blocks and tokens go to `sink` as computed.
+  // Safe to call from several threads at once. `sink` and `cancel` may be null.
+  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
+                                          const CaptureSpec& capture, AttentionSink* sink,
+                                          const CancelToken* cancel) const;
+
+ private:
+  Engine() = default;
+  absl::Status NeedTokenizer() const;
+  absl::Status TooLong(int64_t max_tokens) const;  // OUT_OF_RANGE: past the context
+  EngineOptions options_;
+  ModelInfo info_;
+  std::unique_ptr<Transformer> transformer_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  ChatFormat chat_format_ = ChatFormat::kNone;
+  std::optional<ChatTemplate> chat_template_;
+};
+
+}  // namespace attnscope

@@ -1,0 +1,100 @@
+#include "engine/transformer.h"
+
+#include "core/status_macros.h"
+#include "engine/attention.h"
+#include "engine/rope.h"
+
+namespace attnscope {
+namespace {
+
+torch::Tensor Linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  return b.defined() ? torch::addmm(b, x, w.t()) : torch::matmul(x, w.t());
+}
+
+}  // namespace
+
+Transformer::Transformer(ModelConfig config, Weights weights, torch::Device device,
+                         torch::ScalarType dtype)
+    : config_(std::move(config)), weights_(std::move(weights)), device_(device), dtype_(dtype) {
+  inv_freq_ = RopeInverseFrequencies(config_.rope, config_.head_dim).to(device_);
+}
+
+KVCache Transformer::NewCache(int64_t capacity) const {
+  KVCache cache;
+  cache.capacity = capacity;
+  auto opts = torch::TensorOptions().dtype(dtype_).device(device_);
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    cache.k.push_back(torch::empty({config_.num_kv_heads, capacity, config_.head_dim}, opts));
+    cache.v.push_back(torch::empty({config_.num_kv_heads, capacity, config_.head_dim}, opts));
+  }
+  return cache;
+}
+
+torch::Tensor Transformer::RmsNorm(const torch::Tensor& x, const torch::Tensor& weight) const {
+  // x / sqrt(mean(x²) + eps) in float32, scaled by the weight in the compute dtype
+  torch::Tensor xf = x.to(torch::kFloat32);
+  torch::Tensor normed =
+      xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + config_.rms_norm_eps);
+  return weight * normed.to(dtype_);
+}
+
+absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& ids, KVCache* cache,
+                                                   CaptureProcessor* capture, Phase phase,
+                                                   int64_t step,
+                                                   const ForwardOptions& options) const {
+  const int64_t n = static_cast<int64_t>(ids.size());
+  const int64_t pos0 = cache->length;
+  const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads, dim = config_.head_dim;
+  torch::Tensor ids_t = torch::tensor(ids, torch::dtype(torch::kInt64)).to(device_);
+  torch::Tensor x = weights_.token_embedding.index_select(0, ids_t);  // (n, hidden)
+  auto [cos, sin] = RopeTables(inv_freq_, pos0, n, dtype_);           // (n, head_dim) each
+
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    const LayerWeights& w = weights_.layers[l];
+    // Attention block: RMSNorm, q/k/v projections, RoPE on q and k, cache append.
+    torch::Tensor h = RmsNorm(x, w.attn_norm);
+    torch::Tensor q =
+        Linear(h, w.wq, w.bq).view({n, heads, dim}).transpose(0, 1);  // (heads, n, dim)
+    torch::Tensor k =
+        Linear(h, w.wk, w.bk).view({n, kv_heads, dim}).transpose(0, 1);  // (kv, n, dim)
+    torch::Tensor v =
+        Linear(h, w.wv, w.bv).view({n, kv_heads, dim}).transpose(0, 1);  // (kv, n, dim)
+    q = ApplyRope(q, cos, sin);
+    k = ApplyRope(k, cos, sin);
+    cache->k[l].narrow(1, pos0, n).copy_(k);
+    cache->v[l].narrow(1, pos0, n).copy_(v);
+
+    AttentionShape shape;
+    shape.pos0 = pos0;
+    shape.window = config_.sliding_window[l];
+    shape.query_block = options.query_block;
+    shape.block_elements = options.block_elements;
+    shape.row_multiple = options.row_multiple;
+    torch::Tensor attn;  // (heads, n, dim)
+    if (capture != nullptr && capture->Wants(phase, l)) {
+      const int64_t key_length = pos0 + n;
+      ProbsCallback on_probs = [&](int64_t begin, const torch::Tensor& probs,
+                                   const torch::Tensor& scores) {
+        return capture->OnProbs(phase, step, l, pos0 + begin, probs, scores, key_length);
+      };
+      ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, &on_probs));
+    } else if (options.fast_attention) {
+      attn = FastAttention(q, cache->k[l], cache->v[l], shape);
+    } else {
+      ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, nullptr));
+    }
+    x = x + Linear(attn.transpose(0, 1).reshape({n, heads * dim}), w.wo, w.bo);
+
+    // MLP block: RMSNorm, SwiGLU: down(silu(gate(h)) * up(h)).
+    h = RmsNorm(x, w.mlp_norm);
+    x = x +
+        torch::matmul(torch::silu(torch::matmul(h, w.w_gate.t())) * torch::matmul(h, w.w_up.t()),
+                      w.w_down.t());
+  }
+  cache->length = pos0 + n;
+  // Final norm and LM head on the last position only.
+  torch::Tensor last = RmsNorm(x.narrow(0, n - 1, 1), weights_.final_norm);  // (1, hidden)
+  return torch::matmul(last, weights_.lm_head.t()).squeeze(0).to(torch::kFloat32);
+}
+
+}  // namespace attnscope

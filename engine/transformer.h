@@ -1,0 +1,57 @@
+// The decoder-only transformer forward pass (Llama / Mistral / Qwen2) over a KV cache.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/capture_processor.h"
+#include "engine/checkpoint/config.h"
+#include "engine/checkpoint/weights.h"
+
+namespace attnscope {
+
+struct KVCache {
+  std::vector<torch::Tensor> k;  // per layer (kv_heads, capacity, head_dim)
+  std::vector<torch::Tensor> v;  // per layer (kv_heads, capacity, head_dim)
+  int64_t length = 0;            // positions filled
+  int64_t capacity = 0;
+};
+
+struct ForwardOptions {
+  int64_t query_block = 128;  // attention rows materialized at once on the explicit path
+  int64_t block_elements = int64_t{1}
+                           << 24;  // and at most this many probabilities (64 MiB of float32)
+  int64_t row_multiple = 1;        // query blocks start at multiples of this (pooled capture)
+  bool fast_attention = true;      // fused attention for layers whose probabilities are not needed
+};
+
+class Transformer {
+ public:
+  Transformer(ModelConfig config, Weights weights, torch::Device device, torch::ScalarType dtype);
+
+  const ModelConfig& config() const { return config_; }
+  torch::Device device() const { return device_; }
+  torch::ScalarType dtype() const { return dtype_; }
+
+  KVCache NewCache(int64_t capacity) const;
+
+  // Feeds `ids` at positions [cache.length, cache.length + n), appending to the cache; hands the
+  // probabilities of the layers `capture` wants to it. Returns the float32 logits (vocab) of the
+  // last position.
+  absl::StatusOr<torch::Tensor> Forward(const std::vector<int64_t>& ids, KVCache* cache,
+                                        CaptureProcessor* capture, Phase phase, int64_t step,
+                                        const ForwardOptions& options) const;
+
+ private:
+  torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight) const;
+
+  ModelConfig config_;
+  Weights weights_;
+  torch::Device device_;
+  torch::ScalarType dtype_;
+  torch::Tensor inv_freq_;  // (head_dim / 2) float32 on device
+};
+
+}  // namespace attnscope
