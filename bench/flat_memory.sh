@@ -12,7 +12,7 @@ LENGTHS=("$@")
 
 declare -A CAPTURE=(
   [off]="--form=none"
-  [stats]="--form=none --stats=entropy,key_score:64,sink:4,local:64,variance"
+  [stats]="--form=none --stats=row_entropy,key_score:64,sink_mass:4,local_mass:64,key_score_variance"
   [pooled64]="--form=pooled:64"
   [dense_last64]="--form=dense --rows=last:64"
 )

@@ -98,18 +98,19 @@ inline constexpr FormInfo kForms[] = {
 };
 
 // Small per-layer, per-head statistics, computed where the probabilities are. Each field is the
-// parameter of one statistic (kStatistics' `param`): 0 is off; flags are 1 when on.
+// parameter of one statistic and is named as it (kStatistics' `name`, the proto's Statistics field,
+// the CLI's --stats item, the Python keyword): 0 is off; flags are 1 when on.
 struct StatisticsSpec {
   int64_t row_entropy = 0;         // entropy (nats) of each attention row: [heads, queries]
-  int64_t key_score_window = 0;    // W > 0: attention each key receives summed over the last W
+  int64_t key_score = 0;           // W > 0: attention each key receives summed over the last W
                                    // prompt queries (SnapKV / H2O score): [heads, prompt]
-  int64_t sink_tokens = 0;         // k > 0: mass on positions [0, k) per row: [heads, queries]
-  int64_t local_window = 0;        // w > 0: mass on the last w positions (the query's own
+  int64_t sink_mass = 0;           // K > 0: mass on positions [0, K) per row: [heads, queries]
+  int64_t local_mass = 0;          // W > 0: mass on the last W positions (the query's own
                                    // included) per row: [heads, queries]
   int64_t key_score_variance = 0;  // per prompt key, variance (ddof 0) over decode steps of the
                                    // attention it receives: [heads, prompt]
   bool Any() const {
-    return row_entropy != 0 || key_score_window > 0 || sink_tokens > 0 || local_window > 0 ||
+    return row_entropy != 0 || key_score > 0 || sink_mass > 0 || local_mass > 0 ||
            key_score_variance != 0;
   }
 };
@@ -119,26 +120,27 @@ enum class StatAxis { kRows, kPromptKeys };
 
 struct StatisticInfo {
   StatKind value;
-  const char* name;                // stored kind (chunks, files): row_entropy, sink_mass, ...
-  const char* text;                // in the text dialect: entropy, sink:K, ...
-  int64_t StatisticsSpec::*param;  // its parameter in the spec (and the proto field's name)
-  const char* proto_field;         // attnscope.v1.Statistics field of `param`
-  bool takes_value;                // text:N (else a flag)
+  // The one name: stored kind (chunks, files), the text dialect's item (name or name:N), the
+  // proto's STATISTIC_ value (STATISTIC_ + upper(name)) and Statistics field, Python's keyword.
+  const char* name;
+  int64_t StatisticsSpec::*param;  // its parameter in the spec
+  bool takes_value;                // name:N (else a flag)
+  const char* value_letter;        // N's meaning in help: K (positions) or W (a window)
   StatAxis axis;
+  const char* old_text;  // the text dialect's spelling before 0.2, read for one release
   const char* about;
 };
 inline constexpr StatisticInfo kStatistics[] = {
-    {StatKind::kRowEntropy, "row_entropy", "entropy", &StatisticsSpec::row_entropy, "row_entropy",
-     false, StatAxis::kRows, "entropy (nats) of each attention row"},
-    {StatKind::kSinkMass, "sink_mass", "sink", &StatisticsSpec::sink_tokens, "sink_tokens", true,
-     StatAxis::kRows, "mass on the first K positions, per row"},
-    {StatKind::kLocalMass, "local_mass", "local", &StatisticsSpec::local_window, "local_window",
-     true, StatAxis::kRows, "mass on the last W positions, per row"},
-    {StatKind::kKeyScore, "key_score", "key_score", &StatisticsSpec::key_score_window,
-     "key_score_window", true, StatAxis::kPromptKeys,
-     "attention each prompt key receives from the last W prompt rows"},
-    {StatKind::kKeyScoreVariance, "key_score_variance", "variance",
-     &StatisticsSpec::key_score_variance, "key_score_variance", false, StatAxis::kPromptKeys,
+    {StatKind::kRowEntropy, "row_entropy", &StatisticsSpec::row_entropy, false, "", StatAxis::kRows,
+     "entropy", "entropy (nats) of each attention row"},
+    {StatKind::kSinkMass, "sink_mass", &StatisticsSpec::sink_mass, true, "K", StatAxis::kRows,
+     "sink", "mass on the first K positions, per row"},
+    {StatKind::kLocalMass, "local_mass", &StatisticsSpec::local_mass, true, "W", StatAxis::kRows,
+     "local", "mass on the last W positions, per row"},
+    {StatKind::kKeyScore, "key_score", &StatisticsSpec::key_score, true, "W", StatAxis::kPromptKeys,
+     "", "attention each prompt key receives from the last W prompt rows"},
+    {StatKind::kKeyScoreVariance, "key_score_variance", &StatisticsSpec::key_score_variance, false,
+     "", StatAxis::kPromptKeys, "variance",
      "variance over decode steps of the attention each prompt key receives"},
 };
 

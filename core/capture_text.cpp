@@ -98,17 +98,22 @@ absl::Status ParseStatistics(absl::string_view text, StatisticsSpec* stats) {
     const std::vector<absl::string_view> kv = absl::StrSplit(item, absl::MaxSplits(':', 1));
     const StatisticInfo* found = nullptr;
     for (const StatisticInfo& st : kStatistics) {
-      if (kv[0] == st.text) found = &st;
+      // The spelling before 0.2 (entropy, sink, local, variance) is read for one release, so
+      // that stored files and scripts keep working; everything writes `name`.
+      if (kv[0] == st.name || (*st.old_text != '\0' && kv[0] == st.old_text)) found = &st;
     }
     if (found == nullptr) {
       std::vector<std::string> names;
       for (const StatisticInfo& st : kStatistics)
-        names.push_back(absl::StrCat(st.text, st.takes_value ? ":N" : ""));
+        names.push_back(absl::StrCat(st.name, st.takes_value ? ":" : "", st.value_letter));
       return Bad("stats", item, absl::StrCat("is not one of ", absl::StrJoin(names, ", ")));
     }
     if (stats->*found->param != 0) return Bad("stats", item, "is given twice");
     if (found->takes_value) {
-      if (kv.size() != 2) return Bad("stats", item, absl::StrCat("needs a value: ", kv[0], ":N"));
+      if (kv.size() != 2) {
+        return Bad("stats", item,
+                   absl::StrCat("needs a value: ", found->name, ":", found->value_letter));
+      }
       ASSIGN_OR_RETURN(stats->*found->param, Number(kv[1], absl::StrCat("stats ", kv[0]), 1));
     } else {
       if (kv.size() != 1) return Bad("stats", item, "takes no value");
@@ -123,7 +128,7 @@ std::string FormatStatistics(const StatisticsSpec& stats) {
   for (const StatisticInfo& st : kStatistics) {
     const int64_t v = stats.*st.param;
     if (v <= 0) continue;
-    items.push_back(st.takes_value ? absl::StrCat(st.text, ":", v) : std::string(st.text));
+    items.push_back(st.takes_value ? absl::StrCat(st.name, ":", v) : std::string(st.name));
   }
   return absl::StrJoin(items, ",");
 }
@@ -157,9 +162,10 @@ absl::StatusOr<CaptureSpec> ParseCaptureSpec(const CaptureSpecText& t) {
       spec.query_ranges.push_back(q);
     }
   }
-  const auto* type = RowNamed(kElementTypes, t.dtype);
-  if (type == nullptr)
-    return Bad("dtype", t.dtype, absl::StrCat("is not ", NamesOf(kElementTypes)));
+  const auto* type = RowNamed(kElementTypes, t.element_type);
+  if (type == nullptr) {
+    return Bad("element_type", t.element_type, absl::StrCat("is not ", NamesOf(kElementTypes)));
+  }
   spec.element_type = type->value;
   return spec;
 }
@@ -178,17 +184,18 @@ absl::StatusOr<CaptureSpec> ParseCaptureSpec(absl::string_view text) {
     }
     first = false;
     const absl::string_view key = item.substr(0, eq), value = item.substr(eq + 1);
-    std::string* field = key == "stats"    ? &t.stats
-                         : key == "layers" ? &t.layers
-                         : key == "heads"  ? &t.heads
-                         : key == "phases" ? &t.phases
-                         : key == "rows"   ? &t.rows
-                         : key == "dtype"  ? &t.dtype
-                         : key == "form"   ? &t.form
-                                           : nullptr;
+    std::string* field = key == "stats"          ? &t.stats
+                         : key == "layers"       ? &t.layers
+                         : key == "heads"        ? &t.heads
+                         : key == "phases"       ? &t.phases
+                         : key == "rows"         ? &t.rows
+                         : key == "element_type" ? &t.element_type
+                         : key == "dtype" ? &t.element_type  // before 0.2; read for one release
+                         : key == "form"  ? &t.form
+                                          : nullptr;
     if (field == nullptr) {
       return Bad("capture spec", item,
-                 "has an unknown key (form, stats, layers, heads, phases, rows, dtype)");
+                 "has an unknown key (form, stats, layers, heads, phases, rows, element_type)");
     }
     *field = std::string(value);
   }
@@ -211,7 +218,7 @@ std::string FormatCaptureSpec(const CaptureSpec& s) {
     for (const auto& r : s.query_ranges) ranges.push_back(absl::StrCat(r.begin, ":", r.end));
     absl::StrAppend(&out, " rows=", absl::StrJoin(ranges, ","));
   }
-  absl::StrAppend(&out, " dtype=", ElementTypeName(s.element_type));
+  absl::StrAppend(&out, " element_type=", ElementTypeName(s.element_type));
   return out;
 }
 

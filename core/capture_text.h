@@ -1,15 +1,19 @@
 // The capture spec as text: one dialect for both CLIs (as flags), for stored files (written back
-// whole) and for error messages. Every name comes from the tables in spec.h.
+// whole) and for error messages. Every name comes from the tables in capture_spec.h.
 //
 //   form    none | dense | head_mean | head_max | pooled:P[:mean|max] | top_k:K
-//   stats   comma-separated: entropy, key_score:W, sink:K, local:W, variance  (empty: none)
+//   stats   comma-separated: row_entropy, sink_mass:K, local_mass:W, key_score:W,
+//           key_score_variance  (empty: none; kStatistics' names)
 //   layers  comma-separated indices (empty: all)      heads   the same
 //   phases  prefill, decode or prefill,decode
 //   rows    empty: every prompt row; last:N; or ranges A:B,C:D of prompt positions
-//   dtype   float32 | float16 | bfloat16  (element type of matrices)
+//   element_type  float32 | float16 | bfloat16  (of matrices; statistics are float32)
 //
 // A whole spec is the form followed by key=value items, e.g.
-//   "pooled:64:max stats=entropy,sink:4 layers=0,8 phases=prefill rows=last:128 dtype=float16"
+//   "pooled:64:max stats=row_entropy,sink_mass:4 layers=0,8 phases=prefill rows=last:128
+//    element_type=float16"
+// Before 0.2 the statistics were spelled entropy, sink:K, local:W, variance and element_type was
+// dtype; both are still read (for one release) and never written.
 #pragma once
 
 #include <string>
@@ -28,12 +32,12 @@ struct CaptureSpecText {
   std::string heads;
   std::string phases = "prefill,decode";
   std::string rows;
-  std::string dtype = "float32";
+  std::string element_type = "float32";
 };
 
 // Each error names the part (`what`: "form", or the flag that gave it) and the malformed text.
 absl::StatusOr<CaptureSpec> ParseCaptureSpec(const CaptureSpecText& text);
-// A whole spec ("pooled:4 stats=entropy layers=0,1"); missing items take CaptureSpecText's
+// A whole spec ("pooled:4 stats=row_entropy layers=0,1"); missing items take CaptureSpecText's
 // defaults.
 absl::StatusOr<CaptureSpec> ParseCaptureSpec(absl::string_view text);
 // The whole spec in the dialect; ParseCaptureSpec(FormatCaptureSpec(s)) gives s back.

@@ -24,7 +24,7 @@ for attempt in 1 2 3 4 5; do
 done
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 attnscope-capture --server="127.0.0.1:$PORT" --prompt_ids=1,17,42,99,7,23,64,5 --max_new_tokens=4 \
-  --save_attention --stats=entropy --output_dir="$OUT/data"
+  --save_attention --stats=row_entropy --output_dir="$OUT/data"
 PYTHONPATH=/smoke/python python3 - "$OUT/data/attention_sample_0.safetensors" <<'PY'
 import sys
 import numpy as np

@@ -136,7 +136,7 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
 
   if (phase == Phase::kPrefill) {
     // Key score: attention each key receives, summed over the last W prompt rows.
-    const int64_t w = spec_.stats.key_score_window;
+    const int64_t w = spec_.stats.key_score;
     if (w > 0) {
       const int64_t from = std::max<int64_t>(query_begin, prompt_len_ - w);
       const int64_t to = query_begin + m;
@@ -191,15 +191,15 @@ absl::Status CaptureProcessor::EmitRows(Phase phase, int64_t step, int64_t layer
     RETURN_IF_ERROR(EmitStat(StatKind::kRowEntropy, phase, step, layer, row_begin, row_begin + m,
                              key_length, entropy));
   }
-  if (st.sink_tokens > 0) {
-    const int64_t k = std::min(st.sink_tokens, computed);
+  if (st.sink_mass > 0) {
+    const int64_t k = std::min(st.sink_mass, computed);
     RETURN_IF_ERROR(EmitStat(StatKind::kSinkMass, phase, step, layer, row_begin, row_begin + m,
                              key_length, rows.narrow(-1, 0, k).sum(-1)));
   }
-  if (st.local_window > 0) {
+  if (st.local_mass > 0) {
     // Row at position i: mass on keys (i - w, i], gathered (w per row) rather than masked (all
     // keys).
-    const int64_t w = std::min(st.local_window, computed);
+    const int64_t w = std::min(st.local_mass, computed);
     auto opts = torch::TensorOptions().dtype(torch::kInt64).device(rows.device());
     torch::Tensor pos = torch::arange(row_begin, row_begin + m, opts).unsqueeze(1);  // (m, 1)
     torch::Tensor key = pos - torch::arange(0, w, opts).unsqueeze(0);                // (m, w)

@@ -14,7 +14,7 @@ namespace pb = google::protobuf;
 namespace {
 
 // The proto numbers of a table's rows, found once by name: PREFIX_ + upper(name). -1 for a row the
-// proto lacks (a programming error that contract_test catches).
+// proto lacks (a programming error that tests/cpp/spec_test.cpp SpecTables catches).
 template <typename Row, size_t N>
 const std::array<int, N>& ProtoNumbers(const Row (&table)[N], const pb::EnumDescriptor* enum_type,
                                        const char* prefix) {
@@ -103,6 +103,10 @@ v1::ElementType ToProto(ElementType v) {
   return static_cast<v1::ElementType>(
       ToNumber(kElementTypes, v, v1::ElementType_descriptor(), "ELEMENT_"));
 }
+v1::Statistic ToProto(StatKind v) {
+  return static_cast<v1::Statistic>(
+      ToNumber(kStatistics, v, v1::Statistic_descriptor(), "STATISTIC_"));
+}
 absl::StatusOr<Phase> FromProto(v1::Phase v, const char* what) {
   return FromNumber(kPhases, v, v1::Phase_descriptor(), "PHASE_", what);
 }
@@ -114,6 +118,9 @@ absl::StatusOr<PoolOp> FromProto(v1::PoolOp v, const char* what) {
 }
 absl::StatusOr<ElementType> FromProto(v1::ElementType v, const char* what) {
   return FromNumber(kElementTypes, v, v1::ElementType_descriptor(), "ELEMENT_", what);
+}
+absl::StatusOr<StatKind> FromProto(v1::Statistic v, const char* what) {
+  return FromNumber(kStatistics, v, v1::Statistic_descriptor(), "STATISTIC_", what);
 }
 absl::StatusOr<StatKind> StatKindNamed(const std::string& name, const char* what) {
   const StatisticInfo* row = RowNamed(kStatistics, name);
@@ -141,12 +148,13 @@ absl::StatusOr<CaptureSpec> ToCaptureSpec(const v1::CaptureSpec& p) {
   s.pool = p.pool();
   ASSIGN_OR_RETURN(s.pool_op, FromProto(p.pool_op(), "capture.pool_op"));
   s.top_k = p.top_k();
-  // Statistics by their table's proto field names: a new statistic needs no line here.
+  // Statistics by their table's names (the proto's field names): a new statistic needs no line
+  // here.
   const pb::Message& st = p.statistics();
   const pb::Reflection* reflection = st.GetReflection();
   for (const StatisticInfo& info : kStatistics) {
-    const pb::FieldDescriptor* f = st.GetDescriptor()->FindFieldByName(info.proto_field);
-    if (f == nullptr) continue;  // contract_test checks every row has its field
+    const pb::FieldDescriptor* f = st.GetDescriptor()->FindFieldByName(info.name);
+    if (f == nullptr) continue;  // spec_test.cpp checks every row has its field
     s.stats.*info.param = f->cpp_type() == pb::FieldDescriptor::CPPTYPE_BOOL
                               ? (reflection->GetBool(st, f) ? 1 : 0)
                               : reflection->GetInt64(st, f);
@@ -183,7 +191,7 @@ void FillCaptureSpec(const CaptureSpec& s, int64_t num_layers, int64_t num_heads
   pb::Message* st = out->mutable_statistics();
   const pb::Reflection* reflection = st->GetReflection();
   for (const StatisticInfo& info : kStatistics) {
-    const pb::FieldDescriptor* f = st->GetDescriptor()->FindFieldByName(info.proto_field);
+    const pb::FieldDescriptor* f = st->GetDescriptor()->FindFieldByName(info.name);
     if (f == nullptr) continue;
     const int64_t v = s.stats.*info.param;
     if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_BOOL) {
@@ -205,6 +213,7 @@ void FillBlockHeader(const BlockHeader& h, v1::AttentionChunk* out) {
 void FillBlockHeader(const BlockHeader& h, v1::StatisticChunk* out) {
   FillCommon(h, out);
   out->set_kind(StatKindName(h.stat));
+  out->set_statistic(ToProto(h.stat));
 }
 
 absl::StatusOr<BlockHeader> BlockHeaderOf(const v1::AttentionChunk& c) {
@@ -221,8 +230,16 @@ absl::StatusOr<BlockHeader> BlockHeaderOf(const v1::AttentionChunk& c) {
 
 absl::StatusOr<BlockHeader> BlockHeaderOf(const v1::StatisticChunk& c) {
   ASSIGN_OR_RETURN(BlockHeader h, ReadCommon(c, BlockKind::kStatistic));
-  auto kind = StatKindNamed(c.kind(), "kind");
+  // The enum when set (servers from 0.2 on); the name otherwise. A chunk whose two disagree is
+  // malformed.
+  auto kind = c.statistic() != v1::STATISTIC_UNSPECIFIED ? FromProto(c.statistic(), "statistic")
+                                                         : StatKindNamed(c.kind(), "kind");
   if (!kind.ok()) return Malformed(kind.status());
+  if (c.statistic() != v1::STATISTIC_UNSPECIFIED && !c.kind().empty() &&
+      c.kind() != StatKindName(*kind)) {
+    return Malformed(absl::InvalidArgumentError(absl::StrCat(
+        "statistic ", StatKindName(*kind), " and kind '", c.kind().substr(0, 64), "' disagree")));
+  }
   h.stat = *kind;
   h.element_type = ElementType::kFloat32;
   return h;

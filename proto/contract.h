@@ -1,8 +1,9 @@
 // Between the public contract (attnscope.v1) and the engine's torch-free types
 // (core/capture_spec.h, core/block.h): enums, the capture spec and block headers. Used by the
 // server and the C++ client alike, so a value has one conversion. Enum values convert by name: a
-// row of a table in spec.h named "head_mean" is FORM_HEAD_MEAN in the proto (PREFIX_ +
-// upper(name)); tests/cpp/contract_test.cpp checks every row has its proto value and back.
+// row of a table in capture_spec.h named "head_mean" is FORM_HEAD_MEAN in the proto (PREFIX_ +
+// upper(name)); tests/cpp/spec_test.cpp (SpecTables) checks every row has its proto value and
+// back.
 #pragma once
 
 #include "absl/status/statusor.h"
@@ -20,11 +21,13 @@ v1::Phase ToProto(Phase phase);
 v1::Form ToProto(Form form);
 v1::PoolOp ToProto(PoolOp op);
 v1::ElementType ToProto(ElementType type);
+v1::Statistic ToProto(StatKind kind);
 // INVALID_ARGUMENT naming `what` for a number the table has no row for.
 absl::StatusOr<Phase> FromProto(v1::Phase phase, const char* what);
 absl::StatusOr<Form> FromProto(v1::Form form, const char* what);
 absl::StatusOr<PoolOp> FromProto(v1::PoolOp op, const char* what);
 absl::StatusOr<ElementType> FromProto(v1::ElementType type, const char* what);
+absl::StatusOr<StatKind> FromProto(v1::Statistic kind, const char* what);
 absl::StatusOr<StatKind> StatKindNamed(const std::string& name, const char* what);
 
 // The capture spec of a request, its enums and fields checked (the model-dependent checks are

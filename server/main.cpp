@@ -27,10 +27,10 @@ ABSL_FLAG(std::string, model, "", "model name to look up in --models (the protot
 ABSL_FLAG(std::string, models, "",
           "model registry JSON: {name: {\"path\": DIR, \"max_length\": N}}");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "address to listen on");
-ABSL_FLAG(std::string, device, "cpu",
+ABSL_FLAG(std::string, device, attnscope::EngineOptions{}.device,
           "cpu, cuda, cuda:N, or a GPU index N (the prototype's --device 0)");
-ABSL_FLAG(std::string, dtype, "",
-          "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)");
+ABSL_FLAG(std::string, dtype, attnscope::EngineOptions{}.dtype,
+          "compute type: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)");
 ABSL_FLAG(int, max_concurrent, 1, "generations running at once");
 ABSL_FLAG(int, max_queue, 16, "generations waiting; beyond: RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, chunk_bytes, 1 << 20, "attention payload bytes per streamed message");
@@ -43,9 +43,10 @@ ABSL_FLAG(int64_t, host_memory_retain_bytes, attnscope::kDefaultRetainedHostByte
           "defaults");
 ABSL_FLAG(int64_t, max_capture_bytes, int64_t{64} << 30,
           "capture byte budget per request (0: none)");
-ABSL_FLAG(int64_t, query_block, 128, "attention rows materialized at once for captured layers");
+ABSL_FLAG(int64_t, query_block, attnscope::EngineOptions{}.query_block,
+          "attention rows materialized at once for captured layers");
 ABSL_FLAG(
-    int64_t, block_elements, int64_t{1} << 24,
+    int64_t, block_elements, attnscope::EngineOptions{}.block_elements,
     "at most this many attention probabilities materialized at once (memory per captured layer)");
 ABSL_FLAG(std::string, auth_tokens_file, "", "file with one accepted bearer token per line");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (TLS on when set with --tls_key)");

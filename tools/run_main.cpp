@@ -27,8 +27,9 @@
 #include "engine/engine.h"
 
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face checkpoint folder");
-ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
-ABSL_FLAG(std::string, compute_dtype, "", "float32, bfloat16 or float16 (default: float32 on CPU)");
+ABSL_FLAG(std::string, device, attnscope::EngineOptions{}.device, "cpu, cuda or cuda:N");
+ABSL_FLAG(std::string, dtype, attnscope::EngineOptions{}.dtype,
+          "compute type: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)");
 ABSL_FLAG(std::string, prompt_ids, "", "comma-separated prompt token ids");
 ABSL_FLAG(int64_t, random_prompt, 0, "instead of --prompt_ids: this many pseudo-random ids");
 ABSL_FLAG(int64_t, max_new_tokens, 8, "tokens to generate");
@@ -37,10 +38,12 @@ ABSL_FLAG(double, temperature, 0.0, "0 = greedy");
 ABSL_FLAG(int64_t, top_k, 0, "sampling top-k (0 = off)");
 ABSL_FLAG(double, top_p, 1.0, "sampling top-p (1 = off)");
 ABSL_FLAG(uint64_t, seed, 0, "sampling seed");
-ABSL_FLAG(int64_t, query_block, 128, "attention rows materialized at once");
-ABSL_FLAG(int64_t, block_elements, int64_t{1} << 24,
+ABSL_FLAG(int64_t, query_block, attnscope::EngineOptions{}.query_block,
+          "attention rows materialized at once for captured layers");
+ABSL_FLAG(int64_t, block_elements, attnscope::EngineOptions{}.block_elements,
           "at most this many probabilities at once (0: no limit)");
-ABSL_FLAG(bool, fast_attention, true, "fused attention for layers not captured (libtorch >= 2)");
+ABSL_FLAG(bool, fast_attention, attnscope::EngineOptions{}.fast_attention,
+          "fused attention for layers not captured (libtorch >= 2)");
 ABSL_FLAG(bool, logits, false, "store the logits of every step");
 ABSL_FLAG(std::string, out, "", "output safetensors file (empty: count bytes only)");
 
@@ -89,7 +92,7 @@ EngineOptions EngineFromFlags() {
   EngineOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model_dir);
   options.device = absl::GetFlag(FLAGS_device);
-  options.dtype = absl::GetFlag(FLAGS_compute_dtype);
+  options.dtype = absl::GetFlag(FLAGS_dtype);
   options.query_block = absl::GetFlag(FLAGS_query_block);
   options.block_elements = absl::GetFlag(FLAGS_block_elements);
   options.fast_attention = absl::GetFlag(FLAGS_fast_attention);

@@ -52,10 +52,10 @@ def main():
         L = checkpoint.VARIANTS[variant]["num_hidden_layers"]
         row = {"variant": variant}
         try:
-            gpu = run(a.build, model, PROMPT, 6, f"--device={a.device}", "--compute_dtype=float32")
+            gpu = run(a.build, model, PROMPT, 6, f"--device={a.device}", "--dtype=float32")
             seq = PROMPT + gpu.tokens[:-1]
             cpu = run(a.build, model, seq, 1, "--device=cpu", "--phases=prefill")
-            bf16 = run(a.build, model, seq, 1, f"--device={a.device}", "--compute_dtype=bfloat16", "--phases=prefill")
+            bf16 = run(a.build, model, seq, 1, f"--device={a.device}", "--dtype=bfloat16", "--phases=prefill")
             _, ref = reference.forward(model, seq)
             g = [gpu.full_attention(l, H) for l in range(L)]
             c = [cpu.full_attention(l, H) for l in range(L)]
@@ -65,8 +65,8 @@ def main():
             row["bf16_vs_numpy"] = max(float(np.abs(x - y).max()) for x, y in zip(b, ref))
             # Row entropy on the device (its tensor-op path, not the CPU loop) against -Σ p log p of
             # the float64 reference.
-            ent = run(a.build, model, seq, 1, f"--device={a.device}", "--compute_dtype=float32",
-                      "--phases=prefill", "--form=none", "--stats=entropy")
+            ent = run(a.build, model, seq, 1, f"--device={a.device}", "--dtype=float32",
+                      "--phases=prefill", "--form=none", "--stats=row_entropy")
             worst = 0.0
             for layer in range(L):
                 blocks = sorted(ent.blocks("row_entropy", "prefill", layer).items())

@@ -74,8 +74,8 @@ class AttnscopeServer:
         data = os.path.join(out_dir, f"attnscope_{mode}_{n}")
         args = [self.capture_bin(), f"--server={self.target}", f"--prompt_ids=@{ids}", f"--max_new_tokens={NEW}",
                 f"--output_dir={data}", "--overwrite", "--save_attention"]
-        args += (["--form=dense", "--dtype=float16"] if mode == "dense"
-                 else ["--form=none", "--stats=entropy,key_score:64,sink:4,local:64"])
+        args += (["--form=dense", "--element_type=float16"] if mode == "dense"
+                 else ["--form=none", "--stats=row_entropy,key_score:64,sink_mass:4,local_mass:64"])
         t0 = time.time()
         with ProcessGpuMemory(self.proc.pid) as mem:
             p = subprocess.run(args, capture_output=True, text=True)
@@ -142,12 +142,12 @@ def prompt_ids(n):
 def attnscope(build, model, n, mode, out_dir):
     out = os.path.join(out_dir, f"attnscope_{mode}_{n}.safetensors")
     args = [os.path.join(build, "tools", "attnscope-run"), f"--model_dir={model}", "--device=cuda",
-            "--compute_dtype=bfloat16", f"--random_prompt={n}", f"--max_new_tokens={NEW}",
+            "--dtype=bfloat16", f"--random_prompt={n}", f"--max_new_tokens={NEW}",
             "--query_block=1024", "--block_elements=268435456"]
     if mode == "dense":
-        args += ["--form=dense", "--dtype=float16", f"--out={out}"]
+        args += ["--form=dense", "--element_type=float16", f"--out={out}"]
     else:
-        args += ["--form=none", "--stats=entropy,key_score:64,sink:4,local:64", f"--out={out}"]
+        args += ["--form=none", "--stats=row_entropy,key_score:64,sink_mass:4,local_mass:64", f"--out={out}"]
     t0 = time.time()
     with ProcessGpuMemory(os.getpid()) as mem:  # the whole-GPU figure is the one that counts here
         p = subprocess.run(args, capture_output=True, text=True)

@@ -62,8 +62,10 @@ ABSL_FLAG(bool, chat, false,
 ABSL_FLAG(std::string, system, "", "with --chat: a system message before each prompt");
 ABSL_FLAG(std::string, chat_template_kwargs, "",
           "with --chat: template variables as a JSON object, e.g. '{\"enable_thinking\": false}'");
-// Capture: --form, --stats, --layers, --heads, --phases, --rows, --dtype
+// Capture: --form, --stats, --layers, --heads, --phases, --rows, --element_type
 // (cli/capture_flags.h).
+ABSL_FLAG(std::string, dtype, "",
+          "renamed --element_type (the server's --dtype is its compute type); refused when given");
 ABSL_FLAG(std::string, format, "safetensors",
           "safetensors, or pickle (the prototype's .pkl layout)");
 ABSL_FLAG(bool, overwrite, false, "redo samples whose file already exists");
@@ -131,6 +133,12 @@ absl::StatusOr<Options> OptionsFromFlags() {
     o.format = SampleFormat::kPickle;
   } else if (format != "safetensors") {
     return absl::InvalidArgumentError("--format must be safetensors or pickle");
+  }
+  if (!absl::GetFlag(FLAGS_dtype).empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--dtype is now --element_type (the element type of captured matrices; --dtype "
+        "names the compute type, the server's): pass --element_type=",
+        absl::GetFlag(FLAGS_dtype)));
   }
   if (o.save_attention) {  // without it, nothing is captured
     ASSIGN_OR_RETURN(const CaptureSpec spec, CaptureSpecFromFlags());

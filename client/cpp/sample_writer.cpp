@@ -14,15 +14,27 @@
 #include "absl/strings/str_join.h"
 #include "client/cpp/pickle_writer.h"
 #include "core/atomic_file.h"
-#include "core/capture_text.h"
 #include "core/files.h"
 #include "core/half.h"
 #include "core/safetensors_writer.h"
 #include "core/status_macros.h"
+#include "google/protobuf/util/json_util.h"
 #include "proto/contract.h"
 
 namespace attnscope {
 namespace {
+
+// The resolved capture spec as the file stores it, once: the proto's JSON mapping with its field
+// names and every field (defaults too), so that a reader needs no knowledge of proto defaults.
+// Python's StreamResult.metadata() writes the same (json_format, same options).
+nlohmann::json CaptureJson(const v1::CaptureSpec& capture) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.always_print_primitive_fields = true;
+  options.preserve_proto_field_names = true;
+  std::string text;
+  if (!google::protobuf::util::MessageToJsonString(capture, &text, options).ok()) return nullptr;
+  return nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+}
 
 float ToFloat(const char* p, ElementType t) {
   if (t == ElementType::kFloat32) {
@@ -402,9 +414,8 @@ absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer,
                                     e.tensor.bytes, " bytes"));
     }
   }
-  const auto& c = header_.capture();
   nlohmann::json meta = {
-      {"format_version", 1},
+      {"format_version", kSampleFormatVersion},
       {"model", header_.model().name()},
       {"architecture", header_.model().architecture()},
       {"prompt", prompt_text},
@@ -418,15 +429,7 @@ absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer,
         {"decode_ms", trailer.timings().decode_ms()}}},
       {"num_layers", header_.model().num_layers()},
       {"num_heads", header_.model().num_heads()},
-      {"capture_spec", FormatCaptureSpec(spec_)},
-      {"capture",
-       {{"layers", c.layers()},
-        {"heads", c.heads()},
-        {"form", v1::Form_Name(c.form())},
-        {"element_type", v1::ElementType_Name(c.element_type())},
-        {"pool", c.pool()},
-        {"top_k", c.top_k()},
-        {"last_queries", c.last_queries()}}},
+      {"capture", CaptureJson(header_.capture())},
   };
   std::vector<std::string> pieces;
   for (const auto& t : tokens_) pieces.push_back(t.piece());

@@ -6,9 +6,11 @@
 //  - safetensors (default): every block as its own tensor under its stored name
 //    (core/block.h BlockName: "attention.<phase>.<layer>.<step>.<query_begin>" with
 //    ".indices" for top_k, "statistic.<kind>.<phase>.<layer>.<step>.<query_begin>"),
-//    "prompt_token_ids" and "token_ids" (I64); JSON metadata under "attnscope" (the capture spec
-//    as text under "capture_spec"). Readers assemble full matrices from the blocks
-//    (attnscope.load).
+//    "prompt_token_ids" and "token_ids" (I64); JSON metadata under "attnscope", format version
+//    kSampleFormatVersion: the resolved capture spec once, under "capture", as the proto's JSON
+//    mapping (field names, every field). Python's StreamResult.metadata() writes the same keys
+//    and attnscope.load reads both, and version 1 (a partial "capture" and the dialect text under
+//    "capture_spec"). Readers assemble full matrices from the blocks.
 //  - pickle: the prototype's {layer: {'shape': [1, heads, T, T], 'tensor': float32 ndarray}}.
 #pragma once
 
@@ -30,6 +32,9 @@
 namespace attnscope {
 
 enum class SampleFormat { kSafetensors, kPickle };
+
+// 2 since 0.2: "capture" is the proto JSON of the resolved spec; 1 stored a partial dict and text.
+inline constexpr int kSampleFormatVersion = 2;
 
 class SampleWriter {
  public:

@@ -264,7 +264,7 @@ TEST_F(EngineTest, EstimateMatchesBytesProduced) {
     spec.heads = {1, 3};
     spec.element_type = ElementType::kFloat16;
     spec.stats.row_entropy = true;
-    spec.stats.key_score_window = 3;
+    spec.stats.key_score = 3;
     spec.stats.key_score_variance = true;
     RecordingSink sink;
     GenerateRequest r = Request(6);

@@ -235,9 +235,17 @@ TEST_F(SampleWriterTest, StoresEveryBlockUnderItsNameAndTheSpecAsText) {
   std::memcpy(values, prefill.data, sizeof(values));
   for (int i = 0; i < 18; ++i) EXPECT_EQ(values[i], i + 0.5f);
   const auto meta = nlohmann::json::parse((*file)->metadata().at("attnscope"));
-  EXPECT_EQ(meta["capture_spec"],
-            "dense stats=entropy layers=0,1 heads=0,1 phases=prefill,decode "
-            "dtype=float32");
+  // The resolved spec once, as the proto's JSON (every field, proto field names).
+  EXPECT_EQ(meta["format_version"], 2);
+  EXPECT_FALSE(meta.contains("capture_spec"));
+  const auto& capture = meta["capture"];
+  EXPECT_EQ(capture["form"], "FORM_DENSE");
+  EXPECT_EQ(capture["layers"], nlohmann::json::array({0, 1}));
+  EXPECT_EQ(capture["heads"], nlohmann::json::array({0, 1}));
+  EXPECT_EQ(capture["statistics"]["row_entropy"], true);
+  EXPECT_EQ(capture["statistics"]["sink_mass"], "0");  // int64: a string in the proto's JSON
+  EXPECT_EQ(capture["pool_op"], "POOL_MEAN");
+  EXPECT_EQ(capture["last_queries"], "0");
   EXPECT_EQ(meta["token_pieces"].size(), 2u);
 }
 
@@ -311,7 +319,10 @@ TEST_F(SampleWriterTest, RefusesMalformedChunksByName) {
   EXPECT_NE(s.message().find("is incomplete"), absl::string_view::npos) << s;
   EXPECT_NE(access(path_.c_str(), F_OK), 0);
   v1::StatisticChunk bad = Entropy(0, 0, 3);
-  bad.set_kind("perplexity");
+  bad.set_kind("perplexity");  // beside statistic ROW_ENTROPY
+  EXPECT_NE(w.OnStatistic(bad).message().find("row_entropy and kind 'perplexity' disagree"),
+            absl::string_view::npos);
+  bad.clear_statistic();  // a server before 0.2 sends the name only
   EXPECT_NE(w.OnStatistic(bad).message().find("unknown statistic 'perplexity'"),
             absl::string_view::npos);
 }

@@ -139,7 +139,7 @@ TEST(ConvertTest, CaptureSpecRoundTripsAndUnknownEnumsAreRefused) {
   p.set_pool(8);
   p.set_pool_op(v1::POOL_MAX);
   p.set_element_type(v1::ELEMENT_BFLOAT16);
-  p.mutable_statistics()->set_sink_tokens(4);
+  p.mutable_statistics()->set_sink_mass(4);
   auto spec = ToCaptureSpec(p);
   ASSERT_TRUE(spec.ok()) << spec.status();
   EXPECT_TRUE(!spec->prefill && spec->decode && spec->form == Form::kPooled && spec->pool == 8);

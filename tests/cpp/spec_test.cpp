@@ -35,39 +35,89 @@ TEST(SpecTables, EveryRowHasItsProtoValueAndBack) {
   EXPECT_FALSE(FromProto(v1::PHASE_UNSPECIFIED, "phase").ok());
 }
 
-TEST(SpecTables, EveryStatisticHasItsProtoField) {
+TEST(SpecTables, EveryStatisticHasItsProtoFieldAndValue) {
   const auto* fields = v1::Statistics::descriptor();
   EXPECT_EQ(fields->field_count(), static_cast<int>(std::size(kStatistics)));
+  // One name: the Statistics field, the STATISTIC_ value, the chunk's kind and the dialect.
+  EXPECT_EQ(v1::Statistic_descriptor()->value_count(),
+            static_cast<int>(std::size(kStatistics)) + 1);
   for (const auto& row : kStatistics) {
-    EXPECT_NE(fields->FindFieldByName(row.proto_field), nullptr) << row.name;
+    EXPECT_NE(fields->FindFieldByName(row.name), nullptr) << row.name;
     EXPECT_EQ(*StatKindNamed(row.name, "kind"), row.value);
+    const v1::Statistic p = ToProto(row.value);
+    EXPECT_TRUE(v1::Statistic_IsValid(p) && p != v1::STATISTIC_UNSPECIFIED) << row.name;
+    EXPECT_EQ(*FromProto(p, "statistic"), row.value);
+    StatisticsSpec st;
+    ASSERT_TRUE(
+        ParseStatistics(row.takes_value ? absl::StrCat(row.name, ":3") : row.name, &st).ok());
+    EXPECT_EQ(st.*row.param, row.takes_value ? 3 : 1) << row.name;
   }
+  EXPECT_FALSE(FromProto(v1::STATISTIC_UNSPECIFIED, "statistic").ok());
   CaptureSpec s;
   s.stats.row_entropy = 1;
-  s.stats.key_score_window = 7;
-  s.stats.sink_tokens = 2;
-  s.stats.local_window = 5;
+  s.stats.key_score = 7;
+  s.stats.sink_mass = 2;
+  s.stats.local_mass = 5;
   s.stats.key_score_variance = 1;
   v1::CaptureSpec p;
   FillCaptureSpec(s, 0, 0, &p);
   EXPECT_TRUE(p.statistics().row_entropy());
-  EXPECT_EQ(p.statistics().key_score_window(), 7);
-  EXPECT_EQ(p.statistics().local_window(), 5);
+  EXPECT_EQ(p.statistics().key_score(), 7);
+  EXPECT_EQ(p.statistics().local_mass(), 5);
   auto back = ToCaptureSpec(p);
   ASSERT_TRUE(back.ok());
-  EXPECT_EQ(FormatStatistics(back->stats), "entropy,sink:2,local:5,key_score:7,variance");
+  EXPECT_EQ(FormatStatistics(back->stats),
+            "row_entropy,sink_mass:2,local_mass:5,key_score:7,key_score_variance");
   EXPECT_TRUE(p.layers().empty());  // a request keeps "all" as an empty list
+}
+
+// The spellings before 0.2 are read (stored files, scripts) and written in today's names.
+TEST(SpecText, ReadsTheSpellingsBefore02) {
+  auto spec = ParseCaptureSpec(absl::string_view(
+      "pooled:4 stats=entropy,sink:4,local:8,variance phases=prefill dtype=float16"));
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ(spec->stats.row_entropy, 1);
+  EXPECT_EQ(spec->stats.sink_mass, 4);
+  EXPECT_EQ(spec->stats.local_mass, 8);
+  EXPECT_EQ(spec->stats.key_score_variance, 1);
+  EXPECT_EQ(spec->element_type, ElementType::kFloat16);
+  EXPECT_EQ(FormatCaptureSpec(*spec),
+            "pooled:4 stats=row_entropy,sink_mass:4,local_mass:8,key_score_variance "
+            "phases=prefill element_type=float16");
+}
+
+// A chunk carries the statistic twice (the enum, and the name for clients before 0.2): either
+// alone is read, and two that disagree are malformed.
+TEST(Blocks, AStatisticChunkIsReadByItsEnumOrItsName) {
+  BlockHeader h;
+  h.kind = BlockKind::kStatistic;
+  h.stat = StatKind::kSinkMass;
+  h.phase = Phase::kPrefill;
+  h.shape = {1, 2};
+  v1::StatisticChunk c;
+  FillBlockHeader(h, &c);
+  EXPECT_EQ(c.kind(), "sink_mass");
+  EXPECT_EQ(c.statistic(), v1::STATISTIC_SINK_MASS);
+  EXPECT_EQ(BlockHeaderOf(c)->stat, StatKind::kSinkMass);
+  c.clear_statistic();
+  EXPECT_EQ(BlockHeaderOf(c)->stat, StatKind::kSinkMass);
+  c.set_statistic(v1::STATISTIC_LOCAL_MASS);
+  c.clear_kind();
+  EXPECT_EQ(BlockHeaderOf(c)->stat, StatKind::kLocalMass);
+  c.set_kind("sink_mass");
+  EXPECT_EQ(BlockHeaderOf(c).status().code(), absl::StatusCode::kDataLoss);
 }
 
 TEST(SpecText, RoundTripsEveryForm) {
   for (const char* text :
-       {"none stats=entropy phases=prefill dtype=float32",
-        "dense phases=prefill,decode dtype=float32",
-        "head_mean layers=0,3 phases=decode dtype=float16",
-        "head_max heads=1,2 phases=prefill,decode rows=last:16 dtype=bfloat16",
-        "pooled:64 phases=prefill,decode dtype=float32",
-        "pooled:4:max stats=sink:4,key_score:64 phases=prefill rows=0:4,10:12 dtype=float32",
-        "top_k:8 phases=prefill,decode dtype=float16"}) {
+       {"none stats=row_entropy phases=prefill element_type=float32",
+        "dense phases=prefill,decode element_type=float32",
+        "head_mean layers=0,3 phases=decode element_type=float16",
+        "head_max heads=1,2 phases=prefill,decode rows=last:16 element_type=bfloat16",
+        "pooled:64 phases=prefill,decode element_type=float32",
+        "pooled:4:max stats=sink_mass:4,key_score:64 phases=prefill rows=0:4,10:12 "
+        "element_type=float32",
+        "top_k:8 phases=prefill,decode element_type=float16"}) {
     auto spec = ParseCaptureSpec(absl::string_view(text));
     ASSERT_TRUE(spec.ok()) << text << ": " << spec.status();
     EXPECT_EQ(FormatCaptureSpec(*spec), text);
@@ -89,10 +139,13 @@ TEST(SpecText, MalformedSpellingsAreNamed) {
       {{"pooled:x"}, "is not an integer"},
       {{"top_k"}, "is top_k:K"},
       {{"dense:3"}, "takes no argument"},
-      {{"dense", "entropy,entropy"}, "is given twice"},
-      {{"dense", "sink"}, "needs a value: sink:N"},
-      {{"dense", "entropy:3"}, "takes no value"},
-      {{"dense", "perplexity"}, "is not one of entropy, sink:N"},
+      {{"dense", "row_entropy,row_entropy"}, "is given twice"},
+      {{"dense", "row_entropy,entropy"}, "is given twice"},
+      {{"dense", "sink_mass"}, "needs a value: sink_mass:K"},
+      {{"dense", "local"}, "needs a value: local_mass:W"},
+      {{"dense", "row_entropy:3"}, "takes no value"},
+      {{"dense", "perplexity"},
+       "is not one of row_entropy, sink_mass:K, local_mass:W, key_score:W, key_score_variance"},
       {{"dense", "", "0,a"}, "layers: 'a' is not an integer"},
       {{"dense", "", "-1"}, "must be at least 0"},
       {{"dense", "", "", "", "prefil"}, "phases: 'prefil' is not prefill or decode"},
@@ -100,7 +153,7 @@ TEST(SpecText, MalformedSpellingsAreNamed) {
       {{"dense", "", "", "", "prefill", "4:2"}, "is empty"},
       {{"dense", "", "", "", "prefill", "last:0"}, "must be at least 1"},
       {{"dense", "", "", "", "prefill", "1-4"}, "is not A:B"},
-      {{"dense", "", "", "", "prefill", "", "float64"}, "dtype: 'float64' is not float32"},
+      {{"dense", "", "", "", "prefill", "", "float64"}, "element_type: 'float64' is not float32"},
   };
   for (const auto& [text, want] : cases) {
     auto spec = ParseCaptureSpec(text);
@@ -143,7 +196,7 @@ TEST(Blocks, EstimateCountsEachFormAndStatisticFromTheTables) {
   // 2 layers x 4 heads x 7 rows x 2 values x (4 value + 4 index bytes).
   EXPECT_EQ(EstimateCaptureBytes(s, 2, 4, 7, 1), 2 * 4 * 7 * 2 * 8);
   s.form = Form::kNone;
-  s.stats.key_score_window = 3;
+  s.stats.key_score = 3;
   EXPECT_EQ(EstimateCaptureBytes(s, 2, 4, 7, 1), 2 * 4 * 7 * 4);
 }
 

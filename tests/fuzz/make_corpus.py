@@ -107,9 +107,9 @@ def request(build):
         "dense": Client.request(token_ids=[1, 2, 3, 4, 5], max_new_tokens=4, form="dense", layers=[0, 31],
                                 heads=[1, 2], phases=["prefill"], element_type="float16"),
         "pooled": Client.request(token_ids=list(range(40)), form="pooled", pool=8, pool_op="max",
-                                 query_ranges=[(0, 5), (10, 20)], row_entropy=True, sink_tokens=4),
+                                 query_ranges=[(0, 5), (10, 20)], row_entropy=True, sink_mass=4),
         "top_k": Client.request(token_ids=[7] * 30, form="top_k", capture_top_k=3, last_queries=5,
-                                key_score_window=8, local_window=4, key_score_variance=True, max_bytes=1 << 20),
+                                key_score=8, local_mass=4, key_score_variance=True, max_bytes=1 << 20),
         "text": Client.request(prompt="hello", max_length=3, temperature=0.7, top_p=0.9, seed=3,
                                stop_token_ids=[2]),
     }

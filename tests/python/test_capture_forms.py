@@ -144,7 +144,7 @@ def test_statistics(model, run_engine, dense_ref):
     P = len(PROMPT)
     W, K, L = 4, 2, 3
     run = run_engine(model, PROMPT, NEW, extra=[
-        "--form=none", f"--stats=entropy,key_score:{W},sink:{K},local:{L},variance", "--query_block=5"])
+        "--form=none", f"--stats=row_entropy,key_score:{W},sink_mass:{K},local_mass:{L},key_score_variance", "--query_block=5"])
     assert not [n for n in run.t if n.startswith("attention.")]
     for layer in range(3):
         a = ref[layer]
@@ -175,17 +175,17 @@ def test_statistics(model, run_engine, dense_ref):
 def test_element_types(model, run_engine, dense_ref):
     _, ref = dense_ref
     for et, tol in [("float16", 1e-3), ("bfloat16", 4e-3)]:
-        run = run_engine(model, PROMPT, 2, extra=[f"--dtype={et}", "--phases=prefill"])
+        run = run_engine(model, PROMPT, 2, extra=[f"--element_type={et}", "--phases=prefill"])
         got = run.t["attention.prefill.2.0.0"]
         np.testing.assert_allclose(got, rows_of(ref[2], "prefill"), atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--dtype=float64"], "--dtype: 'float64' is not float32, float16 or bfloat16"),
+    (["--element_type=float64"], "--element_type: 'float64' is not float32, float16 or bfloat16"),
     (["--phases=prefil"], "--phases: 'prefil' is not prefill or decode"),
     (["--form=pooled"], "is pooled:P or pooled:P:mean|max"),
     (["--form=top_k:0"], "must be at least 1"),
-    (["--stats=entropy,perplexity"], "'perplexity' is not one of entropy, sink:N"),
+    (["--stats=row_entropy,perplexity"], "'perplexity' is not one of row_entropy, sink_mass:K"),
     (["--rows=last:x"], "is not an integer"),
 ])
 def test_run_refuses_malformed_spec_flags(model, flags, message):
@@ -196,7 +196,7 @@ def test_run_refuses_malformed_spec_flags(model, flags, message):
 
 
 def test_run_reports_the_spec_in_the_dialect(model, run_engine):
-    run = run_engine(model, PROMPT, 2, out=False, extra=["--form=pooled:4:max", "--stats=sink:2,entropy",
-                                                         "--layers=1", "--rows=last:3", "--dtype=bfloat16"])
-    assert run.summary["capture"] == ("pooled:4:max stats=entropy,sink:2 layers=1 phases=prefill,decode "
-                                      "rows=last:3 dtype=bfloat16")
+    run = run_engine(model, PROMPT, 2, out=False, extra=["--form=pooled:4:max", "--stats=sink_mass:2,row_entropy",
+                                                         "--layers=1", "--rows=last:3", "--element_type=bfloat16"])
+    assert run.summary["capture"] == ("pooled:4:max stats=row_entropy,sink_mass:2 layers=1 phases=prefill,decode "
+                                      "rows=last:3 element_type=bfloat16")

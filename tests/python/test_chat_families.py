@@ -102,7 +102,7 @@ def test_chat_ids_equal_transformers(family, templates, tmp_path):
         conv = ref.CONVERSATIONS["system_user"]
         proc = subprocess.run([binary("attnscope-capture"), f"--server={s.target}", "--chat",
                                f"--system={conv[0]['content']}", f"--prompt={conv[1]['content']}",
-                               "--max_new_tokens=1", "--form=none", "--stats=entropy", f"--output_dir={out_dir}",
+                               "--max_new_tokens=1", "--form=none", "--stats=row_entropy", f"--output_dir={out_dir}",
                                "--save_attention"],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr

@@ -124,7 +124,7 @@ def test_killed_client_leaves_no_complete_looking_file(server, tmp_path):
 def test_capture_options_reach_the_server(server, tmp_path):
     ids = ",".join(map(str, PROMPT))
     capture(server, tmp_path, f"--prompt_ids={ids}", "--max_new_tokens=3", "--layers=1", "--heads=0,2",
-            "--form=pooled:4", "--dtype=float16", "--stats=entropy")
+            "--form=pooled:4", "--element_type=float16", "--stats=row_entropy")
     s = attnscope.load(tmp_path / "attention_sample_0.safetensors")
     names = sorted(s.tensors)
     assert "attention.prefill.1.0.0" in names and not any(n.startswith("layer.") for n in names)
@@ -133,6 +133,34 @@ def test_capture_options_reach_the_server(server, tmp_path):
     assert any(n.startswith("statistic.row_entropy.prefill.1") for n in names)
     bad = capture(server, tmp_path / "x", f"--prompt_ids={ids}", "--layers=7", check=False)
     assert bad.returncode != 0 and "layer 7 requested" in bad.stderr
+
+
+def test_a_sample_saved_from_python_equals_one_from_the_cpp_client(server, tmp_path):
+    """Issue 22: one metadata schema. The same capture stored by attnscope-capture and by
+    StreamResult.save() holds the same metadata (timings aside) and the same tensors."""
+    ids = ",".join(map(str, PROMPT))
+    capture(server, tmp_path, f"--prompt_ids={ids}", "--max_new_tokens=3", "--layers=1", "--heads=0,2",
+            "--form=pooled:4:max", "--element_type=float16", "--stats=row_entropy,sink_mass:2,key_score:4",
+            "--rows=last:6", "--phases=prefill,decode")
+    from_cpp = attnscope.load(tmp_path / "attention_sample_0.safetensors")
+    with attnscope.Client(server.target) as c:
+        r = c.stream_attention(token_ids=PROMPT, max_new_tokens=3, layers=[1], heads=[0, 2], form="pooled", pool=4,
+                               pool_op="max", element_type="float16", row_entropy=True, sink_mass=2, key_score=4,
+                               last_queries=6, phases=("prefill", "decode"))
+    from_python = attnscope.load(r.save(str(tmp_path / "python.safetensors")))
+    a, b = dict(from_cpp.metadata), dict(from_python.metadata)
+    assert a.pop("timings").keys() == b.pop("timings").keys()
+    assert a == b
+    assert a["format_version"] == 2 and "capture_spec" not in a
+    capture_spec = a["capture"]
+    assert capture_spec["form"] == "FORM_POOLED" and capture_spec["pool_op"] == "POOL_MAX"
+    # int64 values are strings in the proto's JSON mapping
+    assert capture_spec["statistics"] == {"row_entropy": True, "sink_mass": "2", "local_mass": "0", "key_score": "4",
+                                          "key_score_variance": False}
+    assert from_cpp.pool_op == from_python.pool_op == "max" and from_cpp.heads == from_python.heads == [0, 2]
+    assert sorted(from_cpp.tensors) == sorted(from_python.tensors)
+    for name in from_cpp.tensors:
+        np.testing.assert_array_equal(from_cpp.tensors[name], from_python.tensors[name], err_msg=name)
 
 
 def test_viewer_pngs_differ_between_layers_and_heads(stored, tmp_path):

@@ -80,7 +80,7 @@ def test_query_block_size_does_not_change_results(make_checkpoint, run_engine):
 def test_bfloat16_compute_is_close(make_checkpoint, run_engine):
     """bfloat16 compute against the float64 reference: tolerance stated, not hidden."""
     model = make_checkpoint("llama31_gqa")
-    run = run_engine(model, PROMPT, 1, extra=["--compute_dtype=bfloat16", "--phases=prefill"])
+    run = run_engine(model, PROMPT, 1, extra=["--dtype=bfloat16", "--phases=prefill"])
     _, ref = reference.forward(model, PROMPT)
     worst = max(np.abs(run.full_attention(l, 4) - ref[l]).max() for l in range(len(ref)))
     print(f"bfloat16 compute: max |attention - reference| = {worst:.3e}")

@@ -43,7 +43,7 @@ def run(client, **capture):
 
 @pytest.fixture(scope="module")
 def dense(client):
-    r = run(client, form="dense", row_entropy=True, sink_tokens=2, local_window=3, key_score_window=4,
+    r = run(client, form="dense", row_entropy=True, sink_mass=2, local_mass=3, key_score=4,
             key_score_variance=True)
     assert len({k[3] for k in r.attention if k[0] == "prefill"}) > 1, "the prompt should span several blocks"
     return r
@@ -145,7 +145,7 @@ def test_save_load_and_the_capture_clients_file_read_the_same(server, dense, tmp
     out = tmp_path / "capture"
     p = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={out}",
                         "--prompt_ids=" + ",".join(map(str, PROMPT)), f"--max_new_tokens={NEW}", "--save_attention",
-                        "--form=pooled:8", "--stats=entropy"], capture_output=True, text=True, timeout=120)
+                        "--form=pooled:8", "--stats=row_entropy"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     stored = attnscope.load(out / "attention_sample_0.safetensors")
     assert stored.form == "pooled" and stored.pool == 8
@@ -199,7 +199,7 @@ def test_viewer_cli_opens_the_first_sample_like_the_prototype(server, tmp_path):
     import os
     import sys
     data = tmp_path / "attention_data"
-    for extra in (["--form=none", "--stats=entropy,sink:2"], ["--form=pooled:8"]):
+    for extra in (["--form=none", "--stats=row_entropy,sink_mass:2"], ["--form=pooled:8"]):
         p = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={data}",
                             "--prompt_ids=" + ",".join(map(str, PROMPT)), "--max_new_tokens=3", "--save_attention",
                             "--overwrite", *extra], capture_output=True, text=True, timeout=120)

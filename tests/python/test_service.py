@@ -54,11 +54,11 @@ def test_model_info(client, model):
 def test_statistics_larger_than_a_chunk_come_in_pieces(client):
     # key_score over a 480-token prompt: 4 heads x 480 x 4 bytes = 7.7 KB, over the 1 KiB chunk size.
     prompt = PROMPT * 40
-    r = client.stream_attention(token_ids=prompt, max_new_tokens=3, ignore_eos=True, key_score_window=8,
+    r = client.stream_attention(token_ids=prompt, max_new_tokens=3, ignore_eos=True, key_score=8,
                                 key_score_variance=True)
-    g = client.generate(token_ids=prompt, max_new_tokens=3, ignore_eos=True, key_score_window=8,
+    g = client.generate(token_ids=prompt, max_new_tokens=3, ignore_eos=True, key_score=8,
                         key_score_variance=True)
-    raw = client.stream_raw(client.request(token_ids=prompt, max_new_tokens=3, ignore_eos=True, key_score_window=8))
+    raw = client.stream_raw(client.request(token_ids=prompt, max_new_tokens=3, ignore_eos=True, key_score=8))
     sizes = [m.ByteSize() for m in raw if m.WhichOneof("event") == "statistic"]
     assert len(sizes) > 8 and max(sizes) < 1024 + 200
     whole = {(st.kind, {1: "prefill", 2: "decode"}[st.phase], st.step, st.layer, st.query_begin):
@@ -86,9 +86,9 @@ def test_stream_matches_reference_and_respects_chunk_size(client, model):
 
 
 def test_generate_unary_with_statistics(client):
-    g = client.generate(token_ids=PROMPT, max_new_tokens=5, ignore_eos=True, row_entropy=True, key_score_window=4)
+    g = client.generate(token_ids=PROMPT, max_new_tokens=5, ignore_eos=True, row_entropy=True, key_score=4)
     s = client.stream_attention(token_ids=PROMPT, max_new_tokens=5, ignore_eos=True, row_entropy=True,
-                                key_score_window=4)
+                                key_score=4)
     assert list(g.token_ids) == s.generated_ids
     assert g.prompt_tokens == len(PROMPT) and g.timings.prefill_ms > 0
     kinds = {st.kind for st in g.statistics}

@@ -53,7 +53,7 @@ def our_regions():
 
 @pytest.mark.parametrize("capture", [
     dict(form="dense"),
-    dict(form="dense", element_type="float16", row_entropy=True, sink_tokens=2),
+    dict(form="dense", element_type="float16", row_entropy=True, sink_mass=2),
     dict(form="top_k", capture_top_k=3, element_type="bfloat16"),
     dict(form="pooled", pool=4, last_queries=5),
 ], ids=["dense", "float16_stats", "top_k", "pooled"])
@@ -94,7 +94,7 @@ def test_capture_client_files_are_identical_either_way(server, tmp_path, fmt):
         out = tmp_path / name
         p = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={out}",
                             "--prompt_ids=" + ",".join(map(str, PROMPT * 6)), "--max_new_tokens=5",
-                            f"--format={fmt}", "--stats=entropy", "--save_attention", *flags],
+                            f"--format={fmt}", "--stats=row_entropy", "--save_attention", *flags],
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "shared memory" not in p.stderr

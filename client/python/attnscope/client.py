@@ -1,8 +1,11 @@
 """A thin, numpy-returning wrapper around the generated gRPC stubs."""
+import inspect
 import json
 import threading
+import warnings
 
 import grpc
+from google.protobuf import json_format
 
 import numpy as np
 
@@ -26,6 +29,12 @@ FORMS = _names(pb.Form, "FORM_")
 ELEMENT_TYPES = _names(pb.ElementType, "ELEMENT_")
 PHASES = _names(pb.Phase, "PHASE_")
 POOL_OPS = _names(pb.PoolOp, "POOL_")
+# The statistics by their one name, in the C++ table's order (core/capture_spec.h kStatistics): the
+# keyword of capture_spec() and the requests, the Statistics field, the stored kind, the CLI's item.
+STATISTICS = _names(pb.Statistic, "STATISTIC_")
+_STATISTIC_NAMES = {number: name for name, number in STATISTICS.items()}
+# Keywords before 0.2, read for one release with a DeprecationWarning.
+_OLD_STATISTIC_KEYWORDS = {"sink_tokens": "sink_mass", "local_window": "local_mass", "key_score_window": "key_score"}
 _PHASE_NAMES = {number: name for name, number in PHASES.items()}
 _FORM_NAMES = {number: name for name, number in FORMS.items()}
 _POOL_OP_NAMES = {number: name for name, number in POOL_OPS.items()}
@@ -66,6 +75,7 @@ class StreamResult(Captured):
 
     def __init__(self):
         self.header = None
+        self.prompt = ""            # the request's text prompt ("" for token ids or chat), as stored
         self.generated_ids = []     # the generated token ids, in order
         self.generated_pieces = []  # their pieces
         self.attention = BlockTable(lambda layer, phase: Captured.attention(self, layer, phase))
@@ -169,19 +179,14 @@ class StreamResult(Captured):
         h, t = self.header, self.trailer
         if h is None or t is None:
             raise ValueError("the stream did not complete (no header or trailer)")
-        c = h.capture
         return {
-            "format_version": 1, "model": h.model.name, "architecture": h.model.architecture, "prompt": "",
-            "prompt_token_ids": list(h.prompt_token_ids), "prompt_pieces": list(h.prompt_pieces),
+            "format_version": SAMPLE_FORMAT_VERSION, "model": h.model.name, "architecture": h.model.architecture,
+            "prompt": self.prompt, "prompt_token_ids": list(h.prompt_token_ids), "prompt_pieces": list(h.prompt_pieces),
             "token_ids": list(t.token_ids), "generated_text": t.text,
             "finish_reason": pb.FinishReason.Name(t.finish_reason),
             "timings": {"prefill_ms": t.timings.prefill_ms, "decode_ms": t.timings.decode_ms},
             "num_layers": h.model.num_layers, "num_heads": h.model.num_heads,
-            "capture_spec": capture_spec_text(c),
-            "capture": {"layers": list(c.layers), "heads": list(c.heads), "form": pb.Form.Name(c.form),
-                        "element_type": pb.ElementType.Name(c.element_type), "pool": c.pool,
-                        "pool_op": _POOL_OP_NAMES.get(c.pool_op, "mean"), "top_k": c.top_k,
-                        "last_queries": c.last_queries},
+            "capture": capture_json(h.capture),
             "token_pieces": list(self.generated_pieces),
         }
 
@@ -207,16 +212,28 @@ class StreamResult(Captured):
         return path
 
 
-# The capture spec's text dialect (core/capture_text.h), which stored samples keep as
-# metadata "capture_spec": statistics as (proto field, text name, takes a value), in the C++
-# table's order (core/capture_spec.h kStatistics).
-_STAT_TEXT = (("row_entropy", "entropy", False), ("sink_tokens", "sink", True), ("local_window", "local", True),
-              ("key_score_window", "key_score", True), ("key_score_variance", "variance", False))
+def _statistic_of(chunk):
+    """A StatisticChunk's statistic by name: the enum (servers from 0.2 on), else the kind string."""
+    return _STATISTIC_NAMES.get(chunk.statistic, chunk.kind) if chunk.statistic else chunk.kind
+
+
+# The stored sample's metadata layout (client/cpp/sample_writer.h kSampleFormatVersion): 2 since 0.2.
+SAMPLE_FORMAT_VERSION = 2
+
+
+def capture_json(c):
+    """A CaptureSpec as stored samples hold it, once: the proto's JSON mapping with its field names
+    and every field, exactly what the C++ client writes (client/cpp/sample_writer.cpp CaptureJson)."""
+    try:
+        return json_format.MessageToDict(c, preserving_proto_field_name=True, including_default_value_fields=True)
+    except TypeError:  # protobuf >= 5 renamed the option
+        return json_format.MessageToDict(c, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
 
 
 def capture_spec_text(c):
-    """A CaptureSpec in the dialect attnscope-capture stores (e.g. 'pooled:64:max stats=entropy
-    layers=0,8 heads=2,5 phases=prefill dtype=float16'), as core/capture_text.cpp writes it."""
+    """A CaptureSpec in the dialect attnscope-capture stores (e.g. 'pooled:64:max stats=row_entropy
+    layers=0,8 heads=2,5 phases=prefill element_type=float16'), as core/capture_text.cpp writes it."""
     form = _FORM_NAMES.get(c.form, "none")
     if form == "pooled":
         op = _POOL_OP_NAMES.get(c.pool_op, "mean")
@@ -225,10 +242,10 @@ def capture_spec_text(c):
         form = f"top_k:{c.top_k}"
     out = [form]
     stats = []
-    for field, text, takes_value in _STAT_TEXT:
-        v = int(getattr(c.statistics, field))
-        if v > 0:
-            stats.append(f"{text}:{v}" if takes_value else text)
+    for name in STATISTICS:  # a flag (bool field) is written bare, a parameter as name:N
+        v = getattr(c.statistics, name)
+        if int(v) > 0:
+            stats.append(name if isinstance(v, bool) else f"{name}:{int(v)}")
     if stats:
         out.append("stats=" + ",".join(stats))
     if c.layers:
@@ -241,7 +258,7 @@ def capture_spec_text(c):
         out.append(f"rows=last:{c.last_queries}")
     elif c.query_ranges:
         out.append("rows=" + ",".join(f"{r.begin}:{r.end}" for r in c.query_ranges))
-    out.append("dtype=" + {v: k for k, v in ELEMENT_TYPES.items()}.get(c.element_type, "float32"))
+    out.append("element_type=" + {v: k for k, v in ELEMENT_TYPES.items()}.get(c.element_type, "float32"))
     return " ".join(out)
 
 
@@ -263,15 +280,32 @@ def _too_large(estimate, limit):
 
 
 def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, query_ranges=(), pool=0,
-                 pool_op="mean", capture_top_k=0, element_type="float32", max_bytes=0, **statistics):
-    """Builds a CaptureSpec from plain Python values. `capture_top_k` is the k of form="top_k" (the
-    sampling parameter of the same idea is `top_k` on the request). Statistics are keywords named as
-    the proto's Statistics fields: row_entropy=True, key_score_window=W, sink_tokens=K,
-    local_window=W, key_score_variance=True."""
-    known = pb.Statistics.DESCRIPTOR.fields_by_name
-    for name in statistics:
-        if name not in known:
-            raise TypeError(f"capture_spec() got an unexpected keyword {name!r}; statistics are {sorted(known)}")
+                 pool_op="mean", capture_top_k=0, element_type="float32", max_bytes=0, row_entropy=False,
+                 sink_mass=0, local_mass=0, key_score=0, key_score_variance=False, **deprecated):
+    """Builds a CaptureSpec from plain Python values.
+
+    form: none, dense, head_mean, head_max, pooled (tile side `pool`, `pool_op` mean or max) or top_k
+    (`capture_top_k` values per row; the sampling parameter of the same idea is `top_k` on the request).
+    layers, heads: model indices (empty: all). phases: ("prefill", "decode") or one of them (empty: both).
+    last_queries=N or query_ranges=[(a, b), ...]: which prompt rows (default all).
+    element_type: float32, float16 or bfloat16, of matrices (statistics are float32).
+    Statistics, named as everywhere (CLI --stats, stored files, r.statistic(name, layer)):
+    row_entropy=True, sink_mass=K (mass on the first K positions), local_mass=W (on the last W),
+    key_score=W (attention each prompt key receives from the last W prompt rows), key_score_variance=True.
+    The keywords before 0.2 (sink_tokens, local_window, key_score_window) still work for one release,
+    with a DeprecationWarning."""
+    stats = {"row_entropy": row_entropy, "sink_mass": sink_mass, "local_mass": local_mass, "key_score": key_score,
+             "key_score_variance": key_score_variance}
+    for name, value in deprecated.items():
+        new = _OLD_STATISTIC_KEYWORDS.get(name)
+        if new is None:
+            raise TypeError(f"capture_spec() got an unexpected keyword {name!r}; statistics are "
+                            f"{', '.join(STATISTICS)}")
+        warnings.warn(f"{name}= is now {new}= (the statistic's name everywhere); {name}= goes in the next "
+                      f"release", DeprecationWarning, stacklevel=3)
+        if stats[new]:
+            raise TypeError(f"give {new}= or its old name {name}=, not both")
+        stats[new] = value
     for name, value, table in (("form", form, FORMS), ("element_type", element_type, ELEMENT_TYPES),
                                ("pool_op", pool_op, POOL_OPS)):
         if value not in table:
@@ -287,7 +321,28 @@ def capture_spec(form="none", layers=(), heads=(), phases=(), last_queries=0, qu
         layers=list(layers), heads=list(heads), phases=[PHASES[p] for p in phases], last_queries=last_queries,
         query_ranges=[pb.QueryRange(begin=a, end=b) for a, b in query_ranges], form=FORMS[form], pool=pool,
         pool_op=POOL_OPS[pool_op], top_k=capture_top_k, element_type=ELEMENT_TYPES[element_type], max_bytes=max_bytes,
-        statistics=pb.Statistics(**statistics))
+        statistics=pb.Statistics(**stats))
+
+
+def _capture_parameters():
+    """capture_spec()'s keywords as keyword-only parameters, for the signatures that pass them on."""
+    return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(capture_spec).parameters.values()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def _keyword(name, default):
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+
+
+def _signature(fn, *extra, head=(), keywords_only=False):
+    """Sets `fn`'s signature to what a notebook's Shift-Tab should show: self and `head`,
+    Client.request's parameters (a request and its capture spec, keyword by keyword), then `extra`.
+    The functions themselves pass **kwargs on to Client.request, which checks them."""
+    own = [p for p in inspect.signature(Client.request).parameters.values() if p.name != "max_bytes"]
+    if keywords_only:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *head, *own, *extra]
+    fn.__signature__ = inspect.Signature(params)
 
 
 def _tqdm():
@@ -365,7 +420,7 @@ class _Receiver:
                 wrapped = _Chunk(chunk)
             if self.bar is not None:
                 self.bar.update(len(wrapped.data) + len(getattr(wrapped, "indices", b"") or b""))
-            done = self.blocks.add(wrapped, stat=chunk.kind if kind == "statistic" else None)
+            done = self.blocks.add(wrapped, stat=_statistic_of(chunk) if kind == "statistic" else None)
             if done is None:
                 return
             key, values, indices = done
@@ -562,11 +617,30 @@ class Client:
         ring = self._take_ring()
         if ring is not None:
             request.shared_output.CopyFrom(ring.request_field())
-        return _Receiver(self, ring, progress, max_bytes)
+        receiver = _Receiver(self, ring, progress, max_bytes)
+        receiver.result.prompt = request.text  # "" unless the input is text, as attnscope-capture stores it
+        return receiver
 
     def stream_raw(self, request):
         request, metadata = _with_model(self, request)
         return self.stub.StreamAttention(request, metadata=metadata, timeout=self.timeout)
+
+
+Client.request.__signature__ = inspect.Signature(
+    [p for p in inspect.signature(Client.request).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    + _capture_parameters())
+_LIMIT = _keyword("max_bytes", None)  # per call; None: the client's limit (default 4 GiB), 0: none
+
+
+def _sign_calls(cls, concurrency=False):
+    _signature(cls.generate, _LIMIT)
+    _signature(cls.stream_attention, _keyword("progress", None), _LIMIT)
+    inputs = inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    extra = [_keyword("progress", None)] + ([_keyword("concurrency", 4)] if concurrency else [])
+    _signature(cls.stream_many, *extra, _LIMIT, head=(inputs,), keywords_only=True)
+
+
+_sign_calls(Client)
 
 
 class AsyncClient(Client):
@@ -655,3 +729,6 @@ class AsyncClient(Client):
 
     async def __aexit__(self, *exc):
         await self.close()
+
+
+_sign_calls(AsyncClient, concurrency=True)

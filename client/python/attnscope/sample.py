@@ -16,6 +16,28 @@ _NP = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
 _MAX_HEADER = 100 << 20  # safetensors headers are far smaller
 
 
+def _int(value):
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _stored_capture(metadata):
+    """metadata["capture"] in the layout of format version 2 (what client/cpp/sample_writer.cpp and
+    StreamResult.metadata() write). Version 1 (before 0.2) stored a partial dict, with pool_op
+    lower case or absent (then only in the spec text under "capture_spec")."""
+    stored = metadata.get("capture")
+    capture = dict(stored) if isinstance(stored, dict) else {}
+    if _int(metadata.get("format_version", 1)) < 2:
+        op = capture.get("pool_op")
+        if op not in ("mean", "max"):
+            words = str(metadata.get("capture_spec", "")).split()
+            op = "max" if words and words[0].startswith("pooled:") and words[0].endswith(":max") else "mean"
+        capture["pool_op"] = "POOL_" + op.upper()
+    return capture
+
+
 class SampleError(ValueError):
     """A sample file that is malformed or not what it claims to be."""
 
@@ -148,7 +170,9 @@ class Sample(Captured):
 
     @property
     def capture(self):
-        return self.metadata.get("capture", {}) or {}
+        """The resolved capture spec as stored: the proto's JSON mapping (field names, enum names such
+        as "FORM_POOLED", int64 values as strings); a version-1 file's partial record read into it."""
+        return _stored_capture(self.metadata)
 
     @property
     def form(self):
@@ -156,16 +180,12 @@ class Sample(Captured):
 
     @property
     def pool(self):
-        return int(self.capture.get("pool", 0) or 0)
+        return _int(self.capture.get("pool"))
 
     @property
     def pool_op(self):
-        """mean or max: the capture's own record (capture.pool_op), else its spec text."""
-        op = self.capture.get("pool_op")
-        if op in ("mean", "max"):
-            return op
-        spec = str(self.metadata.get("capture_spec", ""))
-        return "max" if spec.startswith("pooled:") and spec.split()[0].endswith(":max") else "mean"
+        """mean or max."""
+        return "max" if self.capture.get("pool_op") == "POOL_MAX" else "mean"
 
     @property
     def prompt_length(self):
