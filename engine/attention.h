@@ -7,13 +7,14 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/bounds.h"
 
 namespace attnscope {
 
 struct AttentionShape {
-  int64_t pos0 = 0;           // absolute position of the first query
-  int64_t window = 0;         // sliding window (keys with pos > query - window); 0: full causal
-  int64_t query_block = 128;  // rows of probabilities materialized at once, at most
+  int64_t pos0 = 0;    // absolute position of the first query
+  int64_t window = 0;  // sliding window (keys with pos > query - window); 0: full causal
+  int64_t query_block = kQueryBlock;  // rows of probabilities materialized at once, at most
   int64_t block_elements =
       0;  // > 0: also at most this many probabilities (heads × rows × keys) at once
   int64_t row_multiple = 1;  // block starts are multiples of this (pooled tiles stay whole)

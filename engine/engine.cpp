@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/device_name.h"
 #include "core/status_macros.h"
+#include "core/utf8.h"
 #include "engine/capture_processor.h"
 #include "engine/checkpoint/config.h"
 #include "engine/checkpoint/weights.h"
@@ -107,7 +108,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   if (tokenizer.ok()) {
     engine->tokenizer_ = std::move(*tokenizer);
     info.has_tokenizer = true;
-    info.tokenizer_kind = engine->tokenizer_->kind();
     engine->chat_format_ = DetectChatFormat(model_type, engine->tokenizer_.get());
     info.chat_format = ChatFormatName(engine->chat_format_);
     ASSIGN_OR_RETURN(engine->chat_template_, ChatTemplate::Load(options.model_dir));
@@ -134,6 +134,7 @@ absl::Status Engine::NeedTokenizer() const {
 absl::StatusOr<std::vector<int64_t>> Engine::Encode(const std::string& text,
                                                     bool add_special_tokens,
                                                     int64_t max_tokens) const {
+  if (!utf8::IsValid(text)) return absl::InvalidArgumentError("the text is not valid UTF-8");
   RETURN_IF_ERROR(NeedTokenizer());
   if (max_tokens <= 0) return tokenizer_->Encode(text, add_special_tokens);
   std::vector<int64_t> ids = tokenizer_->EncodeAtMost(text, add_special_tokens, max_tokens);
@@ -149,6 +150,12 @@ absl::Status Engine::TooLong(int64_t max_tokens) const {
 
 absl::StatusOr<std::string> Engine::Decode(const std::vector<int64_t>& ids,
                                            bool skip_special_tokens) const {
+  for (int64_t id : ids) {
+    if (id < 0 || id >= info_.vocab_size) {
+      return absl::OutOfRangeError(absl::StrCat("token id ", id, " is outside the vocabulary (0-",
+                                                info_.vocab_size - 1, ")"));
+    }
+  }
   RETURN_IF_ERROR(NeedTokenizer());
   return tokenizer_->Decode(ids, skip_special_tokens);
 }

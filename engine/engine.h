@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/block.h"
+#include "engine/bounds.h"
 #include "engine/checkpoint/config.h"
 #include "engine/sampling.h"
 #include "text/chat/chat.h"
@@ -24,10 +25,9 @@ struct EngineOptions {
   std::string model_dir;       // Hugging Face checkpoint folder
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
   std::string dtype;  // "float32", "bfloat16", "float16"; empty: float32 on CPU, bfloat16 on CUDA
-  int64_t query_block = 128;  // attention rows materialized at once for captured layers
-  int64_t block_elements = int64_t{1}
-                           << 24;  // and at most this many probabilities at once (flat memory)
-  bool fast_attention = true;      // fused attention for layers not captured (libtorch >= 2.0)
+  int64_t query_block = kQueryBlock;        // attention rows at once for captured layers
+  int64_t block_elements = kBlockElements;  // and at most this many probabilities (flat memory)
+  bool fast_attention = true;  // fused attention for layers not captured (libtorch >= 2.0)
 };
 
 // The one description of a served model: the checkpoint's configuration as read (ModelConfig:
@@ -38,7 +38,6 @@ struct ModelInfo : ModelConfig {
   std::string dtype;
   std::string device;
   bool has_tokenizer = false;
-  std::string tokenizer_kind;  // "tokenizer.json" or "sentencepiece"
   // "template" (the checkpoint's own chat template), else a built-in format for checkpoints
   // without one: llama2, llama3, mistral, chatml; empty: none.
   std::string chat_format;
@@ -95,8 +94,9 @@ class Engine {
 
   const ModelInfo& info() const { return info_; }
 
-  // Text needs a tokenizer: FAILED_PRECONDITION in token-id mode (a folder without tokenizer
-  // files).
+  // Text must be UTF-8 (INVALID_ARGUMENT) and needs a tokenizer: FAILED_PRECONDITION in token-id
+  // mode (a folder without tokenizer files). Decode's ids must be in the vocabulary (OUT_OF_RANGE).
+  // These checks are the engine's alone: the server passes requests on unchecked.
   // `max_tokens` > 0: a text of more tokens is OUT_OF_RANGE, found without encoding all of it
   // (a prompt that cannot fit the context costs the server little).
   absl::StatusOr<std::vector<int64_t>> Encode(const std::string& text,

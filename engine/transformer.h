@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/bounds.h"
 #include "engine/capture_processor.h"
 #include "engine/checkpoint/config.h"
 #include "engine/checkpoint/weights.h"
@@ -20,20 +21,15 @@ struct KVCache {
 };
 
 struct ForwardOptions {
-  int64_t query_block = 128;  // attention rows materialized at once on the explicit path
-  int64_t block_elements = int64_t{1}
-                           << 24;  // and at most this many probabilities (64 MiB of float32)
-  int64_t row_multiple = 1;        // query blocks start at multiples of this (pooled capture)
-  bool fast_attention = true;      // fused attention for layers whose probabilities are not needed
+  int64_t query_block = kQueryBlock;        // attention rows at once on the explicit path
+  int64_t block_elements = kBlockElements;  // and at most this many probabilities at once
+  int64_t row_multiple = 1;    // query blocks start at multiples of this (pooled capture)
+  bool fast_attention = true;  // fused attention for layers whose probabilities are not needed
 };
 
 class Transformer {
  public:
   Transformer(ModelConfig config, Weights weights, torch::Device device, torch::ScalarType dtype);
-
-  const ModelConfig& config() const { return config_; }
-  torch::Device device() const { return device_; }
-  torch::ScalarType dtype() const { return dtype_; }
 
   KVCache NewCache(int64_t capacity) const;
 

@@ -51,8 +51,6 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
                                    request.token_ids().ids().end());
       break;
     case v1::GenerateRequest::kText: {
-      if (!utf8::IsValid(request.text()))
-        return absl::InvalidArgumentError("the text is not valid UTF-8");
       ASSIGN_OR_RETURN(r.generate.prompt_ids,
                        engine.Encode(request.text(), /*add_special_tokens=*/true, max_tokens));
       break;

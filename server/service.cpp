@@ -9,7 +9,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/status_macros.h"
-#include "core/utf8.h"
 #include "server/convert.h"
 #include "server/grpc_status.h"
 
@@ -665,8 +664,6 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Tokenize(grpc::CallbackServerCon
                                                          grpc::ByteBuffer* raw_response) {
   auto work = [this](const v1::TokenizeRequest& request, v1::TokenizeResponse* response,
                      const CancelToken&) -> absl::Status {
-    if (!utf8::IsValid(request.text()))
-      return absl::InvalidArgumentError("the text is not valid UTF-8");
     ASSIGN_OR_RETURN(std::vector<int64_t> ids,
                      engine_->Encode(request.text(), request.add_special_tokens()));
     for (int64_t id : ids) response->add_ids(id);
@@ -683,12 +680,6 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Detokenize(grpc::CallbackServerC
                                                            grpc::ByteBuffer* raw_response) {
   auto work = [this](const v1::DetokenizeRequest& request, v1::DetokenizeResponse* response,
                      const CancelToken&) -> absl::Status {
-    for (int64_t id : request.ids()) {
-      if (id < 0 || id >= engine_->info().vocab_size) {
-        return absl::OutOfRangeError(absl::StrCat("token id ", id, " is outside the vocabulary (0-",
-                                                  engine_->info().vocab_size - 1, ")"));
-      }
-    }
     ASSIGN_OR_RETURN(std::string text, engine_->Decode({request.ids().begin(), request.ids().end()},
                                                        request.skip_special_tokens()));
     response->set_text(std::move(text));

@@ -208,8 +208,6 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir) {
   if (j.contains("bos_token_id") && j["bos_token_id"].is_number_integer())
     c.bos_token_id = j["bos_token_id"].get<int64_t>();
   if (j.contains("eos_token_id")) AppendIds(j["eos_token_id"], &c.eos_token_ids);
-  if (j.contains("torch_dtype") && j["torch_dtype"].is_string())
-    c.torch_dtype = j["torch_dtype"].get<std::string>();
 
   ASSIGN_OR_RETURN(json gen, ReadJson(dir + "/generation_config.json", /*required=*/false));
   if (gen.is_object()) {

@@ -43,7 +43,6 @@ struct ModelConfig {
   std::vector<int64_t> sliding_window;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;  // from config.json and generation_config.json, deduplicated
-  std::string torch_dtype;             // as stored in config.json, informational
 };
 
 // Reads `dir/config.json` (required) and `dir/generation_config.json` (optional).

@@ -127,6 +127,16 @@ CORNERS = [
     ("{{ x }}", {"x": "a\u0000b"}),
     ("{% set a, b = [1, 2] %}{{ a }}{{ b }} {% set t = (1, 'x') %}{{ t[1] }} {{ {'a': 1}['a'] }} {{ {'a': {'b': 2}}.a.b }}", {}),
     ("{{ 'a' 'b' }} {{ \"\\u00e9\\x41\\n\" }}|{{ 1_000 }} {{ .5 if false else 2.5e1 }}", {}),
+    # The parameters of the builtin tables (text/jinja/jinja_render.cpp Filters, StringMethods).
+    ("{{ ['b','A','a','B']|unique|list }} {{ ['b','A','a']|unique(case_sensitive=true)|list }} "
+     "{{ x|unique(attribute='n')|map(attribute='n')|list }}", {"x": [{"n": "x"}, {"n": "X"}, {"n": "y"}]}),
+    ("{{ ['b','A','c']|max }} {{ ['b','A','c']|min }} {{ ['b','a','B']|max }} {{ ['b','a','B']|max(case_sensitive=true) }} "
+     "{{ x|max(attribute='v') }} {{ x|min(attribute='v') }}", {"x": [{"v": 3}, {"v": 9}, {"v": 1}]}),
+    ("{{ 'ff'|int(base=16) }} {{ '0x1f'|int(0, 16) }} {{ '12'|int(base=8) }} {{ 'zz'|int(7, 16) }}", {}),
+    ("{{ 'a'|upper(1) }}", {}),
+    ("{{ x|trim(bogus=1) }}", {"x": " a "}),
+    ("{{ 'a b'.split(sep=' ', bogus=1) }}", {}),
+    ("{{ {'a': 1}.get('a', 2, 3) }}", {}),
 ]
 
 

@@ -4,6 +4,7 @@
 #include <utf8proc.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <ctime>
 #include <unordered_map>
@@ -232,37 +233,115 @@ std::string PyReplace(const std::string& s, const std::string& from, const std::
 }
 
 // Python's index normalisation for [i] and slices.
+// jinja2's title filter: words split at runs of -, whitespace and opening brackets (not
+// Python's str.title, the method).
+std::string JinjaTitle(const std::string& s) {
+  std::string out;
+  bool at_start = true;
+  for (int32_t cp : CodePoints(s)) {
+    const bool sep =
+        cp == '-' || IsPythonSpace(cp) || cp == '(' || cp == '{' || cp == '[' || cp == '<';
+    if (sep) {
+      utf8::Append(static_cast<uint32_t>(cp), &out);
+      at_start = true;
+    } else {
+      utf8::Append(static_cast<uint32_t>(at_start ? utf8proc_toupper(cp) : utf8proc_tolower(cp)),
+                   &out);
+      at_start = false;
+    }
+  }
+  return out;
+}
+
+// Python's str.splitlines() (\n, \r and \r\n).
+ValueList SplitLines(const std::string& s) {
+  ValueList out;
+  size_t pos = 0;
+  while (pos < s.size()) {
+    size_t at = s.find_first_of("\n\r", pos);
+    if (at == std::string::npos) {
+      out.push_back(Value::String(s.substr(pos)));
+      break;
+    }
+    out.push_back(Value::String(s.substr(pos, at - pos)));
+    pos = at + ((s[at] == '\r' && at + 1 < s.size() && s[at + 1] == '\n') ? 2 : 1);
+  }
+  return out;
+}
+
+// A dict's items as (key, value) tuples, in order.
+ValueList DictItems(const Value& d) {
+  ValueList out;
+  for (const auto& [k, v] : d.dict().items)
+    out.push_back(Value::List({Value::String(k), v}, /*tuple=*/true));
+  return out;
+}
+
 bool NormalizeIndex(int64_t* i, int64_t n) {
   if (*i < 0) *i += n;
   return *i >= 0 && *i < n;
 }
 
-// Arguments of a builtin by position or keyword.
+class Renderer;
+class Args;
+
+// One builtin filter or method, as a table row: its name, its parameters (positional in this
+// order, each also a keyword), whether it is variadic, and its body. A call of a fixed row with an
+// argument the row does not name is an error, as in jinja2 and Python. A variadic row (map,
+// select: a filter or test and its arguments) reads its positional arguments itself and its
+// params as keywords only, and passes other keywords on.
+struct Builtin {
+  const char* name;
+  std::vector<const char*> params;
+  bool variadic;
+  absl::StatusOr<Value> (*fn)(Renderer& r, const Value& self, const Args& a);
+};
+constexpr bool kFixed = false, kVariadic = true;
+using BuiltinTable = std::unordered_map<std::string, Builtin>;
+
+BuiltinTable MakeTable(std::initializer_list<Builtin> rows) {
+  BuiltinTable table;
+  for (const Builtin& row : rows) table.emplace(row.name, row);
+  return table;
+}
+
+// The arguments of one call of a builtin, by its row's parameter names.
 class Args {
  public:
-  Args(CallArgs& a, std::string fn, int line) : a_(a), fn_(std::move(fn)), line_(line) {}
-  Value Get(size_t index, const char* keyword, Value fallback = Value()) const {
-    if (index < a_.positional.size()) return a_.positional[index];
+  Args(CallArgs& a, const Builtin& row, int line) : a_(a), row_(row), line_(line) {}
+  // The argument of `param` (by its position in the row or by keyword); `fallback` when absent.
+  Value Get(const char* param, Value fallback = Value()) const {
+    for (size_t i = 0; i < row_.params.size(); ++i) {
+      if (absl::string_view(row_.params[i]) != param) continue;
+      if (!row_.variadic && i < a_.positional.size()) return a_.positional[i];
+      break;
+    }
     for (const auto& [k, v] : a_.keywords) {
-      if (keyword != nullptr && k == keyword) return v;
+      if (k == param) return v;
     }
     return fallback;
   }
-  absl::Status Check(size_t max_positional, std::initializer_list<const char*> keywords) const {
-    if (a_.positional.size() > max_positional)
-      return Error(line_, absl::StrCat(fn_, "() takes at most ", max_positional, " arguments (",
-                                       a_.positional.size(), " given)"));
+  // For fixed rows: at most params positional arguments, keywords among params.
+  absl::Status Check() const {
+    if (a_.positional.size() > row_.params.size())
+      return Error(line_, absl::StrCat(row_.name, "() takes at most ", row_.params.size(),
+                                       " arguments (", a_.positional.size(), " given)"));
     for (const auto& [k, v] : a_.keywords) {
       bool known = false;
-      for (const char* want : keywords) known |= k == want;
-      if (!known) return Error(line_, absl::StrCat(fn_, "() got an unexpected keyword '", k, "'"));
+      for (const char* want : row_.params) known |= k == want;
+      if (!known)
+        return Error(line_, absl::StrCat(row_.name, "() got an unexpected keyword '", k, "'"));
     }
     return absl::OkStatus();
   }
+  const ValueList& positional() const { return a_.positional; }
+  CallArgs& raw() const { return a_; }
+  absl::string_view name() const { return row_.name; }
+  int line() const { return line_; }
 
  private:
   CallArgs& a_;
-  std::string fn_;
+  const Builtin& row_;
   int line_;
 };
 
@@ -692,157 +771,9 @@ class Renderer {
   }
 
   // Methods of str and dict (what templates call); undefined when there is none.
-  Value Method(const Value& obj, const std::string& name, int line) {
-    if (obj.is_string()) {
-      const std::string s = obj.text();
-      auto fn = [&](auto body) { return Value::MakeFunction(name, body); };
-      if (name == "strip" || name == "lstrip" || name == "rstrip") {
-        const bool left = name != "rstrip", right = name != "lstrip";
-        return fn([s, left, right](CallArgs& a) -> absl::StatusOr<Value> {
-          return Value::String(
-              PyStrip(s, a.positional.empty() ? Value() : a.positional[0], left, right));
-        });
-      }
-      if (name == "split") {
-        return fn([s, line](CallArgs& a) -> absl::StatusOr<Value> {
-          Args args(a, "split", line);
-          RETURN_IF_ERROR(args.Check(2, {"sep", "maxsplit"}));
-          const Value sep = args.Get(0, "sep", Value::None());
-          if (sep.is_string() && sep.text().empty()) return Error(line, "split(): empty separator");
-          const Value max = args.Get(1, "maxsplit", Value::Int(-1));
-          return Value::List(PySplit(s, sep, max.as_int()));
-        });
-      }
-      if (name == "startswith" || name == "endswith") {
-        const bool start = name == "startswith";
-        return fn([s, start, line](CallArgs& a) -> absl::StatusOr<Value> {
-          if (a.positional.empty()) return Error(line, "startswith()/endswith() need an argument");
-          ValueList options =
-              a.positional[0].is_list() ? a.positional[0].list() : ValueList{a.positional[0]};
-          for (const Value& o : options) {
-            if (!o.is_string()) return Error(line, "startswith()/endswith() take strings");
-            const std::string& p = o.text();
-            if (p.size() <= s.size() && (start ? s.compare(0, p.size(), p) == 0
-                                               : s.compare(s.size() - p.size(), p.size(), p) == 0))
-              return Value::Bool(true);
-          }
-          return Value::Bool(false);
-        });
-      }
-      if (name == "upper" || name == "lower") {
-        const bool up = name == "upper";
-        return fn(
-            [s, up](CallArgs&) -> absl::StatusOr<Value> { return Value::String(MapCase(s, up)); });
-      }
-      if (name == "title") {
-        return fn([s](CallArgs&) -> absl::StatusOr<Value> { return Value::String(PyTitle(s)); });
-      }
-      if (name == "capitalize") {
-        return fn(
-            [s](CallArgs&) -> absl::StatusOr<Value> { return Value::String(PyCapitalize(s)); });
-      }
-      if (name == "replace") {
-        return fn([s, line](CallArgs& a) -> absl::StatusOr<Value> {
-          if (a.positional.size() < 2 || !a.positional[0].is_string() ||
-              !a.positional[1].is_string())
-            return Error(line, "replace() takes two strings");
-          const int64_t count = a.positional.size() > 2 ? a.positional[2].as_int() : -1;
-          return Value::String(PyReplace(s, a.positional[0].text(), a.positional[1].text(), count));
-        });
-      }
-      if (name == "find" || name == "count") {
-        const bool find = name == "find";
-        return fn([s, find, line](CallArgs& a) -> absl::StatusOr<Value> {
-          if (a.positional.empty() || !a.positional[0].is_string())
-            return Error(line, "find()/count() take a string");
-          const std::string& sub = a.positional[0].text();
-          if (find) {
-            const size_t at = s.find(sub);
-            return Value::Int(at == std::string::npos ? -1 : StrLen(s.substr(0, at)));
-          }
-          if (sub.empty()) return Value::Int(StrLen(s) + 1);
-          int64_t n = 0;
-          for (size_t at = s.find(sub); at != std::string::npos; at = s.find(sub, at + sub.size()))
-            ++n;
-          return Value::Int(n);
-        });
-      }
-      if (name == "join") {
-        return fn([this, s, line](CallArgs& a) -> absl::StatusOr<Value> {
-          if (a.positional.empty()) return Error(line, "join() takes an iterable");
-          ASSIGN_OR_RETURN(ValueList items, Iterate(a.positional[0], line));
-          std::string out;
-          for (size_t i = 0; i < items.size(); ++i) {
-            if (!items[i].is_string()) return Error(line, "join(): sequence item is not a string");
-            if (i > 0) out += s;
-            out += items[i].text();
-          }
-          return Value::String(out);
-        });
-      }
-      if (name == "splitlines") {
-        return fn([s](CallArgs&) -> absl::StatusOr<Value> {
-          ValueList out;
-          size_t pos = 0;
-          while (pos < s.size()) {
-            size_t at = s.find_first_of("\n\r", pos);
-            if (at == std::string::npos) {
-              out.push_back(Value::String(s.substr(pos)));
-              break;
-            }
-            out.push_back(Value::String(s.substr(pos, at - pos)));
-            pos = at + ((s[at] == '\r' && at + 1 < s.size() && s[at + 1] == '\n') ? 2 : 1);
-          }
-          return Value::List(std::move(out));
-        });
-      }
-      if (name == "isdigit" || name == "isspace" || name == "isalpha" || name == "isalnum") {
-        return fn([s, name](CallArgs&) -> absl::StatusOr<Value> {
-          if (s.empty()) return Value::Bool(false);
-          for (int32_t cp : CodePoints(s)) {
-            const auto cat = utf8proc_category(cp);
-            const bool digit = cat == UTF8PROC_CATEGORY_ND;
-            const bool alpha = cat == UTF8PROC_CATEGORY_LU || cat == UTF8PROC_CATEGORY_LL ||
-                               cat == UTF8PROC_CATEGORY_LT || cat == UTF8PROC_CATEGORY_LM ||
-                               cat == UTF8PROC_CATEGORY_LO;
-            const bool ok = name == "isdigit"   ? digit
-                            : name == "isspace" ? IsPythonSpace(cp)
-                            : name == "isalpha" ? alpha
-                                                : alpha || digit;
-            if (!ok) return Value::Bool(false);
-          }
-          return Value::Bool(true);
-        });
-      }
-      return Value();
-    }
-    if (obj.is_dict() && !obj.dict().is_namespace) {
-      const Value d = obj;
-      if (name == "items" || name == "keys" || name == "values") {
-        return Value::MakeFunction(name, [d, name](CallArgs&) -> absl::StatusOr<Value> {
-          ValueList out;
-          for (const auto& [k, v] : d.dict().items) {
-            if (name == "items") {
-              out.push_back(Value::List({Value::String(k), v}, /*tuple=*/true));
-            } else {
-              out.push_back(name == "keys" ? Value::String(k) : v);
-            }
-          }
-          return Value::List(std::move(out));
-        });
-      }
-      if (name == "get") {
-        return Value::MakeFunction(name, [d](CallArgs& a) -> absl::StatusOr<Value> {
-          if (a.positional.empty()) return absl::InvalidArgumentError("get() takes a key");
-          const Value* v =
-              a.positional[0].is_string() ? d.dict().Find(a.positional[0].text()) : nullptr;
-          if (v != nullptr) return *v;
-          return a.positional.size() > 1 ? a.positional[1] : Value::None();
-        });
-      }
-    }
-    return Value();
-  }
+  // A string's or dict's method bound to it (undefined when it has none): StringMethods(),
+  // DictMethods().
+  Value Method(const Value& obj, const std::string& name, int line);
 
   absl::StatusOr<Value> Call(const Value& fn, CallArgs& args, int line) {
     RETURN_IF_ERROR(Step());
@@ -1144,8 +1075,7 @@ class Renderer {
   }
 
   absl::StatusOr<bool> Test(const std::string& name, const Value& v, CallArgs& a, int line) {
-    Args args(a, name, line);
-    const Value arg = args.Get(0, nullptr);
+    const Value arg = a.positional.empty() ? Value() : a.positional[0];
     const auto k = v.kind();
     if (name == "defined") return !v.is_undefined();
     if (name == "undefined") return v.is_undefined();
@@ -1222,328 +1152,26 @@ class Renderer {
     RETURN_IF_ERROR(Step());
     CallArgs raw;
     RETURN_IF_ERROR(EvalArgs(e, 1, scope, &raw));
-    ASSIGN_OR_RETURN(Value r, Filter(e.name, v, raw, e.line, scope));
+    ASSIGN_OR_RETURN(Value r, Filter(e.name, v, raw, e.line));
     return Bounded(std::move(r));
   }
 
-  absl::StatusOr<Value> Filter(const std::string& name, const Value& v, CallArgs& raw, int line,
-                               const ScopePtr& scope) {
-    Args a(raw, name, line);
-    if (name == "tojson") {
-      RETURN_IF_ERROR(a.Check(4, {"ensure_ascii", "indent", "separators", "sort_keys"}));
-      const Value indent = a.Get(1, "indent", Value::None());
-      const Value seps = a.Get(2, "separators", Value::None());
-      const Value sort = a.Get(3, "sort_keys", Value::Bool(false));
-      const int ind = indent.is_none() ? -1 : static_cast<int>(indent.as_int());
-      std::string item_sep = ind >= 0 ? "," : ", ", key_sep = ": ";
-      if (seps.is_list() && seps.list().size() == 2) {
-        item_sep = seps.list()[0].Str();
-        key_sep = seps.list()[1].Str();
-      }
-      auto json = ToJson(v, ind, item_sep, key_sep, sort.Truthy());
-      if (!json.ok()) return Error(line, std::string(json.status().message()));
-      return Value::String(*json);
-    }
-    if (name == "trim") return Value::String(PyStrip(v.Str(), a.Get(0, "chars"), true, true));
-    if (name == "length" || name == "count") {
-      if (v.is_string()) return Value::Int(StrLen(v.text()));
-      if (v.is_list()) return Value::Int(static_cast<int64_t>(v.list().size()));
-      if (v.is_dict()) return Value::Int(static_cast<int64_t>(v.dict().items.size()));
-      if (v.is_undefined()) return Value::Int(0);
-      return Error(line, absl::StrCat("object of type '", v.TypeName(), "' has no len()"));
-    }
-    if (name == "upper" || name == "lower") return Value::String(MapCase(v.Str(), name == "upper"));
-    if (name == "title") {
-      // jinja2's title: words split at runs of -, whitespace and opening brackets.
-      const std::string s = v.Str();
-      std::vector<int32_t> cps = CodePoints(s);
-      std::string out;
-      bool at_start = true;
-      for (int32_t cp : cps) {
-        const bool sep =
-            cp == '-' || IsPythonSpace(cp) || cp == '(' || cp == '{' || cp == '[' || cp == '<';
-        if (sep) {
-          utf8::Append(static_cast<uint32_t>(cp), &out);
-          at_start = true;
-        } else {
-          utf8::Append(
-              static_cast<uint32_t>(at_start ? utf8proc_toupper(cp) : utf8proc_tolower(cp)), &out);
-          at_start = false;
-        }
-      }
-      return Value::String(out);
-    }
-    if (name == "capitalize") return Value::String(PyCapitalize(v.Str()));
-    if (name == "replace") {
-      const Value from = a.Get(0, "old"), to = a.Get(1, "new"),
-                  count = a.Get(2, "count", Value::None());
-      return Value::String(
-          PyReplace(v.Str(), from.Str(), to.Str(), count.is_none() ? -1 : count.as_int()));
-    }
-    if (name == "string") return Value::String(v.Str());
-    if (name == "safe") return v;
-    if (name == "e" || name == "escape") {
-      std::string out;
-      for (char c : v.Str()) {
-        switch (c) {
-          case '&':
-            out += "&amp;";
-            break;
-          case '<':
-            out += "&lt;";
-            break;
-          case '>':
-            out += "&gt;";
-            break;
-          case '"':
-            out += "&#34;";
-            break;
-          case '\'':
-            out += "&#39;";
-            break;
-          default:
-            out += c;
-        }
-      }
-      return Value::String(out);
-    }
-    if (name == "default" || name == "d") {
-      const Value fallback = a.Get(0, "default_value", Value::String(""));
-      const bool boolean = a.Get(1, "boolean", Value::Bool(false)).Truthy();
-      if (v.is_undefined() || (boolean && !v.Truthy())) return fallback;
-      return v;
-    }
-    if (name == "first" || name == "last") {
-      ASSIGN_OR_RETURN(ValueList items, Iterate(v, line));
-      if (items.empty()) return Value::Undefined("no first item");
-      return name == "first" ? items.front() : items.back();
-    }
-    if (name == "items") {
-      if (v.is_undefined()) return Value::List({});
-      if (!v.is_dict()) return Error(line, "items filter needs a mapping");
-      CallArgs none;
-      return Method(v, "items", line).function().call(none);
-    }
-    if (name == "list") {
-      ASSIGN_OR_RETURN(ValueList items, Iterate(v, line));
-      return Value::List(std::move(items));
-    }
-    if (name == "join") {
-      ASSIGN_OR_RETURN(ValueList items, Iterate(v, line));
-      const std::string sep = a.Get(0, "d", Value::String("")).Str();
-      const Value attribute = a.Get(1, "attribute", Value::None());
-      std::string out;
-      for (size_t i = 0; i < items.size(); ++i) {
-        Value item = items[i];
-        if (!attribute.is_none()) {
-          ASSIGN_OR_RETURN(item, AttrPath(item, attribute.Str(), line));
-        }
-        if (i > 0) out += sep;
-        out += item.Str();
-      }
-      return Value::String(out);
-    }
-    if (name == "selectattr" || name == "rejectattr" || name == "select" || name == "reject") {
-      const bool by_attr = name == "selectattr" || name == "rejectattr";
-      const bool keep = name == "selectattr" || name == "select";
-      ASSIGN_OR_RETURN(ValueList items, Iterate(v, line));
-      const size_t test_at = by_attr ? 1 : 0;
-      const std::string attribute = by_attr ? a.Get(0, nullptr).Str() : "";
-      const bool has_test = raw.positional.size() > test_at;
-      const std::string test = has_test ? raw.positional[test_at].Str() : "";
-      CallArgs test_args;
-      for (size_t i = test_at + 1; i < raw.positional.size(); ++i)
-        test_args.positional.push_back(raw.positional[i]);
-      ValueList out;
-      for (const Value& item : items) {
-        Value subject = item;
-        if (by_attr) {
-          ASSIGN_OR_RETURN(subject, AttrPath(item, attribute, line));
-        }
-        bool ok = subject.Truthy();
-        if (has_test) {
-          ASSIGN_OR_RETURN(ok, Test(test, subject, test_args, line));
-        }
-        if (ok == keep) out.push_back(item);
-      }
-      return Value::List(std::move(out));
-    }
-    if (name == "map") {
-      ASSIGN_OR_RETURN(ValueList items, Iterate(v, line));
-      ValueList out;
-      const Value attribute = a.Get(99, "attribute", Value::None());
-      if (!attribute.is_none()) {
-        const Value fallback = a.Get(99, "default");
-        for (const Value& item : items) {
-          ASSIGN_OR_RETURN(Value x, AttrPath(item, attribute.Str(), line));
-          out.push_back(x.is_undefined() && !fallback.is_undefined() ? fallback : x);
-        }
-        return Value::List(std::move(out));
-      }
-      if (raw.positional.empty()) return Error(line, "map needs a filter name or attribute=");
-      const std::string filter = raw.positional[0].Str();
-      CallArgs rest;
-      rest.positional.assign(raw.positional.begin() + 1, raw.positional.end());
-      rest.keywords = raw.keywords;
-      for (const Value& item : items) {
-        CallArgs copy = rest;
-        ASSIGN_OR_RETURN(Value x, Filter(filter, item, copy, line, scope));
-        out.push_back(std::move(x));
-      }
-      return Value::List(std::move(out));
-    }
-    if (name == "int") {
-      const Value fallback = a.Get(0, "default", Value::Int(0));
-      if (v.kind() == Value::Kind::kInt || v.kind() == Value::Kind::kBool)
-        return Value::Int(v.as_int());
-      if (v.kind() == Value::Kind::kFloat) {
-        if (!(std::fabs(v.as_double()) < 9.2e18)) return fallback;
-        return Value::Int(static_cast<int64_t>(v.as_double()));
-      }
-      if (v.is_string()) {
-        char* end = nullptr;
-        const std::string s = PyStrip(v.text(), Value(), true, true);
-        const long long n = std::strtoll(s.c_str(), &end, 10);
-        if (!s.empty() && end != nullptr && *end == '\0') return Value::Int(n);
-        const double d = std::strtod(s.c_str(), &end);
-        if (!s.empty() && end != nullptr && *end == '\0' && std::fabs(d) < 9.2e18)
-          return Value::Int(static_cast<int64_t>(d));
-      }
-      return fallback;
-    }
-    if (name == "float") {
-      const Value fallback = a.Get(0, "default", Value::Float(0));
-      if (v.is_number() || v.kind() == Value::Kind::kBool) return Value::Float(v.as_double());
-      if (v.is_string()) {
-        char* end = nullptr;
-        const std::string s = PyStrip(v.text(), Value(), true, true);
-        const double d = std::strtod(s.c_str(), &end);
-        if (!s.empty() && end != nullptr && *end == '\0') return Value::Float(d);
-      }
-      return fallback;
-    }
-    if (name == "abs") {
-      if (v.kind() == Value::Kind::kInt || v.kind() == Value::Kind::kBool) {
-        if (v.as_int() == INT64_MIN) return Error(line, "abs overflows 64 bits");
-        return Value::Int(std::abs(v.as_int()));
-      }
-      if (v.kind() == Value::Kind::kFloat) return Value::Float(std::fabs(v.as_double()));
-      return Error(line, "abs needs a number");
-    }
-    if (name == "round") {
-      const int64_t precision = a.Get(0, "precision", Value::Int(0)).as_int();
-      const std::string method = a.Get(1, "method", Value::String("common")).Str();
-      const double scale = std::pow(10.0, static_cast<double>(precision));
-      double x = v.as_double() * scale;
-      // Python's round(): halves to even.
-      x = method == "ceil" ? std::ceil(x) : method == "floor" ? std::floor(x) : std::nearbyint(x);
-      return Value::Float(x / scale);
-    }
-    if (name == "unique") {
-      ASSIGN_OR_RETURN(ValueList items, Iterate(v, line));
-      ValueList out;
-      for (const Value& item : items) {
-        bool seen = false;
-        for (const Value& o : out) {
-          const bool same = item.is_string() && o.is_string()
-                                ? MapCase(item.text(), false) == MapCase(o.text(), false)
-                                : item.Equals(o);
-          seen |= same;
-        }
-        if (!seen) out.push_back(item);
-      }
-      return Value::List(std::move(out));
-    }
-    if (name == "reverse") {
-      if (v.is_string()) {
-        std::vector<int32_t> cps = CodePoints(v.text());
-        std::reverse(cps.begin(), cps.end());
-        return Value::String(FromCodePoints(cps, 0, cps.size()));
-      }
-      ASSIGN_OR_RETURN(ValueList items, Iterate(v, line));
-      std::reverse(items.begin(), items.end());
-      return Value::List(std::move(items));
-    }
-    if (name == "sort") {
-      ASSIGN_OR_RETURN(ValueList items, Iterate(v, line));
-      const bool reverse = a.Get(0, "reverse", Value::Bool(false)).Truthy();
-      const bool case_sensitive = a.Get(1, "case_sensitive", Value::Bool(false)).Truthy();
-      const Value attribute = a.Get(2, "attribute", Value::None());
-      std::vector<std::pair<Value, Value>> keyed;
-      for (const Value& item : items) {
-        Value key = item;
-        if (!attribute.is_none()) {
-          ASSIGN_OR_RETURN(key, AttrPath(item, attribute.Str(), line));
-        }
-        if (key.is_string() && !case_sensitive) key = Value::String(MapCase(key.text(), false));
-        keyed.emplace_back(key, item);
-      }
-      absl::Status failed;
-      std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& x, const auto& y) {
-        auto c = Order(x.first, y.first, line);
-        if (!c.ok()) {
-          failed = c.status();
-          return false;
-        }
-        return reverse ? *c > 0 : *c < 0;
-      });
-      if (!failed.ok()) return failed;
-      ValueList out;
-      for (auto& [k, item] : keyed) out.push_back(item);
-      return Value::List(std::move(out));
-    }
-    if (name == "sum") {
-      ASSIGN_OR_RETURN(ValueList items, Iterate(v, line));
-      const Value attribute = a.Get(0, "attribute", Value::None());
-      Value total = a.Get(1, "start", Value::Int(0));
-      for (const Value& item : items) {
-        Value x = item;
-        if (!attribute.is_none()) {
-          ASSIGN_OR_RETURN(x, AttrPath(item, attribute.Str(), line));
-        }
-        ASSIGN_OR_RETURN(total, Arith("+", total, x, line));
-      }
-      return total;
-    }
-    if (name == "min" || name == "max") {
-      ASSIGN_OR_RETURN(ValueList items, Iterate(v, line));
-      if (items.empty()) return Value::Undefined("empty sequence");
-      Value best = items[0];
-      for (size_t i = 1; i < items.size(); ++i) {
-        ASSIGN_OR_RETURN(int c, Order(items[i], best, line));
-        if (name == "min" ? c < 0 : c > 0) best = items[i];
-      }
-      return best;
-    }
-    if (name == "indent") {
-      const Value width = a.Get(0, "width", Value::Int(4));
-      const bool first = a.Get(1, "first", Value::Bool(false)).Truthy();
-      const bool blank = a.Get(2, "blank", Value::Bool(false)).Truthy();
-      const std::string indention =
-          width.is_string() ? width.text() : std::string(std::max<int64_t>(0, width.as_int()), ' ');
-      std::string s = v.Str() + "\n";
-      CallArgs none;
-      ASSIGN_OR_RETURN(Value lines_v,
-                       Method(Value::String(s), "splitlines", line).function().call(none));
-      const ValueList& lines = lines_v.list();
-      std::string rv;
-      if (blank) {
-        for (size_t i = 0; i < lines.size(); ++i)
-          rv += (i > 0 ? "\n" + indention : "") + lines[i].text();
-      } else {
-        rv = lines.empty() ? "" : lines[0].text();
-        for (size_t i = 1; i < lines.size(); ++i)
-          rv += "\n" + (lines[i].text().empty() ? "" : indention + lines[i].text());
-      }
-      if (first) rv = indention + rv;
-      return Value::String(rv);
-    }
-    if (name == "wordcount")
-      return Value::Int(static_cast<int64_t>(PySplit(v.Str(), Value(), -1).size()));
-    if (name == "attr") return GetAttr(v, a.Get(0, "name").Str(), line);
-    return absl::UnimplementedError(
-        absl::StrCat("chat template line ", line, ": filter '", name, "'"));
-  }
+  // The filter `name` (Filters()) applied to `v`.
+  absl::StatusOr<Value> Filter(const std::string& name, const Value& v, CallArgs& raw, int line);
+
+  // The tables of builtins (below the class) and the bodies several rows share.
+  static const BuiltinTable& StringMethods();
+  static const BuiltinTable& DictMethods();
+  static const BuiltinTable& Filters();
+  static absl::StatusOr<Value> Affix(Renderer&, const Value& s, const Args& a);
+  static absl::StatusOr<Value> IsClass(Renderer&, const Value& s, const Args& a);
+  static absl::StatusOr<Value> Length(Renderer&, const Value& v, const Args& a);
+  static absl::StatusOr<Value> Escape(Renderer&, const Value& v, const Args& a);
+  static absl::StatusOr<Value> Default(Renderer&, const Value& v, const Args& a);
+  static absl::StatusOr<Value> SelectOrReject(Renderer& r, const Value& v, const Args& a);
+  static absl::StatusOr<Value> MinOrMax(Renderer& r, const Value& v, const Args& a);
+  absl::StatusOr<Value> SortKey(const Value& item, const Value& attribute, bool case_sensitive,
+                                int line);
 
   std::string* out_;
   size_t max_output_;
@@ -1551,6 +1179,659 @@ class Renderer {
   int64_t steps_ = 0;
   std::vector<ScopePtr> keep_alive_;
 };
+
+// -- methods: Python's str and dict methods chat templates call --------------------------------
+
+const BuiltinTable& Renderer::StringMethods() {
+  using R = absl::StatusOr<Value>;
+  static const BuiltinTable table = MakeTable({
+      {"strip",
+       {"chars"},
+       kFixed,
+       [](Renderer&, const Value& s, const Args& a) -> R {
+         return Value::String(PyStrip(s.text(), a.Get("chars"), true, true));
+       }},
+      {"lstrip",
+       {"chars"},
+       kFixed,
+       [](Renderer&, const Value& s, const Args& a) -> R {
+         return Value::String(PyStrip(s.text(), a.Get("chars"), true, false));
+       }},
+      {"rstrip",
+       {"chars"},
+       kFixed,
+       [](Renderer&, const Value& s, const Args& a) -> R {
+         return Value::String(PyStrip(s.text(), a.Get("chars"), false, true));
+       }},
+      {"split",
+       {"sep", "maxsplit"},
+       kFixed,
+       [](Renderer&, const Value& s, const Args& a) -> R {
+         const Value sep = a.Get("sep", Value::None());
+         if (sep.is_string() && sep.text().empty())
+           return Error(a.line(), "split(): empty separator");
+         return Value::List(PySplit(s.text(), sep, a.Get("maxsplit", Value::Int(-1)).as_int()));
+       }},
+      {"startswith", {"prefix"}, kFixed, &Affix},
+      {"endswith", {"suffix"}, kFixed, &Affix},
+      {"upper",
+       {},
+       kFixed,
+       [](Renderer&, const Value& s, const Args&) -> R {
+         return Value::String(MapCase(s.text(), true));
+       }},
+      {"lower",
+       {},
+       kFixed,
+       [](Renderer&, const Value& s, const Args&) -> R {
+         return Value::String(MapCase(s.text(), false));
+       }},
+      {"title",
+       {},
+       kFixed,
+       [](Renderer&, const Value& s, const Args&) -> R {
+         return Value::String(PyTitle(s.text()));
+       }},
+      {"capitalize",
+       {},
+       kFixed,
+       [](Renderer&, const Value& s, const Args&) -> R {
+         return Value::String(PyCapitalize(s.text()));
+       }},
+      {"replace",
+       {"old", "new", "count"},
+       kFixed,
+       [](Renderer&, const Value& s, const Args& a) -> R {
+         const Value from = a.Get("old"), to = a.Get("new"), count = a.Get("count", Value::None());
+         if (!from.is_string() || !to.is_string())
+           return Error(a.line(), "replace() takes two strings");
+         return Value::String(
+             PyReplace(s.text(), from.text(), to.text(), count.is_none() ? -1 : count.as_int()));
+       }},
+      {"find",
+       {"sub"},
+       kFixed,
+       [](Renderer&, const Value& s, const Args& a) -> R {
+         const Value sub = a.Get("sub");
+         if (!sub.is_string()) return Error(a.line(), "find() takes a string");
+         const size_t at = s.text().find(sub.text());
+         return Value::Int(at == std::string::npos ? -1 : StrLen(s.text().substr(0, at)));
+       }},
+      {"count",
+       {"sub"},
+       kFixed,
+       [](Renderer&, const Value& s, const Args& a) -> R {
+         const Value sub_v = a.Get("sub");
+         if (!sub_v.is_string()) return Error(a.line(), "count() takes a string");
+         const std::string &text = s.text(), &sub = sub_v.text();
+         if (sub.empty()) return Value::Int(StrLen(text) + 1);
+         int64_t n = 0;
+         for (size_t at = text.find(sub); at != std::string::npos;
+              at = text.find(sub, at + sub.size()))
+           ++n;
+         return Value::Int(n);
+       }},
+      {"join",
+       {"iterable"},
+       kFixed,
+       [](Renderer& r, const Value& s, const Args& a) -> R {
+         if (a.positional().empty() && a.raw().keywords.empty())
+           return Error(a.line(), "join() takes an iterable");
+         ASSIGN_OR_RETURN(ValueList items, r.Iterate(a.Get("iterable"), a.line()));
+         std::string out;
+         for (size_t i = 0; i < items.size(); ++i) {
+           if (!items[i].is_string())
+             return Error(a.line(), "join(): sequence item is not a string");
+           if (i > 0) out += s.text();
+           out += items[i].text();
+         }
+         return Value::String(out);
+       }},
+      {"splitlines",
+       {},
+       kFixed,
+       [](Renderer&, const Value& s, const Args&) -> R {
+         return Value::List(SplitLines(s.text()));
+       }},
+      {"isdigit", {}, kFixed, &IsClass},
+      {"isspace", {}, kFixed, &IsClass},
+      {"isalpha", {}, kFixed, &IsClass},
+      {"isalnum", {}, kFixed, &IsClass},
+  });
+  return table;
+}
+
+const BuiltinTable& Renderer::DictMethods() {
+  using R = absl::StatusOr<Value>;
+  static const BuiltinTable table = MakeTable({
+      {"items",
+       {},
+       kFixed,
+       [](Renderer&, const Value& d, const Args&) -> R { return Value::List(DictItems(d)); }},
+      {"keys",
+       {},
+       kFixed,
+       [](Renderer&, const Value& d, const Args&) -> R {
+         ValueList out;
+         for (const auto& [k, v] : d.dict().items) out.push_back(Value::String(k));
+         return Value::List(std::move(out));
+       }},
+      {"values",
+       {},
+       kFixed,
+       [](Renderer&, const Value& d, const Args&) -> R {
+         ValueList out;
+         for (const auto& [k, v] : d.dict().items) out.push_back(v);
+         return Value::List(std::move(out));
+       }},
+      {"get",
+       {"key", "default"},
+       kFixed,
+       [](Renderer&, const Value& d, const Args& a) -> R {
+         if (a.positional().empty()) return Error(a.line(), "get() takes a key");
+         const Value key = a.Get("key");
+         const Value* v = key.is_string() ? d.dict().Find(key.text()) : nullptr;
+         if (v != nullptr) return *v;
+         return a.Get("default", Value::None());
+       }},
+  });
+  return table;
+}
+
+Value Renderer::Method(const Value& obj, const std::string& name, int line) {
+  const BuiltinTable* table = obj.is_string()                             ? &StringMethods()
+                              : obj.is_dict() && !obj.dict().is_namespace ? &DictMethods()
+                                                                          : nullptr;
+  if (table == nullptr) return Value();
+  const auto row = table->find(name);
+  if (row == table->end()) return Value();
+  const Builtin* b = &row->second;
+  return Value::MakeFunction(name, [this, obj, b, line](CallArgs& call) -> absl::StatusOr<Value> {
+    Args a(call, *b, line);
+    RETURN_IF_ERROR(a.Check());
+    return b->fn(*this, obj, a);
+  });
+}
+
+// -- filters: jinja2's, as chat templates use them (tojson as transformers defines it) ----------
+
+const BuiltinTable& Renderer::Filters() {
+  using R = absl::StatusOr<Value>;
+  static const BuiltinTable table = MakeTable({
+      {"tojson",
+       {"ensure_ascii", "indent", "separators", "sort_keys"},
+       kFixed,
+       [](Renderer&, const Value& v, const Args& a) -> R {
+         const Value indent = a.Get("indent", Value::None());
+         const Value seps = a.Get("separators", Value::None());
+         const int ind = indent.is_none() ? -1 : static_cast<int>(indent.as_int());
+         std::string item_sep = ind >= 0 ? "," : ", ", key_sep = ": ";
+         if (seps.is_list() && seps.list().size() == 2) {
+           item_sep = seps.list()[0].Str();
+           key_sep = seps.list()[1].Str();
+         }
+         auto json =
+             ToJson(v, ind, item_sep, key_sep, a.Get("sort_keys", Value::Bool(false)).Truthy());
+         if (!json.ok()) return Error(a.line(), std::string(json.status().message()));
+         return Value::String(*json);
+       }},
+      {"trim",
+       {"chars"},
+       kFixed,
+       [](Renderer&, const Value& v, const Args& a) -> R {
+         return Value::String(PyStrip(v.Str(), a.Get("chars"), true, true));
+       }},
+      {"length", {}, kFixed, &Length},
+      {"count", {}, kFixed, &Length},
+      {"upper",
+       {},
+       kFixed,
+       [](Renderer&, const Value& v, const Args&) -> R {
+         return Value::String(MapCase(v.Str(), true));
+       }},
+      {"lower",
+       {},
+       kFixed,
+       [](Renderer&, const Value& v, const Args&) -> R {
+         return Value::String(MapCase(v.Str(), false));
+       }},
+      {"title",
+       {},
+       kFixed,
+       [](Renderer&, const Value& v, const Args&) -> R {
+         return Value::String(JinjaTitle(v.Str()));
+       }},
+      {"capitalize",
+       {},
+       kFixed,
+       [](Renderer&, const Value& v, const Args&) -> R {
+         return Value::String(PyCapitalize(v.Str()));
+       }},
+      {"replace",
+       {"old", "new", "count"},
+       kFixed,
+       [](Renderer&, const Value& v, const Args& a) -> R {
+         const Value count = a.Get("count", Value::None());
+         return Value::String(PyReplace(v.Str(), a.Get("old").Str(), a.Get("new").Str(),
+                                        count.is_none() ? -1 : count.as_int()));
+       }},
+      {"string",
+       {},
+       kFixed,
+       [](Renderer&, const Value& v, const Args&) -> R { return Value::String(v.Str()); }},
+      {"safe", {}, kFixed, [](Renderer&, const Value& v, const Args&) -> R { return v; }},
+      {"e", {}, kFixed, &Escape},
+      {"escape", {}, kFixed, &Escape},
+      {"default", {"default_value", "boolean"}, kFixed, &Default},
+      {"d", {"default_value", "boolean"}, kFixed, &Default},
+      {"first",
+       {},
+       kFixed,
+       [](Renderer& r, const Value& v, const Args& a) -> R {
+         ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+         if (items.empty()) return Value::Undefined("no first item");
+         return items.front();
+       }},
+      {"last",
+       {},
+       kFixed,
+       [](Renderer& r, const Value& v, const Args& a) -> R {
+         ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+         if (items.empty()) return Value::Undefined("no last item");
+         return items.back();
+       }},
+      {"items",
+       {},
+       kFixed,
+       [](Renderer&, const Value& v, const Args& a) -> R {
+         if (v.is_undefined()) return Value::List({});
+         if (!v.is_dict()) return Error(a.line(), "items filter needs a mapping");
+         return Value::List(DictItems(v));
+       }},
+      {"list",
+       {},
+       kFixed,
+       [](Renderer& r, const Value& v, const Args& a) -> R {
+         ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+         return Value::List(std::move(items));
+       }},
+      {"join",
+       {"d", "attribute"},
+       kFixed,
+       [](Renderer& r, const Value& v, const Args& a) -> R {
+         ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+         const std::string sep = a.Get("d", Value::String("")).Str();
+         const Value attribute = a.Get("attribute", Value::None());
+         std::string out;
+         for (size_t i = 0; i < items.size(); ++i) {
+           Value item = items[i];
+           if (!attribute.is_none()) {
+             ASSIGN_OR_RETURN(item, r.AttrPath(item, attribute.Str(), a.line()));
+           }
+           if (i > 0) out += sep;
+           out += item.Str();
+         }
+         return Value::String(out);
+       }},
+      {"selectattr", {}, kVariadic, &SelectOrReject},
+      {"rejectattr", {}, kVariadic, &SelectOrReject},
+      {"select", {}, kVariadic, &SelectOrReject},
+      {"reject", {}, kVariadic, &SelectOrReject},
+      {"map",
+       {"attribute", "default"},
+       kVariadic,
+       [](Renderer& r, const Value& v, const Args& a) -> R {
+         ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+         ValueList out;
+         const Value attribute = a.Get("attribute", Value::None());
+         if (!attribute.is_none()) {
+           const Value fallback = a.Get("default");
+           for (const Value& item : items) {
+             ASSIGN_OR_RETURN(Value x, r.AttrPath(item, attribute.Str(), a.line()));
+             out.push_back(x.is_undefined() && !fallback.is_undefined() ? fallback : x);
+           }
+           return Value::List(std::move(out));
+         }
+         if (a.positional().empty())
+           return Error(a.line(), "map needs a filter name or attribute=");
+         const std::string filter = a.positional()[0].Str();
+         CallArgs rest;
+         rest.positional.assign(a.positional().begin() + 1, a.positional().end());
+         rest.keywords = a.raw().keywords;
+         for (const Value& item : items) {
+           CallArgs copy = rest;
+           ASSIGN_OR_RETURN(Value x, r.Filter(filter, item, copy, a.line()));
+           out.push_back(std::move(x));
+         }
+         return Value::List(std::move(out));
+       }},
+      {"int",
+       {"default", "base"},
+       kFixed,
+       [](Renderer&, const Value& v, const Args& a) -> R {
+         const Value fallback = a.Get("default", Value::Int(0));
+         if (v.kind() == Value::Kind::kInt || v.kind() == Value::Kind::kBool)
+           return Value::Int(v.as_int());
+         if (v.kind() == Value::Kind::kFloat) {
+           if (!(std::fabs(v.as_double()) < 9.2e18)) return fallback;
+           return Value::Int(static_cast<int64_t>(v.as_double()));
+         }
+         if (v.is_string()) {
+           const int64_t base = a.Get("base", Value::Int(10)).as_int();
+           char* end = nullptr;
+           const std::string s = PyStrip(v.text(), Value(), true, true);
+           if (base == 0 || (base >= 2 && base <= 36)) {
+             errno = 0;
+             const long long n = std::strtoll(s.c_str(), &end, static_cast<int>(base));
+             if (!s.empty() && end != nullptr && *end == '\0' && errno == 0) return Value::Int(n);
+           }
+           const double d = std::strtod(s.c_str(), &end);
+           if (!s.empty() && end != nullptr && *end == '\0' && std::fabs(d) < 9.2e18)
+             return Value::Int(static_cast<int64_t>(d));
+         }
+         return fallback;
+       }},
+      {"float",
+       {"default"},
+       kFixed,
+       [](Renderer&, const Value& v, const Args& a) -> R {
+         const Value fallback = a.Get("default", Value::Float(0));
+         if (v.is_number() || v.kind() == Value::Kind::kBool) return Value::Float(v.as_double());
+         if (v.is_string()) {
+           char* end = nullptr;
+           const std::string s = PyStrip(v.text(), Value(), true, true);
+           const double d = std::strtod(s.c_str(), &end);
+           if (!s.empty() && end != nullptr && *end == '\0') return Value::Float(d);
+         }
+         return fallback;
+       }},
+      {"abs",
+       {},
+       kFixed,
+       [](Renderer&, const Value& v, const Args& a) -> R {
+         if (v.kind() == Value::Kind::kInt || v.kind() == Value::Kind::kBool) {
+           if (v.as_int() == INT64_MIN) return Error(a.line(), "abs overflows 64 bits");
+           return Value::Int(std::abs(v.as_int()));
+         }
+         if (v.kind() == Value::Kind::kFloat) return Value::Float(std::fabs(v.as_double()));
+         return Error(a.line(), "abs needs a number");
+       }},
+      {"round",
+       {"precision", "method"},
+       kFixed,
+       [](Renderer&, const Value& v, const Args& a) -> R {
+         const int64_t precision = a.Get("precision", Value::Int(0)).as_int();
+         const std::string method = a.Get("method", Value::String("common")).Str();
+         const double scale = std::pow(10.0, static_cast<double>(precision));
+         double x = v.as_double() * scale;
+         // Python's round(): halves to even.
+         x = method == "ceil"    ? std::ceil(x)
+             : method == "floor" ? std::floor(x)
+                                 : std::nearbyint(x);
+         return Value::Float(x / scale);
+       }},
+      {"unique",
+       {"case_sensitive", "attribute"},
+       kFixed,
+       [](Renderer& r, const Value& v, const Args& a) -> R {
+         ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+         const bool case_sensitive = a.Get("case_sensitive", Value::Bool(false)).Truthy();
+         const Value attribute = a.Get("attribute", Value::None());
+         ValueList out, seen;
+         for (const Value& item : items) {
+           ASSIGN_OR_RETURN(Value key, r.SortKey(item, attribute, case_sensitive, a.line()));
+           bool again = false;
+           for (const Value& s : seen) again |= key.Equals(s);
+           if (again) continue;
+           seen.push_back(key);
+           out.push_back(item);
+         }
+         return Value::List(std::move(out));
+       }},
+      {"reverse",
+       {},
+       kFixed,
+       [](Renderer& r, const Value& v, const Args& a) -> R {
+         if (v.is_string()) {
+           std::vector<int32_t> cps = CodePoints(v.text());
+           std::reverse(cps.begin(), cps.end());
+           return Value::String(FromCodePoints(cps, 0, cps.size()));
+         }
+         ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+         std::reverse(items.begin(), items.end());
+         return Value::List(std::move(items));
+       }},
+      {"sort",
+       {"reverse", "case_sensitive", "attribute"},
+       kFixed,
+       [](Renderer& r, const Value& v, const Args& a) -> R {
+         ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+         const bool reverse = a.Get("reverse", Value::Bool(false)).Truthy();
+         const bool case_sensitive = a.Get("case_sensitive", Value::Bool(false)).Truthy();
+         const Value attribute = a.Get("attribute", Value::None());
+         std::vector<std::pair<Value, Value>> keyed;
+         for (const Value& item : items) {
+           ASSIGN_OR_RETURN(Value key, r.SortKey(item, attribute, case_sensitive, a.line()));
+           keyed.emplace_back(key, item);
+         }
+         absl::Status failed;
+         std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& x, const auto& y) {
+           auto c = r.Order(x.first, y.first, a.line());
+           if (!c.ok()) {
+             failed = c.status();
+             return false;
+           }
+           return reverse ? *c > 0 : *c < 0;
+         });
+         if (!failed.ok()) return failed;
+         ValueList out;
+         for (auto& [k, item] : keyed) out.push_back(item);
+         return Value::List(std::move(out));
+       }},
+      {"sum",
+       {"attribute", "start"},
+       kFixed,
+       [](Renderer& r, const Value& v, const Args& a) -> R {
+         ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+         const Value attribute = a.Get("attribute", Value::None());
+         Value total = a.Get("start", Value::Int(0));
+         for (const Value& item : items) {
+           Value x = item;
+           if (!attribute.is_none()) {
+             ASSIGN_OR_RETURN(x, r.AttrPath(item, attribute.Str(), a.line()));
+           }
+           ASSIGN_OR_RETURN(total, r.Arith("+", total, x, a.line()));
+         }
+         return total;
+       }},
+      {"min", {"case_sensitive", "attribute"}, kFixed, &MinOrMax},
+      {"max", {"case_sensitive", "attribute"}, kFixed, &MinOrMax},
+      {"indent",
+       {"width", "first", "blank"},
+       kFixed,
+       [](Renderer&, const Value& v, const Args& a) -> R {
+         const Value width = a.Get("width", Value::Int(4));
+         const bool first = a.Get("first", Value::Bool(false)).Truthy();
+         const bool blank = a.Get("blank", Value::Bool(false)).Truthy();
+         const std::string indention = width.is_string()
+                                           ? width.text()
+                                           : std::string(std::max<int64_t>(0, width.as_int()), ' ');
+         const ValueList lines = SplitLines(v.Str() + "\n");
+         std::string rv;
+         if (blank) {
+           for (size_t i = 0; i < lines.size(); ++i)
+             rv += (i > 0 ? "\n" + indention : "") + lines[i].text();
+         } else {
+           rv = lines.empty() ? "" : lines[0].text();
+           for (size_t i = 1; i < lines.size(); ++i)
+             rv += "\n" + (lines[i].text().empty() ? "" : indention + lines[i].text());
+         }
+         if (first) rv = indention + rv;
+         return Value::String(rv);
+       }},
+      {"wordcount",
+       {},
+       kFixed,
+       [](Renderer&, const Value& v, const Args&) -> R {
+         return Value::Int(static_cast<int64_t>(PySplit(v.Str(), Value(), -1).size()));
+       }},
+      {"attr",
+       {"name"},
+       kFixed,
+       [](Renderer& r, const Value& v, const Args& a) -> R {
+         return r.GetAttr(v, a.Get("name").Str(), a.line());
+       }},
+  });
+  return table;
+}
+
+absl::StatusOr<Value> Renderer::Filter(const std::string& name, const Value& v, CallArgs& raw,
+                                       int line) {
+  const BuiltinTable& table = Filters();
+  const auto row = table.find(name);
+  if (row == table.end()) {
+    return absl::UnimplementedError(
+        absl::StrCat("chat template line ", line, ": filter '", name.substr(0, 64), "'"));
+  }
+  Args a(raw, row->second, line);
+  if (!row->second.variadic) RETURN_IF_ERROR(a.Check());
+  return row->second.fn(*this, v, a);
+}
+
+// The bodies several rows share.
+
+absl::StatusOr<Value> Renderer::Affix(Renderer&, const Value& s, const Args& a) {
+  const bool start = a.name() == "startswith";
+  const Value arg = a.Get(start ? "prefix" : "suffix");
+  if (arg.is_undefined()) return Error(a.line(), absl::StrCat(a.name(), "() needs an argument"));
+  ValueList options = arg.is_list() ? arg.list() : ValueList{arg};
+  const std::string& text = s.text();
+  for (const Value& o : options) {
+    if (!o.is_string()) return Error(a.line(), absl::StrCat(a.name(), "() takes strings"));
+    const std::string& p = o.text();
+    if (p.size() <= text.size() && (start ? text.compare(0, p.size(), p) == 0
+                                          : text.compare(text.size() - p.size(), p.size(), p) == 0))
+      return Value::Bool(true);
+  }
+  return Value::Bool(false);
+}
+
+absl::StatusOr<Value> Renderer::IsClass(Renderer&, const Value& s, const Args& a) {
+  if (s.text().empty()) return Value::Bool(false);
+  const absl::string_view name = a.name();
+  for (int32_t cp : CodePoints(s.text())) {
+    const auto cat = utf8proc_category(cp);
+    const bool digit = cat == UTF8PROC_CATEGORY_ND;
+    const bool alpha = cat == UTF8PROC_CATEGORY_LU || cat == UTF8PROC_CATEGORY_LL ||
+                       cat == UTF8PROC_CATEGORY_LT || cat == UTF8PROC_CATEGORY_LM ||
+                       cat == UTF8PROC_CATEGORY_LO;
+    const bool ok = name == "isdigit"   ? digit
+                    : name == "isspace" ? IsPythonSpace(cp)
+                    : name == "isalpha" ? alpha
+                                        : alpha || digit;
+    if (!ok) return Value::Bool(false);
+  }
+  return Value::Bool(true);
+}
+
+absl::StatusOr<Value> Renderer::Length(Renderer&, const Value& v, const Args& a) {
+  if (v.is_string()) return Value::Int(StrLen(v.text()));
+  if (v.is_list()) return Value::Int(static_cast<int64_t>(v.list().size()));
+  if (v.is_dict()) return Value::Int(static_cast<int64_t>(v.dict().items.size()));
+  if (v.is_undefined()) return Value::Int(0);
+  return Error(a.line(), absl::StrCat("object of type '", v.TypeName(), "' has no len()"));
+}
+
+absl::StatusOr<Value> Renderer::Escape(Renderer&, const Value& v, const Args&) {
+  std::string out;
+  for (char c : v.Str()) {
+    switch (c) {
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&#34;";
+        break;
+      case '\'':
+        out += "&#39;";
+        break;
+      default:
+        out += c;
+    }
+  }
+  return Value::String(out);
+}
+
+absl::StatusOr<Value> Renderer::Default(Renderer&, const Value& v, const Args& a) {
+  const Value fallback = a.Get("default_value", Value::String(""));
+  const bool boolean = a.Get("boolean", Value::Bool(false)).Truthy();
+  if (v.is_undefined() || (boolean && !v.Truthy())) return fallback;
+  return v;
+}
+
+absl::StatusOr<Value> Renderer::SelectOrReject(Renderer& r, const Value& v, const Args& a) {
+  const absl::string_view name = a.name();
+  const bool by_attr = name == "selectattr" || name == "rejectattr";
+  const bool keep = name == "selectattr" || name == "select";
+  ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+  const ValueList& args = a.positional();
+  const size_t test_at = by_attr ? 1 : 0;
+  const std::string attribute = by_attr && !args.empty() ? args[0].Str() : "";
+  const bool has_test = args.size() > test_at;
+  const std::string test = has_test ? args[test_at].Str() : "";
+  CallArgs test_args;
+  for (size_t i = test_at + 1; i < args.size(); ++i) test_args.positional.push_back(args[i]);
+  ValueList out;
+  for (const Value& item : items) {
+    Value subject = item;
+    if (by_attr) {
+      ASSIGN_OR_RETURN(subject, r.AttrPath(item, attribute, a.line()));
+    }
+    bool ok = subject.Truthy();
+    if (has_test) {
+      ASSIGN_OR_RETURN(ok, r.Test(test, subject, test_args, a.line()));
+    }
+    if (ok == keep) out.push_back(item);
+  }
+  return Value::List(std::move(out));
+}
+
+absl::StatusOr<Value> Renderer::MinOrMax(Renderer& r, const Value& v, const Args& a) {
+  ASSIGN_OR_RETURN(ValueList items, r.Iterate(v, a.line()));
+  if (items.empty()) return Value::Undefined("empty sequence");
+  const bool case_sensitive = a.Get("case_sensitive", Value::Bool(false)).Truthy();
+  const Value attribute = a.Get("attribute", Value::None());
+  const bool min = a.name() == "min";
+  size_t best = 0;
+  ASSIGN_OR_RETURN(Value best_key, r.SortKey(items[0], attribute, case_sensitive, a.line()));
+  for (size_t i = 1; i < items.size(); ++i) {
+    ASSIGN_OR_RETURN(Value key, r.SortKey(items[i], attribute, case_sensitive, a.line()));
+    ASSIGN_OR_RETURN(int c, r.Order(key, best_key, a.line()));
+    if (min ? c < 0 : c > 0) {
+      best = i;
+      best_key = key;
+    }
+  }
+  return items[best];
+}
+
+// What sort, unique, min and max compare: the item or its attribute, strings lower-cased unless
+// case_sensitive (jinja2's ignore_case).
+absl::StatusOr<Value> Renderer::SortKey(const Value& item, const Value& attribute,
+                                        bool case_sensitive, int line) {
+  Value key = item;
+  if (!attribute.is_none()) {
+    ASSIGN_OR_RETURN(key, AttrPath(item, attribute.Str(), line));
+  }
+  if (key.is_string() && !case_sensitive) key = Value::String(MapCase(key.text(), false));
+  return key;
+}
 
 }  // namespace
 

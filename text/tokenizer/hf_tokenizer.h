@@ -142,7 +142,6 @@ class HfTokenizer : public Tokenizer {
     return it->second;
   }
   int64_t vocab_size() const override { return static_cast<int64_t>(id_to_token_.size()); }
-  std::string kind() const override { return "tokenizer.json"; }
 
   // Words longer than this are never cached (Hugging Face's BPE cache stops at 256 too).
   static constexpr size_t kMaxCachedWordBytes = 256;

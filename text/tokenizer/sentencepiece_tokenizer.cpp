@@ -190,7 +190,6 @@ class SentencePieceTokenizer : public Tokenizer {
     return id;
   }
   int64_t vocab_size() const override { return static_cast<int64_t>(special_.size()); }
-  std::string kind() const override { return "sentencepiece"; }
   int64_t max_token_bytes() const override { return max_token_bytes_; }
 
  private:

@@ -38,7 +38,6 @@ class Tokenizer {
   // The id of a token string in the vocabulary (special tokens included), if any.
   virtual std::optional<int64_t> TokenId(const std::string& token) const = 0;
   virtual int64_t vocab_size() const = 0;
-  virtual std::string kind() const = 0;  // "tokenizer.json" or "sentencepiece"
 };
 
 // Loaders of each kind (Tokenizer::Load picks one).
