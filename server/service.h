@@ -5,7 +5,7 @@
 // Threads: gRPC's callback threads only admit, queue and react; every request's resolution
 // (tokenizing, chat rendering, truncation, budget) and generation run on a scheduler thread, so
 // they count against --max_concurrent / --max_queue. A call's reactor is freed only in OnDone;
-// the engine thread and the reactor share a StreamState that outlives both (see service.cpp).
+// the engine thread and the reactor share a StreamState that outlives both (stream_reactor.h).
 #pragma once
 
 #include <grpcpp/grpcpp.h>
