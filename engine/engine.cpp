@@ -99,7 +99,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
     ASSIGN_OR_RETURN(weights, LoadWeights(options.model_dir, config, device, dtype));
   }
   ModelInfo& info = engine->info_;
-  const std::string model_type = config.model_type;
   static_cast<ModelConfig&>(info) = config;
   info.model_dir = options.model_dir;
   info.dtype = DTypeName(dtype);
@@ -108,7 +107,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   if (tokenizer.ok()) {
     engine->tokenizer_ = std::move(*tokenizer);
     info.has_tokenizer = true;
-    engine->chat_format_ = DetectChatFormat(model_type, engine->tokenizer_.get());
+    engine->chat_format_ = DetectChatFormat(config.arch->chat_format, engine->tokenizer_.get());
     info.chat_format = ChatFormatName(engine->chat_format_);
     ASSIGN_OR_RETURN(engine->chat_template_, ChatTemplate::Load(options.model_dir));
     if (engine->chat_template_.has_value()) {

@@ -46,19 +46,26 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
   const int64_t pos0 = cache->length;
   const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads, dim = config_.head_dim;
   torch::Tensor ids_t = torch::tensor(ids, torch::dtype(torch::kInt64)).to(device_);
-  torch::Tensor x = weights_.token_embedding.index_select(0, ids_t);  // (n, hidden)
-  auto [cos, sin] = RopeTables(inv_freq_, pos0, n, dtype_);           // (n, head_dim) each
+  torch::Tensor x =
+      weights_.global[TensorId::kTokenEmbedding].index_select(0, ids_t);  // (n, hidden)
+  auto [cos, sin] = RopeTables(inv_freq_, pos0, n, dtype_);               // (n, head_dim) each
 
   for (int64_t l = 0; l < config_.num_layers; ++l) {
-    const LayerWeights& w = weights_.layers[l];
-    // Attention block: RMSNorm, q/k/v projections, RoPE on q and k, cache append.
-    torch::Tensor h = RmsNorm(x, w.attn_norm);
-    torch::Tensor q =
-        Linear(h, w.wq, w.bq).view({n, heads, dim}).transpose(0, 1);  // (heads, n, dim)
-    torch::Tensor k =
-        Linear(h, w.wk, w.bk).view({n, kv_heads, dim}).transpose(0, 1);  // (kv, n, dim)
-    torch::Tensor v =
-        Linear(h, w.wv, w.bv).view({n, kv_heads, dim}).transpose(0, 1);  // (kv, n, dim)
+    const TensorSet& w = weights_.layers[l];
+    // Attention block: RMSNorm, q/k/v projections, per-head q/k norms (Qwen3), RoPE on q and k,
+    // cache append.
+    torch::Tensor h = RmsNorm(x, w[TensorId::kAttnNorm]);
+    torch::Tensor q = Linear(h, w[TensorId::kWq], w[TensorId::kBq])
+                          .view({n, heads, dim})
+                          .transpose(0, 1);  // (heads, n, dim)
+    torch::Tensor k = Linear(h, w[TensorId::kWk], w[TensorId::kBk])
+                          .view({n, kv_heads, dim})
+                          .transpose(0, 1);  // (kv, n, dim)
+    torch::Tensor v = Linear(h, w[TensorId::kWv], w[TensorId::kBv])
+                          .view({n, kv_heads, dim})
+                          .transpose(0, 1);  // (kv, n, dim)
+    if (w[TensorId::kQNorm].defined()) q = RmsNorm(q, w[TensorId::kQNorm]);
+    if (w[TensorId::kKNorm].defined()) k = RmsNorm(k, w[TensorId::kKNorm]);
     q = ApplyRope(q, cos, sin);
     k = ApplyRope(k, cos, sin);
     cache->k[l].narrow(1, pos0, n).copy_(k);
@@ -83,18 +90,20 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
     } else {
       ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, nullptr));
     }
-    x = x + Linear(attn.transpose(0, 1).reshape({n, heads * dim}), w.wo, w.bo);
+    x = x +
+        Linear(attn.transpose(0, 1).reshape({n, heads * dim}), w[TensorId::kWo], w[TensorId::kBo]);
 
     // MLP block: RMSNorm, SwiGLU: down(silu(gate(h)) * up(h)).
-    h = RmsNorm(x, w.mlp_norm);
-    x = x +
-        torch::matmul(torch::silu(torch::matmul(h, w.w_gate.t())) * torch::matmul(h, w.w_up.t()),
-                      w.w_down.t());
+    h = RmsNorm(x, w[TensorId::kMlpNorm]);
+    x = x + torch::matmul(torch::silu(torch::matmul(h, w[TensorId::kWGate].t())) *
+                              torch::matmul(h, w[TensorId::kWUp].t()),
+                          w[TensorId::kWDown].t());
   }
   cache->length = pos0 + n;
   // Final norm and LM head on the last position only.
-  torch::Tensor last = RmsNorm(x.narrow(0, n - 1, 1), weights_.final_norm);  // (1, hidden)
-  return torch::matmul(last, weights_.lm_head.t()).squeeze(0).to(torch::kFloat32);
+  torch::Tensor last =
+      RmsNorm(x.narrow(0, n - 1, 1), weights_.global[TensorId::kFinalNorm]);  // (1, hidden)
+  return torch::matmul(last, weights_.global[TensorId::kLmHead].t()).squeeze(0).to(torch::kFloat32);
 }
 
 }  // namespace attnscope

@@ -56,59 +56,9 @@ absl::StatusOr<Weights> LoadWeights(const std::string& dir, const ModelConfig& c
                                                        device.str(), ": ",
                                                        e.what_without_backtrace()));
     }
-    LayerWeights* layer = spec.layer >= 0 ? &w.layers[spec.layer] : nullptr;
-    switch (spec.id) {
-      case TensorId::kTokenEmbedding:
-        w.token_embedding = t;
-        break;
-      case TensorId::kFinalNorm:
-        w.final_norm = t;
-        break;
-      case TensorId::kLmHead:
-        w.lm_head = t;
-        break;
-      case TensorId::kAttnNorm:
-        layer->attn_norm = t;
-        break;
-      case TensorId::kWq:
-        layer->wq = t;
-        break;
-      case TensorId::kBq:
-        layer->bq = t;
-        break;
-      case TensorId::kWk:
-        layer->wk = t;
-        break;
-      case TensorId::kBk:
-        layer->bk = t;
-        break;
-      case TensorId::kWv:
-        layer->wv = t;
-        break;
-      case TensorId::kBv:
-        layer->bv = t;
-        break;
-      case TensorId::kWo:
-        layer->wo = t;
-        break;
-      case TensorId::kBo:
-        layer->bo = t;
-        break;
-      case TensorId::kMlpNorm:
-        layer->mlp_norm = t;
-        break;
-      case TensorId::kWGate:
-        layer->w_gate = t;
-        break;
-      case TensorId::kWUp:
-        layer->w_up = t;
-        break;
-      case TensorId::kWDown:
-        layer->w_down = t;
-        break;
-    }
+    (spec.layer >= 0 ? w.layers[spec.layer] : w.global)[spec.id] = std::move(t);
   }
-  if (config.tie_word_embeddings) w.lm_head = w.token_embedding;
+  if (config.tie_word_embeddings) w.global[TensorId::kLmHead] = w.global[TensorId::kTokenEmbedding];
   return w;
 }
 

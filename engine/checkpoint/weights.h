@@ -3,36 +3,28 @@
 
 #include <torch/torch.h>
 
+#include <array>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/checkpoint/arch.h"
 #include "engine/checkpoint/config.h"
 
 namespace attnscope {
 
-struct LayerWeights {
-  torch::Tensor attn_norm;  // (hidden)
-  torch::Tensor wq;         // (heads * head_dim, hidden)
-  torch::Tensor bq;         // (heads * head_dim) or undefined
-  torch::Tensor wk;         // (kv_heads * head_dim, hidden)
-  torch::Tensor bk;         // (kv_heads * head_dim) or undefined
-  torch::Tensor wv;         // (kv_heads * head_dim, hidden)
-  torch::Tensor bv;         // (kv_heads * head_dim) or undefined
-  torch::Tensor wo;         // (hidden, heads * head_dim)
-  torch::Tensor bo;         // (hidden) or undefined
-  torch::Tensor mlp_norm;   // (hidden)
-  torch::Tensor w_gate;     // (intermediate, hidden)
-  torch::Tensor w_up;       // (intermediate, hidden)
-  torch::Tensor w_down;     // (hidden, intermediate)
+// Tensors by their TensorId (engine/checkpoint/arch.h): the global ones, or one layer's; undefined
+// where the configuration has none (biases, q/k norms).
+struct TensorSet {
+  const torch::Tensor& operator[](TensorId id) const { return t[static_cast<size_t>(id)]; }
+  torch::Tensor& operator[](TensorId id) { return t[static_cast<size_t>(id)]; }
+  std::array<torch::Tensor, kTensorIdCount> t;
 };
 
 struct Weights {
-  torch::Tensor token_embedding;  // (vocab, hidden)
-  torch::Tensor final_norm;       // (hidden)
-  torch::Tensor lm_head;          // (vocab, hidden); the embedding itself when tied
-  std::vector<LayerWeights> layers;
+  TensorSet global;  // the embedding, the final norm, the LM head (the embedding itself when tied)
+  std::vector<TensorSet> layers;
 };
 
 // Reads every tensor the configuration needs from the checkpoint folder, checking names and

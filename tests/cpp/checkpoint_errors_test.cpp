@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -82,7 +83,8 @@ TEST_F(CheckpointTest, UnknownModelType) {
   json cfg = TinyConfig();
   cfg["model_type"] = "gpt2";
   WriteConfig(cfg);
-  ExpectError(LoadStatus(), absl::StatusCode::kUnimplemented, {"gpt2", "llama, mistral, qwen2"});
+  ExpectError(LoadStatus(), absl::StatusCode::kUnimplemented,
+              {"gpt2", "llama, mistral, qwen2, qwen3"});
 }
 
 TEST_F(CheckpointTest, InconsistentHeads) {
@@ -103,6 +105,35 @@ TEST_F(CheckpointTest, MissingTensor) {
   WriteValid(TinyConfig(), "model.layers.0.mlp.up_proj.weight");
   ExpectError(LoadStatus(), absl::StatusCode::kNotFound,
               {"model.layers.0.mlp.up_proj.weight", "model.safetensors"});
+}
+
+TEST_F(CheckpointTest, Qwen3NeedsItsQkNormsAndAttentionBiases) {
+  json cfg = TinyConfig();
+  cfg["model_type"] = "qwen3";
+  cfg["head_dim"] = 6;  // not hidden / heads
+  cfg["attention_bias"] = true;
+  WriteConfig(cfg);
+  auto config = LoadModelConfig(dir_);
+  ASSERT_TRUE(config.ok()) << config.status();
+  std::vector<std::string> names;  // name:first dimension of each tensor the checkpoint needs
+  for (const TensorSpec& spec : ExpectedTensors(*config)) {
+    if (spec.required) names.push_back(spec.name + ":" + std::to_string(spec.shape[0]));
+  }
+  for (const char* want :
+       {"model.layers.0.self_attn.q_norm.weight:6", "model.layers.1.self_attn.k_norm.weight:6",
+        "model.layers.0.self_attn.o_proj.bias:16", "model.layers.0.self_attn.q_proj.bias:24"})
+    EXPECT_NE(std::find(names.begin(), names.end(), want), names.end()) << want;
+  WriteValid(cfg);
+  EXPECT_TRUE(LoadStatus().ok()) << LoadStatus();
+  WriteValid(cfg, "model.layers.1.self_attn.k_norm.weight");
+  ExpectError(LoadStatus(), absl::StatusCode::kNotFound,
+              {"model.layers.1.self_attn.k_norm.weight", "model.safetensors"});
+  cfg["model_type"] = "qwen2";  // no q/k norms
+  WriteConfig(cfg);
+  for (const TensorSpec& spec : ExpectedTensors(*LoadModelConfig(dir_)))
+    EXPECT_FALSE(spec.required && spec.name.find("_norm.weight") != std::string::npos &&
+                 spec.name.find("self_attn") != std::string::npos)
+        << spec.name;
 }
 
 TEST_F(CheckpointTest, WrongShape) {

@@ -40,6 +40,13 @@ VARIANTS = {
                        num_attention_heads=4, num_key_value_heads=2, head_dim=24, vocab_size=128,
                        rope_theta=10000.0, max_position_embeddings=256, rms_norm_eps=1e-5, sliding_window=5,
                        bos_token_id=1, eos_token_id=2),
+    # Qwen3: per-head q/k RMSNorm before RoPE, attention_bias (q/k/v and o biases), head_dim (24) !=
+    # hidden / heads (16), the sliding window on layers >= max_window_layers.
+    "qwen3_qknorm": dict(model_type="qwen3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=24, vocab_size=150,
+                         rope_theta=1000000.0, max_position_embeddings=512, rms_norm_eps=1e-6,
+                         attention_bias=True, tie_word_embeddings=False, use_sliding_window=True,
+                         sliding_window=6, max_window_layers=1, eos_token_id=6),
     # Llama with every weight stored as bfloat16.
     "llama_bf16": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128, rope_theta=10000.0,
@@ -91,7 +98,9 @@ def make_weights(cfg, rng):
     h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     d = head_dim(cfg)
     q_dim, kv_dim = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    bias = cfg["model_type"] == "qwen2"
+    # q/k/v biases: always in Qwen2; with attention_bias (which adds the o_proj bias too) in Llama and Qwen3.
+    config_bias = cfg.get("attention_bias", False) and cfg["model_type"] in ("llama", "qwen3")
+    bias = cfg["model_type"] == "qwen2" or config_bias
 
     def normal(shape, std):
         return (rng.standard_normal(shape) * std).astype(np.float32)
@@ -114,6 +123,11 @@ def make_weights(cfg, rng):
             w[p + "self_attn.q_proj.bias"] = normal((q_dim,), 0.5)
             w[p + "self_attn.k_proj.bias"] = normal((kv_dim,), 0.5)
             w[p + "self_attn.v_proj.bias"] = normal((kv_dim,), 0.5)
+        if config_bias:
+            w[p + "self_attn.o_proj.bias"] = normal((h,), 0.1)
+        if cfg["model_type"] == "qwen3":  # RMSNorm weights over head_dim, for q and for k
+            w[p + "self_attn.q_norm.weight"] = 1.0 + normal((d,), 0.3)
+            w[p + "self_attn.k_norm.weight"] = 1.0 + normal((d,), 0.3)
         w[p + "mlp.gate_proj.weight"] = normal((inter, h), 1.0 / np.sqrt(h))
         w[p + "mlp.up_proj.weight"] = normal((inter, h), 1.0 / np.sqrt(h))
         w[p + "mlp.down_proj.weight"] = normal((h, inter), 1.0 / np.sqrt(inter))

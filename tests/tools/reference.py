@@ -71,7 +71,7 @@ def window_of(cfg, layer):
     t = cfg["model_type"]
     if t == "mistral":
         return cfg.get("sliding_window") or 0
-    if t == "qwen2" and cfg.get("use_sliding_window") and layer >= cfg.get("max_window_layers", 0):
+    if t in ("qwen2", "qwen3") and cfg.get("use_sliding_window") and layer >= cfg.get("max_window_layers", 0):
         return cfg.get("sliding_window") or 0
     return 0
 
@@ -111,6 +111,9 @@ def forward(model_dir, ids):
         q = proj("q_proj").reshape(T, H, d).transpose(1, 0, 2)
         k = proj("k_proj").reshape(T, KV, d).transpose(1, 0, 2)
         v = proj("v_proj").reshape(T, KV, d).transpose(1, 0, 2)
+        if p + "self_attn.q_norm.weight" in w:  # Qwen3: each head's q and k RMS-normalized over head_dim
+            q = rms_norm(q, w[p + "self_attn.q_norm.weight"], eps)
+            k = rms_norm(k, w[p + "self_attn.k_norm.weight"], eps)
         q, k = rotate(q, pos, inv), rotate(k, pos, inv)
         k = np.repeat(k, H // KV, axis=0)
         v = np.repeat(v, H // KV, axis=0)

@@ -46,12 +46,12 @@ std::string RenderInst(const std::vector<ChatMessage>& messages, bool llama2) {
 
 }  // namespace
 
-ChatFormat DetectChatFormat(const std::string& model_type, const Tokenizer* tokenizer) {
+ChatFormat DetectChatFormat(ChatFormat architecture, const Tokenizer* tokenizer) {
   if (tokenizer == nullptr) return ChatFormat::kNone;
   if (tokenizer->TokenId("<|start_header_id|>")) return ChatFormat::kLlama3;
   if (tokenizer->TokenId("<|im_start|>")) return ChatFormat::kChatML;
-  if (model_type == "mistral") return ChatFormat::kMistral;
-  if (model_type == "llama" && tokenizer->TokenId("<s>")) return ChatFormat::kLlama2;
+  if (architecture == ChatFormat::kMistral) return ChatFormat::kMistral;
+  if (architecture == ChatFormat::kLlama2 && tokenizer->TokenId("<s>")) return ChatFormat::kLlama2;
   return ChatFormat::kNone;
 }
 

@@ -19,8 +19,10 @@ struct ChatMessage {
   std::string content;
 };
 
-// From the tokenizer's special tokens and the architecture; kNone when nothing fits.
-ChatFormat DetectChatFormat(const std::string& model_type, const Tokenizer* tokenizer);
+// From the tokenizer's special tokens (Llama 3's header tokens, ChatML's <|im_start|>), else the
+// architecture's own format (engine/checkpoint/arch.h ArchTraits::chat_format: Mistral's, or Llama
+// 2's where the tokenizer has <s>); kNone when nothing fits.
+ChatFormat DetectChatFormat(ChatFormat architecture, const Tokenizer* tokenizer);
 const char* ChatFormatName(ChatFormat format);
 
 // The prompt text for `messages`, ending where the assistant's reply begins.
