@@ -3,6 +3,7 @@ a stored file through the same code, checked against the dense capture reduced i
 (numpy), and the round trip through save()/load()."""
 import subprocess
 
+import grpc
 import numpy as np
 import pytest
 
@@ -276,9 +277,20 @@ def test_asyncio_client_runs_requests_at_once(server, dense):
                 c.stream_attention(token_ids=PROMPT, max_new_tokens=NEW, ignore_eos=True, row_entropy=True))
             g = await c.generate(token_ids=PROMPT, max_new_tokens=2)
             many = await c.stream_many([PROMPT, PROMPT[:20]], progress=False, max_new_tokens=2, form="head_mean")
-            return a, b, g, many, ids
+            try:  # the RPCs are Client's, awaited: the same answers and errors as the blocking client
+                detokenized = await c.detokenize([1, 2])
+            except grpc.RpcError as e:
+                detokenized = e.code()
+            return a, b, g, many, ids, info, detokenized
 
-    a, b, g, many, _ = asyncio.run(main())
+    a, b, g, many, _, info, detokenized = asyncio.run(main())
+    with attnscope.Client(server.target) as blocking:
+        assert info == blocking.model_info()
+        try:
+            want = blocking.detokenize([1, 2])
+        except grpc.RpcError as e:
+            want = e.code()
+    assert detokenized == want
     np.testing.assert_array_equal(a.attention(2), dense.attention(2))
     np.testing.assert_array_equal(b.statistic("row_entropy", 0)[1], dense.statistic("row_entropy", 0)[1])
     assert len(g.token_ids) == 2

@@ -1,3 +1,3 @@
-from .view import main
+from .viewer_cli import main
 
 main()

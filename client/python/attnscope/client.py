@@ -532,18 +532,23 @@ class Client:
             self.shared_refused = f"cannot create a shared-memory region: {e}"
             return None
 
+    # Each RPC once: its request and how its response reads. _unary calls it (AsyncClient's awaits it).
+    def _unary(self, method, request, read=None, metadata=None):
+        response = getattr(self.stub, method)(request, metadata=self.metadata if metadata is None else metadata,
+                                              timeout=self.timeout)
+        return response if read is None else read(response)
+
     def model_info(self):
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout)
+        return self._unary("GetModelInfo", pb.GetModelInfoRequest())
 
     def tokenize(self, text, add_special_tokens=True):
-        r = self.stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
-                               metadata=self.metadata, timeout=self.timeout)
-        return list(r.ids), list(r.pieces)
+        """(ids, pieces) of `text`."""
+        return self._unary("Tokenize", pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+                           lambda r: (list(r.ids), list(r.pieces)))
 
     def detokenize(self, ids, skip_special_tokens=False):
-        r = self.stub.Detokenize(pb.DetokenizeRequest(ids=list(ids), skip_special_tokens=skip_special_tokens),
-                                 metadata=self.metadata, timeout=self.timeout)
-        return r.text
+        return self._unary("Detokenize", pb.DetokenizeRequest(ids=list(ids), skip_special_tokens=skip_special_tokens),
+                           lambda r: r.text)
 
     @staticmethod
     def request(prompt=None, token_ids=None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=0.0, seed=0,
@@ -586,16 +591,20 @@ class Client:
     def generate(self, *args, **kwargs):
         request, _ = self._limited_request(args, kwargs)
         request, metadata = _with_model(self, request)
-        return self.stub.Generate(request, metadata=metadata, timeout=self.timeout)
+        return self._unary("Generate", request, metadata=metadata)
+
+    def _start_stream(self, args, kwargs, progress):
+        """A StreamAttention call and the receiver its messages go to (blocking and asyncio alike)."""
+        request, limit = self._limited_request(args, kwargs)
+        receiver = self._receiver(request, progress, limit)
+        return receiver, self.stream_raw(request)
 
     def stream_attention(self, *args, progress=None, **kwargs):
         """Runs a StreamAttention call; returns a StreamResult whose blocks assemble into arrays
         (r.attention(layer), r.statistic(kind, layer)). `progress`: a tqdm bar of the bytes and
         tokens received (None: shown for captures above 64 MB when tqdm is installed).
         `max_bytes`: refuse a capture whose estimate passes it (default: the client's, 4 GiB)."""
-        request, limit = self._limited_request(args, kwargs)
-        receiver = self._receiver(request, progress, limit)
-        call = self.stream_raw(request)
+        receiver, call = self._start_stream(args, kwargs, progress)
         try:
             for msg in call:
                 receiver.feed(msg)
@@ -656,28 +665,15 @@ class AsyncClient(Client):
     def _channels():
         return grpc.aio
 
-    async def model_info(self):
-        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata, timeout=self.timeout)
-
-    async def tokenize(self, text, add_special_tokens=True):
-        r = await self.stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
-                                     metadata=self.metadata, timeout=self.timeout)
-        return list(r.ids), list(r.pieces)
-
-    async def detokenize(self, ids, skip_special_tokens=False):
-        r = await self.stub.Detokenize(pb.DetokenizeRequest(ids=list(ids), skip_special_tokens=skip_special_tokens),
-                                       metadata=self.metadata, timeout=self.timeout)
-        return r.text
-
-    async def generate(self, *args, **kwargs):
-        request, _ = self._limited_request(args, kwargs)
-        request, metadata = _with_model(self, request)
-        return await self.stub.Generate(request, metadata=metadata, timeout=self.timeout)
+    # model_info, tokenize, detokenize and generate are Client's: they return what _unary returns,
+    # here a coroutine to await.
+    async def _unary(self, method, request, read=None, metadata=None):
+        response = await getattr(self.stub, method)(
+            request, metadata=self.metadata if metadata is None else metadata, timeout=self.timeout)
+        return response if read is None else read(response)
 
     async def stream_attention(self, *args, progress=None, **kwargs):
-        request, limit = self._limited_request(args, kwargs)
-        receiver = self._receiver(request, progress, limit)
-        call = self.stream_raw(request)
+        receiver, call = self._start_stream(args, kwargs, progress)
         try:
             async for msg in call:
                 receiver.feed(msg)

@@ -25,13 +25,13 @@ def form_name(value):
 
 
 class Captured:
-    """Mixin: subclasses set `_attention`, `_indices`, `_statistics` ({BlockKey: ndarray}) and
-    provide `form`, `pool`, `pool_op`, `prompt_length`, `heads` (the model's head number of each
-    array row) and `tokens` (the piece at each position)."""
+    """The one reading of captured blocks, the base of Sample (a stored file) and StreamResult (a
+    stream): arrays per layer, statistics, tables. A subclass holds the blocks as `_attention`,
+    `_indices` and `_statistics` ({BlockKey: ndarray}, per instance: no shared class-level
+    defaults) and says what produced them: `form`, `pool`, `pool_op`, `prompt_length`, `heads` (the
+    model's head number of each array row) and `tokens` (the piece at each position)."""
 
-    _attention = {}
-    _indices = {}
-    _statistics = {}
+    __slots__ = ()
 
     # -- what was captured -------------------------------------------------------------------
     @property

@@ -1,0 +1,69 @@
+"""The viewer's command line (python -m attnscope.view, python -m attnscope): opens a stored
+sample and writes the pictures of attnscope.view. Kept apart from view.py, so that the pictures
+depend on nothing else in the package (results, samples and stream results all draw through it)."""
+import argparse
+import glob
+import os
+
+from attnscope import view
+from attnscope.sample import load
+
+
+def first_sample(folder="attention_data"):
+    """The prototype's viewer opened the first sample of attention_data/ when given none."""
+    found = sorted(glob.glob(os.path.join(folder, "attention_sample_*.safetensors")) +
+                   glob.glob(os.path.join(folder, "attention_sample_*.pkl")),
+                   key=lambda p: (int(''.join(c for c in os.path.basename(p) if c.isdigit()) or 0), p))
+    if not found:
+        raise SystemExit(f"no sample given and none in {folder}/ (attention_sample_N.safetensors or .pkl)")
+    return found[0]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m attnscope.view", description=view.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sample", nargs="?", default=None,
+                    help="a stored sample (default: the first in attention_data/, as the prototype's viewer)")
+    ap.add_argument("--allow-unsafe-pickle", action="store_true",
+                    help="load a .pkl with plain pickle (runs whatever it holds: only for files you trust)")
+    ap.add_argument("--layer", type=int, default=None)
+    ap.add_argument("--head", type=int, default=None, help="the model's head number (default: the first captured)")
+    ap.add_argument("--compare-layers", default=None, help="comma-separated layers")
+    ap.add_argument("--compare-heads", action="store_true")
+    ap.add_argument("--stat", default=None,
+                    help="a captured statistic (row_entropy, sink_mass, local_mass, key_score, key_score_variance), "
+                         "or 'all'")
+    ap.add_argument("--log", action="store_true", help="logarithmic colour scale")
+    ap.add_argument("--out", default=None, help="PNG file (default with no other output: <sample>.png)")
+    ap.add_argument("--html", default=None, help="write the interactive HTML page here")
+    ap.add_argument("--export-pickle", default=None, help="write the prototype's pickle layout here")
+    a = ap.parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")
+    path = a.sample or first_sample()
+    s = load(path, allow_unsafe_pickle=a.allow_unsafe_pickle)
+    if a.export_pickle:
+        s.to_pickle(a.export_pickle)
+        print(f"wrote {a.export_pickle}")
+    if a.html:
+        with open(a.html, "w", encoding="utf-8") as f:
+            f.write(view.html_page(s))
+        print(f"wrote {a.html}")
+    out = a.out
+    if out is None and not (a.html or a.export_pickle):
+        out = os.path.splitext(os.path.basename(path))[0] + ".png"
+    if out:
+        if a.stat == "all":
+            fig = view.statistics_figure(s, a.layer)
+        elif a.stat:
+            layer = a.layer if a.layer is not None else view._stat_layers(s, a.stat)[:1] or [0]
+            layer = layer[0] if isinstance(layer, list) else layer
+            fig = view.statistic_positions(s, a.stat, layer) if a.layer is not None else view.statistic_overview(s, a.stat)
+        elif a.compare_layers:
+            fig = view.compare_layers(s, [int(x) for x in a.compare_layers.split(",")], a.head, a.log)
+        elif a.compare_heads:
+            fig = view.compare_heads(s, s.layers[0] if a.layer is None else a.layer, log=a.log)
+        else:
+            fig = view.overview(s, a.layer, a.head, a.log)
+        fig.savefig(out, dpi=110)
+        print(f"wrote {out}")
