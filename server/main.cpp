@@ -31,10 +31,13 @@ ABSL_FLAG(std::string, device, attnscope::EngineOptions{}.device,
           "cpu, cuda, cuda:N, or a GPU index N (the prototype's --device 0)");
 ABSL_FLAG(std::string, dtype, attnscope::EngineOptions{}.dtype,
           "compute type: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)");
-ABSL_FLAG(int, max_concurrent, 1, "generations running at once");
-ABSL_FLAG(int, max_queue, 16, "generations waiting; beyond: RESOURCE_EXHAUSTED");
-ABSL_FLAG(int64_t, chunk_bytes, 1 << 20, "attention payload bytes per streamed message");
-ABSL_FLAG(int64_t, max_shared_bytes, int64_t{1} << 30,
+ABSL_FLAG(int, max_concurrent, attnscope::SchedulerOptions{}.max_concurrent,
+          "generations running at once");
+ABSL_FLAG(int, max_queue, attnscope::SchedulerOptions{}.max_queue,
+          "generations waiting; beyond: RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, chunk_bytes, attnscope::ServiceOptions{}.chunk_bytes,
+          "attention payload bytes per streamed message");
+ABSL_FLAG(int64_t, max_shared_bytes, attnscope::ServiceOptions{}.max_shared_bytes,
           "largest shared-memory ring a same-host client may ask the server to write attention "
           "into (its values then skip the wire); 0: never");
 ABSL_FLAG(int64_t, host_memory_retain_bytes, attnscope::kDefaultRetainedHostBytes,
@@ -56,7 +59,7 @@ ABSL_FLAG(std::string, metrics_listen, "",
 ABSL_FLAG(bool, insecure, false,
           "allow a non-loopback address (gRPC or metrics) without auth tokens");
 ABSL_FLAG(
-    double, stall_timeout_s, 30,
+    double, stall_timeout_s, attnscope::ServiceOptions{}.stall_timeout_s,
     "stop a stream whose client has taken no message for this many seconds, freeing its slot");
 ABSL_FLAG(int64_t, max_request_bytes, 4 << 20,
           "largest request message accepted (prompts included)");
