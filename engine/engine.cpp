@@ -204,7 +204,8 @@ absl::StatusOr<std::vector<int64_t>> Engine::EncodeChat(const std::vector<ChatMe
   return ids;
 }
 
-absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec& capture) const {
+absl::StatusOr<ValidatedRequest> Engine::Validate(GenerateRequest request,
+                                                  CaptureSpec capture) const {
   const int64_t prompt_len = static_cast<int64_t>(request.prompt_ids.size());
   if (prompt_len == 0)
     return absl::InvalidArgumentError("the prompt is empty: send at least one token");
@@ -258,13 +259,20 @@ absl::Status Engine::Validate(const GenerateRequest& request, const CaptureSpec&
           " (or start the server with a larger --block_elements)"));
     }
   }
-  return absl::OkStatus();
+  return ValidatedRequest(std::move(request), std::move(capture));
 }
 
 absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
                                                 const CaptureSpec& capture, AttentionSink* sink,
                                                 const CancelToken* cancel) const {
-  RETURN_IF_ERROR(Validate(request, capture));
+  ASSIGN_OR_RETURN(const ValidatedRequest valid, Validate(request, capture));
+  return Generate(valid, sink, cancel);
+}
+
+absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, AttentionSink* sink,
+                                                const CancelToken* cancel) const {
+  const GenerateRequest& request = valid.request();
+  const CaptureSpec& capture = valid.capture();
   try {
     c10::InferenceMode guard;
     const int64_t prompt_len = static_cast<int64_t>(request.prompt_ids.size());

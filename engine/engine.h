@@ -53,6 +53,27 @@ struct GenerateRequest {
   bool ignore_eos = false;
 };
 
+// A request and capture spec Engine::Validate accepted. Only Validate makes one, so Generate takes
+// it without checking it again (the server validates before it answers with a header).
+class ValidatedRequest {
+ public:
+  const GenerateRequest& request() const { return request_; }
+  const CaptureSpec& capture() const { return capture_; }
+  // The same without matrices (form none): statistics only, still valid.
+  ValidatedRequest StatisticsOnly() const {
+    ValidatedRequest r = *this;
+    r.capture_.form = Form::kNone;
+    return r;
+  }
+
+ private:
+  friend class Engine;
+  ValidatedRequest(GenerateRequest request, CaptureSpec capture)
+      : request_(std::move(request)), capture_(std::move(capture)) {}
+  GenerateRequest request_;
+  CaptureSpec capture_;
+};
+
 enum class FinishReason { kEos, kStopToken, kLength, kContextFull, kCancelled };
 inline constexpr Named<FinishReason> kFinishReasons[] = {
     {FinishReason::kEos, "eos"},
@@ -115,10 +136,13 @@ class Engine {
                                                   int64_t max_tokens = 0) const;
 
   // Checks a request and its capture spec without running anything.
-  absl::Status Validate(const GenerateRequest& request, const CaptureSpec& capture) const;
+  absl::StatusOr<ValidatedRequest> Validate(GenerateRequest request, CaptureSpec capture) const;
 
   // Prefill, then one token per step; attention blocks and tokens go to `sink` as computed.
   // Safe to call from several threads at once. `sink` and `cancel` may be null.
+  absl::StatusOr<GenerateResult> Generate(const ValidatedRequest& request, AttentionSink* sink,
+                                          const CancelToken* cancel) const;
+  // The same for a request not validated yet: Validate, then Generate.
   absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
                                           const CaptureSpec& capture, AttentionSink* sink,
                                           const CancelToken* cancel) const;

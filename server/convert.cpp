@@ -37,21 +37,21 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
     return absl::NotFoundError(absl::StrCat("this server serves model '", served_name, "', not '",
                                             shown, "'; connect to the server of that model"));
   }
-  ResolvedRequest r;
+  GenerateRequest g;
   if (request.max_length() < 0) return absl::InvalidArgumentError("max_length must be >= 0");
   // The request's limit, else the registry's for the served model (a default never replaces a
   // value the user gave).
-  r.max_length = request.max_length() > 0 ? request.max_length() : options.default_max_length;
+  const int64_t max_length =
+      request.max_length() > 0 ? request.max_length() : options.default_max_length;
   // Without truncation a prompt past the context is refused: text and chats are encoded (and
   // rendered) only until that is certain, not in full.
-  const int64_t max_tokens = r.max_length > 0 ? 0 : engine.info().max_position_embeddings;
+  const int64_t max_tokens = max_length > 0 ? 0 : engine.info().max_position_embeddings;
   switch (request.input_case()) {
     case v1::GenerateRequest::kTokenIds:
-      r.generate.prompt_ids.assign(request.token_ids().ids().begin(),
-                                   request.token_ids().ids().end());
+      g.prompt_ids.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
       break;
     case v1::GenerateRequest::kText: {
-      ASSIGN_OR_RETURN(r.generate.prompt_ids,
+      ASSIGN_OR_RETURN(g.prompt_ids,
                        engine.Encode(request.text(), /*add_special_tokens=*/true, max_tokens));
       break;
     }
@@ -59,35 +59,35 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
       std::vector<ChatMessage> messages;
       for (const auto& m : request.chat().messages()) messages.push_back({m.role(), m.content()});
       ASSIGN_OR_RETURN(
-          r.generate.prompt_ids,
+          g.prompt_ids,
           engine.EncodeChat(messages, request.chat().chat_template_kwargs(), max_tokens));
       break;
     }
     case v1::GenerateRequest::INPUT_NOT_SET:
       return absl::InvalidArgumentError("the request has no input: set text, token_ids or chat");
   }
-  r.untruncated_prompt_tokens = static_cast<int64_t>(r.generate.prompt_ids.size());
-  r.generate.prompt_ids = TruncateMiddle(r.generate.prompt_ids, r.max_length);
+  const int64_t untruncated_prompt_tokens = static_cast<int64_t>(g.prompt_ids.size());
+  g.prompt_ids = TruncateMiddle(g.prompt_ids, max_length);
   if (request.has_max_new_tokens() && request.max_new_tokens() < 0)
     return absl::OutOfRangeError(
         absl::StrCat("max_new_tokens = ", request.max_new_tokens(),
                      " must be >= 0 (0: the prompt only, no token generated)"));
-  r.generate.max_new_tokens =
-      request.has_max_new_tokens() ? request.max_new_tokens() : kDefaultMaxNewTokens;
-  r.generate.sampling.temperature = request.sampling().temperature();
-  r.generate.sampling.top_k = request.sampling().top_k();
-  r.generate.sampling.top_p = request.sampling().top_p() == 0 ? 1.0 : request.sampling().top_p();
-  r.generate.sampling.seed = request.sampling().seed();
-  r.generate.stop_token_ids.assign(request.stop_token_ids().begin(),
-                                   request.stop_token_ids().end());
-  r.generate.ignore_eos = request.ignore_eos();
-  ASSIGN_OR_RETURN(r.capture, ToCaptureSpec(request.capture()));
-  RETURN_IF_ERROR(engine.Validate(r.generate, r.capture));
+  g.max_new_tokens = request.has_max_new_tokens() ? request.max_new_tokens() : kDefaultMaxNewTokens;
+  g.sampling.temperature = request.sampling().temperature();
+  g.sampling.top_k = request.sampling().top_k();
+  g.sampling.top_p = request.sampling().top_p() == 0 ? 1.0 : request.sampling().top_p();
+  g.sampling.seed = request.sampling().seed();
+  g.stop_token_ids.assign(request.stop_token_ids().begin(), request.stop_token_ids().end());
+  g.ignore_eos = request.ignore_eos();
+  ASSIGN_OR_RETURN(CaptureSpec capture, ToCaptureSpec(request.capture()));
+  ASSIGN_OR_RETURN(ValidatedRequest valid, engine.Validate(std::move(g), std::move(capture)));
+  ResolvedRequest r{std::move(valid), 0, max_length, untruncated_prompt_tokens};
 
   const ModelInfo& info = engine.info();
-  r.estimated_bytes = EstimateCaptureBytes(r.capture, info.num_layers, info.num_heads,
-                                           static_cast<int64_t>(r.generate.prompt_ids.size()),
-                                           r.generate.max_new_tokens);
+  const GenerateRequest& resolved = r.generate.request();
+  r.estimated_bytes = EstimateCaptureBytes(r.generate.capture(), info.num_layers, info.num_heads,
+                                           static_cast<int64_t>(resolved.prompt_ids.size()),
+                                           resolved.max_new_tokens);
   // The tighter of the server's budget and the request's own max_bytes (the clients' limit).
   const int64_t asked = request.capture().max_bytes();
   const bool request_binds =
@@ -103,6 +103,8 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
                         "Client(max_bytes=N); attnscope-capture: --max_bytes N; 0: none)"
                       : ""));
   }
+  // Generate: the request is checked and its budget judged as asked, but only statistics computed.
+  if (options.statistics_only) r.generate = r.generate.StatisticsOnly();
   return r;
 }
 

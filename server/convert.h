@@ -20,11 +20,11 @@ struct ResolveOptions {
   std::string served_name = "model";  // a request naming another model gets NOT_FOUND
   int64_t budget_bytes = 0;           // capture byte budget per request; 0: none
   int64_t default_max_length = 0;  // the registry's max_length, for requests without one; 0: none
+  bool statistics_only = false;    // Generate: checked as asked, then run with form none
 };
 
 struct ResolvedRequest {
-  GenerateRequest generate;
-  CaptureSpec capture;
+  ValidatedRequest generate;  // the engine's request and capture spec, checked once
   int64_t estimated_bytes = 0;
   int64_t max_length = 0;                 // the middle truncation applied (0: none)
   int64_t untruncated_prompt_tokens = 0;  // the prompt's length before it

@@ -136,10 +136,12 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerCon
                                         v1::GenerateResponse* response,
                                         const CancelToken& cancel) -> absl::Status {
     const auto started = Clock::now();
-    ASSIGN_OR_RETURN(ResolvedRequest r, ResolveRequest(request, *engine_, resolve_options()));
-    r.capture.form = Form::kNone;  // Generate returns statistics only
+    ResolveOptions options = resolve_options();
+    options.statistics_only = true;  // Generate returns statistics only
+    ASSIGN_OR_RETURN(ResolvedRequest r, ResolveRequest(request, *engine_, options));
+    const GenerateRequest& generate = r.generate.request();
     CollectingSink sink(response);
-    auto result = engine_->Generate(r.generate, r.capture, &sink, &cancel);
+    auto result = engine_->Generate(r.generate, &sink, &cancel);
     absl::Status status = result.status();
     if (result.ok()) {
       metrics_.tokens_generated += static_cast<int64_t>(result->tokens.size());
@@ -151,13 +153,13 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Generate(grpc::CallbackServerCon
         if (text.ok()) response->set_text(*text);
       }
       response->set_finish_reason(ToProto(result->finish));
-      response->set_prompt_tokens(static_cast<int64_t>(r.generate.prompt_ids.size()));
-      FillTimings(*result, r.generate.prompt_ids.size(), MsBetween(received, started),
+      response->set_prompt_tokens(static_cast<int64_t>(generate.prompt_ids.size()));
+      FillTimings(*result, generate.prompt_ids.size(), MsBetween(received, started),
                   response->mutable_timings());
       if (result->finish == FinishReason::kCancelled) status = CancelledStatus(accepting_);
     }
     spdlog::info("Generate peer={} prompt={} tokens={} status={} ms={:.1f}", context->peer(),
-                 r.generate.prompt_ids.size(), result.ok() ? result->tokens.size() : 0,
+                 generate.prompt_ids.size(), result.ok() ? result->tokens.size() : 0,
                  static_cast<int>(status.code()), MsBetween(started, Clock::now()));
     return status;
   };

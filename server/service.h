@@ -24,7 +24,6 @@
 #include "server/convert.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
-#include "shm/shared_ring.h"
 
 namespace attnscope {
 

@@ -150,27 +150,26 @@ absl::Status StreamReactor::Stream() {
   auto resolved = ResolveRequest(request_, engine, service_->resolve_options());
   if (!resolved.ok()) return resolved.status();
   resolved_ = std::move(*resolved);
+  const GenerateRequest& generate = resolved_->generate.request();
   v1::StreamAttentionResponse header;
   auto* h = header.mutable_header();
   h->set_request_id(absl::StrCat(service_->next_id_++));
   FillModelInfo(engine.info(), service_->options_.model_name, h->mutable_model());
-  for (int64_t id : resolved_.generate.prompt_ids) h->add_prompt_token_ids(id);
-  for (auto& piece : engine.Pieces(resolved_.generate.prompt_ids))
-    h->add_prompt_pieces(std::move(piece));
-  FillCaptureSpec(resolved_.capture, engine.info().num_layers, engine.info().num_heads,
+  for (int64_t id : generate.prompt_ids) h->add_prompt_token_ids(id);
+  for (auto& piece : engine.Pieces(generate.prompt_ids)) h->add_prompt_pieces(std::move(piece));
+  FillCaptureSpec(resolved_->generate.capture(), engine.info().num_layers, engine.info().num_heads,
                   h->mutable_capture());
-  h->set_estimated_bytes(resolved_.estimated_bytes);
+  h->set_estimated_bytes(resolved_->estimated_bytes);
   h->set_chunk_bytes(service_->options_.chunk_bytes);
-  h->set_max_new_tokens(resolved_.generate.max_new_tokens);
-  h->set_max_length(resolved_.max_length);
-  h->set_untruncated_prompt_tokens(resolved_.untruncated_prompt_tokens);
+  h->set_max_new_tokens(generate.max_new_tokens);
+  h->set_max_length(resolved_->max_length);
+  h->set_untruncated_prompt_tokens(resolved_->untruncated_prompt_tokens);
   if (request_.has_shared_output())
     RETURN_IF_ERROR(shared_.Attach(request_.shared_output(), started, h));
   absl::Status pushed_header = Push(header);
   absl::StatusOr<GenerateResult> result =
-      pushed_header.ok()
-          ? engine.Generate(resolved_.generate, resolved_.capture, this, &state_->cancel)
-          : absl::StatusOr<GenerateResult>(pushed_header);
+      pushed_header.ok() ? engine.Generate(resolved_->generate, this, &state_->cancel)
+                         : absl::StatusOr<GenerateResult>(pushed_header);
   absl::Status final_status;
   if (result.ok()) {
     service_->metrics_.decode_steps += result->decode_steps;
@@ -185,7 +184,7 @@ absl::Status StreamReactor::Stream() {
         if (text.ok()) t->set_text(*text);
       }
       t->set_finish_reason(ToProto(result->finish));
-      FillTimings(*result, resolved_.generate.prompt_ids.size(), MsBetween(received_, started),
+      FillTimings(*result, generate.prompt_ids.size(), MsBetween(received_, started),
                   t->mutable_timings());
       t->set_bytes_sent(bytes_sent_);
       final_status = Push(trailer);
@@ -194,7 +193,7 @@ absl::Status StreamReactor::Stream() {
     final_status = absl::IsCancelled(result.status()) ? StoppedStatus() : result.status();
   }
   spdlog::info("StreamAttention peer={} prompt={} tokens={} bytes={} status={} ms={:.1f}",
-               state_->context->peer(), resolved_.generate.prompt_ids.size(), tokens_, bytes_sent_,
+               state_->context->peer(), generate.prompt_ids.size(), tokens_, bytes_sent_,
                static_cast<int>(final_status.code()), MsBetween(started, Clock::now()));
   return final_status;
 }

@@ -8,6 +8,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include "absl/status/status.h"
 #include "attnscope/v1/attnscope.pb.h"
@@ -98,10 +99,10 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
   const Clock::time_point received_;
   std::shared_ptr<StreamState> state_;
   Scheduler::Ticket ticket_ = 0;
-  ResolvedRequest resolved_;  // the job's
-  int64_t bytes_sent_ = 0;    // the job's
-  int64_t tokens_ = 0;        // the job's: tokens generated, also when the stream ends early
-  SharedOutput shared_;       // the job's: the client's region, when used
+  std::optional<ResolvedRequest> resolved_;  // the job's
+  int64_t bytes_sent_ = 0;                   // the job's
+  int64_t tokens_ = 0;   // the job's: tokens generated, also when the stream ends early
+  SharedOutput shared_;  // the job's: the client's region, when used
 };
 
 }  // namespace attnscope

@@ -40,7 +40,9 @@ def server(model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return attnscope.Client(server.target, timeout=60)
+    c = attnscope.Client(server.target, timeout=60)
+    yield c
+    c.close()
 
 
 def test_model_info(client, model):

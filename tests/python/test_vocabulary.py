@@ -2,12 +2,14 @@
 table (the proto's Statistic enum, core/capture_spec.h kStatistics), the keywords before 0.2 still
 work with a DeprecationWarning, and a notebook's Shift-Tab shows the capture keywords by name."""
 import inspect
+import os
 import subprocess
+import sys
 import warnings
 
 import pytest
 
-from conftest import BUILD, binary
+from conftest import BUILD, ROOT, binary
 from service_fixture import setup_paths
 
 setup_paths(BUILD)
@@ -29,6 +31,12 @@ def test_the_statistic_names_are_the_enum_the_fields_and_the_cli_items():
         assert "--element_type" in text, tool
         for name in NAMES:
             assert name in text, (tool, name)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "client", "python"), os.path.join(BUILD, "python")]))
+    viewer = subprocess.run([sys.executable, "-m", "attnscope.view", "--help"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert viewer.returncode == 0, viewer.stderr
+    for name in NAMES:
+        assert name in viewer.stdout, ("viewer", name)
     assert "--dtype" in subprocess.run([binary("attnscope-run"), "--help"], capture_output=True, text=True,
                                        timeout=60).stdout  # the compute type, as on the server
 

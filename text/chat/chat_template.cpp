@@ -4,7 +4,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/files.h"
-#include "core/status_macros.h"
 
 namespace attnscope {
 namespace {
