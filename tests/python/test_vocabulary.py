@@ -74,5 +74,7 @@ def test_shift_tab_shows_every_capture_keyword(cls, method):
     for name in NAMES + ["form", "layers", "heads", "phases", "last_queries", "element_type", "pool", "pool_op",
                          "capture_top_k", "max_bytes", "prompt", "max_new_tokens"]:
         assert name in params, (method, name)
+    for name in cl.STATISTICS:  # a statistic added to the proto's enum must be a keyword too
+        assert name in params, (method, name)
     assert params["sink_mass"].default == 0 and params["row_entropy"].default is False
     assert "sink_tokens" not in params  # the deprecated spellings are not advertised
