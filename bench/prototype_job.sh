@@ -4,8 +4,9 @@
 # bench_prototype model (4 layers, hidden 256, 8/4 heads). attnscope: a warm server and
 # attnscope-capture (--format pickle, and safetensors for comparison), best of N runs each; eager
 # transformers' generate + assemble + pickle.dump (model already loaded, best of N) where torch and
-# transformers are importable (they are not on the Debian CPU machine: then that row says so).
-# Usage: bench/prototype_job.sh [RUNS]   (default 3)
+# transformers are importable by PEER_PYTHON (default /usr/bin/python3, which has neither: then that
+# row says so; e.g. a venv with `pip install torch==2.5.1 transformers==4.46.3 "numpy<2"`).
+# Usage: [PEER_PYTHON=venv/bin/python] bench/prototype_job.sh [RUNS]   (default 3)
 #   CAPTURE_ARGS="--shared_memory_bytes=0" bench/prototype_job.sh   the wire instead of same-host
 #   shared memory (attnscope-capture's default)
 set -euo pipefail
@@ -37,7 +38,7 @@ best() { local b=999; for _ in $(seq "$RUNS"); do t=$(capture "$1"); b=$(echo "i
 PKL=$(best pickle)
 ST=$(best safetensors)
 SIZE=$(stat -c %s "$WORK/out/attention_sample_0.pkl")
-TF=$(/usr/bin/python3 - "$MODEL" "$WORK/ids" "$RUNS" <<'PY' 2>/dev/null || echo "n/a"
+TF=$("${PEER_PYTHON:-/usr/bin/python3}" - "$MODEL" "$WORK/ids" "$RUNS" <<'PY' 2>/dev/null || echo "n/a"
 import pickle, sys, time
 try:
     import torch
