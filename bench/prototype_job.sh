@@ -5,19 +5,20 @@
 # attnscope-capture (--format pickle, and safetensors for comparison), best of N runs each; eager
 # transformers' generate + assemble + pickle.dump (model already loaded, best of N) where torch and
 # transformers are importable by PEER_PYTHON (default /usr/bin/python3, which has neither: then that
-# row says so; e.g. a venv with `pip install torch==2.5.1 transformers==4.46.3 "numpy<2"`).
-# Usage: [PEER_PYTHON=venv/bin/python] bench/prototype_job.sh [RUNS]   (default 3)
+# row says so; the project venv has both: deploy/python-env.sh).
+# Usage: [BUILD=build-torch2] [PEER_PYTHON=.venv/bin/python] bench/prototype_job.sh [RUNS]   (default 3)
 #   CAPTURE_ARGS="--shared_memory_bytes=0" bench/prototype_job.sh   the wire instead of same-host
 #   shared memory (attnscope-capture's default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${1:-3}"
+BUILD="${BUILD:-build}"  # the build whose server and client run
 MODEL=${MODEL:-/tmp/attnscope-bench-prototype}
 [ -f "$MODEL/config.json" ] || /usr/bin/python3 tests/tools/checkpoint.py bench_prototype "$MODEL" >/dev/null
 WORK=$(mktemp -d)
 trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
 PORT=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-build/server/attnscope-server --model_dir="$MODEL" --listen="127.0.0.1:$PORT" --max_capture_bytes=0 \
+"$BUILD"/server/attnscope-server --model_dir="$MODEL" --listen="127.0.0.1:$PORT" --max_capture_bytes=0 \
   >"$WORK/server.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/server.log" && break; sleep 0.1; done
@@ -27,7 +28,7 @@ print(','.join(str(random.randrange(3, 32000)) for _ in range(512)))" > "$WORK/i
 capture() {  # format -> seconds
   local start end
   start=$(date +%s.%N)
-  build/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --prompt_ids="@$WORK/ids" --max_new_tokens=32 \
+  "$BUILD"/client/cpp/attnscope-capture --server="127.0.0.1:$PORT" --prompt_ids="@$WORK/ids" --max_new_tokens=32 \
     --form=dense --format="$1" --output_dir="$WORK/out" --overwrite --save_attention ${CAPTURE_ARGS:-} >/dev/null 2>"$WORK/capture.err" \
     || { cat "$WORK/capture.err" >&2; exit 1; }
   end=$(date +%s.%N)

@@ -13,7 +13,7 @@ BUILD=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-numpy python3-grpcio python3-protobuf python3-matplotlib
 )
-TEST=(podman debootstrap python3-pytest python3-jinja2 python3-pandas python3-xarray python3-tqdm python3-nbclient python3-ipykernel sentencepiece openssl chromium docker-compose bc clang clang-format libclang-rt-14-dev)
+TEST=(python3-venv podman debootstrap python3-pytest python3-jinja2 python3-pandas python3-xarray python3-tqdm python3-nbclient python3-ipykernel sentencepiece openssl chromium docker-compose bc clang clang-format libclang-rt-14-dev)
 case "${1:-}" in
   --build) PACKAGES=("${BUILD[@]}") ;;
   "") PACKAGES=("${BUILD[@]}" "${TEST[@]}") ;;

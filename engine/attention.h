@@ -4,6 +4,8 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -21,24 +23,39 @@ struct AttentionShape {
 };
 
 // Receives the float32 probabilities [heads, m, computed_keys] of query rows [pos0 + b, pos0 + b +
-// m), and the scores they came from (same shape, float32; masked entries hold the lowest finite
-// float, so that probs · scores is 0 there and statistics can read the scores without a fill).
-using ProbsCallback = std::function<absl::Status(int64_t query_begin, const torch::Tensor& probs,
-                                                 const torch::Tensor& scores)>;
+// m), the scores they came from (same shape, float32; masked entries hold the lowest finite float,
+// so that probs · scores is 0 there and statistics can read the scores without a fill), and, on the
+// fused path, each row's log-sum-exp [heads, m] float32 (the softmax's log-normaliser: probs =
+// exp(scores - lse)); undefined on the explicit path.
+using ProbsCallback =
+    std::function<absl::Status(int64_t query_begin, const torch::Tensor& probs,
+                               const torch::Tensor& scores, const torch::Tensor& lse)>;
+
+// Rows (of q, 0-based) whose probabilities a callback needs; blocks that hold none of them are not
+// materialized. Empty: every row.
+using RowRanges = std::vector<std::pair<int64_t, int64_t>>;
 
 // Reference path: explicit softmax(q·kᵀ·scale + mask) in float32, one block of queries at a time,
 // so at most heads × query_block × keys (and at most block_elements) probabilities exist at once.
+// The output is probs·v, so every block is computed whatever `rows` says.
 //   q: (heads, n, head_dim); k, v: (kv_heads, pos0 + n, head_dim). Returns (heads, n, head_dim).
 absl::StatusOr<torch::Tensor> ExplicitAttention(const torch::Tensor& q, const torch::Tensor& k,
                                                 const torch::Tensor& v, const AttentionShape& shape,
                                                 const ProbsCallback* on_probs);
 
-// Fast path: fused scaled-dot-product attention where libtorch >= 2.0 has it, else the explicit
-// path without capture. Same arguments and result as ExplicitAttention.
-torch::Tensor FastAttention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                            const AttentionShape& shape);
+// Production path: one fused scaled-dot-product kernel (libtorch >= 2.0: the flash kernel on the
+// CPU, the memory-efficient kernel on CUDA) gives every row's output and, when on_probs is set, its
+// log-sum-exp; the probabilities of the blocks of rows that hold `rows` are then recomputed exactly
+// as exp(scale·q·kᵀ - lse) in float32 (one matrix product and one elementwise pass: no softmax, no
+// second reduction), one block at a time with the same bounds as the explicit path. Without a fused
+// kernel (libtorch 1.x, or a device or type it lacks) it is the explicit path. Same arguments and
+// result as ExplicitAttention.
+absl::StatusOr<torch::Tensor> FusedAttention(const torch::Tensor& q, const torch::Tensor& k,
+                                             const torch::Tensor& v, const AttentionShape& shape,
+                                             const ProbsCallback* on_probs,
+                                             const RowRanges& rows = {});
 
-// Whether FastAttention uses a fused kernel in this build.
+// Whether FusedAttention uses a fused kernel in this build.
 bool HasFusedAttention();
 
 }  // namespace attnscope

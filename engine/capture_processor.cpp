@@ -26,11 +26,17 @@ torch::ScalarType TorchType(ElementType t) {
 }
 
 // Row entropies [..., rows] of float32 probabilities and the scores they came from (same shape,
-// rows contiguous), on the CPU in one read of each: H = lse - Σ p·s with lse = s_max - log p_max
-// (the softmax is monotonic: p is largest where s is). Eight independent lanes let the compiler
-// use vector registers; rows are split across the intra-op threads.
-torch::Tensor RowEntropyCpu(const torch::Tensor& probs, const torch::Tensor& scores) {
+// rows contiguous), on the CPU in one read of each. With the rows' lse [..., rows] (the fused path)
+// H = lse·Σp - Σ p·s: the recomputed p = exp(s - lse) sum to 1 only to the kernel's rounding of
+// lse, and lse·(Σp - 1) would be an error of lse's size (1e-5 at lse ≈ 10). Else H = lse - Σ p·s
+// with lse = s_max - log p_max (the softmax is monotonic: p is largest where s is).
+// Eight independent lanes let the compiler use vector registers; rows are split across the intra-op
+// threads.
+torch::Tensor RowEntropyCpu(const torch::Tensor& probs, const torch::Tensor& scores,
+                            const torch::Tensor& lse) {
   const torch::Tensor p = probs.contiguous(), s = scores.contiguous();
+  const torch::Tensor l = lse.defined() ? lse.contiguous() : lse;
+  const float* LSE = l.defined() ? l.data_ptr<float>() : nullptr;
   const int64_t k = p.size(-1), rows = k == 0 ? 0 : p.numel() / k;
   std::vector<int64_t> out_shape(p.sizes().begin(), p.sizes().end() - 1);
   torch::Tensor out = torch::empty(out_shape, p.options());
@@ -42,6 +48,27 @@ torch::Tensor RowEntropyCpu(const torch::Tensor& probs, const torch::Tensor& sco
     for (int64_t r = begin; r < end; ++r) {
       const float* pr = P + r * k;
       const float* sr = S + r * k;
+      if (LSE != nullptr) {  // Σ p·s and Σ p
+        float acc[L] = {}, mass[L] = {};
+        int64_t j = 0;
+        for (; j + L <= k; j += L) {
+          for (int i = 0; i < L; ++i) {
+            acc[i] += pr[j + i] * sr[j + i];
+            mass[i] += pr[j + i];
+          }
+        }
+        double dot = 0, sum = 0;
+        for (; j < k; ++j) {
+          dot += pr[j] * sr[j];
+          sum += pr[j];
+        }
+        for (int i = 0; i < L; ++i) {
+          dot += acc[i];
+          sum += mass[i];
+        }
+        O[r] = static_cast<float>(std::max(0.0, static_cast<double>(LSE[r]) * sum - dot));
+        continue;
+      }
       float smax[L], pmax[L], acc[L];
       for (int i = 0; i < L; ++i) {
         smax[i] = std::numeric_limits<float>::lowest();
@@ -106,30 +133,56 @@ bool CaptureProcessor::Wants(Phase phase, int64_t layer) const {
   return phase == Phase::kPrefill ? spec_.prefill : spec_.decode;
 }
 
+std::vector<std::pair<int64_t, int64_t>> CaptureProcessor::RowsWanted(Phase phase, int64_t pos0,
+                                                                      int64_t n) const {
+  std::vector<std::pair<int64_t, int64_t>> rows;
+  if (phase != Phase::kPrefill) return rows;
+  auto add = [&](int64_t begin, int64_t end) {  // absolute positions
+    begin = std::max<int64_t>(begin - pos0, 0);
+    end = std::min<int64_t>(end - pos0, n);
+    if (begin < end) rows.emplace_back(begin, end);
+  };
+  const auto& st = spec_.stats;
+  if (spec_.form != Form::kNone || st.row_entropy != 0 || st.sink_mass > 0 || st.local_mass > 0) {
+    for (const QueryRange& r : prompt_rows_) add(r.begin, r.end);
+  }
+  if (st.key_score > 0) add(prompt_len_ - st.key_score, prompt_len_);
+  if (rows.empty()) rows.emplace_back(0, 0);  // none (an empty list would mean all)
+  return rows;
+}
+
 absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
                                        int64_t query_begin, const torch::Tensor& probs,
-                                       const torch::Tensor& scores, int64_t key_length) {
+                                       const torch::Tensor& scores, const torch::Tensor& lse,
+                                       int64_t key_length) {
   torch::Tensor p = probs;  // [heads, m, computed_keys]
   torch::Tensor s = scores;
+  torch::Tensor row_lse = lse;  // [heads, m] or undefined
   if (!all_heads_) {
     if (!head_index_.defined() || head_index_.device() != probs.device()) {
       head_index_ = torch::tensor(heads_, torch::dtype(torch::kInt64)).to(probs.device());
     }
     p = p.index_select(0, head_index_);
     if (spec_.stats.row_entropy) s = s.index_select(0, head_index_);
+    if (spec_.stats.row_entropy && lse.defined()) row_lse = row_lse.index_select(0, head_index_);
   }
   // Row entropy of the whole block at once, from the scores: with lse the softmax's
-  // log-normaliser, H = -Σ p log p = -Σ p (s - lse) = lse - Σ p·s; and lse = s_max - log p_max
-  // (at the row's largest score p is largest, so its log is exact). On the CPU one pass over the
-  // block (RowEntropyCpu); elsewhere three tensor operations.
+  // log-normaliser, H = -Σ p log p = -Σ p (s - lse) = lse·Σp - Σ p·s (Σp = 1 up to rounding). The
+  // fused path knows lse; on the explicit path lse = s_max - log p_max (at the row's largest score
+  // p is largest, so its log is exact). On the CPU one pass over the block (RowEntropyCpu);
+  // elsewhere tensor operations.
   torch::Tensor entropy;
   if (spec_.stats.row_entropy && p.device().is_cpu() && p.scalar_type() == torch::kFloat32 &&
       s.scalar_type() == torch::kFloat32) {
-    entropy = RowEntropyCpu(p, s);  // [h, m]
+    entropy = RowEntropyCpu(p, s, row_lse);  // [h, m]
   } else if (spec_.stats.row_entropy) {
-    auto [smax, arg] = s.max(-1, /*keepdim=*/true);                 // [h, m, 1]
-    torch::Tensor lse = smax - p.gather(-1, arg).log();             // [h, m, 1]
-    entropy = (lse.squeeze(-1) - (p * s).sum(-1)).clamp_min_(0.0);  // [h, m]
+    if (row_lse.defined()) {
+      entropy = (row_lse * p.sum(-1) - (p * s).sum(-1)).clamp_min_(0.0);  // [h, m]
+    } else {
+      auto [smax, arg] = s.max(-1, /*keepdim=*/true);          // [h, m, 1]
+      row_lse = (smax - p.gather(-1, arg).log()).squeeze(-1);  // [h, m]
+      entropy = (row_lse - (p * s).sum(-1)).clamp_min_(0.0);   // [h, m]
+    }
   }
   const int64_t m = p.size(1);
   const int64_t computed = p.size(2);

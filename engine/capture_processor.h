@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -22,11 +23,18 @@ class CaptureProcessor {
   // Whether layer `layer` needs probabilities in this phase (else the fast path runs).
   bool Wants(Phase phase, int64_t layer) const;
 
+  // Rows of a forward pass over positions [pos0, pos0 + n) (0-based in the pass, half-open ranges)
+  // whose probabilities the spec needs: the selected prompt rows if a form or a row statistic is
+  // asked for, the key score's last rows; in decode every row. Empty: every row.
+  std::vector<std::pair<int64_t, int64_t>> RowsWanted(Phase phase, int64_t pos0, int64_t n) const;
+
   // probs: [heads, m, computed_keys] float32 for query rows [query_begin, query_begin + m); keys at
   // or past computed_keys (<= key_length) are masked, i.e. 0. scores: the softmax's input, same
-  // shape (masked entries the lowest finite float).
+  // shape (masked entries the lowest finite float). lse: each row's log-sum-exp [heads, m] float32
+  // where the fused path knows it; undefined on the explicit path.
   absl::Status OnProbs(Phase phase, int64_t step, int64_t layer, int64_t query_begin,
-                       const torch::Tensor& probs, const torch::Tensor& scores, int64_t key_length);
+                       const torch::Tensor& probs, const torch::Tensor& scores,
+                       const torch::Tensor& lse, int64_t key_length);
 
   // Emits what accumulates across steps (key-score variance). Call once after the last step.
   absl::Status Finish();

@@ -78,17 +78,25 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
     shape.block_elements = options.block_elements;
     shape.row_multiple = options.row_multiple;
     torch::Tensor attn;  // (heads, n, dim)
+    const ProbsCallback* probs_callback = nullptr;
+    ProbsCallback on_probs;
+    RowRanges rows;
     if (capture != nullptr && capture->Wants(phase, l)) {
+      // Everything the callback reads outlives it: key_length is captured by value because the
+      // callback runs after this block ends (inside the attention call below).
       const int64_t key_length = pos0 + n;
-      ProbsCallback on_probs = [&](int64_t begin, const torch::Tensor& probs,
-                                   const torch::Tensor& scores) {
-        return capture->OnProbs(phase, step, l, pos0 + begin, probs, scores, key_length);
+      on_probs = [&, key_length](int64_t begin, const torch::Tensor& probs,
+                                 const torch::Tensor& scores, const torch::Tensor& lse) {
+        return capture->OnProbs(phase, step, l, pos0 + begin, probs, scores, lse, key_length);
       };
-      ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, &on_probs));
-    } else if (options.fast_attention) {
-      attn = FastAttention(q, cache->k[l], cache->v[l], shape);
+      probs_callback = &on_probs;
+      rows = capture->RowsWanted(phase, pos0, n);
+    }
+    if (options.fast_attention) {
+      ASSIGN_OR_RETURN(attn,
+                       FusedAttention(q, cache->k[l], cache->v[l], shape, probs_callback, rows));
     } else {
-      ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, nullptr));
+      ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, probs_callback));
     }
     x = x +
         Linear(attn.transpose(0, 1).reshape({n, heads * dim}), w[TensorId::kWo], w[TensorId::kBo]);

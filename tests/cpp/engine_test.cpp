@@ -274,11 +274,15 @@ TEST_F(EngineTest, EstimateMatchesBytesProduced) {
 }
 
 // Independent float64 attention: q (heads, n, d) at positions pos0..pos0+n-1 over k, v (kv_heads,
-// pos0 + n, d), causal with an optional sliding window (keys with pos > query - window).
-torch::Tensor ReferenceAttention64(const torch::Tensor& q, const torch::Tensor& k,
-                                   const torch::Tensor& v, int64_t pos0, int64_t window) {
+// pos0 + n, d), causal with an optional sliding window (keys with pos > query - window). Returns
+// the output (heads, n, d) and the probabilities (heads, n, keys).
+std::pair<torch::Tensor, torch::Tensor> ReferenceAttention64(const torch::Tensor& q,
+                                                             const torch::Tensor& k,
+                                                             const torch::Tensor& v, int64_t pos0,
+                                                             int64_t window) {
   const int64_t heads = q.size(0), n = q.size(1), keys = k.size(1), group = heads / k.size(0);
   torch::Tensor q64 = q.to(torch::kFloat64), out = torch::zeros_like(q64);
+  torch::Tensor probs = torch::zeros({heads, n, keys}, torch::kFloat64);
   torch::Tensor k64 = k.to(torch::kFloat64), v64 = v.to(torch::kFloat64);
   for (int64_t h = 0; h < heads; ++h) {
     torch::Tensor scores = q64[h].matmul(k64[h / group].t()) / std::sqrt(double(q.size(2)));
@@ -289,9 +293,10 @@ torch::Tensor ReferenceAttention64(const torch::Tensor& q, const torch::Tensor& 
           scores[i][j] = -std::numeric_limits<double>::infinity();
       }
     }
-    out[h] = torch::softmax(scores, -1).matmul(v64[h / group]);
+    probs[h] = torch::softmax(scores, -1);
+    out[h] = probs[h].matmul(v64[h / group]);
   }
-  return out;
+  return {out, probs};
 }
 
 // pos0: 0 (prefill), 20 (a prompt continued past a cache: the masked branch every uncaptured layer
@@ -304,29 +309,107 @@ class AttentionPaths : public ::testing::TestWithParam<std::tuple<int64_t, int64
     shape_.query_block = 8;
     torch::manual_seed(0);
     const int64_t keys = 37;
-    q_ = torch::randn({8, keys - shape_.pos0, 16});
+    // Scaled so that rows are neither uniform nor one-hot (scores of a few units).
+    q_ = torch::randn({8, keys - shape_.pos0, 16}) * 2.0;
     k_ = torch::randn({2, keys, 16});
     v_ = torch::randn({2, keys, 16});
-    want_ = ReferenceAttention64(q_, k_, v_, shape_.pos0, shape_.window);
+    std::tie(want_, want_probs_) = ReferenceAttention64(q_, k_, v_, shape_.pos0, shape_.window);
   }
   double MaxDiff(const torch::Tensor& got) const {
     return (got.to(torch::kFloat64) - want_).abs().max().item<double>();
   }
+  // Runs `path` with a callback that collects every block's probabilities into (heads, n, keys)
+  // (keys past a block's computed ones stay 0) and checks each block's entropy identity.
+  template <typename Path>
+  torch::Tensor Collect(Path path, torch::Tensor* out) {
+    const int64_t n = q_.size(1), keys = k_.size(1);
+    torch::Tensor got = torch::zeros({8, n, keys}, torch::kFloat64);
+    ProbsCallback cb = [&](int64_t b, const torch::Tensor& probs, const torch::Tensor& scores,
+                           const torch::Tensor& lse) {
+      EXPECT_EQ(probs.scalar_type(), torch::kFloat32);
+      got.narrow(1, b, probs.size(1)).narrow(2, 0, probs.size(2)).copy_(probs);
+      if (lse.defined()) {  // probs = exp(scores - lse), rows summing to one
+        EXPECT_LT((probs.sum(-1) - 1).abs().max().item<double>(), 1e-5);
+      }
+      return absl::OkStatus();
+    };
+    *out = path(&cb).value();
+    return got;
+  }
   AttentionShape shape_;
-  torch::Tensor q_, k_, v_, want_;
+  torch::Tensor q_, k_, v_, want_, want_probs_;
 };
 
 TEST_P(AttentionPaths, ExplicitPathMatchesFloat64Reference) {
   EXPECT_LT(MaxDiff(ExplicitAttention(q_, k_, v_, shape_, nullptr).value()), 1e-5);
+  torch::Tensor out;
+  torch::Tensor probs = Collect(
+      [&](const ProbsCallback* cb) { return ExplicitAttention(q_, k_, v_, shape_, cb); }, &out);
+  EXPECT_LT((probs - want_probs_).abs().max().item<double>(), 1e-5);
+  EXPECT_LT(MaxDiff(out), 1e-5);
 }
 
-TEST_P(AttentionPaths, FastPathMatchesReferencePath) {
+TEST_P(AttentionPaths, FusedPathMatchesFloat64Reference) {
   if (!HasFusedAttention())
-    GTEST_SKIP() << "libtorch < 2.0: the fast path is the explicit path itself";
-  const double diff = MaxDiff(FastAttention(q_, k_, v_, shape_));
-  std::printf("pos0 %ld window %ld: max |fast - float64 reference| = %.2e\n",
-              static_cast<long>(shape_.pos0), static_cast<long>(shape_.window), diff);
+    GTEST_SKIP() << "libtorch < 2.0: the fused path is the explicit path itself";
+  const double diff = MaxDiff(FusedAttention(q_, k_, v_, shape_, nullptr).value());
+  torch::Tensor out;
+  torch::Tensor probs = Collect(
+      [&](const ProbsCallback* cb) { return FusedAttention(q_, k_, v_, shape_, cb); }, &out);
+  const double pdiff = (probs - want_probs_).abs().max().item<double>();
+  std::printf("pos0 %ld window %ld: max |fused - float64| output %.2e, probabilities %.2e\n",
+              static_cast<long>(shape_.pos0), static_cast<long>(shape_.window), diff, pdiff);
   EXPECT_LT(diff, 1e-5);
+  EXPECT_LT(MaxDiff(out), 1e-5);
+  EXPECT_LT(pdiff, 1e-5);
+  // Masked entries exactly 0, as on the explicit path.
+  torch::Tensor masked = probs.masked_select(want_probs_ == 0);
+  if (masked.numel() > 0) EXPECT_EQ(masked.abs().max().item<double>(), 0.0);
+}
+
+// bfloat16 compute: the fused path's probabilities are no further from float64 than the explicit
+// (eager) path's, which is what eager transformers computes in bfloat16.
+TEST_P(AttentionPaths, FusedPathInBfloat16NoFurtherThanEager) {
+  if (!HasFusedAttention()) GTEST_SKIP() << "libtorch < 2.0: no fused path";
+  torch::Tensor q = q_.to(torch::kBFloat16), k = k_.to(torch::kBFloat16),
+                v = v_.to(torch::kBFloat16);
+  auto [want, want_probs] = ReferenceAttention64(q, k, v, shape_.pos0, shape_.window);
+  std::swap(q_, q);
+  std::swap(k_, k);
+  std::swap(v_, v);
+  torch::Tensor out_eager, out_fused;
+  torch::Tensor eager =
+      Collect([&](const ProbsCallback* cb) { return ExplicitAttention(q_, k_, v_, shape_, cb); },
+              &out_eager);
+  torch::Tensor fused = Collect(
+      [&](const ProbsCallback* cb) { return FusedAttention(q_, k_, v_, shape_, cb); }, &out_fused);
+  const double d_eager = (eager - want_probs).abs().max().item<double>();
+  const double d_fused = (fused - want_probs).abs().max().item<double>();
+  std::printf("bfloat16 pos0 %ld window %ld: max |p - float64| eager %.2e, fused %.2e\n",
+              static_cast<long>(shape_.pos0), static_cast<long>(shape_.window), d_eager, d_fused);
+  EXPECT_LE(d_fused, d_eager + 1e-6);
+  const double o_eager = (out_eager.to(torch::kFloat64) - want).abs().max().item<double>();
+  const double o_fused = (out_fused.to(torch::kFloat64) - want).abs().max().item<double>();
+  EXPECT_LE(o_fused, 2 * o_eager + 1e-6);
+}
+
+// Rows the callback does not need are not materialized; the rows it gets are the same.
+TEST_P(AttentionPaths, FusedPathComputesOnlyWantedBlocks) {
+  if (!HasFusedAttention()) GTEST_SKIP() << "libtorch < 2.0: no fused path";
+  const int64_t n = q_.size(1);
+  std::vector<int64_t> begins;
+  ProbsCallback cb = [&](int64_t b, const torch::Tensor&, const torch::Tensor&,
+                         const torch::Tensor&) {
+    begins.push_back(b);
+    return absl::OkStatus();
+  };
+  const RowRanges last_row = {{n - 1, n}};
+  ASSERT_TRUE(FusedAttention(q_, k_, v_, shape_, &cb, last_row).ok());
+  ASSERT_EQ(begins.size(), 1u);
+  EXPECT_EQ(begins[0], (n - 1) / shape_.query_block * shape_.query_block);
+  begins.clear();
+  ASSERT_TRUE(FusedAttention(q_, k_, v_, shape_, &cb, RowRanges{{0, 0}}).ok());
+  EXPECT_TRUE(begins.empty());
 }
 
 INSTANTIATE_TEST_SUITE_P(PositionsAndWindows, AttentionPaths,
