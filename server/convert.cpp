@@ -25,18 +25,51 @@ std::vector<int64_t> TruncateMiddle(const std::vector<int64_t>& ids, int64_t max
   return out;
 }
 
+absl::Status CheckModelName(const std::string& asked, const std::string& served_name) {
+  if (asked.empty() || asked == served_name) return absl::OkStatus();
+  constexpr size_t kShown = 80;  // a name is echoed only this far
+  const std::string shown =
+      asked.size() > kShown ? utf8::Lossy(asked.substr(0, kShown)) + "..." : utf8::Lossy(asked);
+  return absl::NotFoundError(absl::StrCat("this server serves model '", served_name, "', not '",
+                                          shown, "'; connect to the server of that model"));
+}
+
+absl::StatusOr<HeadProbe> ToHeadProbe(const v1::DetectHeadsRequest& request,
+                                      const std::string& served_name) {
+  RETURN_IF_ERROR(CheckModelName(request.model(), served_name));
+  HeadProbe probe;
+  if (request.probe_ids_size() > kMaxProbeTokens) {  // before copying them
+    return absl::InvalidArgumentError(absl::StrCat("probe_ids has ", request.probe_ids_size(),
+                                                   " ids; a probe has 2 to ", kMaxProbeTokens,
+                                                   " ids"));
+  }
+  probe.ids.assign(request.probe_ids().begin(), request.probe_ids().end());
+  if (request.has_span()) probe.span = request.span();
+  probe.seed = request.seed();
+  probe.exclude_bos = request.exclude_bos();
+  probe.exclude_current_token = request.exclude_current_token();
+  return probe;
+}
+
+void FillHeadDetection(const HeadDetection& detection, v1::DetectHeadsResponse* response) {
+  for (int64_t id : detection.probe_ids) response->add_probe_ids(id);
+  for (int64_t l = 0; l < detection.num_layers; ++l) {
+    for (int64_t h = 0; h < detection.num_heads; ++h) {
+      v1::HeadScores* row = response->add_heads();
+      row->set_layer(static_cast<int32_t>(l));
+      row->set_head(static_cast<int32_t>(h));
+      row->set_previous_token(detection.score(l, h, HeadKind::kPreviousToken));
+      row->set_duplicate_token(detection.score(l, h, HeadKind::kDuplicateToken));
+      row->set_induction(detection.score(l, h, HeadKind::kInduction));
+      row->set_sink(detection.score(l, h, HeadKind::kSink));
+    }
+  }
+}
+
 absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& request,
                                                const Engine& engine,
                                                const ResolveOptions& options) {
-  const std::string& served_name = options.served_name;
-  if (!request.model().empty() && request.model() != served_name) {
-    constexpr size_t kShown = 80;  // a name is echoed only this far
-    const std::string& asked = request.model();
-    const std::string shown =
-        asked.size() > kShown ? utf8::Lossy(asked.substr(0, kShown)) + "..." : utf8::Lossy(asked);
-    return absl::NotFoundError(absl::StrCat("this server serves model '", served_name, "', not '",
-                                            shown, "'; connect to the server of that model"));
-  }
+  RETURN_IF_ERROR(CheckModelName(request.model(), options.served_name));
   GenerateRequest g;
   if (request.max_length() < 0) return absl::InvalidArgumentError("max_length must be >= 0");
   // The request's limit, else the registry's for the served model (a default never replaces a

@@ -8,6 +8,7 @@
 #include "attnscope/v1/attnscope.pb.h"
 #include "core/block.h"
 #include "engine/engine.h"
+#include "engine/head_detector.h"
 #include "proto/contract.h"
 
 namespace attnscope {
@@ -29,6 +30,14 @@ struct ResolvedRequest {
   int64_t max_length = 0;                 // the middle truncation applied (0: none)
   int64_t untruncated_prompt_tokens = 0;  // the prompt's length before it
 };
+
+// NOT_FOUND when a request names a model other than the served one (empty: any).
+absl::Status CheckModelName(const std::string& asked, const std::string& served_name);
+
+// A DetectHeads request as the engine's probe (its ids bounded before they are copied).
+absl::StatusOr<HeadProbe> ToHeadProbe(const v1::DetectHeadsRequest& request,
+                                      const std::string& served_name);
+void FillHeadDetection(const HeadDetection& detection, v1::DetectHeadsResponse* response);
 
 // Resolves the input (token ids, or text/chat through the engine's tokenizer), middle truncation,
 // generation parameters and capture spec; checks everything the engine checks and the byte budget.

@@ -203,6 +203,31 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Detokenize(grpc::CallbackServerC
       std::move(work));
 }
 
+grpc::ServerUnaryReactor* AttentionServiceImpl::DetectHeads(grpc::CallbackServerContext* context,
+                                                            const grpc::ByteBuffer* raw_request,
+                                                            grpc::ByteBuffer* raw_response) {
+  auto work = [this, context](const v1::DetectHeadsRequest& request,
+                              v1::DetectHeadsResponse* response,
+                              const CancelToken& cancel) -> absl::Status {
+    const auto started = Clock::now();
+    ASSIGN_OR_RETURN(const HeadProbe probe, ToHeadProbe(request, options_.model_name));
+    auto detection = attnscope::DetectHeads(*engine_, probe, &cancel);
+    absl::Status status = detection.status();
+    if (status.ok()) {
+      FillHeadDetection(*detection, response);
+      response->set_compute_ms(MsBetween(started, Clock::now()));
+    } else if (absl::IsCancelled(status)) {
+      status = CancelledStatus(accepting_);
+    }
+    spdlog::info("DetectHeads peer={} probe={} status={} ms={:.1f}", context->peer(),
+                 detection.ok() ? detection->probe_ids.size() : 0, static_cast<int>(status.code()),
+                 MsBetween(started, Clock::now()));
+    return status;
+  };
+  return new JobReactor<v1::DetectHeadsRequest, v1::DetectHeadsResponse>(
+      this, context, "DetectHeads", scheduler_.get(), raw_request, raw_response, std::move(work));
+}
+
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
                                                              const grpc::ByteBuffer* raw_request,
                                                              grpc::ByteBuffer* raw_response) {

@@ -54,7 +54,8 @@ using RawAttentionService = v1::AttentionService::WithRawCallbackMethod_Generate
         v1::AttentionService::WithRawCallbackMethod_Tokenize<
             v1::AttentionService::WithRawCallbackMethod_Detokenize<
                 v1::AttentionService::WithRawCallbackMethod_GetModelInfo<
-                    v1::AttentionService::Service>>>>>;
+                    v1::AttentionService::WithRawCallbackMethod_DetectHeads<
+                        v1::AttentionService::Service>>>>>>;
 
 class AttentionServiceImpl final : public RawAttentionService {
  public:
@@ -76,6 +77,10 @@ class AttentionServiceImpl final : public RawAttentionService {
   grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* context,
                                        const grpc::ByteBuffer* request,
                                        grpc::ByteBuffer* response) override;
+  // DetectHeadsRequest -> DetectHeadsResponse (on the generation scheduler: it runs the model)
+  grpc::ServerUnaryReactor* DetectHeads(grpc::CallbackServerContext* context,
+                                        const grpc::ByteBuffer* request,
+                                        grpc::ByteBuffer* response) override;
   // GetModelInfoRequest -> ModelInfo
   grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
                                          const grpc::ByteBuffer* request,

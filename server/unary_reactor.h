@@ -1,4 +1,4 @@
-// The unary calls (Generate, Tokenize, Detokenize, GetModelInfo): one reactor whose work, a
+// The unary calls (Generate, Tokenize, Detokenize, DetectHeads): one reactor whose work, a
 // function of the request, runs on a scheduler thread.
 #pragma once
 

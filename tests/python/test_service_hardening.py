@@ -97,6 +97,53 @@ def test_cancel_and_deadline_storm_leaves_the_server_correct(model, tmp_path, fl
     assert s.proc.returncode == 0, s.read_log()[-3000:]
 
 
+def test_detect_heads_cancel_and_deadline_storm(model, tmp_path):
+    """DetectHeads runs the model on the generation scheduler: 12 clients asking for the longest
+    probe with 10-200 ms deadlines or cancelling at once leave the server answering the same."""
+    s = start(model, tmp_path, "--max_queue=64", "--max_concurrent=2")
+    try:
+        c = attnscope.Client(s.target)
+        request = pb.DetectHeadsRequest(span=500, seed=5)
+        before = c.stub.DetectHeads(request, timeout=120)
+        stop = time.time() + STORM_SECONDS / 2
+        counts = {"calls": 0, "errors": 0}
+        lock = threading.Lock()
+
+        def storm(seed):
+            rng = random.Random(seed)
+            while time.time() < stop:
+                future = c.stub.DetectHeads.future(request, timeout=rng.choice([0.01, 0.05, 0.2, 30]))
+                if rng.random() < 0.4:
+                    future.cancel()
+                try:
+                    future.result()
+                except grpc.FutureCancelledError:
+                    pass
+                except grpc.RpcError as e:
+                    assert e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        grpc.StatusCode.RESOURCE_EXHAUSTED), e
+                    with lock:
+                        counts["errors"] += 1
+                with lock:
+                    counts["calls"] += 1
+
+        threads = [threading.Thread(target=storm, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert s.proc.poll() is None, s.read_log()[-3000:]
+        after = c.stub.DetectHeads(request, timeout=120)
+        after.compute_ms = before.compute_ms = 0
+        assert after.SerializeToString() == before.SerializeToString()
+        print(f"storm: {counts['calls']} DetectHeads calls, {counts['errors']} ended by status")
+        assert counts["calls"] > 20
+        c.close()
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0, s.read_log()[-3000:]
+
+
 def test_abandoned_requests_give_their_queue_places_back(model, tmp_path):
     """Issue 11.2: clients that gave up while queued kept their places until the running stream ended."""
     mport = free_port()

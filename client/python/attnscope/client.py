@@ -450,6 +450,49 @@ class _Receiver:
 MODEL_HEADER = "x-attnscope-model"
 
 
+HEAD_KINDS = ("previous_token", "duplicate_token", "induction", "sink")  # DetectHeadsResponse's columns
+
+
+class HeadScores:
+    """What DetectHeads answered: `scores[kind]` is a [layers, heads] numpy array per kind of
+    HEAD_KINDS (rows: the model's layer numbers, columns: its head numbers), `probe_ids` the probe
+    that ran, `compute_ms` the server's time."""
+
+    def __init__(self, response):
+        self.probe_ids = list(response.probe_ids)
+        self.compute_ms = response.compute_ms
+        layers = 1 + max((h.layer for h in response.heads), default=-1)
+        heads = 1 + max((h.head for h in response.heads), default=-1)
+        self.scores = {k: np.full((layers, heads), np.nan) for k in HEAD_KINDS}
+        for h in response.heads:
+            for k in HEAD_KINDS:
+                self.scores[k][h.layer, h.head] = getattr(h, k)
+
+    def __getitem__(self, kind):
+        return self.scores[kind]
+
+    def top(self, kind, n=3):
+        """The n (layer, head, score) with the highest `kind` score, best first."""
+        a = self.scores[kind]
+        order = np.argsort(-a, axis=None, kind="stable")[:n]
+        return [(int(i // a.shape[1]), int(i % a.shape[1]), float(a.flat[i])) for i in order]
+
+    def table(self):
+        """One row per (layer, head), a column per kind. Needs pandas."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("table() needs pandas (Debian: python3-pandas)") from None
+        layers, heads = self.scores[HEAD_KINDS[0]].shape
+        rows = [dict(layer=l, head=h, **{k: float(self.scores[k][l, h]) for k in HEAD_KINDS})
+                for l in range(layers) for h in range(heads)]
+        return pd.DataFrame(rows, columns=["layer", "head", *HEAD_KINDS])
+
+    def __repr__(self):
+        best = ", ".join(f"{k} L{l}H{h} {v:.2f}" for k in HEAD_KINDS for l, h, v in self.top(k, 1))
+        return f"HeadScores({len(self.probe_ids)}-token probe; best: {best})"
+
+
 def _with_model(client, request):
     """The request with the client's default model, and the call's metadata (the model header)."""
     if not request.model and client.model:
@@ -549,6 +592,20 @@ class Client:
     def detokenize(self, ids, skip_special_tokens=False):
         return self._unary("Detokenize", pb.DetokenizeRequest(ids=list(ids), skip_special_tokens=skip_special_tokens),
                            lambda r: r.text)
+
+    def detect_heads(self, span=None, seed=0, probe_ids=None, exclude_bos=False, exclude_current_token=False,
+                     model=""):
+        """Scores every (layer, head) of the served model as a previous-token, duplicate-token,
+        induction and sink head from the attention of a probe the server runs: `probe_ids` as
+        given, else BOS, `span` random ids (default 32, seeded) and the same ids again
+        (TransformerLens' detect_head definitions; the proto's DetectHeadsResponse says each).
+        Returns a HeadScores table (`.table()`: a pandas DataFrame; `.top(kind)`)."""
+        req = pb.DetectHeadsRequest(model=model, probe_ids=[int(i) for i in (probe_ids or ())], seed=int(seed),
+                                    exclude_bos=exclude_bos, exclude_current_token=exclude_current_token)
+        if span is not None:
+            req.span = int(span)
+        req, metadata = _with_model(self, req)
+        return self._unary("DetectHeads", req, HeadScores, metadata=metadata)
 
     @staticmethod
     def request(prompt=None, token_ids=None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=0.0, seed=0,
@@ -665,7 +722,7 @@ class AsyncClient(Client):
     def _channels():
         return grpc.aio
 
-    # model_info, tokenize, detokenize and generate are Client's: they return what _unary returns,
+    # model_info, tokenize, detokenize, detect_heads and generate are Client's: they return what _unary returns,
     # here a coroutine to await.
     async def _unary(self, method, request, read=None, metadata=None):
         response = await getattr(self.stub, method)(
