@@ -75,6 +75,18 @@ struct HostArray {
   }
 };
 
+// What a request's interventions changed at generated token `step` (1-based), against the
+// unmodified model run in lock-step on the same tokens.
+struct DivergenceStep {
+  int64_t step = 0;
+  double kl = 0;            // KL(full || intervened) of the next-token distributions, nats
+  bool top1_agree = false;  // the two argmax tokens are the same
+  int64_t rank = 0;         // the rank of the chosen token under the full model (1: its top-1)
+  // [layers][heads]: the attention mass the full model's row that produced this step puts on the
+  // keys the intervened model does not see (0 where nothing is hidden).
+  std::vector<float> lost_mass;
+};
+
 // Receives results while a generation runs, on the engine's thread. A non-OK status stops the
 // generation and is returned by Engine::Generate.
 class AttentionSink {
@@ -88,6 +100,8 @@ class AttentionSink {
   // Logits ([vocab] float32) that chose token `step`; only when WantsLogits().
   virtual bool WantsLogits() const { return false; }
   virtual absl::Status OnLogits(int64_t step, const HostArray& logits) { return absl::OkStatus(); }
+  // Per generated step, for a request with interventions.
+  virtual absl::Status OnDivergence(const DivergenceStep& divergence) { return absl::OkStatus(); }
 };
 
 }  // namespace attnscope

@@ -67,6 +67,7 @@ torch::Tensor BlockScores(const torch::Tensor& q, const torch::Tensor& k,
   torch::Tensor scores =
       (torch::matmul(qg, kb.transpose(1, 2)) * scale).view({heads, m, keys}).to(torch::kFloat32);
   MaskScores(scores, shape.pos0 + b, shape.window);
+  if (shape.knockout != nullptr) shape.knockout->HideKeys(scores, shape.pos0 + b);
   return scores;
 }
 
@@ -215,6 +216,9 @@ bool Overlaps(const RowRanges& rows, int64_t b, int64_t e) {
 absl::StatusOr<torch::Tensor> FusedAttention(const torch::Tensor& q, const torch::Tensor& k,
                                              const torch::Tensor& v, const AttentionShape& shape,
                                              const ProbsCallback* on_probs, const RowRanges& rows) {
+  if (shape.knockout != nullptr && shape.knockout->hides_keys()) {
+    return ExplicitAttention(q, k, v, shape, on_probs);  // the fused kernel knows no such mask
+  }
 #if TORCH_VERSION_MAJOR >= 2
   auto fused = FusedKernel(q, k, v, shape, on_probs != nullptr);
   if (!fused.has_value()) return ExplicitAttention(q, k, v, shape, on_probs);

@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/bounds.h"
+#include "engine/layer_intervention.h"
 
 namespace attnscope {
 
@@ -20,6 +21,9 @@ struct AttentionShape {
   int64_t block_elements =
       0;  // > 0: also at most this many probabilities (heads × rows × keys) at once
   int64_t row_multiple = 1;  // block starts are multiples of this (pooled tiles stay whole)
+  // Keys a knockout hides, masked like the causal mask (the explicit path only: FusedAttention
+  // takes the explicit path when set).
+  const LayerInterventions* knockout = nullptr;
 };
 
 // Receives the float32 probabilities [heads, m, computed_keys] of query rows [pos0 + b, pos0 + b +

@@ -240,6 +240,8 @@ absl::StatusOr<ValidatedRequest> Engine::Validate(GenerateRequest request,
     }
   }
   RETURN_IF_ERROR(ValidateCaptureSpec(capture, info_.num_layers, info_.num_heads, prompt_len));
+  RETURN_IF_ERROR(ValidateInterventions(request.interventions, info_.num_layers, info_.num_heads,
+                                        prompt_len, info_.max_position_embeddings));
   if (capture.form == Form::kPooled) {
     // A tile's rows are computed together (blocks never split a tile): pool rows over the prompt's
     // keys for every head. Up to kPoolRowsAlwaysAllowed rows are always allowed; more must fit
@@ -261,6 +263,31 @@ absl::StatusOr<ValidatedRequest> Engine::Validate(GenerateRequest request,
   }
   return ValidatedRequest(std::move(request), std::move(capture));
 }
+
+namespace {
+
+// One step's divergence of the intervened model from the full one (both logits [vocab]).
+DivergenceStep Divergence(int64_t step, int64_t token, const torch::Tensor& full,
+                          const torch::Tensor& intervened,
+                          const std::vector<torch::Tensor>& hidden_mass, int64_t num_layers,
+                          int64_t num_heads) {
+  DivergenceStep d;
+  d.step = step;
+  const torch::Tensor lp_full = torch::log_softmax(full.to(torch::kFloat64), -1);
+  const torch::Tensor lp_int = torch::log_softmax(intervened.to(torch::kFloat64), -1);
+  d.kl = (lp_full.exp() * (lp_full - lp_int)).sum().item<double>();
+  d.top1_agree = full.argmax().item<int64_t>() == intervened.argmax().item<int64_t>();
+  d.rank = 1 + full.gt(full[token]).sum().item<int64_t>();
+  d.lost_mass.assign(num_layers * num_heads, 0.0f);
+  for (int64_t l = 0; l < num_layers && l < static_cast<int64_t>(hidden_mass.size()); ++l) {
+    if (!hidden_mass[l].defined()) continue;  // nothing hidden in this layer
+    const torch::Tensor mass = hidden_mass[l].to(torch::kFloat32).cpu().contiguous();
+    std::copy_n(mass.data_ptr<float>(), num_heads, d.lost_mass.begin() + l * num_heads);
+  }
+  return d;
+}
+
+}  // namespace
 
 absl::StatusOr<GenerateResult> Engine::Generate(const GenerateRequest& request,
                                                 const CaptureSpec& capture, AttentionSink* sink,
@@ -289,6 +316,20 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
     fwd.fast_attention = options_.fast_attention;
     Sampler sampler(request.sampling);
     GenerateResult result;
+    // Interventions: the intervened run (this cache) and the unmodified reference (its own cache)
+    // in lock-step on the same tokens.
+    const bool what_if = !request.interventions.empty();
+    ForwardInterventions intervened, reference;
+    KVCache reference_cache;
+    if (what_if) {
+      for (int64_t l = 0; l < info_.num_layers; ++l) {
+        intervened.layers.emplace_back(request.interventions, l, info_.num_heads);
+      }
+      reference.layers = intervened.layers;
+      reference.measure = true;
+      reference_cache = transformer_->NewCache(cache.capacity);
+    }
+    torch::Tensor reference_logits;
 
     auto is_cancelled = [&] { return cancel != nullptr && cancel->cancelled(); };
     if (is_cancelled()) {
@@ -296,9 +337,14 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
       return result;
     }
     auto t0 = std::chrono::steady_clock::now();
-    ASSIGN_OR_RETURN(
-        torch::Tensor logits,
-        transformer_->Forward(request.prompt_ids, &cache, &processor, Phase::kPrefill, 0, fwd));
+    ASSIGN_OR_RETURN(torch::Tensor logits,
+                     transformer_->Forward(request.prompt_ids, &cache, &processor, Phase::kPrefill,
+                                           0, fwd, what_if ? &intervened : nullptr));
+    if (what_if) {
+      ASSIGN_OR_RETURN(reference_logits,
+                       transformer_->Forward(request.prompt_ids, &reference_cache, nullptr,
+                                             Phase::kPrefill, 0, fwd, &reference));
+    }
     result.timings.prefill_ms = MsSince(t0);
     t0 = std::chrono::steady_clock::now();
     // max_new_tokens 0: the forward pass over the prompt is all (its captures, no token).
@@ -312,8 +358,14 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
         view.bytes = host.numel() * 4;
         RETURN_IF_ERROR(sink->OnLogits(step, view));
       }
-      const int64_t token = sampler.Next(logits);
+      const int64_t token =
+          sampler.Next(what_if && request.reference_leads ? reference_logits : logits);
       result.tokens.push_back(token);
+      if (what_if && sink != nullptr) {
+        RETURN_IF_ERROR(sink->OnDivergence(Divergence(step, token, reference_logits, logits,
+                                                      reference.hidden_mass, info_.num_layers,
+                                                      info_.num_heads)));
+      }
       if (sink != nullptr) RETURN_IF_ERROR(sink->OnToken(step, token));
       const auto& eos = info_.eos_token_ids;
       const auto& stop = request.stop_token_ids;
@@ -337,8 +389,13 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
         result.finish = FinishReason::kCancelled;
         break;
       }
-      ASSIGN_OR_RETURN(
-          logits, transformer_->Forward({token}, &cache, &processor, Phase::kDecode, step, fwd));
+      ASSIGN_OR_RETURN(logits, transformer_->Forward({token}, &cache, &processor, Phase::kDecode,
+                                                     step, fwd, what_if ? &intervened : nullptr));
+      if (what_if) {
+        ASSIGN_OR_RETURN(reference_logits,
+                         transformer_->Forward({token}, &reference_cache, nullptr, Phase::kDecode,
+                                               step, fwd, &reference));
+      }
       ++result.decode_steps;
     }
     result.timings.decode_ms = MsSince(t0);

@@ -12,6 +12,7 @@
 #include "core/block.h"
 #include "engine/bounds.h"
 #include "engine/checkpoint/config.h"
+#include "engine/intervention.h"
 #include "engine/sampling.h"
 #include "text/chat/chat.h"
 #include "text/chat/chat_template.h"
@@ -51,6 +52,10 @@ struct GenerateRequest {
   SamplingParams sampling;
   std::vector<int64_t> stop_token_ids;  // besides the model's eos ids
   bool ignore_eos = false;
+  // Non-empty: the intervened model generates (and is captured), the unmodified model runs beside
+  // it on the same tokens, and the sink gets each step's DivergenceStep.
+  Interventions interventions;
+  bool reference_leads = false;  // the unmodified model chooses the tokens instead
 };
 
 // A request and capture spec Engine::Validate accepted. Only Validate makes one, so Generate takes

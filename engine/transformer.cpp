@@ -40,8 +40,8 @@ torch::Tensor Transformer::RmsNorm(const torch::Tensor& x, const torch::Tensor& 
 
 absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& ids, KVCache* cache,
                                                    CaptureProcessor* capture, Phase phase,
-                                                   int64_t step,
-                                                   const ForwardOptions& options) const {
+                                                   int64_t step, const ForwardOptions& options,
+                                                   ForwardInterventions* interventions) const {
   const int64_t n = static_cast<int64_t>(ids.size());
   const int64_t pos0 = cache->length;
   const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads, dim = config_.head_dim;
@@ -50,6 +50,9 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
       weights_.global[TensorId::kTokenEmbedding].index_select(0, ids_t);  // (n, hidden)
   auto [cos, sin] = RopeTables(inv_freq_, pos0, n, dtype_);               // (n, head_dim) each
 
+  if (interventions != nullptr && interventions->measure) {
+    interventions->hidden_mass.assign(config_.num_layers, torch::Tensor());
+  }
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     const TensorSet& w = weights_.layers[l];
     // Attention block: RMSNorm, q/k/v projections, per-head q/k norms (Qwen3), RoPE on q and k,
@@ -77,6 +80,14 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
     shape.query_block = options.query_block;
     shape.block_elements = options.block_elements;
     shape.row_multiple = options.row_multiple;
+    LayerInterventions* intervention =
+        interventions != nullptr && !interventions->measure ? &interventions->layers[l] : nullptr;
+    if (intervention != nullptr && intervention->hides_keys()) shape.knockout = intervention;
+    // The reference's measure: the last row's mass on the keys the intervened run hides.
+    const LayerInterventions* measure =
+        interventions != nullptr && interventions->measure && interventions->layers[l].hides_keys()
+            ? &interventions->layers[l]
+            : nullptr;
     torch::Tensor attn;  // (heads, n, dim)
     const ProbsCallback* probs_callback = nullptr;
     ProbsCallback on_probs;
@@ -91,6 +102,17 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
       };
       probs_callback = &on_probs;
       rows = capture->RowsWanted(phase, pos0, n);
+    } else if (measure != nullptr) {
+      on_probs = [&, measure](int64_t begin, const torch::Tensor& probs, const torch::Tensor&,
+                              const torch::Tensor&) {
+        const int64_t last = n - 1 - begin;  // the last row's index in this block, if it holds it
+        if (last >= 0 && last < probs.size(1)) {
+          interventions->hidden_mass[l] = measure->HiddenMass(probs.select(1, last), pos0 + n - 1);
+        }
+        return absl::OkStatus();
+      };
+      probs_callback = &on_probs;
+      rows = {{n - 1, n}};
     }
     if (options.fast_attention) {
       ASSIGN_OR_RETURN(attn,
@@ -98,6 +120,7 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
     } else {
       ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, probs_callback));
     }
+    if (intervention != nullptr && intervention->ablates()) intervention->Ablate(attn, phase);
     x = x +
         Linear(attn.transpose(0, 1).reshape({n, heads * dim}), w[TensorId::kWo], w[TensorId::kBo]);
 

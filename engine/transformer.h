@@ -10,6 +10,7 @@
 #include "engine/capture_processor.h"
 #include "engine/checkpoint/config.h"
 #include "engine/checkpoint/weights.h"
+#include "engine/layer_intervention.h"
 
 namespace attnscope {
 
@@ -36,9 +37,11 @@ class Transformer {
   // Feeds `ids` at positions [cache.length, cache.length + n), appending to the cache; hands the
   // probabilities of the layers `capture` wants to it. Returns the float32 logits (vocab) of the
   // last position.
+  // `interventions` (or null) hide keys and ablate heads, or measure what they would hide.
   absl::StatusOr<torch::Tensor> Forward(const std::vector<int64_t>& ids, KVCache* cache,
                                         CaptureProcessor* capture, Phase phase, int64_t step,
-                                        const ForwardOptions& options) const;
+                                        const ForwardOptions& options,
+                                        ForwardInterventions* interventions = nullptr) const;
 
  private:
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight) const;

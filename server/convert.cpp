@@ -66,6 +66,76 @@ void FillHeadDetection(const HeadDetection& detection, v1::DetectHeadsResponse* 
   }
 }
 
+namespace {
+
+// A repeated field of at most `limit` entries, or INVALID_ARGUMENT naming it.
+absl::Status Bounded(int size, int64_t limit, const std::string& field, const char* what) {
+  if (size > limit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " has ", size, " entries, more than ", limit, " (", what, ")"));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<PositionRange> ToRanges(
+    const google::protobuf::RepeatedPtrField<v1::PositionRange>& ranges) {
+  std::vector<PositionRange> out;
+  out.reserve(ranges.size());
+  for (const auto& r : ranges) out.push_back({r.begin(), r.end()});
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<Interventions> ToInterventions(const v1::Interventions& proto,
+                                              const ModelInfo& info) {
+  Interventions out;
+  RETURN_IF_ERROR(Bounded(proto.ablations_size(), kMaxAblations, "interventions.ablations",
+                          "ablations per request"));
+  RETURN_IF_ERROR(Bounded(proto.knockouts_size(), kMaxKnockouts, "interventions.knockouts",
+                          "knockouts per request"));
+  int64_t ranges = 0;
+  for (const auto& k : proto.knockouts()) ranges += k.keys_size() + k.queries_size();
+  if (ranges > kMaxKnockoutRanges) {
+    return absl::InvalidArgumentError(absl::StrCat("interventions.knockouts hold ", ranges,
+                                                   " ranges together, more than ",
+                                                   kMaxKnockoutRanges));
+  }
+  for (int i = 0; i < proto.ablations_size(); ++i) {
+    const auto& a = proto.ablations(i);
+    RETURN_IF_ERROR(Bounded(a.heads_size(), info.num_heads,
+                            absl::StrCat("interventions.ablations[", i, "].heads"),
+                            "the model's heads"));
+    if (a.kind() != v1::ABLATION_KIND_ZERO && a.kind() != v1::ABLATION_KIND_MEAN) {
+      return absl::InvalidArgumentError(absl::StrCat("interventions.ablations[", i, "].kind ",
+                                                     static_cast<int>(a.kind()),
+                                                     " is not an AblationKind"));
+    }
+    out.ablations.push_back(
+        {a.layer(), std::vector<int64_t>(a.heads().begin(), a.heads().end()),
+         a.kind() == v1::ABLATION_KIND_MEAN ? AblationKind::kMean : AblationKind::kZero});
+  }
+  for (int i = 0; i < proto.knockouts_size(); ++i) {
+    const auto& k = proto.knockouts(i);
+    const std::string field = absl::StrCat("interventions.knockouts[", i, "]");
+    RETURN_IF_ERROR(
+        Bounded(k.layers_size(), info.num_layers, field + ".layers", "the model's layers"));
+    RETURN_IF_ERROR(Bounded(k.heads_size(), info.num_heads, field + ".heads", "the model's heads"));
+    out.knockouts.push_back({std::vector<int64_t>(k.layers().begin(), k.layers().end()),
+                             std::vector<int64_t>(k.heads().begin(), k.heads().end()),
+                             ToRanges(k.keys()), ToRanges(k.queries())});
+  }
+  return out;
+}
+
+void FillDivergence(const DivergenceStep& step, v1::DivergenceEvent* event) {
+  event->set_step(step.step);
+  event->set_kl(step.kl);
+  event->set_top1_agree(step.top1_agree);
+  event->set_rank(step.rank);
+  event->mutable_lost_mass()->Add(step.lost_mass.begin(), step.lost_mass.end());
+}
+
 absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& request,
                                                const Engine& engine,
                                                const ResolveOptions& options) {
@@ -112,6 +182,8 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
   g.sampling.seed = request.sampling().seed();
   g.stop_token_ids.assign(request.stop_token_ids().begin(), request.stop_token_ids().end());
   g.ignore_eos = request.ignore_eos();
+  ASSIGN_OR_RETURN(g.interventions, ToInterventions(request.interventions(), engine.info()));
+  g.reference_leads = request.interventions().reference_leads();
   ASSIGN_OR_RETURN(CaptureSpec capture, ToCaptureSpec(request.capture()));
   ASSIGN_OR_RETURN(ValidatedRequest valid, engine.Validate(std::move(g), std::move(capture)));
   ResolvedRequest r{std::move(valid), 0, max_length, untruncated_prompt_tokens};

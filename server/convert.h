@@ -39,6 +39,12 @@ absl::StatusOr<HeadProbe> ToHeadProbe(const v1::DetectHeadsRequest& request,
                                       const std::string& served_name);
 void FillHeadDetection(const HeadDetection& detection, v1::DetectHeadsResponse* response);
 
+// The request's interventions; list lengths are bounded before anything is copied (the engine's
+// Validate checks the rest).
+absl::StatusOr<Interventions> ToInterventions(const v1::Interventions& proto,
+                                              const ModelInfo& info);
+void FillDivergence(const DivergenceStep& step, v1::DivergenceEvent* event);
+
 // Resolves the input (token ids, or text/chat through the engine's tokenizer), middle truncation,
 // generation parameters and capture spec; checks everything the engine checks and the byte budget.
 // Errors carry the status a user should see.

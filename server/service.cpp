@@ -24,6 +24,10 @@ class CollectingSink : public AttentionSink {
       FillStatistic(block, response_->add_statistics());
     return absl::OkStatus();
   }
+  absl::Status OnDivergence(const DivergenceStep& step) override {
+    FillDivergence(step, response_->add_divergence());
+    return absl::OkStatus();
+  }
 
  private:
   v1::GenerateResponse* response_;

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "server/convert.h"
 #include "server/grpc_status.h"
 #include "server/service.h"
 
@@ -105,6 +106,12 @@ absl::Status StreamReactor::OnToken(int64_t step, int64_t id) {
   msg.mutable_token()->set_step(step);
   msg.mutable_token()->set_id(id);
   msg.mutable_token()->set_piece(service_->engine_->Pieces({id})[0]);
+  return Push(msg);
+}
+
+absl::Status StreamReactor::OnDivergence(const DivergenceStep& step) {
+  v1::StreamAttentionResponse msg;
+  FillDivergence(step, msg.mutable_divergence());
   return Push(msg);
 }
 

@@ -72,6 +72,7 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
   // AttentionSink, on the engine thread.
   absl::Status OnBlock(const Block& block) override;
   absl::Status OnToken(int64_t step, int64_t id) override;
+  absl::Status OnDivergence(const DivergenceStep& step) override;
   // Dense blocks come unmaterialized when they go to the mapped ring (ChunkBlock has them written
   // there piece by piece).
   bool PlacesValues() const override { return shared_.mapped(); }

@@ -80,3 +80,17 @@ class Server:
             self.log.close()
             if self._own_log:
                 os.unlink(self.log_path)
+
+
+def serve(server_binary, model_dir, *flags, timeout=120):
+    """A server on `model_dir` and a Python client of it, for a module fixture to yield from:
+    `yield from serve(binary("attnscope-server"), model, "--max_concurrent=2")`."""
+    import attnscope  # setup_paths has run: the caller imported attnscope already
+
+    s = Server(server_binary, model_dir, *flags)
+    c = attnscope.Client(s.target, timeout=timeout)
+    try:
+        yield c
+    finally:
+        c.close()
+        s.stop()

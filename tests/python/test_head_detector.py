@@ -7,7 +7,7 @@ import pytest
 
 import reference
 from conftest import BUILD, binary
-from service_fixture import Server, setup_paths
+from service_fixture import serve, setup_paths
 
 setup_paths(BUILD)
 import attnscope  # noqa: E402
@@ -52,11 +52,7 @@ def model(make_checkpoint):
 
 @pytest.fixture(scope="module")
 def client(model):
-    s = Server(binary("attnscope-server"), model, "--max_concurrent=2")
-    c = attnscope.Client(s.target, timeout=120)
-    yield c
-    c.close()
-    s.stop()
+    yield from serve(binary("attnscope-server"), model, "--max_concurrent=2")
 
 
 def test_default_probe_is_bos_and_a_repeated_random_span(client):

@@ -49,6 +49,41 @@ def read_all(client, req, timeout=120):
     return list(client.stub.StreamAttention(req, timeout=timeout))
 
 
+def storm(call, seconds, threads=12):
+    """`threads` clients each calling `call(rng)` (which starts one request with a random deadline,
+    cancels some and reads the rest) until `seconds` pass; a call may end only by cancellation, its
+    deadline or a full queue. Returns (calls, ended by status)."""
+    stop = time.time() + seconds
+    counts = {"calls": 0, "errors": 0}
+    lock = threading.Lock()
+
+    def client(seed):
+        rng = random.Random(seed)
+        while time.time() < stop:
+            try:
+                call(rng)
+            except grpc.FutureCancelledError:
+                pass
+            except grpc.RpcError as e:
+                assert e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    grpc.StatusCode.RESOURCE_EXHAUSTED), e
+                with lock:
+                    counts["errors"] += 1
+            with lock:
+                counts["calls"] += 1
+
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return counts["calls"], counts["errors"]
+
+
+def deadline(rng):
+    return rng.choice([0.01, 0.05, 0.2, 30])
+
+
 @pytest.mark.parametrize("flags", [[], ["--max_concurrent=2"]], ids=["default", "max_concurrent_2"])
 def test_cancel_and_deadline_storm_leaves_the_server_correct(model, tmp_path, flags):
     """Issue 11.1: 16 clients opening dense streams, reading 0-12 messages, then cancelling or
@@ -58,40 +93,23 @@ def test_cancel_and_deadline_storm_leaves_the_server_correct(model, tmp_path, fl
         c = attnscope.Client(s.target)
         req = dense_request(c, PROMPT * 10, new=8)
         before = read_all(c, req)
-        stop = time.time() + STORM_SECONDS
-        counts = {"streams": 0, "errors": 0}
-        lock = threading.Lock()
+        def call(rng):
+            stream = c.stub.StreamAttention(req, timeout=rng.choice([30, 0.05, 0.1, 0.2]))
+            try:
+                for i, _ in enumerate(stream):
+                    if i >= rng.randint(0, 12):
+                        break
+            finally:
+                stream.cancel()
 
-        def storm(seed):
-            rng = random.Random(seed)
-            while time.time() < stop:
-                deadline = rng.choice([None, 0.05, 0.1, 0.2])
-                call = c.stub.StreamAttention(req, timeout=deadline if deadline else 30)
-                try:
-                    for i, _ in enumerate(call):
-                        if i >= rng.randint(0, 12):
-                            break
-                except grpc.RpcError as e:
-                    assert e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        grpc.StatusCode.RESOURCE_EXHAUSTED), e
-                    with lock:
-                        counts["errors"] += 1
-                call.cancel()
-                with lock:
-                    counts["streams"] += 1
-
-        threads = [threading.Thread(target=storm, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        streams, errors = storm(call, STORM_SECONDS, threads=16)
         assert s.proc.poll() is None, s.read_log()[-3000:]
         after = read_all(c, req)
         # Everything but the request id (header) and the timings (trailer) is bit-identical.
         assert [m.SerializeToString() for m in after[1:-1]] == [m.SerializeToString() for m in before[1:-1]]
         assert after[-1].trailer.token_ids == before[-1].trailer.token_ids
-        print(f"storm: {counts['streams']} streams in {STORM_SECONDS:.0f} s, {counts['errors']} ended by status")
-        assert counts["streams"] > 50
+        print(f"storm: {streams} streams in {STORM_SECONDS:.0f} s, {errors} ended by status")
+        assert streams > 50
     finally:
         s.stop()
     assert s.proc.returncode == 0, s.read_log()[-3000:]
@@ -105,39 +123,52 @@ def test_detect_heads_cancel_and_deadline_storm(model, tmp_path):
         c = attnscope.Client(s.target)
         request = pb.DetectHeadsRequest(span=500, seed=5)
         before = c.stub.DetectHeads(request, timeout=120)
-        stop = time.time() + STORM_SECONDS / 2
-        counts = {"calls": 0, "errors": 0}
-        lock = threading.Lock()
+        def call(rng):
+            future = c.stub.DetectHeads.future(request, timeout=deadline(rng))
+            if rng.random() < 0.4:
+                future.cancel()
+            future.result()
 
-        def storm(seed):
-            rng = random.Random(seed)
-            while time.time() < stop:
-                future = c.stub.DetectHeads.future(request, timeout=rng.choice([0.01, 0.05, 0.2, 30]))
-                if rng.random() < 0.4:
-                    future.cancel()
-                try:
-                    future.result()
-                except grpc.FutureCancelledError:
-                    pass
-                except grpc.RpcError as e:
-                    assert e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        grpc.StatusCode.RESOURCE_EXHAUSTED), e
-                    with lock:
-                        counts["errors"] += 1
-                with lock:
-                    counts["calls"] += 1
-
-        threads = [threading.Thread(target=storm, args=(i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        calls, errors = storm(call, STORM_SECONDS / 2)
         assert s.proc.poll() is None, s.read_log()[-3000:]
         after = c.stub.DetectHeads(request, timeout=120)
         after.compute_ms = before.compute_ms = 0
         assert after.SerializeToString() == before.SerializeToString()
-        print(f"storm: {counts['calls']} DetectHeads calls, {counts['errors']} ended by status")
-        assert counts["calls"] > 20
+        print(f"storm: {calls} DetectHeads calls, {errors} ended by status")
+        assert calls > 20
+        c.close()
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0, s.read_log()[-3000:]
+
+
+def test_interventions_cancel_and_deadline_storm(model, tmp_path):
+    """A what-if runs two models in lock-step (two caches): 12 clients streaming knockouts and
+    ablations with captures, under 10-200 ms deadlines or cancelled mid-stream, leave the server
+    answering the same request byte for byte (issue 24)."""
+    s = start(model, tmp_path, "--max_queue=64", "--max_concurrent=2")
+    try:
+        c = attnscope.Client(s.target)
+        request = c.request(token_ids=PROMPT, max_new_tokens=24, ignore_eos=True, layers=[0, 2], form="dense",
+                            knockout=[dict(layers=[1], keys=[(1, 6)]), dict(heads=[0, 3], keys=[(2, 4)])],
+                            ablate=[dict(layer=0, heads=[1], kind="mean")])
+
+        def body(responses):  # everything but the request id (header) and the timings (trailer)
+            return [m.SerializeToString() for m in responses[1:-1]]
+
+        before = body(read_all(c, request))
+        assert any(m.WhichOneof("event") == "divergence" for m in read_all(c, request))
+        def call(rng):
+            stream = c.stub.StreamAttention(request, timeout=deadline(rng))
+            for i, _ in enumerate(stream):
+                if i == 3 and rng.random() < 0.4:
+                    stream.cancel()
+
+        calls, errors = storm(call, STORM_SECONDS / 2)
+        assert s.proc.poll() is None, s.read_log()[-3000:]
+        assert body(read_all(c, request)) == before
+        print(f"storm: {calls} what-if streams, {errors} ended by status")
+        assert calls > 20
         c.close()
     finally:
         s.stop()

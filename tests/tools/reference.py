@@ -89,7 +89,9 @@ def rotate(x, positions, inv):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def forward(model_dir, ids):
+def forward(model_dir, ids, hidden=None, ablate=None, mean_rows=None):
+    """hidden: layer -> bool [heads, T, T] (True: the key is hidden from the row) or None;
+    ablate: {(layer, head): "zero" | "mean"}, a mean over rows [0, mean_rows) (the prompt)."""
     cfg, w = load(model_dir)
     T = len(ids)
     H, KV = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
@@ -123,12 +125,18 @@ def forward(model_dir, ids):
         win = window_of(cfg, layer)
         if win:
             allowed &= kj > qi - win
+        mask = hidden(layer) if hidden is not None else None
+        allowed = allowed[None] if mask is None else allowed[None] & ~mask
         scores = np.where(allowed, scores, -np.inf)
         scores -= scores.max(axis=-1, keepdims=True)
         e = np.exp(scores)
         a = e / e.sum(axis=-1, keepdims=True)
         attentions.append(a)
-        o = (a @ v).transpose(1, 0, 2).reshape(T, H * d)
+        o = a @ v  # (heads, T, d)
+        for (al, ah), kind in (ablate or {}).items():
+            if al == layer:
+                o[ah] = 0 if kind == "zero" else o[ah, :mean_rows].mean(axis=0)
+        o = o.transpose(1, 0, 2).reshape(T, H * d)
         o = o @ w[p + "self_attn.o_proj.weight"].T
         if p + "self_attn.o_proj.bias" in w:
             o = o + w[p + "self_attn.o_proj.bias"]

@@ -69,6 +69,42 @@ class BlockTable(dict):
         return self._assemble(layer, phase)
 
 
+_ABLATION_KINDS = {"zero": pb.ABLATION_KIND_ZERO, "mean": pb.ABLATION_KIND_MEAN}
+
+
+def _add_interventions(field, ablate, knockout, reference_leads):
+    """Fills GenerateRequest.interventions from the request's keywords."""
+    for a in ablate or ():
+        a = dict(a)
+        unknown = set(a) - {"layer", "heads", "kind"}
+        if unknown:
+            raise TypeError(f"ablate: unknown key(s) {sorted(unknown)}; keys are layer, heads, kind")
+        kind = a.get("kind", "zero")
+        if kind not in _ABLATION_KINDS:
+            raise ValueError(f"ablate: kind {kind!r} is not one of {sorted(_ABLATION_KINDS)}")
+        heads = a.get("heads")
+        field.ablations.add(layer=int(a["layer"]), heads=[int(h) for h in ([heads] if isinstance(heads, int) else heads)],
+                            kind=_ABLATION_KINDS[kind])
+    for k in knockout or ():
+        k = dict(k)
+        unknown = set(k) - {"layers", "heads", "keys", "queries"}
+        if unknown:
+            raise TypeError(f"knockout: unknown key(s) {sorted(unknown)}; keys are layers, heads, keys, queries")
+        entry = field.knockouts.add(layers=[int(x) for x in k.get("layers", ())],
+                                    heads=[int(x) for x in k.get("heads", ())])
+        for name in ("keys", "queries"):
+            for begin, end in k.get(name, ()):
+                getattr(entry, name).add(begin=int(begin), end=int(end))
+    field.reference_leads = bool(reference_leads)
+
+
+def divergence_table(events):
+    """Per step: kl, top1_agree, rank (pandas DataFrame), from DivergenceEvents."""
+    import pandas as pd
+    return pd.DataFrame({"step": [e.step for e in events], "kl": [e.kl for e in events],
+                         "top1_agree": [e.top1_agree for e in events], "rank": [e.rank for e in events]})
+
+
 class StreamResult(Captured):
     """What a StreamAttention call returned: header, generated tokens, blocks, trailer; arrays
     through attention(layer), indices(layer), statistic(kind, layer) (attnscope.results)."""
@@ -85,11 +121,23 @@ class StreamResult(Captured):
         self.messages = 0
         self.max_message_bytes = 0
         self.shared_output = False  # attention values came through shared memory
+        self.divergence_events = []  # DivergenceEvent per step, for a request with interventions
 
     def __repr__(self):
         return (f"<attnscope.StreamResult: {self.form}, {len(self.attention)} attention blocks, "
                 f"{len(self.statistics)} statistic blocks, {len(self.generated_ids)} tokens generated: "
                 f"{self.text!r}>")
+
+    def divergence(self):
+        """Per generated step of a request with interventions: KL(full || intervened), top-1
+        agreement, the chosen token's rank under the full model (a pandas DataFrame)."""
+        return divergence_table(self.divergence_events)
+
+    def lost_mass(self):
+        """[steps, layers, heads]: the attention mass the full model puts, per step, on the keys the
+        intervened model does not see."""
+        layers, heads = self.header.model.num_layers, self.header.model.num_heads
+        return np.array([list(e.lost_mass) for e in self.divergence_events], dtype=np.float32).reshape(-1, layers, heads)
 
     # Captured's view of the blocks.
     @property
@@ -430,6 +478,8 @@ class _Receiver:
                     result.indices[key[:4]] = indices
             else:
                 result.statistics[(key.stat,) + key[:4]] = values
+        elif kind == "divergence":
+            result.divergence_events.append(msg.divergence)
         elif kind == "trailer":
             result.trailer = msg.trailer
 
@@ -610,10 +660,17 @@ class Client:
     @staticmethod
     def request(prompt=None, token_ids=None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=0.0, seed=0,
                 stop_token_ids=(), ignore_eos=False, max_length=0, model="", capture=None, chat=None,
-                chat_template_kwargs=None, **capture_args):
+                chat_template_kwargs=None, ablate=(), knockout=(), reference_leads=False, **capture_args):
         """A GenerateRequest. The input is `prompt` (text), `token_ids`, or `chat`: a list of
         {"role": ..., "content": ...} rendered by the checkpoint's chat template, with
-        `chat_template_kwargs` (a dict) as its variables."""
+        `chat_template_kwargs` (a dict) as its variables.
+
+        Interventions (the unmodified model then runs beside the intervened one on the same tokens
+        and every step's divergence comes back, `r.divergence()`): `ablate` a list of
+        {"layer": L, "heads": [...], "kind": "zero" | "mean"}; `knockout` a list of
+        {"layers": [...], "heads": [...], "keys": [(begin, end), ...], "queries": [(begin, end), ...]}
+        (empty layers or heads: all; empty queries: every row; a row never loses its own position);
+        `reference_leads`: the unmodified model chooses the tokens."""
         # max_new_tokens=0 is a forward pass over the prompt (prefill captures, no token); None: the
         # server's default.
         req = pb.GenerateRequest(model=model, **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}),
@@ -621,6 +678,7 @@ class Client:
                                                             seed=seed),
                                  stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, max_length=max_length,
                                  capture=capture if capture is not None else capture_spec(**capture_args))
+        _add_interventions(req.interventions, ablate, knockout, reference_leads)
         if sum(x is not None for x in (prompt, token_ids, chat)) > 1:
             raise ValueError("give one input: prompt, token_ids or chat")
         if chat_template_kwargs is not None and chat is None:

@@ -1,0 +1,181 @@
+#include "engine/intervention.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+#include "engine/layer_intervention.h"
+
+namespace attnscope {
+namespace {
+
+absl::Status CheckLayers(const std::vector<int64_t>& layers, int64_t num_layers,
+                         const std::string& field) {
+  if (static_cast<int64_t>(layers.size()) > num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " lists ", layers.size(), " layers; the model has ", num_layers));
+  }
+  for (int64_t l : layers) {
+    if (l < 0 || l >= num_layers) {
+      return absl::OutOfRangeError(absl::StrCat(field, ": layer ", l, " requested, model has ",
+                                                num_layers, " layers (0-", num_layers - 1, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckHeads(const std::vector<int64_t>& heads, int64_t num_heads,
+                        const std::string& field) {
+  if (static_cast<int64_t>(heads.size()) > num_heads) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " lists ", heads.size(), " heads; the model has ", num_heads));
+  }
+  for (int64_t h : heads) {
+    if (h < 0 || h >= num_heads) {
+      return absl::OutOfRangeError(absl::StrCat(field, ": head ", h, " requested, model has ",
+                                                num_heads, " attention heads (0-", num_heads - 1,
+                                                ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckRanges(const std::vector<PositionRange>& ranges, int64_t limit,
+                         const std::string& field, const char* limit_name) {
+  for (const PositionRange& r : ranges) {
+    if (r.begin < 0 || r.end <= r.begin) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": range [", r.begin, ", ", r.end,
+                       ") is empty or negative (begin < end, from 0)"));
+    }
+    if (r.end > limit) {
+      return absl::OutOfRangeError(absl::StrCat(field, ": range [", r.begin, ", ", r.end,
+                                                ") ends past ", limit_name, " (", limit, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool Contains(const std::vector<int64_t>& list, int64_t x) {
+  return std::find(list.begin(), list.end(), x) != list.end();
+}
+
+}  // namespace
+
+absl::Status ValidateInterventions(const Interventions& iv, int64_t num_layers, int64_t num_heads,
+                                   int64_t prompt_len, int64_t max_positions) {
+  if (static_cast<int64_t>(iv.ablations.size()) > kMaxAblations) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ablations has ", iv.ablations.size(), " entries, more than ", kMaxAblations));
+  }
+  if (static_cast<int64_t>(iv.knockouts.size()) > kMaxKnockouts) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("knockouts has ", iv.knockouts.size(), " entries, more than ", kMaxKnockouts));
+  }
+  for (size_t i = 0; i < iv.ablations.size(); ++i) {
+    const HeadAblation& a = iv.ablations[i];
+    const std::string field = absl::StrCat("ablations[", i, "]");
+    RETURN_IF_ERROR(CheckLayers({a.layer}, num_layers, field));
+    if (a.heads.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".heads is empty: name the heads"));
+    }
+    RETURN_IF_ERROR(CheckHeads(a.heads, num_heads, field + ".heads"));
+  }
+  int64_t ranges = 0;
+  for (const Knockout& k : iv.knockouts) {
+    ranges += static_cast<int64_t>(k.keys.size() + k.queries.size());
+  }
+  if (ranges > kMaxKnockoutRanges) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "knockouts hold ", ranges, " ranges together, more than ", kMaxKnockoutRanges));
+  }
+  for (size_t i = 0; i < iv.knockouts.size(); ++i) {
+    const Knockout& k = iv.knockouts[i];
+    const std::string field = absl::StrCat("knockouts[", i, "]");
+    RETURN_IF_ERROR(CheckLayers(k.layers, num_layers, field + ".layers"));
+    RETURN_IF_ERROR(CheckHeads(k.heads, num_heads, field + ".heads"));
+    if (k.keys.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".keys is empty: name the key positions to hide"));
+    }
+    RETURN_IF_ERROR(CheckRanges(k.keys, prompt_len, field + ".keys", "the prompt"));
+    RETURN_IF_ERROR(
+        CheckRanges(k.queries, max_positions, field + ".queries", "the model's context"));
+  }
+  return absl::OkStatus();
+}
+
+LayerInterventions::LayerInterventions(const Interventions& iv, int64_t layer, int64_t num_heads) {
+  for (const Knockout& k : iv.knockouts) {
+    if (!k.layers.empty() && !Contains(k.layers, layer)) continue;
+    rules_.push_back(Rule{k.heads, k.keys, k.queries});
+  }
+  for (const HeadAblation& a : iv.ablations) {
+    if (a.layer != layer) continue;
+    std::vector<int64_t>& list = a.kind == AblationKind::kZero ? zero_ : mean_;
+    for (int64_t h : a.heads)
+      if (!Contains(list, h)) list.push_back(h);
+  }
+  // A head both zeroed and mean-ablated is zeroed.
+  mean_.erase(
+      std::remove_if(mean_.begin(), mean_.end(), [&](int64_t h) { return Contains(zero_, h); }),
+      mean_.end());
+  (void)num_heads;
+}
+
+void LayerInterventions::HideKeys(torch::Tensor& scores, int64_t first_query) const {
+  const int64_t heads = scores.size(0), rows = scores.size(1), keys = scores.size(2);
+  const int64_t last = first_query + rows;  // one past the block's last query position
+  for (const Rule& rule : rules_) {
+    std::vector<PositionRange> queries = rule.queries;
+    if (queries.empty()) queries.push_back({0, last});
+    for (const PositionRange& q : queries) {
+      const int64_t r0 = std::max(q.begin, first_query), r1 = std::min(q.end, last);
+      if (r0 >= r1) continue;
+      for (const PositionRange& k : rule.keys) {
+        // Keys before the row's own position only: the row at p hides keys ∩ [0, p).
+        const int64_t c0 = k.begin, c1 = std::min({k.end, keys, r1 - 1});
+        if (c0 >= c1) continue;
+        auto opts = torch::TensorOptions().dtype(torch::kInt64).device(scores.device());
+        torch::Tensor qpos = torch::arange(r0, r1, opts).unsqueeze(1);
+        torch::Tensor kpos = torch::arange(c0, c1, opts).unsqueeze(0);
+        torch::Tensor hidden = kpos < qpos;  // (rows, cols)
+        auto fill = [&](int64_t h) {
+          scores[h]
+              .narrow(0, r0 - first_query, r1 - r0)
+              .narrow(1, c0, c1 - c0)
+              .masked_fill_(hidden, std::numeric_limits<float>::lowest());
+        };
+        if (rule.heads.empty()) {
+          for (int64_t h = 0; h < heads; ++h) fill(h);
+        } else {
+          for (int64_t h : rule.heads) fill(h);
+        }
+      }
+    }
+  }
+}
+
+torch::Tensor LayerInterventions::HiddenMass(const torch::Tensor& probs_row,
+                                             int64_t position) const {
+  torch::Tensor marked = probs_row.unsqueeze(1).clone();  // (heads, 1, keys)
+  HideKeys(marked, position);                             // hidden entries: the lowest float
+  return (probs_row * marked.squeeze(1).lt(0)).sum(-1);
+}
+
+void LayerInterventions::Ablate(torch::Tensor& attn, Phase phase) {
+  for (int64_t h : zero_) attn[h].zero_();
+  if (mean_.empty()) return;
+  if (phase == Phase::kPrefill) {
+    std::vector<torch::Tensor> means;
+    for (int64_t h : mean_) means.push_back(attn[h].to(torch::kFloat32).mean(0));
+    means_ = torch::stack(means);  // (heads ablated, dim) float32
+  }
+  for (size_t i = 0; i < mean_.size(); ++i) {
+    attn[mean_[i]].copy_(
+        means_[static_cast<int64_t>(i)].to(attn.scalar_type()).expand_as(attn[mean_[i]]));
+  }
+}
+
+}  // namespace attnscope

@@ -1,0 +1,56 @@
+// The transformer's side of a request's interventions (intervention.h): what one layer hides and
+// ablates, and the state it keeps across steps.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/intervention.h"
+
+namespace attnscope {
+
+// One layer's share of a request's interventions, and the state they keep across steps (the
+// prefill's means of mean-ablated heads).
+class LayerInterventions {
+ public:
+  LayerInterventions() = default;
+  // Those of `interventions` that touch `layer`.
+  LayerInterventions(const Interventions& interventions, int64_t layer, int64_t num_heads);
+
+  bool hides_keys() const { return !rules_.empty(); }
+  bool ablates() const { return !zero_.empty() || !mean_.empty(); }
+
+  // Sets the hidden entries of scores (heads, rows, keys) for query rows starting at first_query
+  // to the lowest finite float, as the causal mask does.
+  void HideKeys(torch::Tensor& scores, int64_t first_query) const;
+
+  // The mass the row at `position` puts on the keys this layer hides from it, per head:
+  // probs_row (heads, keys) float32 → (heads) float32.
+  torch::Tensor HiddenMass(const torch::Tensor& probs_row, int64_t position) const;
+
+  // Ablates the heads of attn (heads, n, dim), the attention output of positions [pos0, pos0 + n)
+  // before the output projection. A mean-ablated head's mean is taken over the prefill's rows
+  // (phase prefill) and kept for the decode steps.
+  void Ablate(torch::Tensor& attn, Phase phase);
+
+ private:
+  struct Rule {
+    std::vector<int64_t> heads;  // empty: all
+    std::vector<PositionRange> keys, queries;
+  };
+  std::vector<Rule> rules_;
+  std::vector<int64_t> zero_, mean_;
+  torch::Tensor means_;  // (mean_.size(), dim), from the prefill
+};
+
+// A forward pass's interventions: the intervened run applies them; the reference run (measure)
+// applies none and reports, per layer that hides keys, the mass its last row puts on them.
+struct ForwardInterventions {
+  std::vector<LayerInterventions> layers;  // one per layer
+  bool measure = false;
+  std::vector<torch::Tensor> hidden_mass;  // out (measure): per layer (heads) float32, or undefined
+};
+
+}  // namespace attnscope
