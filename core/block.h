@@ -87,6 +87,21 @@ struct DivergenceStep {
   std::vector<float> lost_mass;
 };
 
+// A KV policy's decision for one layer (at the end of the prefill: step 0): which of the keys
+// [0, keys) each kv head keeps.
+struct KvDecision {
+  int64_t step = 0;
+  int64_t layer = 0;
+  int64_t keys = 0;
+  int64_t kv_heads = 0;
+  // [kv_heads][keys] row-major, one bit per key (1: kept), packed little-endian within each byte
+  // (numpy's packbits(bitorder="little")).
+  std::vector<uint8_t> kept;
+  std::vector<int64_t> kept_per_head;  // [kv_heads]
+  std::vector<float> scores;           // [kv_heads][keys], when the request asked for them
+  int64_t bytes_freed = 0;             // the evicted keys' and values' bytes in this layer's cache
+};
+
 // Receives results while a generation runs, on the engine's thread. A non-OK status stops the
 // generation and is returned by Engine::Generate.
 class AttentionSink {
@@ -102,6 +117,8 @@ class AttentionSink {
   virtual absl::Status OnLogits(int64_t step, const HostArray& logits) { return absl::OkStatus(); }
   // Per generated step, for a request with interventions.
   virtual absl::Status OnDivergence(const DivergenceStep& divergence) { return absl::OkStatus(); }
+  // Per layer at each KV policy decision, before the steps it affects.
+  virtual absl::Status OnKvDecision(const KvDecision& decision) { return absl::OkStatus(); }
 };
 
 }  // namespace attnscope

@@ -241,7 +241,8 @@ absl::StatusOr<ValidatedRequest> Engine::Validate(GenerateRequest request,
   }
   RETURN_IF_ERROR(ValidateCaptureSpec(capture, info_.num_layers, info_.num_heads, prompt_len));
   RETURN_IF_ERROR(ValidateInterventions(request.interventions, info_.num_layers, info_.num_heads,
-                                        prompt_len, info_.max_position_embeddings));
+                                        info_.num_kv_heads, prompt_len,
+                                        info_.max_position_embeddings));
   if (capture.form == Form::kPooled) {
     // A tile's rows are computed together (blocks never split a tile): pool rows over the prompt's
     // keys for every head. Up to kPoolRowsAlwaysAllowed rows are always allowed; more must fit
@@ -341,6 +342,10 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
                      transformer_->Forward(request.prompt_ids, &cache, &processor, Phase::kPrefill,
                                            0, fwd, what_if ? &intervened : nullptr));
     if (what_if) {
+      for (const KvDecision& decision : intervened.decisions) {
+        if (sink != nullptr) RETURN_IF_ERROR(sink->OnKvDecision(decision));
+      }
+      reference.layers = intervened.layers;  // with the policy's evictions, for the measure
       ASSIGN_OR_RETURN(reference_logits,
                        transformer_->Forward(request.prompt_ids, &reference_cache, nullptr,
                                              Phase::kPrefill, 0, fwd, &reference));

@@ -1,6 +1,7 @@
 #include "engine/intervention.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
@@ -63,8 +64,100 @@ bool Contains(const std::vector<int64_t>& list, int64_t x) {
 
 }  // namespace
 
+absl::Status ValidateKvPolicy(const KvPolicy& p, int64_t num_layers, int64_t num_kv_heads,
+                              int64_t prompt_len) {
+  if (p.kind == KvPolicyKind::kNone) return absl::OkStatus();
+  const std::string name = absl::StrCat("kv_policy (", RowOf(kKvPolicyKinds, p.kind).name, ")");
+  auto invalid = [&](auto&&... parts) {
+    return absl::InvalidArgumentError(absl::StrCat(name, ": ", parts...));
+  };
+  if (prompt_len < 2) return invalid("needs a prompt of at least 2 tokens, got ", prompt_len);
+  const bool ratio = p.compression_ratio != 0, budget = p.budget != 0;
+  if (ratio == budget) {
+    return invalid(
+        "set exactly one of compression_ratio (in (0, 1)) and budget (keys kept per kv "
+        "head, at least 1)");
+  }
+  if (ratio && !(p.compression_ratio > 0 && p.compression_ratio < 1)) {
+    return invalid("compression_ratio ", p.compression_ratio, " is outside (0, 1)");
+  }
+  if (p.budget < 0) return invalid("budget ", p.budget, " is negative");
+  if (p.budget > prompt_len) {
+    return absl::OutOfRangeError(
+        absl::StrCat(name, ": budget ", p.budget, " keys is more than the prompt's ", prompt_len));
+  }
+  switch (p.kind) {
+    case KvPolicyKind::kStreamingLlm:
+      if (p.n_sink < 0 || p.n_sink >= prompt_len) {
+        return invalid("n_sink ", p.n_sink, " must be in [0, ", prompt_len,
+                       ") (the prompt's length)");
+      }
+      break;
+    case KvPolicyKind::kH2o:
+      if (p.recent_size < 0 || p.recent_size >= prompt_len) {
+        return invalid("recent_size ", p.recent_size, " must be in [0, ", prompt_len,
+                       ") (the prompt's length)");
+      }
+      break;
+    case KvPolicyKind::kSnapKv:
+    case KvPolicyKind::kPyramidKv:
+      if (p.window_size < 1 || p.window_size >= prompt_len) {
+        return invalid("window_size ", p.window_size, " must be in [1, ", prompt_len,
+                       ") (the prompt's length)");
+      }
+      if (p.kernel_size < 1 || p.kernel_size > 1023 || p.kernel_size % 2 == 0) {
+        return invalid("kernel_size ", p.kernel_size, " must be odd, from 1 to 1023");
+      }
+      if (p.kind == KvPolicyKind::kPyramidKv && !(p.beta >= 1 && p.beta <= 1e6)) {
+        return invalid("beta ", p.beta, " must be in [1, 1e6]");
+      }
+      break;
+    case KvPolicyKind::kNone:
+      break;
+  }
+  if (p.adaptive) {
+    if (p.kind == KvPolicyKind::kPyramidKv) {
+      return invalid(
+          "adaptive (Ada-KV) shares one budget across a layer's heads; pyramidkv sets "
+          "its own per layer: choose one");
+    }
+    if (!(p.alpha_safeguard >= 0 && p.alpha_safeguard <= 1)) {
+      return invalid("alpha_safeguard ", p.alpha_safeguard, " is outside [0, 1]");
+    }
+  }
+  if (p.report_scores && num_layers * num_kv_heads * prompt_len > kMaxReportedScores) {
+    return invalid("report_scores: ", num_layers, " layers x ", num_kv_heads, " kv heads x ",
+                   prompt_len, " keys is more than ", kMaxReportedScores,
+                   " scores per request; read the kept bits instead");
+  }
+  return absl::OkStatus();
+}
+
+int64_t KeptKeys(const KvPolicy& p, int64_t layer, int64_t num_layers, int64_t n) {
+  const double kept = p.budget > 0 ? static_cast<double>(p.budget) : n * (1 - p.compression_ratio);
+  if (p.kind != KvPolicyKind::kPyramidKv || num_layers < 2) return static_cast<int64_t>(kept);
+  // PyramidKV (kvpress' get_layer_budget, after KVCache-Factory): budgets fall linearly with depth
+  // from max_num to min_num around the mean, the observation window on top; uniform where the
+  // pyramid does not fit.
+  const double w = static_cast<double>(p.window_size);
+  const double max_capacity = w + kept;
+  double min_num = (max_capacity - w) / p.beta;
+  double max_num = (max_capacity - w) * 2 - min_num;
+  if (max_num >= n - w) {
+    max_num = n - w;
+    min_num = (max_capacity - w) * 2 - max_num;
+  }
+  if (!(n >= max_num && max_num >= min_num && min_num >= w)) {
+    return static_cast<int64_t>(std::nearbyint(kept));  // Python's round: half to even
+  }
+  const double steps = (max_num - min_num) / static_cast<double>(num_layers - 1);
+  return static_cast<int64_t>(std::nearbyint(max_num - layer * steps));
+}
+
 absl::Status ValidateInterventions(const Interventions& iv, int64_t num_layers, int64_t num_heads,
-                                   int64_t prompt_len, int64_t max_positions) {
+                                   int64_t num_kv_heads, int64_t prompt_len,
+                                   int64_t max_positions) {
+  RETURN_IF_ERROR(ValidateKvPolicy(iv.kv_policy, num_layers, num_kv_heads, prompt_len));
   if (static_cast<int64_t>(iv.ablations.size()) > kMaxAblations) {
     return absl::InvalidArgumentError(
         absl::StrCat("ablations has ", iv.ablations.size(), " entries, more than ", kMaxAblations));
@@ -117,6 +210,7 @@ LayerInterventions::LayerInterventions(const Interventions& iv, int64_t layer, i
     for (int64_t h : a.heads)
       if (!Contains(list, h)) list.push_back(h);
   }
+  if (iv.kv_policy.kind != KvPolicyKind::kNone) policy_ = &iv.kv_policy;
   // A head both zeroed and mean-ablated is zeroed.
   mean_.erase(
       std::remove_if(mean_.begin(), mean_.end(), [&](int64_t h) { return Contains(zero_, h); }),
@@ -124,9 +218,22 @@ LayerInterventions::LayerInterventions(const Interventions& iv, int64_t layer, i
   (void)num_heads;
 }
 
+void LayerInterventions::Evict(const torch::Tensor& kept, int64_t group, int64_t from_position) {
+  evicted_ = kept.logical_not().repeat_interleave(group, 0);
+  evict_from_ = from_position;
+}
+
 void LayerInterventions::HideKeys(torch::Tensor& scores, int64_t first_query) const {
   const int64_t heads = scores.size(0), rows = scores.size(1), keys = scores.size(2);
   const int64_t last = first_query + rows;  // one past the block's last query position
+  if (evicted_.defined() && last > evict_from_) {
+    const int64_t r0 = std::max(first_query, evict_from_);
+    const int64_t cols = std::min(keys, evicted_.size(1));
+    scores.narrow(1, r0 - first_query, last - r0)
+        .narrow(2, 0, cols)
+        .masked_fill_(evicted_.narrow(1, 0, cols).to(scores.device()).unsqueeze(1),
+                      std::numeric_limits<float>::lowest());
+  }
   for (const Rule& rule : rules_) {
     std::vector<PositionRange> queries = rule.queries;
     if (queries.empty()) queries.push_back({0, last});

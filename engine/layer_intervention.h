@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/block.h"
 #include "engine/intervention.h"
 
 namespace attnscope {
@@ -19,7 +20,9 @@ class LayerInterventions {
   // Those of `interventions` that touch `layer`.
   LayerInterventions(const Interventions& interventions, int64_t layer, int64_t num_heads);
 
-  bool hides_keys() const { return !rules_.empty(); }
+  // Knockouts, or a KV policy (whose evictions hide keys once it has decided).
+  bool hides_keys() const { return !rules_.empty() || policy_ != nullptr; }
+  const KvPolicy* policy() const { return policy_; }
   bool ablates() const { return !zero_.empty() || !mean_.empty(); }
 
   // Sets the hidden entries of scores (heads, rows, keys) for query rows starting at first_query
@@ -35,12 +38,20 @@ class LayerInterventions {
   // (phase prefill) and kept for the decode steps.
   void Ablate(torch::Tensor& attn, Phase phase);
 
+  // The KV policy's decision: the keys [0, kept.size(1)) not kept by kv head g (kept: (kv_heads,
+  // keys) bool) are hidden from query heads [g * group, (g + 1) * group) at every position from
+  // `from_position` on.
+  void Evict(const torch::Tensor& kept, int64_t group, int64_t from_position);
+
  private:
   struct Rule {
     std::vector<int64_t> heads;  // empty: all
     std::vector<PositionRange> keys, queries;
   };
   std::vector<Rule> rules_;
+  const KvPolicy* policy_ = nullptr;  // the request's, which outlives the generation
+  torch::Tensor evicted_;             // (heads, keys) bool, after the policy's decision
+  int64_t evict_from_ = 0;
   std::vector<int64_t> zero_, mean_;
   torch::Tensor means_;  // (mean_.size(), dim), from the prefill
 };
@@ -51,6 +62,7 @@ struct ForwardInterventions {
   std::vector<LayerInterventions> layers;  // one per layer
   bool measure = false;
   std::vector<torch::Tensor> hidden_mass;  // out (measure): per layer (heads) float32, or undefined
+  std::vector<KvDecision> decisions;       // out: the KV policy's decisions of this pass, per layer
 };
 
 }  // namespace attnscope

@@ -1,7 +1,10 @@
 #include "engine/transformer.h"
 
+#include <optional>
+
 #include "core/status_macros.h"
 #include "engine/attention.h"
+#include "engine/kv_policy.h"
 #include "engine/rope.h"
 
 namespace attnscope {
@@ -53,6 +56,7 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
   if (interventions != nullptr && interventions->measure) {
     interventions->hidden_mass.assign(config_.num_layers, torch::Tensor());
   }
+  if (interventions != nullptr) interventions->decisions.clear();
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     const TensorSet& w = weights_.layers[l];
     // Attention block: RMSNorm, q/k/v projections, per-head q/k norms (Qwen3), RoPE on q and k,
@@ -88,37 +92,60 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
         interventions != nullptr && interventions->measure && interventions->layers[l].hides_keys()
             ? &interventions->layers[l]
             : nullptr;
+    // A KV policy scores this layer's prompt keys from the prefill's probabilities and decides
+    // after its attention.
+    std::optional<KvPolicyScorer> scorer;
+    if (intervention != nullptr && intervention->policy() != nullptr && phase == Phase::kPrefill) {
+      scorer.emplace(*intervention->policy(), l, config_.num_layers, heads, kv_heads, n);
+    }
+    const bool capturing = capture != nullptr && capture->Wants(phase, l);
+    const bool scoring = scorer.has_value() && scorer->NeedsProbs();
     torch::Tensor attn;  // (heads, n, dim)
     const ProbsCallback* probs_callback = nullptr;
     ProbsCallback on_probs;
-    RowRanges rows;
-    if (capture != nullptr && capture->Wants(phase, l)) {
+    RowRanges rows;  // empty: every row
+    if (capturing || scoring || measure != nullptr) {
       // Everything the callback reads outlives it: key_length is captured by value because the
       // callback runs after this block ends (inside the attention call below).
       const int64_t key_length = pos0 + n;
-      on_probs = [&, key_length](int64_t begin, const torch::Tensor& probs,
-                                 const torch::Tensor& scores, const torch::Tensor& lse) {
-        return capture->OnProbs(phase, step, l, pos0 + begin, probs, scores, lse, key_length);
-      };
-      probs_callback = &on_probs;
-      rows = capture->RowsWanted(phase, pos0, n);
-    } else if (measure != nullptr) {
-      on_probs = [&, measure](int64_t begin, const torch::Tensor& probs, const torch::Tensor&,
-                              const torch::Tensor&) {
+      on_probs = [&, key_length, capturing, scoring, measure](
+                     int64_t begin, const torch::Tensor& probs, const torch::Tensor& scores,
+                     const torch::Tensor& lse) -> absl::Status {
+        if (capturing) {
+          RETURN_IF_ERROR(
+              capture->OnProbs(phase, step, l, pos0 + begin, probs, scores, lse, key_length));
+        }
+        if (scoring) scorer->OnProbs(begin, probs);
         const int64_t last = n - 1 - begin;  // the last row's index in this block, if it holds it
-        if (last >= 0 && last < probs.size(1)) {
+        if (measure != nullptr && last >= 0 && last < probs.size(1)) {
+          // The reference's measure: the last row's mass on the keys the intervened run hides.
           interventions->hidden_mass[l] = measure->HiddenMass(probs.select(1, last), pos0 + n - 1);
         }
         return absl::OkStatus();
       };
       probs_callback = &on_probs;
-      rows = {{n - 1, n}};
+      // The rows each consumer reads, together (the capture's empty list: every row).
+      const RowRanges wanted = capturing ? capture->RowsWanted(phase, pos0, n) : RowRanges{};
+      if (!capturing || !wanted.empty()) {
+        rows = wanted;
+        if (scoring) {
+          for (const auto& r : scorer->Rows()) rows.push_back(r);
+        }
+        if (measure != nullptr) rows.push_back({n - 1, n});
+      }
     }
     if (options.fast_attention) {
       ASSIGN_OR_RETURN(attn,
                        FusedAttention(q, cache->k[l], cache->v[l], shape, probs_callback, rows));
     } else {
       ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, probs_callback));
+    }
+    if (scorer.has_value()) {
+      const KvPolicyScorer::Choice choice = scorer->Decide();
+      intervention->Evict(choice.kept, heads / kv_heads, pos0 + n);
+      const int64_t bytes_per_key = 2 * dim * cache->k[l].element_size();
+      interventions->decisions.push_back(
+          ToKvDecision(l, choice, intervention->policy()->report_scores, bytes_per_key));
     }
     if (intervention != nullptr && intervention->ablates()) intervention->Ablate(attn, phase);
     x = x +

@@ -125,7 +125,50 @@ absl::StatusOr<Interventions> ToInterventions(const v1::Interventions& proto,
                              std::vector<int64_t>(k.heads().begin(), k.heads().end()),
                              ToRanges(k.keys()), ToRanges(k.queries())});
   }
+  const v1::KvPolicy& p = proto.kv_policy();
+  KvPolicy& policy = out.kv_policy;
+  switch (p.kind()) {
+    case v1::KV_POLICY_KIND_NONE:
+      policy.kind = KvPolicyKind::kNone;
+      break;
+    case v1::KV_POLICY_KIND_STREAMING_LLM:
+      policy.kind = KvPolicyKind::kStreamingLlm;
+      break;
+    case v1::KV_POLICY_KIND_H2O:
+      policy.kind = KvPolicyKind::kH2o;
+      break;
+    case v1::KV_POLICY_KIND_SNAPKV:
+      policy.kind = KvPolicyKind::kSnapKv;
+      break;
+    case v1::KV_POLICY_KIND_PYRAMIDKV:
+      policy.kind = KvPolicyKind::kPyramidKv;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "interventions.kv_policy.kind ", static_cast<int>(p.kind()), " is not a KvPolicyKind"));
+  }
+  policy.compression_ratio = p.compression_ratio();
+  policy.budget = p.budget();
+  if (p.has_n_sink()) policy.n_sink = p.n_sink();
+  if (p.has_window_size()) policy.window_size = p.window_size();
+  if (p.has_kernel_size()) policy.kernel_size = p.kernel_size();
+  if (p.has_beta()) policy.beta = p.beta();
+  policy.recent_size = p.recent_size();
+  policy.adaptive = p.adaptive();
+  if (p.has_alpha_safeguard()) policy.alpha_safeguard = p.alpha_safeguard();
+  policy.report_scores = p.report_scores();
   return out;
+}
+
+void FillKvDecision(const KvDecision& decision, v1::KvDecisionEvent* event) {
+  event->set_step(decision.step);
+  event->set_layer(static_cast<int32_t>(decision.layer));
+  event->set_keys(decision.keys);
+  event->set_kv_heads(static_cast<int32_t>(decision.kv_heads));
+  event->set_kept(decision.kept.data(), decision.kept.size());
+  event->mutable_kept_per_head()->Add(decision.kept_per_head.begin(), decision.kept_per_head.end());
+  event->mutable_scores()->Add(decision.scores.begin(), decision.scores.end());
+  event->set_bytes_freed(decision.bytes_freed);
 }
 
 void FillDivergence(const DivergenceStep& step, v1::DivergenceEvent* event) {

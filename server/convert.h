@@ -44,6 +44,7 @@ void FillHeadDetection(const HeadDetection& detection, v1::DetectHeadsResponse* 
 absl::StatusOr<Interventions> ToInterventions(const v1::Interventions& proto,
                                               const ModelInfo& info);
 void FillDivergence(const DivergenceStep& step, v1::DivergenceEvent* event);
+void FillKvDecision(const KvDecision& decision, v1::KvDecisionEvent* event);
 
 // Resolves the input (token ids, or text/chat through the engine's tokenizer), middle truncation,
 // generation parameters and capture spec; checks everything the engine checks and the byte budget.

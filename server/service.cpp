@@ -28,6 +28,10 @@ class CollectingSink : public AttentionSink {
     FillDivergence(step, response_->add_divergence());
     return absl::OkStatus();
   }
+  absl::Status OnKvDecision(const KvDecision& decision) override {
+    FillKvDecision(decision, response_->add_kv_decisions());
+    return absl::OkStatus();
+  }
 
  private:
   v1::GenerateResponse* response_;

@@ -115,6 +115,12 @@ absl::Status StreamReactor::OnDivergence(const DivergenceStep& step) {
   return Push(msg);
 }
 
+absl::Status StreamReactor::OnKvDecision(const KvDecision& decision) {
+  v1::StreamAttentionResponse msg;
+  FillKvDecision(decision, msg.mutable_kv_decision());
+  return Push(msg);
+}
+
 void StreamReactor::Stop(StreamState* state) {
   state->cancelled = true;
   state->cancel.Cancel();

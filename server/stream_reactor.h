@@ -73,6 +73,7 @@ class StreamReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer>, public 
   absl::Status OnBlock(const Block& block) override;
   absl::Status OnToken(int64_t step, int64_t id) override;
   absl::Status OnDivergence(const DivergenceStep& step) override;
+  absl::Status OnKvDecision(const KvDecision& decision) override;
   // Dense blocks come unmaterialized when they go to the mapped ring (ChunkBlock has them written
   // there piece by piece).
   bool PlacesValues() const override { return shared_.mapped(); }

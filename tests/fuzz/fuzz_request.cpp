@@ -35,7 +35,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto interventions = attnscope::ToInterventions(request.interventions(), info);
   attnscope::fuzz::Record(interventions.status());
   if (interventions.ok()) {
-    attnscope::fuzz::Record(attnscope::ValidateInterventions(*interventions, 32, 32, prompt_len,
+    attnscope::fuzz::Record(attnscope::ValidateInterventions(*interventions, 32, 32, 8, prompt_len,
                                                              /*max_positions=*/131072));
   }
   std::vector<int64_t> ids(request.token_ids().ids().begin(), request.token_ids().ids().end());

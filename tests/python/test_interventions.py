@@ -166,6 +166,27 @@ BAD = [
 ]
 
 
+SNAP = dict(kind="snapkv", window_size=4)
+BAD += [
+    (dict(kv_policy=dict(kind="h2o")), grpc.StatusCode.INVALID_ARGUMENT, "kv_policy (h2o): set exactly one of compression_ratio"),
+    (dict(kv_policy=dict(kind="h2o", budget=0)), grpc.StatusCode.INVALID_ARGUMENT, "set exactly one of"),
+    (dict(kv_policy=dict(kind="h2o", budget=3, compression_ratio=0.5)), grpc.StatusCode.INVALID_ARGUMENT, "set exactly one of"),
+    (dict(kv_policy=dict(kind="h2o", budget=2 ** 40)), grpc.StatusCode.OUT_OF_RANGE, "budget 1099511627776 keys is more than the prompt's 14"),
+    (dict(kv_policy=dict(kind="h2o", budget=-1)), grpc.StatusCode.INVALID_ARGUMENT, "budget -1 is negative"),
+    (dict(kv_policy=dict(kind="h2o", compression_ratio=1.0)), grpc.StatusCode.INVALID_ARGUMENT, "compression_ratio 1 is outside (0, 1)"),
+    (dict(kv_policy=dict(kind="h2o", compression_ratio=float("nan"))), grpc.StatusCode.INVALID_ARGUMENT, "is outside (0, 1)"),
+    (dict(kv_policy=dict(kind="h2o", budget=4, recent_size=14)), grpc.StatusCode.INVALID_ARGUMENT, "recent_size 14 must be in [0, 14)"),
+    (dict(kv_policy=dict(kind="streaming_llm", budget=4, n_sink=-2)), grpc.StatusCode.INVALID_ARGUMENT, "n_sink -2 must be in [0, 14)"),
+    (dict(kv_policy=dict(SNAP, budget=4, window_size=14)), grpc.StatusCode.INVALID_ARGUMENT, "window_size 14 must be in [1, 14)"),
+    (dict(kv_policy=dict(SNAP, budget=4, window_size=0)), grpc.StatusCode.INVALID_ARGUMENT, "window_size 0 must be in [1, 14)"),
+    (dict(kv_policy=dict(SNAP, budget=4, kernel_size=4)), grpc.StatusCode.INVALID_ARGUMENT, "kernel_size 4 must be odd"),
+    (dict(kv_policy=dict(SNAP, budget=4, kernel_size=2 ** 40 + 1)), grpc.StatusCode.INVALID_ARGUMENT, "must be odd, from 1 to 1023"),
+    (dict(kv_policy=dict(kind="pyramidkv", window_size=4, budget=4, beta=0.5)), grpc.StatusCode.INVALID_ARGUMENT, "beta 0.5 must be in [1, 1e6]"),
+    (dict(kv_policy=dict(kind="pyramidkv", window_size=4, budget=4, adaptive=True)), grpc.StatusCode.INVALID_ARGUMENT, "pyramidkv sets its own per layer"),
+    (dict(kv_policy=dict(SNAP, budget=4, adaptive=True, alpha_safeguard=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "alpha_safeguard 1.5 is outside [0, 1]"),
+]
+
+
 @pytest.mark.parametrize("kwargs,code,text", BAD)
 def test_bad_interventions(client, kwargs, code, text):
     for call in (client.generate, client.stream_attention):
@@ -184,3 +205,79 @@ def test_an_unknown_ablation_kind_or_key_is_refused_by_the_client(client):
     with pytest.raises(grpc.RpcError) as e:
         client.stub.Generate(req, timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "kind 7" in e.value.details()
+
+
+def test_an_unknown_kv_policy_kind_or_key_is_refused(client):
+    with pytest.raises(ValueError, match="kind 'lru'"):
+        client.request(token_ids=PROMPT, kv_policy=dict(kind="lru", budget=4))
+    with pytest.raises(TypeError, match="unknown key"):
+        client.request(token_ids=PROMPT, kv_policy=dict(kind="h2o", window=4))
+    req = client.request(token_ids=PROMPT, kv_policy=dict(kind="h2o", budget=4))
+    req.interventions.kv_policy.kind = 9
+    with pytest.raises(grpc.RpcError) as e:
+        client.stub.Generate(req, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "kind 9 is not a KvPolicyKind" in e.value.details()
+    # Scores are bounded per request (layers x kv heads x keys <= 2^21, engine_test checks the
+    # refusal); a 1000-token prompt on this model asks for 6000.
+    long = [5] * 1000
+    big = client.request(token_ids=long, max_new_tokens=1, kv_policy=dict(kind="h2o", budget=4, report_scores=True))
+    ok = client.stub.Generate(big, timeout=60)  # 3 layers x 2 kv heads x 1000 keys: fine
+    assert len(ok.kv_decisions) == 3 and len(ok.kv_decisions[0].scores) == 2000
+
+
+def h2o_expected(model, keep_recent=0, budget=6):
+    """h2o's choice from the float64 reference attention of the prompt: the attention each key
+    receives summed over the rows and divided by the rows that see it, mean over the kv head's query
+    heads; the top `budget` kept per kv head."""
+    _, att = reference.forward(model, PROMPT)
+    n = len(PROMPT)
+    out = []
+    for a in att:  # [heads, n, n]
+        s = (a.sum(1) / np.arange(n, 0, -1)).reshape(2, -1, n).mean(1)
+        if keep_recent:
+            s[:, n - keep_recent:] = s.max() + 1
+        kept = np.zeros_like(s, bool)
+        np.put_along_axis(kept, np.argsort(-s, 1)[:, :budget], True, 1)
+        out.append((s, kept))
+    return out
+
+
+def test_h2o_scores_equal_the_float64_reference_and_both_rpcs_agree(client, model):
+    policy = dict(kind="h2o", budget=6, recent_size=2, report_scores=True)
+    r = client.stream_attention(token_ids=PROMPT, max_new_tokens=STEPS, ignore_eos=True, kv_policy=policy)
+    assert [d.layer for d in r.kv_decisions] == [0, 1, 2]
+    for layer, (scores, kept) in enumerate(h2o_expected(model, keep_recent=2)):
+        np.testing.assert_allclose(r.key_scores(layer), scores, rtol=1e-5, atol=1e-6)
+        assert (r.kept(layer) == kept).all()
+        assert r.kept(layer)[:, -2:].all()  # the recent keys
+    # 3 layers x 2 kv heads x 8 evicted keys x (k and v) x head_dim 16 x 4 bytes
+    assert r.bytes_freed() == 3 * 2 * 8 * 2 * 16 * 4
+    assert r.divergence()["kl"][0] == 0  # the first token comes from the prefill, before the decision
+    assert r.lost_mass()[1:].max() > 1e-3
+    g = client.generate(token_ids=PROMPT, max_new_tokens=STEPS, ignore_eos=True, kv_policy=policy)
+    assert [list(d.kept) for d in g.kv_decisions] == [list(d.kept) for d in r.kv_decisions]
+    assert [e.kl for e in g.divergence] == pytest.approx(list(r.divergence()["kl"]), abs=1e-6)
+
+
+def test_a_policy_divergence_matches_two_reference_passes(client, model):
+    r = client.stream_attention(token_ids=PROMPT, max_new_tokens=STEPS, ignore_eos=True,
+                                kv_policy=dict(kind="snapkv", window_size=4, kernel_size=3, budget=7))
+    T, P = len(PROMPT) + STEPS - 1, len(PROMPT)
+    evicted = [~r.kept(layer).repeat(2, 0) for layer in range(3)]  # kv head -> its 2 query heads
+
+    def hidden(layer):
+        h = np.zeros((4, T, T), bool)
+        h[:, P:, :P] = evicted[layer][:, None, :]
+        return h
+
+    seq = PROMPT + r.generated_ids[:-1]
+    full_logits, full_att = reference.forward(model, seq)
+    int_logits, _ = reference.forward(model, seq, hidden=hidden)
+    table, lost = r.divergence(), r.lost_mass()
+    for t in range(1, STEPS + 1):
+        row = P - 2 + t
+        lf, li = log_softmax(full_logits[row]), log_softmax(int_logits[row])
+        assert r.generated_ids[t - 1] == int(np.argmax(li))
+        assert table["kl"][t - 1] == pytest.approx(float((np.exp(lf) * (lf - li)).sum()), abs=1e-5)
+        want = np.array([(a[:, row, :] * hidden(layer)[:, row, :]).sum(-1) for layer, a in enumerate(full_att)])
+        np.testing.assert_allclose(lost[t - 1], want, atol=1e-5)

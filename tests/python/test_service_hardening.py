@@ -143,15 +143,16 @@ def test_detect_heads_cancel_and_deadline_storm(model, tmp_path):
 
 
 def test_interventions_cancel_and_deadline_storm(model, tmp_path):
-    """A what-if runs two models in lock-step (two caches): 12 clients streaming knockouts and
-    ablations with captures, under 10-200 ms deadlines or cancelled mid-stream, leave the server
+    """A what-if runs two models in lock-step (two caches): 12 clients streaming knockouts,
+    ablations and a KV policy with captures, under 10-200 ms deadlines or cancelled mid-stream, leave the server
     answering the same request byte for byte (issue 24)."""
     s = start(model, tmp_path, "--max_queue=64", "--max_concurrent=2")
     try:
         c = attnscope.Client(s.target)
         request = c.request(token_ids=PROMPT, max_new_tokens=24, ignore_eos=True, layers=[0, 2], form="dense",
                             knockout=[dict(layers=[1], keys=[(1, 6)]), dict(heads=[0, 3], keys=[(2, 4)])],
-                            ablate=[dict(layer=0, heads=[1], kind="mean")])
+                            ablate=[dict(layer=0, heads=[1], kind="mean")],
+                            kv_policy=dict(kind="snapkv", window_size=3, compression_ratio=0.5, adaptive=True))
 
         def body(responses):  # everything but the request id (header) and the timings (trailer)
             return [m.SerializeToString() for m in responses[1:-1]]

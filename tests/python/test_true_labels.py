@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import BUILD, ROOT, binary
-from service_fixture import Server, setup_paths
+from service_fixture import Server, free_port, metrics, setup_paths
 
 setup_paths(BUILD)
 import attnscope  # noqa: E402
@@ -188,8 +188,12 @@ def test_the_registry_max_length_applies(model, tmp_path):
 
 def test_stream_many_cancels_the_rest_when_one_fails(model, tmp_path):
     """21.C7: AsyncClient.stream_many kept streaming the other inputs after it raised (the client
-    stays open, as in a notebook: nothing but stream_many itself may stop them)."""
-    s = Server(binary("attnscope-server"), model, "--max_concurrent=3", log_path=str(tmp_path / "log"))
+    stays open, as in a notebook: nothing but stream_many itself may stop them). On a busy machine a
+    long stream may be cancelled before its job starts (no end line in the log): what must hold is
+    that the server goes idle long before 500 tokens and no long stream ran to its end."""
+    mport = free_port()
+    s = Server(binary("attnscope-server"), model, "--max_concurrent=3", f"--metrics_listen=127.0.0.1:{mport}",
+               log_path=str(tmp_path / "log"))
     long = {"token_ids": PROMPT * 20, "max_new_tokens": 500, "ignore_eos": True, "form": "dense"}
     pattern = r"StreamAttention peer=\S+ prompt=(\d+) tokens=(\d+) bytes=\d+ status=(\d+)"
 
@@ -198,21 +202,25 @@ def test_stream_many_cancels_the_rest_when_one_fails(model, tmp_path):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await c.stream_many([long, long, {"token_ids": [1, 999999]}], concurrency=3)
         assert "input 2 failed" in " ".join(getattr(e.value, "__notes__", []))
-        # Both long streams end on the server while the client stays open.
+        # The long streams end on the server while the client stays open.
         deadline = time.time() + 120
-        while sum(e[0] == str(len(PROMPT) * 20) for e in re.findall(pattern, s.read_log())) < 2 \
-                and time.time() < deadline:
+        while time.time() < deadline:
+            m = metrics(mport)
+            if m["attnscope_running_generations"] == 0 and m["attnscope_queue_depth"] == 0:
+                break
             await asyncio.sleep(0.05)
         await c.close()
 
     try:
         asyncio.run(go())
+        generated = metrics(mport)["attnscope_tokens_generated_total"]
         ends = re.findall(pattern, s.read_log())
     finally:
         s.stop()
     longs = [e for e in ends if e[0] == str(len(PROMPT) * 20)]
-    # Both were cancelled (status 1) long before their 500 tokens.
-    assert len(longs) == 2 and all(status == "1" and int(tokens) < 500 for _, tokens, status in longs), ends
+    # Those that started were cancelled (status 1) long before their 500 tokens.
+    assert all(status == "1" and int(tokens) < 500 for _, tokens, status in longs), ends
+    assert generated < 500, (generated, ends)
 
 
 def test_hostile_samples_are_refused_cheaply(tmp_path):

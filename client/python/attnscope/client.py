@@ -72,7 +72,32 @@ class BlockTable(dict):
 _ABLATION_KINDS = {"zero": pb.ABLATION_KIND_ZERO, "mean": pb.ABLATION_KIND_MEAN}
 
 
-def _add_interventions(field, ablate, knockout, reference_leads):
+_KV_POLICY_KINDS = {"streaming_llm": pb.KV_POLICY_KIND_STREAMING_LLM, "h2o": pb.KV_POLICY_KIND_H2O,
+                    "snapkv": pb.KV_POLICY_KIND_SNAPKV, "pyramidkv": pb.KV_POLICY_KIND_PYRAMIDKV}
+_KV_POLICY_KEYS = ("compression_ratio", "budget", "n_sink", "window_size", "kernel_size", "beta", "recent_size",
+                   "adaptive", "alpha_safeguard", "report_scores")
+
+
+def _add_kv_policy(field, kv_policy):
+    """Fills Interventions.kv_policy from {"kind": ..., parameters...} (kvpress' names)."""
+    p = dict(kv_policy)
+    kind = p.pop("kind", None)
+    if kind not in _KV_POLICY_KINDS:
+        raise ValueError(f"kv_policy: kind {kind!r} is not one of {sorted(_KV_POLICY_KINDS)}")
+    unknown = set(p) - set(_KV_POLICY_KEYS)
+    if unknown:
+        raise TypeError(f"kv_policy: unknown key(s) {sorted(unknown)}; keys are kind, {', '.join(_KV_POLICY_KEYS)}")
+    field.kind = _KV_POLICY_KINDS[kind]
+    for name, value in p.items():
+        if name in ("adaptive", "report_scores"):
+            setattr(field, name, bool(value))
+        elif name in ("compression_ratio", "beta", "alpha_safeguard"):
+            setattr(field, name, float(value))
+        else:
+            setattr(field, name, int(value))
+
+
+def _add_interventions(field, ablate, knockout, reference_leads, kv_policy=None):
     """Fills GenerateRequest.interventions from the request's keywords."""
     for a in ablate or ():
         a = dict(a)
@@ -96,6 +121,8 @@ def _add_interventions(field, ablate, knockout, reference_leads):
             for begin, end in k.get(name, ()):
                 getattr(entry, name).add(begin=int(begin), end=int(end))
     field.reference_leads = bool(reference_leads)
+    if kv_policy:
+        _add_kv_policy(field.kv_policy, kv_policy)
 
 
 def divergence_table(events):
@@ -103,6 +130,15 @@ def divergence_table(events):
     import pandas as pd
     return pd.DataFrame({"step": [e.step for e in events], "kl": [e.kl for e in events],
                          "top1_agree": [e.top1_agree for e in events], "rank": [e.rank for e in events]})
+
+
+def kv_decision_arrays(decision):
+    """(kept [kv_heads, keys] bool, scores [kv_heads, keys] float32 or None) of a KvDecisionEvent."""
+    n = decision.kv_heads * decision.keys
+    bits = np.unpackbits(np.frombuffer(decision.kept, np.uint8), bitorder="little")[:n]
+    kept = bits.astype(bool).reshape(decision.kv_heads, decision.keys)
+    scores = np.array(decision.scores, np.float32).reshape(decision.kv_heads, decision.keys) if decision.scores else None
+    return kept, scores
 
 
 class StreamResult(Captured):
@@ -122,6 +158,7 @@ class StreamResult(Captured):
         self.max_message_bytes = 0
         self.shared_output = False  # attention values came through shared memory
         self.divergence_events = []  # DivergenceEvent per step, for a request with interventions
+        self.kv_decisions = []       # KvDecisionEvent per layer at each KV policy decision
 
     def __repr__(self):
         return (f"<attnscope.StreamResult: {self.form}, {len(self.attention)} attention blocks, "
@@ -138,6 +175,26 @@ class StreamResult(Captured):
         intervened model does not see."""
         layers, heads = self.header.model.num_layers, self.header.model.num_heads
         return np.array([list(e.lost_mass) for e in self.divergence_events], dtype=np.float32).reshape(-1, layers, heads)
+
+    def kept(self, layer, step=0):
+        """[kv_heads, keys] bool: the prompt keys the KV policy kept in `layer` at its decision
+        `step` (0: end of prefill)."""
+        return kv_decision_arrays(self._kv_decision(layer, step))[0]
+
+    def key_scores(self, layer, step=0):
+        """[kv_heads, keys] float32: the policy's key scores (requests with report_scores)."""
+        return kv_decision_arrays(self._kv_decision(layer, step))[1]
+
+    def bytes_freed(self):
+        """The bytes of keys and values the KV policy evicted, over all layers and decisions."""
+        return sum(d.bytes_freed for d in self.kv_decisions)
+
+    def _kv_decision(self, layer, step):
+        for d in self.kv_decisions:
+            if d.layer == layer and d.step == step:
+                return d
+        raise KeyError(f"no KV policy decision for layer {layer} at step {step} "
+                       f"({len(self.kv_decisions)} decisions: a request with kv_policy has one per layer)")
 
     # Captured's view of the blocks.
     @property
@@ -480,6 +537,8 @@ class _Receiver:
                 result.statistics[(key.stat,) + key[:4]] = values
         elif kind == "divergence":
             result.divergence_events.append(msg.divergence)
+        elif kind == "kv_decision":
+            result.kv_decisions.append(msg.kv_decision)
         elif kind == "trailer":
             result.trailer = msg.trailer
 
@@ -660,7 +719,8 @@ class Client:
     @staticmethod
     def request(prompt=None, token_ids=None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=0.0, seed=0,
                 stop_token_ids=(), ignore_eos=False, max_length=0, model="", capture=None, chat=None,
-                chat_template_kwargs=None, ablate=(), knockout=(), reference_leads=False, **capture_args):
+                chat_template_kwargs=None, ablate=(), knockout=(), reference_leads=False, kv_policy=None,
+                **capture_args):
         """A GenerateRequest. The input is `prompt` (text), `token_ids`, or `chat`: a list of
         {"role": ..., "content": ...} rendered by the checkpoint's chat template, with
         `chat_template_kwargs` (a dict) as its variables.
@@ -670,7 +730,10 @@ class Client:
         {"layer": L, "heads": [...], "kind": "zero" | "mean"}; `knockout` a list of
         {"layers": [...], "heads": [...], "keys": [(begin, end), ...], "queries": [(begin, end), ...]}
         (empty layers or heads: all; empty queries: every row; a row never loses its own position);
-        `reference_leads`: the unmodified model chooses the tokens."""
+        `reference_leads`: the unmodified model chooses the tokens; `kv_policy` a KV-cache eviction
+        policy with kvpress' parameters, e.g. {"kind": "snapkv", "compression_ratio": 0.5,
+        "window_size": 8, "adaptive": True} (kinds streaming_llm, h2o, snapkv, pyramidkv; decisions
+        in r.kv_decisions, r.kept(layer), r.key_scores(layer), r.bytes_freed())."""
         # max_new_tokens=0 is a forward pass over the prompt (prefill captures, no token); None: the
         # server's default.
         req = pb.GenerateRequest(model=model, **({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}),
@@ -678,7 +741,7 @@ class Client:
                                                             seed=seed),
                                  stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, max_length=max_length,
                                  capture=capture if capture is not None else capture_spec(**capture_args))
-        _add_interventions(req.interventions, ablate, knockout, reference_leads)
+        _add_interventions(req.interventions, ablate, knockout, reference_leads, kv_policy)
         if sum(x is not None for x in (prompt, token_ids, chat)) > 1:
             raise ValueError("give one input: prompt, token_ids or chat")
         if chat_template_kwargs is not None and chat is None:
