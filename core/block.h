@@ -82,6 +82,9 @@ struct DivergenceStep {
   double kl = 0;            // KL(full || intervened) of the next-token distributions, nats
   bool top1_agree = false;  // the two argmax tokens are the same
   int64_t rank = 0;         // the rank of the chosen token under the full model (1: its top-1)
+  int64_t token = 0;        // the chosen token
+  double logprob_full = 0;  // its log-probability under each model (nats; minus each one's loss)
+  double logprob_intervened = 0;
   // [layers][heads]: the attention mass the full model's row that produced this step puts on the
   // keys the intervened model does not see (0 where nothing is hidden).
   std::vector<float> lost_mass;

@@ -12,21 +12,19 @@
 #include "core/status_macros.h"
 
 namespace attnscope {
-namespace {
 
-// Inputs are flags and metadata: anything longer than this is not a capture spec.
-constexpr size_t kMaxText = 1 << 16;
-
-absl::Status Bad(absl::string_view what, absl::string_view text, absl::string_view why) {
+absl::Status MalformedItem(absl::string_view what, absl::string_view text, absl::string_view why) {
   const std::string shown(text.substr(0, 80));
   return absl::InvalidArgumentError(
       absl::StrCat(what, ": '", shown, text.size() > 80 ? "...'" : "'", " ", why));
 }
 
+namespace {
+
 absl::StatusOr<int64_t> Number(absl::string_view text, absl::string_view what, int64_t min) {
   int64_t v = 0;
-  if (!absl::SimpleAtoi(text, &v)) return Bad(what, text, "is not an integer");
-  if (v < min) return Bad(what, text, absl::StrCat("must be at least ", min));
+  if (!absl::SimpleAtoi(text, &v)) return MalformedItem(what, text, "is not an integer");
+  if (v < min) return MalformedItem(what, text, absl::StrCat("must be at least ", min));
   return v;
 }
 
@@ -34,7 +32,7 @@ absl::StatusOr<int64_t> Number(absl::string_view text, absl::string_view what, i
 
 absl::StatusOr<std::vector<int64_t>> ParseIndexList(absl::string_view text,
                                                     absl::string_view what) {
-  if (text.size() > kMaxText) return Bad(what, text, "is too long");
+  if (text.size() > kMaxDialectText) return MalformedItem(what, text, "is too long");
   std::vector<int64_t> out;
   text = absl::StripAsciiWhitespace(text);
   if (text.empty() || text == "all") return out;
@@ -48,28 +46,29 @@ absl::StatusOr<std::vector<int64_t>> ParseIndexList(absl::string_view text,
 absl::Status ParseForm(absl::string_view text, CaptureSpec* spec) {
   const std::vector<absl::string_view> parts = absl::StrSplit(text, ':');
   const FormInfo* form = RowNamed(kForms, parts[0]);
-  if (form == nullptr) return Bad("form", text, absl::StrCat("is not ", NamesOf(kForms)));
+  if (form == nullptr) return MalformedItem("form", text, absl::StrCat("is not ", NamesOf(kForms)));
   spec->form = form->value;
   spec->pool = 0;
   spec->top_k = 0;
   spec->pool_op = PoolOp::kMean;
   switch (form->arg) {
     case FormArg::kNone:
-      if (parts.size() != 1) return Bad("form", text, "takes no argument");
+      if (parts.size() != 1) return MalformedItem("form", text, "takes no argument");
       break;
     case FormArg::kPool: {
       if (parts.size() < 2 || parts.size() > 3)
-        return Bad("form", text, "is pooled:P or pooled:P:mean|max (P the tile side)");
+        return MalformedItem("form", text, "is pooled:P or pooled:P:mean|max (P the tile side)");
       ASSIGN_OR_RETURN(spec->pool, Number(parts[1], "form pooled:P", 1));
       if (parts.size() == 3) {
         const auto* op = RowNamed(kPoolOps, parts[2]);
-        if (op == nullptr) return Bad("form", text, absl::StrCat("pools by ", NamesOf(kPoolOps)));
+        if (op == nullptr)
+          return MalformedItem("form", text, absl::StrCat("pools by ", NamesOf(kPoolOps)));
         spec->pool_op = op->value;
       }
       break;
     }
     case FormArg::kTopK:
-      if (parts.size() != 2) return Bad("form", text, "is top_k:K (K values per row)");
+      if (parts.size() != 2) return MalformedItem("form", text, "is top_k:K (K values per row)");
       ASSIGN_OR_RETURN(spec->top_k, Number(parts[1], "form top_k:K", 1));
       break;
   }
@@ -91,7 +90,7 @@ std::string FormatForm(const CaptureSpec& spec) {
 }
 
 absl::Status ParseStatistics(absl::string_view text, StatisticsSpec* stats) {
-  if (text.size() > kMaxText) return Bad("stats", text, "is too long");
+  if (text.size() > kMaxDialectText) return MalformedItem("stats", text, "is too long");
   *stats = StatisticsSpec();
   if (text.empty() || text == "none") return absl::OkStatus();
   for (absl::string_view item : absl::StrSplit(text, ',')) {
@@ -106,17 +105,18 @@ absl::Status ParseStatistics(absl::string_view text, StatisticsSpec* stats) {
       std::vector<std::string> names;
       for (const StatisticInfo& st : kStatistics)
         names.push_back(absl::StrCat(st.name, st.takes_value ? ":" : "", st.value_letter));
-      return Bad("stats", item, absl::StrCat("is not one of ", absl::StrJoin(names, ", ")));
+      return MalformedItem("stats", item,
+                           absl::StrCat("is not one of ", absl::StrJoin(names, ", ")));
     }
-    if (stats->*found->param != 0) return Bad("stats", item, "is given twice");
+    if (stats->*found->param != 0) return MalformedItem("stats", item, "is given twice");
     if (found->takes_value) {
       if (kv.size() != 2) {
-        return Bad("stats", item,
-                   absl::StrCat("needs a value: ", found->name, ":", found->value_letter));
+        return MalformedItem(
+            "stats", item, absl::StrCat("needs a value: ", found->name, ":", found->value_letter));
       }
       ASSIGN_OR_RETURN(stats->*found->param, Number(kv[1], absl::StrCat("stats ", kv[0]), 1));
     } else {
-      if (kv.size() != 1) return Bad("stats", item, "takes no value");
+      if (kv.size() != 1) return MalformedItem("stats", item, "takes no value");
       stats->*found->param = 1;
     }
   }
@@ -140,44 +140,48 @@ absl::StatusOr<CaptureSpec> ParseCaptureSpec(const CaptureSpecText& t) {
   ASSIGN_OR_RETURN(spec.layers, ParseIndexList(t.layers, "layers"));
   ASSIGN_OR_RETURN(spec.heads, ParseIndexList(t.heads, "heads"));
   spec.prefill = spec.decode = false;
-  if (t.phases.size() > kMaxText) return Bad("phases", t.phases, "is too long");
+  if (t.phases.size() > kMaxDialectText) return MalformedItem("phases", t.phases, "is too long");
   for (absl::string_view p : absl::StrSplit(t.phases, ',')) {
     const auto* phase = RowNamed(kPhases, p);
-    if (phase == nullptr) return Bad("phases", p, absl::StrCat("is not ", NamesOf(kPhases)));
+    if (phase == nullptr)
+      return MalformedItem("phases", p, absl::StrCat("is not ", NamesOf(kPhases)));
     bool& on = phase->value == Phase::kPrefill ? spec.prefill : spec.decode;
-    if (on) return Bad("phases", p, "is given twice");
+    if (on) return MalformedItem("phases", p, "is given twice");
     on = true;
   }
-  if (t.rows.size() > kMaxText) return Bad("rows", t.rows, "is too long");
+  if (t.rows.size() > kMaxDialectText) return MalformedItem("rows", t.rows, "is too long");
   if (absl::StartsWith(t.rows, "last:")) {
     ASSIGN_OR_RETURN(spec.last_queries, Number(t.rows.substr(5), "rows last:N", 1));
   } else if (!t.rows.empty()) {
     for (absl::string_view r : absl::StrSplit(t.rows, ',')) {
       const std::vector<absl::string_view> ab = absl::StrSplit(r, ':');
-      if (ab.size() != 2) return Bad("rows", r, "is not A:B (prompt positions [A, B)) or last:N");
+      if (ab.size() != 2)
+        return MalformedItem("rows", r, "is not A:B (prompt positions [A, B)) or last:N");
       QueryRange q;
       ASSIGN_OR_RETURN(q.begin, Number(ab[0], "rows A:B", 0));
       ASSIGN_OR_RETURN(q.end, Number(ab[1], "rows A:B", 0));
-      if (q.end <= q.begin) return Bad("rows", r, "is empty (B must exceed A)");
+      if (q.end <= q.begin) return MalformedItem("rows", r, "is empty (B must exceed A)");
       spec.query_ranges.push_back(q);
     }
   }
   const auto* type = RowNamed(kElementTypes, t.element_type);
   if (type == nullptr) {
-    return Bad("element_type", t.element_type, absl::StrCat("is not ", NamesOf(kElementTypes)));
+    return MalformedItem("element_type", t.element_type,
+                         absl::StrCat("is not ", NamesOf(kElementTypes)));
   }
   spec.element_type = type->value;
   return spec;
 }
 
 absl::StatusOr<CaptureSpec> ParseCaptureSpec(absl::string_view text) {
-  if (text.size() > kMaxText) return Bad("capture spec", text, "is too long");
+  if (text.size() > kMaxDialectText) return MalformedItem("capture spec", text, "is too long");
   CaptureSpecText t;
   bool first = true;
   for (absl::string_view item : absl::StrSplit(text, ' ', absl::SkipEmpty())) {
     const size_t eq = item.find('=');
     if (eq == absl::string_view::npos) {
-      if (!first) return Bad("capture spec", item, "is not key=value (only the form comes bare)");
+      if (!first)
+        return MalformedItem("capture spec", item, "is not key=value (only the form comes bare)");
       t.form = std::string(item);
       first = false;
       continue;
@@ -194,8 +198,9 @@ absl::StatusOr<CaptureSpec> ParseCaptureSpec(absl::string_view text) {
                          : key == "form"  ? &t.form
                                           : nullptr;
     if (field == nullptr) {
-      return Bad("capture spec", item,
-                 "has an unknown key (form, stats, layers, heads, phases, rows, element_type)");
+      return MalformedItem(
+          "capture spec", item,
+          "has an unknown key (form, stats, layers, heads, phases, rows, element_type)");
     }
     *field = std::string(value);
   }

@@ -16,6 +16,7 @@
 // dtype; both are still read (for one release) and never written.
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -42,6 +43,12 @@ absl::StatusOr<CaptureSpec> ParseCaptureSpec(const CaptureSpecText& text);
 absl::StatusOr<CaptureSpec> ParseCaptureSpec(absl::string_view text);
 // The whole spec in the dialect; ParseCaptureSpec(FormatCaptureSpec(s)) gives s back.
 std::string FormatCaptureSpec(const CaptureSpec& spec);
+
+// Flags and metadata, not data: a dialect text longer than this is refused ("is too long").
+inline constexpr size_t kMaxDialectText = 1 << 16;
+// The INVALID_ARGUMENT of a malformed item of the CLIs' dialects (this one and
+// core/intervention_text.h's): "<what>: '<text, its first 80 characters>' <why>".
+absl::Status MalformedItem(absl::string_view what, absl::string_view text, absl::string_view why);
 
 // The single parts (also used by the whole-spec parser).
 absl::Status ParseForm(absl::string_view text, CaptureSpec* spec);

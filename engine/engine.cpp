@@ -279,6 +279,9 @@ DivergenceStep Divergence(int64_t step, int64_t token, const torch::Tensor& full
   d.kl = (lp_full.exp() * (lp_full - lp_int)).sum().item<double>();
   d.top1_agree = full.argmax().item<int64_t>() == intervened.argmax().item<int64_t>();
   d.rank = 1 + full.gt(full[token]).sum().item<int64_t>();
+  d.token = token;
+  d.logprob_full = lp_full[token].item<double>();
+  d.logprob_intervened = lp_int[token].item<double>();
   d.lost_mass.assign(num_layers * num_heads, 0.0f);
   for (int64_t l = 0; l < num_layers && l < static_cast<int64_t>(hidden_mass.size()); ++l) {
     if (!hidden_mass[l].defined()) continue;  // nothing hidden in this layer

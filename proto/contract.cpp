@@ -110,6 +110,62 @@ v1::Statistic ToProto(StatKind v) {
 absl::StatusOr<Phase> FromProto(v1::Phase v, const char* what) {
   return FromNumber(kPhases, v, v1::Phase_descriptor(), "PHASE_", what);
 }
+v1::AblationKind ToProto(AblationKind v) {
+  return static_cast<v1::AblationKind>(
+      ToNumber(kAblationKinds, v, v1::AblationKind_descriptor(), "ABLATION_KIND_"));
+}
+v1::KvPolicyKind ToProto(KvPolicyKind v) {
+  return static_cast<v1::KvPolicyKind>(
+      ToNumber(kKvPolicyKinds, v, v1::KvPolicyKind_descriptor(), "KV_POLICY_KIND_"));
+}
+absl::StatusOr<AblationKind> FromProto(v1::AblationKind v, const char* what) {
+  return FromNumber(kAblationKinds, v, v1::AblationKind_descriptor(), "ABLATION_KIND_", what);
+}
+absl::StatusOr<KvPolicyKind> FromProto(v1::KvPolicyKind v, const char* what) {
+  return FromNumber(kKvPolicyKinds, v, v1::KvPolicyKind_descriptor(), "KV_POLICY_KIND_", what);
+}
+
+void FillInterventions(const Interventions& interventions, bool reference_leads,
+                       v1::Interventions* out) {
+  for (const HeadAblation& a : interventions.ablations) {
+    v1::HeadAblation* entry = out->add_ablations();
+    entry->set_layer(static_cast<int32_t>(a.layer));
+    for (int64_t h : a.heads) entry->add_heads(static_cast<int32_t>(h));
+    entry->set_kind(ToProto(a.kind));
+  }
+  const auto ranges = [](const std::vector<PositionRange>& from,
+                         pb::RepeatedPtrField<v1::PositionRange>* to) {
+    for (const PositionRange& r : from) {
+      v1::PositionRange* range = to->Add();
+      range->set_begin(r.begin);
+      range->set_end(r.end);
+    }
+  };
+  for (const Knockout& k : interventions.knockouts) {
+    v1::Knockout* entry = out->add_knockouts();
+    for (int64_t l : k.layers) entry->add_layers(static_cast<int32_t>(l));
+    for (int64_t h : k.heads) entry->add_heads(static_cast<int32_t>(h));
+    ranges(k.keys, entry->mutable_keys());
+    ranges(k.queries, entry->mutable_queries());
+  }
+  out->set_reference_leads(reference_leads);
+  const KvPolicy& p = interventions.kv_policy;
+  if (p.kind == KvPolicyKind::kNone) return;
+  const KvPolicy d;
+  v1::KvPolicy* policy = out->mutable_kv_policy();
+  policy->set_kind(ToProto(p.kind));
+  policy->set_compression_ratio(p.compression_ratio);
+  policy->set_budget(p.budget);
+  if (p.n_sink != d.n_sink) policy->set_n_sink(p.n_sink);
+  if (p.window_size != d.window_size) policy->set_window_size(p.window_size);
+  if (p.kernel_size != d.kernel_size) policy->set_kernel_size(p.kernel_size);
+  if (p.beta != d.beta) policy->set_beta(p.beta);
+  policy->set_recent_size(p.recent_size);
+  policy->set_adaptive(p.adaptive);
+  if (p.alpha_safeguard != d.alpha_safeguard) policy->set_alpha_safeguard(p.alpha_safeguard);
+  policy->set_report_scores(p.report_scores);
+}
+
 absl::StatusOr<Form> FromProto(v1::Form v, const char* what) {
   return FromNumber(kForms, v, v1::Form_descriptor(), "FORM_", what);
 }

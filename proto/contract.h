@@ -10,6 +10,7 @@
 #include "attnscope/v1/attnscope.pb.h"
 #include "core/block.h"
 #include "core/capture_spec.h"
+#include "core/intervention.h"
 
 namespace attnscope {
 
@@ -22,12 +23,16 @@ v1::Form ToProto(Form form);
 v1::PoolOp ToProto(PoolOp op);
 v1::ElementType ToProto(ElementType type);
 v1::Statistic ToProto(StatKind kind);
+v1::AblationKind ToProto(AblationKind kind);
+v1::KvPolicyKind ToProto(KvPolicyKind kind);
 // INVALID_ARGUMENT naming `what` for a number the table has no row for.
 absl::StatusOr<Phase> FromProto(v1::Phase phase, const char* what);
 absl::StatusOr<Form> FromProto(v1::Form form, const char* what);
 absl::StatusOr<PoolOp> FromProto(v1::PoolOp op, const char* what);
 absl::StatusOr<ElementType> FromProto(v1::ElementType type, const char* what);
 absl::StatusOr<StatKind> FromProto(v1::Statistic kind, const char* what);
+absl::StatusOr<AblationKind> FromProto(v1::AblationKind kind, const char* what);
+absl::StatusOr<KvPolicyKind> FromProto(v1::KvPolicyKind kind, const char* what);
 absl::StatusOr<StatKind> StatKindNamed(const std::string& name, const char* what);
 
 // The capture spec of a request, its enums and fields checked (the model-dependent checks are
@@ -38,6 +43,11 @@ absl::StatusOr<CaptureSpec> ToCaptureSpec(const v1::CaptureSpec& proto);
 void FillCaptureSpec(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
                      v1::CaptureSpec* out);
 
+// A request's interventions (the clients' direction; the server's, bounded before it copies, is
+// server/convert.h ToInterventions). Optional policy parameters are set only where they differ
+// from KvPolicy{}'s defaults, which are kvpress' and the server's.
+void FillInterventions(const Interventions& interventions, bool reference_leads,
+                       v1::Interventions* out);
 // Block headers: the proto keeps AttentionChunk and StatisticChunk (compatibility), whose common
 // fields are written and read here, once.
 void FillBlockHeader(const BlockHeader& header, v1::AttentionChunk* out);

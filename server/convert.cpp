@@ -106,14 +106,14 @@ absl::StatusOr<Interventions> ToInterventions(const v1::Interventions& proto,
     RETURN_IF_ERROR(Bounded(a.heads_size(), info.num_heads,
                             absl::StrCat("interventions.ablations[", i, "].heads"),
                             "the model's heads"));
-    if (a.kind() != v1::ABLATION_KIND_ZERO && a.kind() != v1::ABLATION_KIND_MEAN) {
+    const auto kind = FromProto(a.kind(), "interventions.ablations.kind");
+    if (!kind.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("interventions.ablations[", i, "].kind ",
                                                      static_cast<int>(a.kind()),
                                                      " is not an AblationKind"));
     }
     out.ablations.push_back(
-        {a.layer(), std::vector<int64_t>(a.heads().begin(), a.heads().end()),
-         a.kind() == v1::ABLATION_KIND_MEAN ? AblationKind::kMean : AblationKind::kZero});
+        {a.layer(), std::vector<int64_t>(a.heads().begin(), a.heads().end()), *kind});
   }
   for (int i = 0; i < proto.knockouts_size(); ++i) {
     const auto& k = proto.knockouts(i);
@@ -127,26 +127,12 @@ absl::StatusOr<Interventions> ToInterventions(const v1::Interventions& proto,
   }
   const v1::KvPolicy& p = proto.kv_policy();
   KvPolicy& policy = out.kv_policy;
-  switch (p.kind()) {
-    case v1::KV_POLICY_KIND_NONE:
-      policy.kind = KvPolicyKind::kNone;
-      break;
-    case v1::KV_POLICY_KIND_STREAMING_LLM:
-      policy.kind = KvPolicyKind::kStreamingLlm;
-      break;
-    case v1::KV_POLICY_KIND_H2O:
-      policy.kind = KvPolicyKind::kH2o;
-      break;
-    case v1::KV_POLICY_KIND_SNAPKV:
-      policy.kind = KvPolicyKind::kSnapKv;
-      break;
-    case v1::KV_POLICY_KIND_PYRAMIDKV:
-      policy.kind = KvPolicyKind::kPyramidKv;
-      break;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          "interventions.kv_policy.kind ", static_cast<int>(p.kind()), " is not a KvPolicyKind"));
+  const auto kind = FromProto(p.kind(), "interventions.kv_policy.kind");
+  if (!kind.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "interventions.kv_policy.kind ", static_cast<int>(p.kind()), " is not a KvPolicyKind"));
   }
+  policy.kind = *kind;
   policy.compression_ratio = p.compression_ratio();
   policy.budget = p.budget();
   if (p.has_n_sink()) policy.n_sink = p.n_sink();
@@ -176,6 +162,9 @@ void FillDivergence(const DivergenceStep& step, v1::DivergenceEvent* event) {
   event->set_kl(step.kl);
   event->set_top1_agree(step.top1_agree);
   event->set_rank(step.rank);
+  event->set_token(step.token);
+  event->set_logprob_full(step.logprob_full);
+  event->set_logprob_intervened(step.logprob_intervened);
   event->mutable_lost_mass()->Add(step.lost_mass.begin(), step.lost_mass.end());
 }
 

@@ -22,6 +22,7 @@
 #include "cli/host_memory.h"
 #include "cli/usage.h"
 #include "core/capture_text.h"
+#include "core/intervention_text.h"
 #include "core/safetensors_writer.h"
 #include "core/status_macros.h"
 #include "engine/engine.h"
@@ -67,13 +68,37 @@ class StoringSink : public AttentionSink {
     ++logits_steps_;
     return absl::OkStatus();
   }
+  absl::Status OnDivergence(const DivergenceStep& d) override {
+    divergence_.push_back({{"step", d.step},
+                           {"kl", d.kl},
+                           {"top1_agree", d.top1_agree},
+                           {"rank", d.rank},
+                           {"token", d.token},
+                           {"logprob_full", d.logprob_full},
+                           {"logprob_intervened", d.logprob_intervened},
+                           {"lost_mass", d.lost_mass}});
+    return absl::OkStatus();
+  }
+  absl::Status OnKvDecision(const KvDecision& d) override {
+    kv_decisions_.push_back({{"step", d.step},
+                             {"layer", d.layer},
+                             {"keys", d.keys},
+                             {"kept_per_head", d.kept_per_head},
+                             {"bytes_freed", d.bytes_freed}});
+    return absl::OkStatus();
+  }
   int64_t bytes() const { return bytes_; }
   int64_t blocks() const { return blocks_; }
+  // Per step, for a request with interventions; per layer at each KV policy decision.
+  const nlohmann::json& divergence() const { return divergence_; }
+  const nlohmann::json& kv_decisions() const { return kv_decisions_; }
   // [steps, vocab] float32, row-major.
   const std::vector<float>& logits() const { return logits_; }
   int64_t logits_steps() const { return logits_steps_; }
 
  private:
+  nlohmann::json divergence_ = nlohmann::json::array();
+  nlohmann::json kv_decisions_ = nlohmann::json::array();
   void Store(const std::string& name, const char* dtype, const std::vector<int64_t>& shape,
              const void* data, int64_t bytes) {
     bytes_ += bytes;
@@ -142,6 +167,8 @@ absl::Status Run() {
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   ASSIGN_OR_RETURN(GenerateRequest request, RequestFromFlags(engine->info().vocab_size));
   ASSIGN_OR_RETURN(CaptureSpec spec, CaptureSpecFromFlags());
+  ASSIGN_OR_RETURN(request.interventions, InterventionsFromFlags());
+  request.reference_leads = ReferenceLeadsFromFlags();
 
   const std::string out = absl::GetFlag(FLAGS_out);
   SafetensorsWriter writer;
@@ -171,6 +198,15 @@ absl::Status Run() {
       {"peak_rss_mib", usage.ru_maxrss / 1024.0},
       {"capture", FormatCaptureSpec(spec)},
   };
+  if (!request.interventions.empty()) {
+    const InterventionsText text = FormatInterventions(request.interventions);
+    summary["interventions"] = {{"ablate", text.ablate},
+                                {"knockout", text.knockout},
+                                {"kv_policy", text.kv_policy},
+                                {"reference_leads", request.reference_leads}};
+    summary["divergence"] = sink.divergence();
+    summary["kv_decisions"] = sink.kv_decisions();
+  }
   std::cout << summary.dump() << std::endl;
   return absl::OkStatus();
 }

@@ -93,6 +93,7 @@ struct Options {
   int64_t shared_memory_bytes = 0;
   SampleFormat format = SampleFormat::kSafetensors;
   v1::CaptureSpec capture;
+  v1::Interventions interventions;  // --ablate, --knockout, --kv_policy, --reference_leads
 };
 
 absl::StatusOr<Options> OptionsFromFlags() {
@@ -143,6 +144,13 @@ absl::StatusOr<Options> OptionsFromFlags() {
   if (o.save_attention) {  // without it, nothing is captured
     ASSIGN_OR_RETURN(const CaptureSpec spec, CaptureSpecFromFlags());
     FillCaptureSpec(spec, 0, 0, &o.capture);
+  }
+  ASSIGN_OR_RETURN(const Interventions interventions, InterventionsFromFlags());
+  if (!interventions.empty()) {
+    FillInterventions(interventions, ReferenceLeadsFromFlags(), &o.interventions);
+  } else if (ReferenceLeadsFromFlags()) {
+    return absl::InvalidArgumentError(
+        "--reference_leads needs an intervention (--ablate, --knockout or --kv_policy)");
   }
   return o;
 }
@@ -343,6 +351,7 @@ v1::GenerateRequest RequestFor(const Options& o, const Sample& sample) {
   }
   req.set_max_new_tokens(o.max_new_tokens);
   req.set_max_length(o.max_length);
+  if (o.interventions.ByteSizeLong() > 0) *req.mutable_interventions() = o.interventions;
   // Without --save_attention the prototype generated and printed: nothing captured.
   if (o.save_attention) {
     *req.mutable_capture() = o.capture;
@@ -419,6 +428,8 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
   bool have_trailer = false;
   auto last_progress = std::chrono::steady_clock::now();
   int layers_captured = 0;
+  double kl_sum = 0;  // interventions: the run's divergence, summed for the line printed after it
+  int64_t agreed = 0, divergence_steps = 0, freed = 0;
   const bool save = o.save_attention;
   while (local.ok() && reader->Read(&msg)) {
     switch (msg.event_case()) {
@@ -467,6 +478,16 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
       case v1::StreamAttentionResponse::kStatistic:
         if (save) local = writer.OnStatistic(msg.statistic());
         break;
+      case v1::StreamAttentionResponse::kDivergence:
+        kl_sum += msg.divergence().kl();
+        agreed += msg.divergence().top1_agree() ? 1 : 0;
+        ++divergence_steps;
+        if (save) local = writer.OnDivergence(msg.divergence());
+        break;
+      case v1::StreamAttentionResponse::kKvDecision:
+        freed += msg.kv_decision().bytes_freed();
+        if (save) local = writer.OnKvDecision(msg.kv_decision());
+        break;
       case v1::StreamAttentionResponse::kTrailer:
         if (have_trailer)
           local = absl::DataLossError("malformed stream from the server: a second trailer");
@@ -496,6 +517,13 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
                      local.ok() ? status.error_message() : std::string(local.message())));
   }
   std::cout << "Generated: " << trailer.text() << std::endl;
+  if (divergence_steps > 0 || freed > 0) {
+    std::cout << "Divergence from the unmodified model: mean KL "
+              << (divergence_steps > 0 ? kl_sum / divergence_steps : 0.0)
+              << " nats, top-1 agreement " << agreed << "/" << divergence_steps << " steps";
+    if (freed > 0) std::cout << ", KV policy frees " << freed / 1e6 << " MB";
+    std::cout << std::endl;
+  }
   if (save) {
     absl::Status s = writer.Finish(trailer, sample.is_ids ? "" : sample.text);
     if (!s.ok()) {

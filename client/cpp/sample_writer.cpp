@@ -405,6 +405,30 @@ absl::Status SampleWriter::WritePickle() {
   return pickle_file_->Publish(replace_);
 }
 
+absl::Status SampleWriter::OnDivergence(const v1::DivergenceEvent& event) {
+  if (!have_header_) return Malformed("a divergence event before the header");
+  const int64_t cells = int64_t{header_.model().num_layers()} * header_.model().num_heads();
+  if (event.lost_mass_size() != 0 && event.lost_mass_size() != cells) {
+    return Malformed(absl::StrCat("a divergence event with ", event.lost_mass_size(),
+                                  " lost-mass values for ", cells, " (layer, head) pairs"));
+  }
+  if (static_cast<int64_t>(divergence_.size()) >= max_rows_) {
+    return Malformed("more divergence events than generated steps");
+  }
+  divergence_.push_back(event);
+  return absl::OkStatus();
+}
+
+absl::Status SampleWriter::OnKvDecision(const v1::KvDecisionEvent& event) {
+  if (!have_header_) return Malformed("a KV decision before the header");
+  if (event.layer() < 0 || event.layer() >= header_.model().num_layers() ||
+      static_cast<int64_t>(kv_decisions_.size()) >= int64_t{64} * header_.model().num_layers()) {
+    return Malformed(absl::StrCat("a KV decision for layer ", event.layer()));
+  }
+  kv_decisions_.push_back(event);
+  return absl::OkStatus();
+}
+
 absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer,
                                   const std::string& prompt_text) {
   if (!have_header_) return Malformed("the stream ended without a header");
@@ -434,6 +458,40 @@ absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer,
   std::vector<std::string> pieces;
   for (const auto& t : tokens_) pieces.push_back(t.piece());
   meta["token_pieces"] = pieces;
+  if (!divergence_.empty()) {
+    nlohmann::json steps = nlohmann::json::array();
+    for (const auto& d : divergence_) {
+      steps.push_back({{"step", d.step()},
+                       {"kl", d.kl()},
+                       {"top1_agree", d.top1_agree()},
+                       {"rank", d.rank()},
+                       {"token", d.token()},
+                       {"logprob_full", d.logprob_full()},
+                       {"logprob_intervened", d.logprob_intervened()},
+                       {"lost_mass", d.lost_mass()}});
+    }
+    meta["divergence"] = std::move(steps);
+  }
+  if (!kv_decisions_.empty()) {
+    nlohmann::json decisions = nlohmann::json::array();
+    for (const auto& k : kv_decisions_) {
+      // The kept bits as hex, numpy's packbits(bitorder="little") of [kv_heads, keys].
+      std::string hex;
+      static const char kDigits[] = "0123456789abcdef";
+      for (unsigned char byte : k.kept()) {
+        hex += kDigits[byte >> 4];
+        hex += kDigits[byte & 15];
+      }
+      decisions.push_back({{"step", k.step()},
+                           {"layer", k.layer()},
+                           {"keys", k.keys()},
+                           {"kv_heads", k.kv_heads()},
+                           {"kept", hex},
+                           {"kept_per_head", k.kept_per_head()},
+                           {"bytes_freed", k.bytes_freed()}});
+    }
+    meta["kv_decisions"] = std::move(decisions);
+  }
   absl::Status s =
       format_ == SampleFormat::kPickle
           ? WritePickle()

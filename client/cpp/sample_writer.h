@@ -52,6 +52,10 @@ class SampleWriter {
                            absl::string_view indices);
   absl::Status OnStatistic(const v1::StatisticChunk& chunk);
   absl::Status OnToken(const v1::TokenEvent& token);
+  // A request with interventions: each step's divergence and each KV policy decision, kept in the
+  // safetensors metadata ("divergence", "kv_decisions"; the pickle format has no place for them).
+  absl::Status OnDivergence(const v1::DivergenceEvent& event);
+  absl::Status OnKvDecision(const v1::KvDecisionEvent& event);
   // Assembles the file and renames it into place; refuses a sample with a missing or incomplete
   // block.
   absl::Status Finish(const v1::StreamTrailer& trailer, const std::string& prompt_text);
@@ -103,6 +107,8 @@ class SampleWriter {
   std::map<std::string, size_t> entry_of_;  // name -> index in entries_
   std::map<int64_t, size_t> layer_slot_;    // layer -> slot in full_
   std::vector<v1::TokenEvent> tokens_;
+  std::vector<v1::DivergenceEvent> divergence_;
+  std::vector<v1::KvDecisionEvent> kv_decisions_;
   int64_t data_size_ = 0;
   int64_t bytes_received_ = 0;
   bool finished_ = false;

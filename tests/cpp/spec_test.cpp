@@ -5,6 +5,7 @@
 #include "core/block.h"
 #include "core/capture_spec.h"
 #include "core/capture_text.h"
+#include "core/intervention_text.h"
 #include "proto/contract.h"
 
 namespace attnscope {
@@ -33,6 +34,101 @@ TEST(SpecTables, EveryRowHasItsProtoValueAndBack) {
   EXPECT_EQ(v1::PoolOp_descriptor()->value_count(), static_cast<int>(std::size(kPoolOps)));
   EXPECT_FALSE(FromProto(static_cast<v1::Form>(99), "capture.form").ok());
   EXPECT_FALSE(FromProto(v1::PHASE_UNSPECIFIED, "phase").ok());
+  for (const auto& row : kAblationKinds) {
+    EXPECT_EQ(*FromProto(ToProto(row.value), "kind"), row.value) << row.name;
+  }
+  for (const auto& row : kKvPolicyKinds) {
+    EXPECT_EQ(*FromProto(ToProto(row.value), "kind"), row.value) << row.name;
+  }
+  EXPECT_EQ(v1::AblationKind_descriptor()->value_count(),
+            static_cast<int>(std::size(kAblationKinds)));
+  EXPECT_EQ(v1::KvPolicyKind_descriptor()->value_count(),
+            static_cast<int>(std::size(kKvPolicyKinds)));
+  EXPECT_FALSE(FromProto(static_cast<v1::KvPolicyKind>(9), "kind").ok());
+}
+
+TEST(InterventionText, ParsesTheDialectAndFormatsItBack) {
+  InterventionsText t;
+  t.ablate = "layer=1 heads=3; layer=0 heads=0,2 kind=mean";
+  t.knockout = "layers=1 keys=1:9,12:14 queries=41:81 ;heads=2 keys=0:1";
+  t.kv_policy = "snapkv compression_ratio=0.3 window_size=8 kernel_size=3 adaptive=true";
+  const auto x = ParseInterventions(t);
+  ASSERT_TRUE(x.ok()) << x.status();
+  ASSERT_EQ(x->ablations.size(), 2u);
+  EXPECT_EQ(x->ablations[0].layer, 1);
+  EXPECT_EQ(x->ablations[0].heads, std::vector<int64_t>{3});
+  EXPECT_EQ(x->ablations[0].kind, AblationKind::kZero);
+  EXPECT_EQ(x->ablations[1].heads, (std::vector<int64_t>{0, 2}));
+  EXPECT_EQ(x->ablations[1].kind, AblationKind::kMean);
+  ASSERT_EQ(x->knockouts.size(), 2u);
+  EXPECT_EQ(x->knockouts[0].layers, std::vector<int64_t>{1});
+  ASSERT_EQ(x->knockouts[0].keys.size(), 2u);
+  EXPECT_EQ(x->knockouts[0].keys[1].begin, 12);
+  EXPECT_EQ(x->knockouts[0].keys[1].end, 14);
+  EXPECT_EQ(x->knockouts[0].queries[0].end, 81);
+  EXPECT_TRUE(x->knockouts[1].layers.empty());
+  EXPECT_EQ(x->knockouts[1].heads, std::vector<int64_t>{2});
+  const KvPolicy& p = x->kv_policy;
+  EXPECT_EQ(p.kind, KvPolicyKind::kSnapKv);
+  EXPECT_EQ(p.compression_ratio, 0.3);
+  EXPECT_EQ(p.window_size, 8);
+  EXPECT_EQ(p.kernel_size, 3);
+  EXPECT_TRUE(p.adaptive);
+  EXPECT_EQ(p.n_sink, KvPolicy{}.n_sink);  // unset: the default
+
+  const InterventionsText back = FormatInterventions(*x);
+  const auto again = ParseInterventions(back);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(FormatInterventions(*again).ablate, back.ablate);
+  EXPECT_EQ(FormatInterventions(*again).knockout, back.knockout);
+  EXPECT_EQ(back.kv_policy,
+            "snapkv compression_ratio=0.3 window_size=8 kernel_size=3 adaptive=true");
+
+  // The same request on the wire as the Python client builds it.
+  v1::Interventions proto;
+  FillInterventions(*x, true, &proto);
+  EXPECT_TRUE(proto.reference_leads());
+  EXPECT_EQ(proto.ablations(1).kind(), v1::ABLATION_KIND_MEAN);
+  EXPECT_EQ(proto.knockouts(0).keys(1).begin(), 12);
+  EXPECT_EQ(proto.kv_policy().kind(), v1::KV_POLICY_KIND_SNAPKV);
+  EXPECT_EQ(proto.kv_policy().window_size(), 8);
+  EXPECT_FALSE(proto.kv_policy().has_n_sink());
+  EXPECT_FALSE(proto.kv_policy().has_beta());
+  EXPECT_TRUE(ParseInterventions(InterventionsText{})->empty());
+}
+
+TEST(InterventionText, MalformedSpellingsNameTheFlagAndTheItem) {
+  const struct {
+    InterventionsText text;
+    const char* message;
+  } cases[] = {
+      {{"layer=1", "", ""}, "ablate: 'layer=1' needs layer=L and heads=H"},
+      {{"heads=1", "", ""}, "needs layer=L"},
+      {{"layer=x heads=1", "", ""}, "ablate layer: 'x' is not a layer index"},
+      {{"layer=1 heads=1 kind=half", "", ""}, "ablate kind: 'half' is not zero or mean"},
+      {{"layer=1 heads=1 layer=2", "", ""}, "gives its key twice"},
+      {{"layer=1 head=1", "", ""}, "ablate: 'head' is not a key (layer, heads, kind)"},
+      {{"layer 1", "", ""}, "ablate: 'layer' is not key=value"},
+      {{"", "layers=1", ""}, "knockout: 'layers=1' needs keys=A:B"},
+      {{"", "keys=5:3", ""}, "knockout keys: '5:3' is empty or negative"},
+      {{"", "keys=5", ""}, "knockout keys: '5' is not A:B"},
+      {{"", "keys=-1:3", ""}, "is empty or negative"},
+      {{"", "keys=1:3 queries=a:b", ""}, "knockout queries: 'a:b' is not A:B"},
+      {{"", "keys=1:3 rows=1:2", ""}, "'rows' is not a key (layers, heads, keys, queries)"},
+      {{"", "", "lru"}, "kv_policy: 'lru' is not streaming_llm, h2o, snapkv or pyramidkv"},
+      {{"", "", "none"}, "is not streaming_llm"},
+      {{"", "", "h2o budget=many"}, "kv_policy budget: 'many' is not a number"},
+      {{"", "", "snapkv adaptive=yes"}, "kv_policy adaptive: 'yes' is not true or false"},
+      {{"", "", "snapkv window=8"}, "kv_policy: 'window' is not a key"},
+      {{std::string(70000, 'x'), "", ""}, "are too long"},
+  };
+  for (const auto& c : cases) {
+    const auto x = ParseInterventions(c.text);
+    ASSERT_FALSE(x.ok()) << c.message;
+    EXPECT_EQ(x.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(x.status().message().find(c.message), absl::string_view::npos)
+        << x.status().message() << " / " << c.message;
+  }
 }
 
 TEST(SpecTables, EveryStatisticHasItsProtoFieldAndValue) {

@@ -4,13 +4,16 @@ same tokens (tests/tools/reference.py), one with the knockout's hidden keys mask
 ablated, KL, top-1 agreement, rank and the full model's mass on the hidden keys from their logits
 and attention, to 1e-5; the capture of the intervened run; hostile interventions refused with
 precise statuses."""
+import json
+import subprocess
+
 import grpc
 import numpy as np
 import pytest
 
 import reference
 from conftest import BUILD, binary
-from service_fixture import serve, setup_paths
+from service_fixture import Server, setup_paths
 
 setup_paths(BUILD)
 import attnscope  # noqa: E402
@@ -25,8 +28,17 @@ def model(make_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def client(model):
-    yield from serve(binary("attnscope-server"), model, "--max_concurrent=2")
+def server(model):
+    s = Server(binary("attnscope-server"), model, "--max_concurrent=2")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = attnscope.Client(server.target, timeout=120)
+    yield c
+    c.close()
 
 
 def log_softmax(x):
@@ -281,3 +293,54 @@ def test_a_policy_divergence_matches_two_reference_passes(client, model):
         assert table["kl"][t - 1] == pytest.approx(float((np.exp(lf) * (lf - li)).sum()), abs=1e-5)
         want = np.array([(a[:, row, :] * hidden(layer)[:, row, :]).sum(-1) for layer, a in enumerate(full_att)])
         np.testing.assert_allclose(lost[t - 1], want, atol=1e-5)
+
+
+# The CLIs' spelling of one intervention of each kind and of a policy; the Python client's below.
+CLI_FLAGS = ["--knockout=layers=1 heads=0,3 keys=2:5,9:11", "--ablate=layer=2 heads=1 kind=mean",
+             "--kv_policy=snapkv window_size=4 kernel_size=3 budget=7"]
+PY_KWARGS = dict(knockout=[dict(layers=[1], heads=[0, 3], keys=[(2, 5), (9, 11)])],
+                 ablate=[dict(layer=2, heads=[1], kind="mean")],
+                 kv_policy=dict(kind="snapkv", window_size=4, kernel_size=3, budget=7))
+
+
+def test_the_clis_flags_run_what_the_python_client_runs(server, client, model, run_engine, tmp_path):
+    """attnscope-run and attnscope-capture take --knockout, --ablate and --kv_policy in one dialect
+    with the capture spec: the same run as the Python client's keywords, its divergence in the
+    summary, the stored sample's metadata and the line attnscope-capture prints."""
+    r = client.stream_attention(token_ids=PROMPT, max_new_tokens=STEPS, ignore_eos=True, **PY_KWARGS)
+    kl = list(r.divergence()["kl"])
+    assert max(kl) > 1e-4
+
+    local = run_engine(model, PROMPT, max_new=STEPS, out=False, extra=["--ignore_eos", *CLI_FLAGS])
+    assert local.tokens == r.generated_ids
+    assert local.summary["interventions"]["kv_policy"].startswith("snapkv ")
+    assert [d["kl"] for d in local.summary["divergence"]] == pytest.approx(kl, abs=1e-6)
+    assert [d["layer"] for d in local.summary["kv_decisions"]] == [0, 1, 2]
+    assert sum(d["bytes_freed"] for d in local.summary["kv_decisions"]) == r.bytes_freed() > 0
+
+    ids = ",".join(map(str, PROMPT))
+    proc = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={tmp_path}",
+                           f"--prompt_ids={ids}", f"--max_new_tokens={STEPS}", "--save_attention", "--layers=1",
+                           *CLI_FLAGS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = client.stream_attention(token_ids=PROMPT, max_new_tokens=STEPS, **PY_KWARGS)  # stops at eos, as it does
+    kl = list(r.divergence()["kl"])
+    assert "Divergence from the unmodified model: mean KL" in proc.stdout
+    assert f"/{len(kl)} steps, KV policy frees" in proc.stdout
+    stored = attnscope.load(tmp_path / "attention_sample_0.safetensors")
+    np.testing.assert_allclose(stored.divergence()["kl"], kl, atol=1e-6)
+    np.testing.assert_allclose(stored.lost_mass(), r.lost_mass(), atol=1e-6)
+    for layer in range(3):
+        assert (stored.kept(layer) == r.kept(layer)).all()
+    assert stored.bytes_freed() == r.bytes_freed()
+    # The Python client stores the same lists (one metadata schema).
+    meta = r.metadata()
+    assert [d["kept"] for d in meta["kv_decisions"]] == [d["kept"] for d in stored.metadata["kv_decisions"]]
+    assert json.loads(json.dumps(meta["divergence"]))[0].keys() == stored.metadata["divergence"][0].keys()
+
+    bad = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={tmp_path / 'x'}",
+                          f"--prompt_ids={ids}", "--knockout=layers=1 keys=5:3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "knockout keys: '5:3' is empty or negative" in bad.stderr
+    lonely = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={tmp_path / 'y'}",
+                             f"--prompt_ids={ids}", "--reference_leads"], capture_output=True, text=True)
+    assert lonely.returncode != 0 and "--reference_leads needs an intervention" in lonely.stderr

@@ -125,11 +125,18 @@ def _add_interventions(field, ablate, knockout, reference_leads, kv_policy=None)
         _add_kv_policy(field.kv_policy, kv_policy)
 
 
-def divergence_table(events):
-    """Per step: kl, top1_agree, rank (pandas DataFrame), from DivergenceEvents."""
-    import pandas as pd
-    return pd.DataFrame({"step": [e.step for e in events], "kl": [e.kl for e in events],
-                         "top1_agree": [e.top1_agree for e in events], "rank": [e.rank for e in events]})
+def divergence_row(event):
+    """A DivergenceEvent in the stored metadata's layout (client/cpp/sample_writer.cpp)."""
+    return {"step": event.step, "kl": event.kl, "top1_agree": event.top1_agree, "rank": event.rank,
+            "token": event.token, "logprob_full": event.logprob_full,
+            "logprob_intervened": event.logprob_intervened, "lost_mass": list(event.lost_mass)}
+
+
+def kv_decision_row(decision):
+    """A KvDecisionEvent in the stored metadata's layout (kept bits as hex; scores are not stored)."""
+    return {"step": decision.step, "layer": decision.layer, "keys": decision.keys, "kv_heads": decision.kv_heads,
+            "kept": decision.kept.hex(), "kept_per_head": list(decision.kept_per_head),
+            "bytes_freed": decision.bytes_freed}
 
 
 def kv_decision_arrays(decision):
@@ -165,36 +172,24 @@ class StreamResult(Captured):
                 f"{len(self.statistics)} statistic blocks, {len(self.generated_ids)} tokens generated: "
                 f"{self.text!r}>")
 
-    def divergence(self):
-        """Per generated step of a request with interventions: KL(full || intervened), top-1
-        agreement, the chosen token's rank under the full model (a pandas DataFrame)."""
-        return divergence_table(self.divergence_events)
+    # Captured's reading of interventions (divergence(), lost_mass(), kept(), bytes_freed()).
+    @property
+    def _divergence_rows(self):
+        return [divergence_row(e) for e in self.divergence_events]
 
-    def lost_mass(self):
-        """[steps, layers, heads]: the attention mass the full model puts, per step, on the keys the
-        intervened model does not see."""
-        layers, heads = self.header.model.num_layers, self.header.model.num_heads
-        return np.array([list(e.lost_mass) for e in self.divergence_events], dtype=np.float32).reshape(-1, layers, heads)
+    @property
+    def _kv_rows(self):
+        return [kv_decision_row(d) for d in self.kv_decisions]
 
-    def kept(self, layer, step=0):
-        """[kv_heads, keys] bool: the prompt keys the KV policy kept in `layer` at its decision
-        `step` (0: end of prefill)."""
-        return kv_decision_arrays(self._kv_decision(layer, step))[0]
+    @property
+    def _model_shape(self):
+        return self.header.model.num_layers, self.header.model.num_heads
 
     def key_scores(self, layer, step=0):
-        """[kv_heads, keys] float32: the policy's key scores (requests with report_scores)."""
-        return kv_decision_arrays(self._kv_decision(layer, step))[1]
-
-    def bytes_freed(self):
-        """The bytes of keys and values the KV policy evicted, over all layers and decisions."""
-        return sum(d.bytes_freed for d in self.kv_decisions)
-
-    def _kv_decision(self, layer, step):
-        for d in self.kv_decisions:
-            if d.layer == layer and d.step == step:
-                return d
-        raise KeyError(f"no KV policy decision for layer {layer} at step {step} "
-                       f"({len(self.kv_decisions)} decisions: a request with kv_policy has one per layer)")
+        """[kv_heads, keys] float32: the policy's key scores (requests with report_scores; not stored)."""
+        self._kv_row(layer, step)  # a clear KeyError where there is no decision
+        d = next(d for d in self.kv_decisions if d.layer == layer and d.step == step)
+        return kv_decision_arrays(d)[1]
 
     # Captured's view of the blocks.
     @property
@@ -293,6 +288,8 @@ class StreamResult(Captured):
             "num_layers": h.model.num_layers, "num_heads": h.model.num_heads,
             "capture": capture_json(h.capture),
             "token_pieces": list(self.generated_pieces),
+            **({"divergence": self._divergence_rows} if self.divergence_events else {}),
+            **({"kv_decisions": self._kv_rows} if self.kv_decisions else {}),
         }
 
     def to_sample(self):

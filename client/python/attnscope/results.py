@@ -228,6 +228,51 @@ class Captured:
         return xr.DataArray(a, dims=dims, coords=coords, name=f"attention layer {layer}",
                             attrs={"form": self.form, "layer": layer})
 
+    # -- interventions (issue 24) ---------------------------------------------------------------
+    # A subclass gives `_divergence_rows` and `_kv_rows` in the stored metadata's layout (the
+    # "divergence" and "kv_decisions" lists client/cpp/sample_writer.cpp writes) and `_model_shape`
+    # (layers, heads).
+    DIVERGENCE_COLUMNS = ("step", "kl", "top1_agree", "rank", "token", "logprob_full", "logprob_intervened")
+
+    def divergence(self):
+        """Per generated step of a request with interventions: KL(full || intervened), top-1
+        agreement, the chosen token's rank under the full model, the token and its log-probability
+        under each model (a pandas DataFrame; -logprob_intervened.mean() is the intervened model's
+        loss on the generated tokens, -logprob_full.mean() the unmodified model's)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("divergence() needs pandas (Debian: python3-pandas)") from None
+        rows = self._divergence_rows
+        return pd.DataFrame({c: [r[c] for r in rows] for c in self.DIVERGENCE_COLUMNS})
+
+    def lost_mass(self):
+        """[steps, layers, heads] float32: the attention mass the full model puts, per step, on the
+        keys the intervened model does not see."""
+        layers, heads = self._model_shape
+        return np.array([list(r["lost_mass"]) for r in self._divergence_rows], np.float32).reshape(-1, layers, heads)
+
+    def kept(self, layer, step=0):
+        """[kv_heads, keys] bool: the prompt keys the KV policy kept in `layer` at its decision
+        `step` (0: end of prefill)."""
+        d = self._kv_row(layer, step)
+        n = int(d["kv_heads"]) * int(d["keys"])
+        bits = np.unpackbits(np.frombuffer(bytes.fromhex(d["kept"]), np.uint8), bitorder="little")[:n]
+        if bits.size != n:
+            raise ValueError(f"layer {layer}: {bits.size} kept bits for {n} (kv head, key) pairs")
+        return bits.astype(bool).reshape(int(d["kv_heads"]), int(d["keys"]))
+
+    def bytes_freed(self):
+        """The bytes of keys and values the KV policy evicted, over all layers and decisions."""
+        return sum(int(d["bytes_freed"]) for d in self._kv_rows)
+
+    def _kv_row(self, layer, step):
+        for d in self._kv_rows:
+            if int(d["layer"]) == layer and int(d["step"]) == step:
+                return d
+        raise KeyError(f"no KV policy decision for layer {layer} at step {step} "
+                       f"({len(self._kv_rows)} decisions: a request with kv_policy has one per layer)")
+
     def _head_numbers(self, rows):
         """The model's head numbers of `rows` array rows (their indices if the capture does not say)."""
         heads = list(self.heads or [])

@@ -220,6 +220,19 @@ class Sample(Captured):
             return list(range(self.attention(self.layers[0]).shape[0]))
         return []
 
+    # Captured's reading of interventions (divergence(), lost_mass(), kept(), bytes_freed()).
+    @property
+    def _divergence_rows(self):
+        return list(self.metadata.get("divergence", []) or [])
+
+    @property
+    def _kv_rows(self):
+        return list(self.metadata.get("kv_decisions", []) or [])
+
+    @property
+    def _model_shape(self):
+        return int(self.metadata.get("num_layers", 0) or 0), self.model_heads
+
     @property
     def text(self):
         return self.metadata.get("generated_text", "")
