@@ -2,13 +2,16 @@
 // the names of the proto fields and of the Python client's keywords. Entries are separated by ';',
 // items by spaces, lists by ',', position ranges are A:B ([A, B)) as in the capture spec's rows:
 //
-//   ablate     layer=L heads=H[,H...] [kind=zero|mean]              e.g. "layer=1 heads=3; layer=0 heads=0,2 kind=mean"
-//   knockout   [layers=L,...] [heads=H,...] keys=A:B[,C:D] [queries=A:B,...]
-//              (empty layers or heads: all; no queries: every row)  e.g. "layers=1 keys=1:9 queries=41:81"
+//   ablate     layer=L heads=H[,H...] [kind=zero|mean]              e.g. "layer=1 heads=3; layer=0
+//   heads=0,2 kind=mean" knockout   [layers=L,...] [heads=H,...] keys=A:B[,C:D] [queries=A:B,...]
+//              (empty layers or heads: all; no queries: every row)  e.g. "layers=1 keys=1:9
+//              queries=41:81"
 //   kv_policy  KIND [key=value ...], KIND one of kKvPolicyKinds' names and the keys kvpress'
 //              parameters: compression_ratio, budget, n_sink, window_size, kernel_size, beta,
 //              recent_size, adaptive, alpha_safeguard, report_scores (true|false)
-//                                                                   e.g. "snapkv compression_ratio=0.5 window_size=8 adaptive=true"
+//                                                                   e.g. "snapkv
+//                                                                   compression_ratio=0.5
+//                                                                   window_size=8 adaptive=true"
 //
 // Parsing checks the syntax and the names (INVALID_ARGUMENT naming the flag and the item); the
 // engine's ValidateInterventions checks them against the model and the prompt.
