@@ -90,8 +90,8 @@ struct DivergenceStep {
   std::vector<float> lost_mass;
 };
 
-// A KV policy's decision for one layer (at the end of the prefill: step 0): which of the keys
-// [0, keys) each kv head keeps.
+// A KV policy's decision for one layer (at the end of the prefill: step 0; or after decode step
+// `step`): which of the keys [0, keys) each kv head keeps.
 struct KvDecision {
   int64_t step = 0;
   int64_t layer = 0;
@@ -102,7 +102,10 @@ struct KvDecision {
   std::vector<uint8_t> kept;
   std::vector<int64_t> kept_per_head;  // [kv_heads]
   std::vector<float> scores;           // [kv_heads][keys], when the request asked for them
-  int64_t bytes_freed = 0;             // the evicted keys' and values' bytes in this layer's cache
+  int64_t bytes_freed = 0;             // the bytes of the keys and values this decision evicted
+  // The layer's intervened cache after the decision: its slots (the fullest kv head's kept keys,
+  // plus room for the positions until the next decision) x kv heads x (k and v).
+  int64_t cache_bytes = 0;
 };
 
 // Receives results while a generation runs, on the engine's thread. A non-OK status stops the

@@ -40,7 +40,8 @@ struct Knockout {
 
 // KV-cache eviction policies, scored as kvpress's presses score them (DESIGN.md says which rows
 // each score sums). At the end of the prefill each (layer, kv head) keeps its best-scored prompt
-// keys; the evicted ones are hidden from every later row of that layer's heads.
+// keys and the rest leave the intervened cache; with decode_interval, every that many decode steps
+// the policy decides again among the keys still held, bringing each kv head back to its budget.
 enum class KvPolicyKind { kNone, kStreamingLlm, kH2o, kSnapKv, kPyramidKv };
 inline constexpr Named<KvPolicyKind> kKvPolicyKinds[] = {
     {KvPolicyKind::kNone, "none"},
@@ -63,6 +64,8 @@ struct KvPolicy {
   bool adaptive = false;         // Ada-KV: one layer's budget shared across its kv heads by score
   double alpha_safeguard = 0.2;  // Ada-KV: each head keeps at least this share of the budget
   bool report_scores = false;    // decisions carry the key scores
+  // streaming_llm, h2o: decide again every this many decode steps (0: once, after the prefill).
+  int64_t decode_interval = 0;
 };
 
 struct Interventions {

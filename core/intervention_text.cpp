@@ -166,6 +166,8 @@ absl::Status ParseKvPolicy(absl::string_view text, KvPolicy* policy) {
       ok = absl::SimpleAtoi(value, &policy->kernel_size);
     } else if (key == "recent_size") {
       ok = absl::SimpleAtoi(value, &policy->recent_size);
+    } else if (key == "decode_interval") {
+      ok = absl::SimpleAtoi(value, &policy->decode_interval);
     } else if (key == "adaptive") {
       ASSIGN_OR_RETURN(policy->adaptive, Bool(value, what));
     } else if (key == "report_scores") {
@@ -174,7 +176,7 @@ absl::Status ParseKvPolicy(absl::string_view text, KvPolicy* policy) {
       return MalformedItem(
           "kv_policy", key,
           "is not a key (compression_ratio, budget, n_sink, window_size, kernel_size, "
-          "beta, recent_size, adaptive, alpha_safeguard, report_scores)");
+          "beta, recent_size, adaptive, alpha_safeguard, report_scores, decode_interval)");
     }
     if (!ok) return MalformedItem(what, value, "is not a number");
   }
@@ -231,6 +233,8 @@ InterventionsText FormatInterventions(const Interventions& interventions) {
       absl::StrAppend(&out.kv_policy, " alpha_safeguard=", Decimal(p.alpha_safeguard));
     }
     if (p.report_scores) absl::StrAppend(&out.kv_policy, " report_scores=true");
+    if (p.decode_interval != 0)
+      absl::StrAppend(&out.kv_policy, " decode_interval=", p.decode_interval);
   }
   return out;
 }

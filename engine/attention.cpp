@@ -134,6 +134,48 @@ absl::StatusOr<torch::Tensor> ExplicitAttention(const torch::Tensor& q, const to
   return out;
 }
 
+absl::StatusOr<torch::Tensor> CompactedAttention(const torch::Tensor& q, const torch::Tensor& k,
+                                                 const torch::Tensor& v,
+                                                 const torch::Tensor& positions,
+                                                 const AttentionShape& shape,
+                                                 const ProbsCallback* on_probs) {
+  const int64_t heads = q.size(0), n = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k.size(0), slots = k.size(1), group = heads / kv_heads;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
+  // Scores in the compute type, then float32, as the explicit path.
+  torch::Tensor scores =
+      (torch::matmul(q.reshape({kv_heads, group * n, dim}), k.transpose(1, 2)) * scale)
+          .view({heads, n, slots})
+          .to(torch::kFloat32);
+  auto i64 = torch::TensorOptions().dtype(torch::kInt64).device(q.device());
+  torch::Tensor pos = positions.repeat_interleave(group, 0).unsqueeze(1);  // (heads, 1, slots)
+  torch::Tensor qpos = torch::arange(shape.pos0, shape.pos0 + n, i64).view({1, n, 1});
+  torch::Tensor masked = (pos < 0).logical_or(pos > qpos);  // padding; causal within the rows
+  if (shape.window > 0) masked = masked.logical_or(pos <= qpos - shape.window);
+  const int64_t keys = shape.pos0 + n;
+  torch::Tensor index = pos.clamp_min(0).expand({heads, n, slots});
+  if (shape.knockout != nullptr && shape.knockout->knocks_out()) {
+    torch::Tensor marks = torch::zeros({heads, n, keys}, q.options().dtype(torch::kFloat32));
+    shape.knockout->HideKnockouts(marks, shape.pos0);
+    masked = masked.logical_or(marks.lt(0).gather(2, index));
+  }
+  scores.masked_fill_(masked, std::numeric_limits<float>::lowest());
+  torch::Tensor probs = torch::softmax(scores, -1);  // (heads, n, slots); masked entries exactly 0
+  if (on_probs != nullptr) {
+    // Scattered to their positions; padding slots go to a spare last column, dropped after.
+    torch::Tensor to = pos.masked_fill(pos < 0, keys).expand({heads, n, slots});
+    torch::Tensor full_probs = torch::zeros({heads, n, keys + 1}, probs.options());
+    full_probs.scatter_(2, to, probs);
+    torch::Tensor full_scores =
+        torch::full({heads, n, keys + 1}, std::numeric_limits<float>::lowest(), probs.options());
+    full_scores.scatter_(2, to, scores);
+    RETURN_IF_ERROR((*on_probs)(0, full_probs.narrow(2, 0, keys).contiguous(),
+                                full_scores.narrow(2, 0, keys).contiguous(), torch::Tensor()));
+  }
+  return torch::matmul(probs.to(v.scalar_type()).view({kv_heads, group * n, slots}), v)
+      .view({heads, n, dim});
+}
+
 bool HasFusedAttention() {
 #if TORCH_VERSION_MAJOR >= 2
   return true;

@@ -59,6 +59,19 @@ absl::StatusOr<torch::Tensor> FusedAttention(const torch::Tensor& q, const torch
                                              const ProbsCallback* on_probs,
                                              const RowRanges& rows = {});
 
+// Attention over a layer whose cache a KV policy compacted: slots instead of positions.
+//   k, v: (kv_heads, slots, head_dim); positions: (kv_heads, slots) int64, the position each slot
+//   holds (-1: padding, where a layer's kv heads keep different numbers of keys). q holds the rows
+//   at positions [pos0, pos0 + n) (decode steps: n is 1, so the probabilities are one row per
+//   head). The callback receives them as on the other paths, in position space (heads, n, pos0 +
+//   n): 0, and the lowest float as score, at the positions the layer no longer holds. Knockouts
+//   (shape.knockout's, not its evictions, which are gone) are masked as on the explicit path.
+absl::StatusOr<torch::Tensor> CompactedAttention(const torch::Tensor& q, const torch::Tensor& k,
+                                                 const torch::Tensor& v,
+                                                 const torch::Tensor& positions,
+                                                 const AttentionShape& shape,
+                                                 const ProbsCallback* on_probs);
+
 // Whether FusedAttention uses a fused kernel in this build.
 bool HasFusedAttention();
 

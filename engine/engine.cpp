@@ -403,6 +403,14 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
         ASSIGN_OR_RETURN(reference_logits,
                          transformer_->Forward({token}, &reference_cache, nullptr, Phase::kDecode,
                                                step, fwd, &reference));
+        // A decision after this step (decode_interval): its evictions hide keys from the next
+        // rows on, in the intervened run and in the reference's measure.
+        if (!intervened.decisions.empty()) {
+          for (const KvDecision& decision : intervened.decisions) {
+            if (sink != nullptr) RETURN_IF_ERROR(sink->OnKvDecision(decision));
+          }
+          reference.layers = intervened.layers;
+        }
       }
       ++result.decode_steps;
     }

@@ -125,6 +125,22 @@ absl::Status ValidateKvPolicy(const KvPolicy& p, int64_t num_layers, int64_t num
       return invalid("alpha_safeguard ", p.alpha_safeguard, " is outside [0, 1]");
     }
   }
+  if (p.decode_interval != 0) {
+    if (p.kind != KvPolicyKind::kStreamingLlm && p.kind != KvPolicyKind::kH2o) {
+      return invalid(
+          "decode_interval applies to streaming_llm and h2o, whose scores are defined on decode "
+          "rows; this policy scores the prompt's observation window, once");
+    }
+    if (p.decode_interval < 0 || p.decode_interval > kMaxDecodeInterval) {
+      return invalid("decode_interval ", p.decode_interval, " must be in [1, ", kMaxDecodeInterval,
+                     "] (0: decide once, after the prefill)");
+    }
+    if (p.report_scores) {
+      return invalid(
+          "report_scores is for one decision after the prefill; with decode_interval read the "
+          "kept bits");
+    }
+  }
   if (p.report_scores && num_layers * num_kv_heads * prompt_len > kMaxReportedScores) {
     return invalid("report_scores: ", num_layers, " layers x ", num_kv_heads, " kv heads x ",
                    prompt_len, " keys is more than ", kMaxReportedScores,
@@ -219,21 +235,29 @@ LayerInterventions::LayerInterventions(const Interventions& iv, int64_t layer, i
 }
 
 void LayerInterventions::Evict(const torch::Tensor& kept, int64_t group, int64_t from_position) {
-  evicted_ = kept.logical_not().repeat_interleave(group, 0);
-  evict_from_ = from_position;
+  constexpr int64_t kHeld = std::numeric_limits<int64_t>::max();
+  const int64_t keys = kept.size(1);
+  torch::Tensor at = torch::full({kept.size(0) * group, keys}, kHeld, torch::kInt64);
+  if (evicted_at_.defined()) at.narrow(1, 0, evicted_at_.size(1)).copy_(evicted_at_);
+  torch::Tensor newly = kept.logical_not().repeat_interleave(group, 0).logical_and(at == kHeld);
+  evicted_at_ = at.masked_fill(newly, from_position);
 }
 
 void LayerInterventions::HideKeys(torch::Tensor& scores, int64_t first_query) const {
+  const int64_t rows = scores.size(1), keys = scores.size(2);
+  if (evicted_at_.defined()) {
+    const int64_t cols = std::min(keys, evicted_at_.size(1));
+    auto opts = torch::TensorOptions().dtype(torch::kInt64).device(scores.device());
+    torch::Tensor qpos = torch::arange(first_query, first_query + rows, opts).view({1, rows, 1});
+    torch::Tensor hidden = evicted_at_.narrow(1, 0, cols).to(scores.device()).unsqueeze(1) <= qpos;
+    scores.narrow(2, 0, cols).masked_fill_(hidden, std::numeric_limits<float>::lowest());
+  }
+  HideKnockouts(scores, first_query);
+}
+
+void LayerInterventions::HideKnockouts(torch::Tensor& scores, int64_t first_query) const {
   const int64_t heads = scores.size(0), rows = scores.size(1), keys = scores.size(2);
   const int64_t last = first_query + rows;  // one past the block's last query position
-  if (evicted_.defined() && last > evict_from_) {
-    const int64_t r0 = std::max(first_query, evict_from_);
-    const int64_t cols = std::min(keys, evicted_.size(1));
-    scores.narrow(1, r0 - first_query, last - r0)
-        .narrow(2, 0, cols)
-        .masked_fill_(evicted_.narrow(1, 0, cols).to(scores.device()).unsqueeze(1),
-                      std::numeric_limits<float>::lowest());
-  }
   for (const Rule& rule : rules_) {
     std::vector<PositionRange> queries = rule.queries;
     if (queries.empty()) queries.push_back({0, last});

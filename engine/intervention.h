@@ -17,6 +17,9 @@ inline constexpr int64_t kMaxAblations = 1024;
 inline constexpr int64_t kMaxKnockouts = 64;
 inline constexpr int64_t kMaxKnockoutRanges = 256;
 
+// A policy's decode_interval: at most this many decode steps between decisions.
+inline constexpr int64_t kMaxDecodeInterval = int64_t{1} << 20;
+
 // Key scores are reported only up to this many floats per request (layers × kv heads × keys: 8
 // MiB).
 inline constexpr int64_t kMaxReportedScores = int64_t{1} << 21;

@@ -5,12 +5,15 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "core/block.h"
 #include "engine/intervention.h"
 
 namespace attnscope {
+
+class KvPolicyScorer;  // kv_policy.h
 
 // One layer's share of a request's interventions, and the state they keep across steps (the
 // prefill's means of mean-ablated heads).
@@ -22,12 +25,15 @@ class LayerInterventions {
 
   // Knockouts, or a KV policy (whose evictions hide keys once it has decided).
   bool hides_keys() const { return !rules_.empty() || policy_ != nullptr; }
+  bool knocks_out() const { return !rules_.empty(); }
   const KvPolicy* policy() const { return policy_; }
   bool ablates() const { return !zero_.empty() || !mean_.empty(); }
 
   // Sets the hidden entries of scores (heads, rows, keys) for query rows starting at first_query
-  // to the lowest finite float, as the causal mask does.
+  // to the lowest finite float, as the causal mask does: the policy's evictions and the knockouts.
   void HideKeys(torch::Tensor& scores, int64_t first_query) const;
+  // The knockouts' share of HideKeys (a compacted cache no longer holds the evicted keys).
+  void HideKnockouts(torch::Tensor& scores, int64_t first_query) const;
 
   // The mass the row at `position` puts on the keys this layer hides from it, per head:
   // probs_row (heads, keys) float32 → (heads) float32.
@@ -38,9 +44,9 @@ class LayerInterventions {
   // (phase prefill) and kept for the decode steps.
   void Ablate(torch::Tensor& attn, Phase phase);
 
-  // The KV policy's decision: the keys [0, kept.size(1)) not kept by kv head g (kept: (kv_heads,
+  // A KV policy's decision: the keys [0, kept.size(1)) not kept by kv head g (kept: (kv_heads,
   // keys) bool) are hidden from query heads [g * group, (g + 1) * group) at every position from
-  // `from_position` on.
+  // `from_position` on (keys evicted by an earlier decision stay hidden from its position on).
   void Evict(const torch::Tensor& kept, int64_t group, int64_t from_position);
 
  private:
@@ -50,8 +56,9 @@ class LayerInterventions {
   };
   std::vector<Rule> rules_;
   const KvPolicy* policy_ = nullptr;  // the request's, which outlives the generation
-  torch::Tensor evicted_;             // (heads, keys) bool, after the policy's decision
-  int64_t evict_from_ = 0;
+  // (heads, keys) int64, after the policy's decisions: the position from which each key is hidden
+  // (the largest int64 for keys still held)
+  torch::Tensor evicted_at_;
   std::vector<int64_t> zero_, mean_;
   torch::Tensor means_;  // (mean_.size(), dim), from the prefill
 };
@@ -63,6 +70,8 @@ struct ForwardInterventions {
   bool measure = false;
   std::vector<torch::Tensor> hidden_mass;  // out (measure): per layer (heads) float32, or undefined
   std::vector<KvDecision> decisions;       // out: the KV policy's decisions of this pass, per layer
+  // The intervened run's KV policy scorers, per layer, from the prefill to the last decision.
+  std::vector<std::shared_ptr<KvPolicyScorer>> scorers;
 };
 
 }  // namespace attnscope

@@ -14,6 +14,47 @@ torch::Tensor Linear(const torch::Tensor& x, const torch::Tensor& w, const torch
   return b.defined() ? torch::addmm(b, x, w.t()) : torch::matmul(x, w.t());
 }
 
+// Drops from layer l's cache the keys and values a policy did not keep (kept: (kv_heads, length)
+// bool over positions): each kv head's kept positions, in order, fill slots [0, its count); the
+// layer's slots are its fullest head's count (the others padded, position -1) plus `headroom`
+// for the positions to come. The old tensors are released.
+void Compact(KVCache* cache, size_t l, const torch::Tensor& kept, int64_t headroom) {
+  const torch::Tensor& k = cache->k[l];
+  const int64_t kv_heads = k.size(0), dim = k.size(2);
+  auto i64 = torch::TensorOptions().dtype(torch::kInt64).device(k.device());
+  const int64_t length = kept.size(1);
+  if (cache->positions.size() <= l) {
+    cache->positions.resize(cache->k.size());
+    cache->filled.resize(cache->k.size(), 0);
+  }
+  // Slots held now and their positions.
+  const bool compacted = cache->positions[l].defined();
+  const int64_t held = compacted ? cache->filled[l] : length;
+  torch::Tensor old_positions = compacted ? cache->positions[l].narrow(1, 0, held)
+                                          : torch::arange(held, i64).expand({kv_heads, held});
+  torch::Tensor keep = kept.to(k.device())
+                           .gather(1, old_positions.clamp_min(0))
+                           .logical_and(old_positions >= 0);  // (kv_heads, held)
+  const torch::Tensor counts = keep.sum(1);
+  const int64_t slots = counts.max().item<int64_t>();
+  // Kept slots first, in slot (= position) order.
+  torch::Tensor order = std::get<1>(
+      (keep.logical_not().to(torch::kInt64) * held + torch::arange(held, i64).unsqueeze(0))
+          .sort(1));
+  order = order.narrow(1, 0, slots);
+  torch::Tensor valid = torch::arange(slots, i64).unsqueeze(0) < counts.unsqueeze(1);
+  torch::Tensor new_positions = torch::full({kv_heads, slots + headroom}, -1, i64);
+  new_positions.narrow(1, 0, slots).copy_(old_positions.gather(1, order).masked_fill(~valid, -1));
+  torch::Tensor index = order.unsqueeze(-1).expand({kv_heads, slots, dim});
+  for (std::vector<torch::Tensor>* t : {&cache->k, &cache->v}) {
+    torch::Tensor fresh = torch::empty({kv_heads, slots + headroom, dim}, k.options());
+    fresh.narrow(1, 0, slots).copy_((*t)[l].narrow(1, 0, held).gather(1, index));
+    (*t)[l] = fresh;
+  }
+  cache->positions[l] = new_positions;
+  cache->filled[l] = slots;
+}
+
 }  // namespace
 
 Transformer::Transformer(ModelConfig config, Weights weights, torch::Device device,
@@ -75,8 +116,21 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
     if (w[TensorId::kKNorm].defined()) k = RmsNorm(k, w[TensorId::kKNorm]);
     q = ApplyRope(q, cos, sin);
     k = ApplyRope(k, cos, sin);
-    cache->k[l].narrow(1, pos0, n).copy_(k);
-    cache->v[l].narrow(1, pos0, n).copy_(v);
+    const bool compacted =
+        l < static_cast<int64_t>(cache->positions.size()) && cache->positions[l].defined();
+    if (compacted) {
+      // A policy's compacted layer: the new positions take the next slots.
+      const int64_t f = cache->filled[l];
+      cache->k[l].narrow(1, f, n).copy_(k);
+      cache->v[l].narrow(1, f, n).copy_(v);
+      cache->positions[l].narrow(1, f, n).copy_(
+          torch::arange(pos0, pos0 + n, torch::dtype(torch::kInt64).device(device_))
+              .expand({kv_heads, n}));
+      cache->filled[l] = f + n;
+    } else {
+      cache->k[l].narrow(1, pos0, n).copy_(k);
+      cache->v[l].narrow(1, pos0, n).copy_(v);
+    }
 
     AttentionShape shape;
     shape.pos0 = pos0;
@@ -92,14 +146,27 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
         interventions != nullptr && interventions->measure && interventions->layers[l].hides_keys()
             ? &interventions->layers[l]
             : nullptr;
-    // A KV policy scores this layer's prompt keys from the prefill's probabilities and decides
-    // after its attention.
-    std::optional<KvPolicyScorer> scorer;
-    if (intervention != nullptr && intervention->policy() != nullptr && phase == Phase::kPrefill) {
-      scorer.emplace(*intervention->policy(), l, config_.num_layers, heads, kv_heads, n);
+    // A KV policy scores this layer's keys from the prefill's probabilities (and h2o, with a
+    // decode_interval, from the decode rows') and decides after its attention: at the end of the
+    // prefill, then every decode_interval decode steps.
+    KvPolicyScorer* scorer = nullptr;
+    bool deciding = false;
+    if (intervention != nullptr && intervention->policy() != nullptr) {
+      auto& scorers = interventions->scorers;
+      if (scorers.size() != static_cast<size_t>(config_.num_layers)) {
+        scorers.resize(config_.num_layers);
+      }
+      if (phase == Phase::kPrefill) {
+        scorers[l] = std::make_shared<KvPolicyScorer>(*intervention->policy(), l,
+                                                      config_.num_layers, heads, kv_heads, n);
+      }
+      scorer = scorers[l].get();
+      const int64_t every = intervention->policy()->decode_interval;
+      deciding = scorer != nullptr &&
+                 (phase == Phase::kPrefill || (every > 0 && step > 0 && step % every == 0));
     }
     const bool capturing = capture != nullptr && capture->Wants(phase, l);
-    const bool scoring = scorer.has_value() && scorer->NeedsProbs();
+    const bool scoring = scorer != nullptr && scorer->NeedsProbs(phase);
     torch::Tensor attn;  // (heads, n, dim)
     const ProbsCallback* probs_callback = nullptr;
     ProbsCallback on_probs;
@@ -115,7 +182,7 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
           RETURN_IF_ERROR(
               capture->OnProbs(phase, step, l, pos0 + begin, probs, scores, lse, key_length));
         }
-        if (scoring) scorer->OnProbs(begin, probs);
+        if (scoring) scorer->OnProbs(pos0 + begin, probs);
         const int64_t last = n - 1 - begin;  // the last row's index in this block, if it holds it
         if (measure != nullptr && last >= 0 && last < probs.size(1)) {
           // The reference's measure: the last row's mass on the keys the intervened run hides.
@@ -129,23 +196,41 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
       if (!capturing || !wanted.empty()) {
         rows = wanted;
         if (scoring) {
-          for (const auto& r : scorer->Rows()) rows.push_back(r);
+          if (phase == Phase::kPrefill) {
+            for (const auto& r : scorer->Rows()) rows.push_back(r);
+          } else {
+            rows.push_back({0, n});
+          }
         }
         if (measure != nullptr) rows.push_back({n - 1, n});
       }
     }
-    if (options.fast_attention) {
+    if (compacted) {
+      const int64_t slots = cache->filled[l];
+      ASSIGN_OR_RETURN(
+          attn,
+          CompactedAttention(q, cache->k[l].narrow(1, 0, slots), cache->v[l].narrow(1, 0, slots),
+                             cache->positions[l].narrow(1, 0, slots), shape, probs_callback));
+    } else if (options.fast_attention) {
       ASSIGN_OR_RETURN(attn,
                        FusedAttention(q, cache->k[l], cache->v[l], shape, probs_callback, rows));
     } else {
       ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, probs_callback));
     }
-    if (scorer.has_value()) {
-      const KvPolicyScorer::Choice choice = scorer->Decide();
-      intervention->Evict(choice.kept, heads / kv_heads, pos0 + n);
+    if (deciding) {
+      // Decide, hide the evicted keys from the reference's measure, and drop them from the cache
+      // (room left for the positions until the next decision, or until the cache's end).
+      const int64_t length = pos0 + n;
+      const KvPolicyScorer::Choice choice = scorer->Decide(length);
+      intervention->Evict(choice.kept, heads / kv_heads, length);
+      const int64_t remaining = std::max<int64_t>(cache->capacity - length, 0);
+      const int64_t every = intervention->policy()->decode_interval;
+      Compact(cache, l, choice.kept, every > 0 ? std::min(every, remaining) : remaining);
       const int64_t bytes_per_key = 2 * dim * cache->k[l].element_size();
-      interventions->decisions.push_back(
-          ToKvDecision(l, choice, intervention->policy()->report_scores, bytes_per_key));
+      KvDecision decision =
+          ToKvDecision(step, l, choice, intervention->policy()->report_scores, bytes_per_key);
+      decision.cache_bytes = cache->LayerBytes(l);
+      interventions->decisions.push_back(std::move(decision));
     }
     if (intervention != nullptr && intervention->ablates()) intervention->Ablate(attn, phase);
     x = x +

@@ -15,10 +15,20 @@
 namespace attnscope {
 
 struct KVCache {
-  std::vector<torch::Tensor> k;  // per layer (kv_heads, capacity, head_dim)
-  std::vector<torch::Tensor> v;  // per layer (kv_heads, capacity, head_dim)
-  int64_t length = 0;            // positions filled
+  std::vector<torch::Tensor> k;  // per layer (kv_heads, slots, head_dim)
+  std::vector<torch::Tensor> v;  // per layer (kv_heads, slots, head_dim)
+  // Per layer, once a KV policy has compacted it: the position each slot holds, (kv_heads, slots)
+  // int64, -1 for padding; and the slots in use. Undefined: slot i holds position i (capacity
+  // slots).
+  std::vector<torch::Tensor> positions;
+  std::vector<int64_t> filled;
+  int64_t length = 0;  // positions fed
   int64_t capacity = 0;
+
+  // The bytes of layer l's keys and values.
+  int64_t LayerBytes(size_t l) const {
+    return (k[l].numel() + v[l].numel()) * static_cast<int64_t>(k[l].element_size());
+  }
 };
 
 struct ForwardOptions {

@@ -164,6 +164,7 @@ void FillInterventions(const Interventions& interventions, bool reference_leads,
   policy->set_adaptive(p.adaptive);
   if (p.alpha_safeguard != d.alpha_safeguard) policy->set_alpha_safeguard(p.alpha_safeguard);
   policy->set_report_scores(p.report_scores);
+  policy->set_decode_interval(p.decode_interval);
 }
 
 absl::StatusOr<Form> FromProto(v1::Form v, const char* what) {

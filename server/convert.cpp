@@ -143,6 +143,7 @@ absl::StatusOr<Interventions> ToInterventions(const v1::Interventions& proto,
   policy.adaptive = p.adaptive();
   if (p.has_alpha_safeguard()) policy.alpha_safeguard = p.alpha_safeguard();
   policy.report_scores = p.report_scores();
+  policy.decode_interval = p.decode_interval();
   return out;
 }
 
@@ -155,6 +156,7 @@ void FillKvDecision(const KvDecision& decision, v1::KvDecisionEvent* event) {
   event->mutable_kept_per_head()->Add(decision.kept_per_head.begin(), decision.kept_per_head.end());
   event->mutable_scores()->Add(decision.scores.begin(), decision.scores.end());
   event->set_bytes_freed(decision.bytes_freed);
+  event->set_cache_bytes(decision.cache_bytes);
 }
 
 void FillDivergence(const DivergenceStep& step, v1::DivergenceEvent* event) {

@@ -84,7 +84,8 @@ class StoringSink : public AttentionSink {
                              {"layer", d.layer},
                              {"keys", d.keys},
                              {"kept_per_head", d.kept_per_head},
-                             {"bytes_freed", d.bytes_freed}});
+                             {"bytes_freed", d.bytes_freed},
+                             {"cache_bytes", d.cache_bytes}});
     return absl::OkStatus();
   }
   int64_t bytes() const { return bytes_; }

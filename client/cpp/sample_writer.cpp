@@ -488,7 +488,8 @@ absl::Status SampleWriter::Finish(const v1::StreamTrailer& trailer,
                            {"kv_heads", k.kv_heads()},
                            {"kept", hex},
                            {"kept_per_head", k.kept_per_head()},
-                           {"bytes_freed", k.bytes_freed()}});
+                           {"bytes_freed", k.bytes_freed()},
+                           {"cache_bytes", k.cache_bytes()}});
     }
     meta["kv_decisions"] = std::move(decisions);
   }

@@ -55,11 +55,11 @@ TEST(InterventionTest, AdaptiveBudgetsKeepTheLayersTotalAndEachHeadsSafeguard) {
     probs[1][i][0] = 1.0;
   }
   scorer.OnProbs(0, probs);
-  const KvPolicyScorer::Choice choice = scorer.Decide();
+  const KvPolicyScorer::Choice choice = scorer.Decide(20);
   EXPECT_EQ(choice.kept[1].sum().item<int64_t>(), 5);
   EXPECT_TRUE(choice.kept[1][0].item<bool>());
   EXPECT_EQ(choice.kept[0].sum().item<int64_t>(), 15);  // 2 heads x budget 10 in all
-  const KvDecision d = ToKvDecision(0, choice, true, 64);
+  const KvDecision d = ToKvDecision(0, 0, choice, true, 64);
   EXPECT_EQ(d.kept.size(), 5u);  // 40 bits
   EXPECT_EQ(d.kept_per_head[0] + d.kept_per_head[1], 20);
   EXPECT_EQ(d.bytes_freed, 20 * 64);

@@ -282,11 +282,17 @@ def test_a_policy_divergence_matches_two_reference_passes(client, model):
         h[:, P:, :P] = evicted[layer][:, None, :]
         return h
 
+    check_against_hidden(r, model, hidden, STEPS)
+
+
+def check_against_hidden(r, model, hidden, steps):
+    """The run's tokens, KL and lost mass against two float64 passes, one with hidden(layer) masked."""
+    P = len(PROMPT)
     seq = PROMPT + r.generated_ids[:-1]
     full_logits, full_att = reference.forward(model, seq)
     int_logits, _ = reference.forward(model, seq, hidden=hidden)
     table, lost = r.divergence(), r.lost_mass()
-    for t in range(1, STEPS + 1):
+    for t in range(1, steps + 1):
         row = P - 2 + t
         lf, li = log_softmax(full_logits[row]), log_softmax(int_logits[row])
         assert r.generated_ids[t - 1] == int(np.argmax(li))
@@ -344,3 +350,43 @@ def test_the_clis_flags_run_what_the_python_client_runs(server, client, model, r
     lonely = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={tmp_path / 'y'}",
                              f"--prompt_ids={ids}", "--reference_leads"], capture_output=True, text=True)
     assert lonely.returncode != 0 and "--reference_leads needs an intervention" in lonely.stderr
+
+
+@pytest.mark.parametrize("policy", [dict(kind="streaming_llm", n_sink=2, budget=6, decode_interval=2),
+                                    dict(kind="h2o", budget=6, recent_size=1, decode_interval=3)])
+def test_decisions_every_n_decode_steps_compact_the_cache_and_match_two_reference_passes(client, model, policy):
+    """decode_interval: the policy decides after the prefill and after every N decode steps among
+    the keys still held; each decision brings every kv head back to its budget, the evicted keys
+    leave the cache (cache_bytes), and the run equals a float64 pass with each decision's evicted
+    keys hidden from the rows after it."""
+    steps = 8
+    r = client.stream_attention(token_ids=PROMPT, max_new_tokens=steps, ignore_eos=True, kv_policy=policy)
+    every = policy["decode_interval"]
+    want_steps = [0] + list(range(every, steps, every))
+    assert sorted({d.step for d in r.kv_decisions}) == want_steps
+    P, T = len(PROMPT), len(PROMPT) + steps - 1
+    hidden_from = np.full((3, 4, T), T + 1)  # layer, query head, key -> first row hiding it
+    for d in r.kv_decisions:
+        n = d.kv_heads * d.keys
+        kept = np.unpackbits(np.frombuffer(d.kept, np.uint8), bitorder="little")[:n].reshape(d.kv_heads, d.keys)
+        assert list(d.kept_per_head) == [6, 6]
+        assert d.cache_bytes < 2 * 2 * 16 * 4 * T  # fewer slots than the full cache's
+        row = P if d.step == 0 else P + d.step  # the decision after step s fed position P + s - 1
+        ev = np.repeat(~kept.astype(bool), 2, 0)
+        cur = hidden_from[d.layer, :, :d.keys]
+        hidden_from[d.layer, :, :d.keys] = np.where(ev & (cur > row), row, cur)
+
+    def hidden(layer):
+        i = np.arange(T)[None, :, None]
+        return hidden_from[layer][:, None, :] <= i
+
+    check_against_hidden(r, model, hidden, steps)
+
+
+def test_decode_interval_is_refused_for_window_policies_and_out_of_range(client):
+    for policy, text in [(dict(SNAP, budget=4, decode_interval=2), "decode_interval applies to streaming_llm and h2o"),
+                         (dict(kind="h2o", budget=4, decode_interval=2 ** 40), "must be in [1, 1048576]"),
+                         (dict(kind="h2o", budget=4, decode_interval=-1), "must be in [1, 1048576]")]:
+        with pytest.raises(grpc.RpcError) as e:
+            client.stream_attention(token_ids=PROMPT, max_new_tokens=2, kv_policy=policy)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in e.value.details(), e.value.details()

@@ -75,7 +75,7 @@ _ABLATION_KINDS = {"zero": pb.ABLATION_KIND_ZERO, "mean": pb.ABLATION_KIND_MEAN}
 _KV_POLICY_KINDS = {"streaming_llm": pb.KV_POLICY_KIND_STREAMING_LLM, "h2o": pb.KV_POLICY_KIND_H2O,
                     "snapkv": pb.KV_POLICY_KIND_SNAPKV, "pyramidkv": pb.KV_POLICY_KIND_PYRAMIDKV}
 _KV_POLICY_KEYS = ("compression_ratio", "budget", "n_sink", "window_size", "kernel_size", "beta", "recent_size",
-                   "adaptive", "alpha_safeguard", "report_scores")
+                   "adaptive", "alpha_safeguard", "report_scores", "decode_interval")
 
 
 def _add_kv_policy(field, kv_policy):
@@ -136,7 +136,7 @@ def kv_decision_row(decision):
     """A KvDecisionEvent in the stored metadata's layout (kept bits as hex; scores are not stored)."""
     return {"step": decision.step, "layer": decision.layer, "keys": decision.keys, "kv_heads": decision.kv_heads,
             "kept": decision.kept.hex(), "kept_per_head": list(decision.kept_per_head),
-            "bytes_freed": decision.bytes_freed}
+            "bytes_freed": decision.bytes_freed, "cache_bytes": decision.cache_bytes}
 
 
 def kv_decision_arrays(decision):
