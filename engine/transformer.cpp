@@ -1,7 +1,5 @@
 #include "engine/transformer.h"
 
-#include <optional>
-
 #include "core/status_macros.h"
 #include "engine/attention.h"
 #include "engine/kv_policy.h"
