@@ -28,10 +28,12 @@ ABSL_FLAG(std::string, knockout, "",
 ABSL_FLAG(std::string, kv_policy, "",
           "a KV-cache eviction policy: streaming_llm|h2o|snapkv|pyramidkv [key=value ...] with "
           "kvpress' parameters (compression_ratio, budget, n_sink, window_size, kernel_size, beta, "
-          "recent_size, adaptive, alpha_safeguard, report_scores), e.g. "
+          "recent_size, adaptive, alpha_safeguard, report_scores, decode_interval), e.g. "
           "\"snapkv compression_ratio=0.5 window_size=8\"");
 ABSL_FLAG(bool, reference_leads, false,
           "with interventions: the unmodified model chooses the tokens (default: the intervened)");
+ABSL_FLAG(bool, capture_reference, false,
+          "with interventions: capture the unmodified model's run (default: the intervened one's)");
 
 namespace attnscope {
 
@@ -62,5 +64,6 @@ absl::StatusOr<Interventions> InterventionsFromFlags() {
 }
 
 bool ReferenceLeadsFromFlags() { return absl::GetFlag(FLAGS_reference_leads); }
+bool CaptureReferenceFromFlags() { return absl::GetFlag(FLAGS_capture_reference); }
 
 }  // namespace attnscope

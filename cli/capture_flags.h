@@ -1,7 +1,7 @@
 // The capture spec's and the interventions' command-line flags, shared by attnscope-capture and
 // attnscope-run so that both speak the dialects of core/capture_text.h and core/intervention_text.h
 // under the same names: --form, --stats, --layers, --heads, --phases, --rows, --element_type;
-// --ablate, --knockout, --kv_policy, --reference_leads.
+// --ablate, --knockout, --kv_policy, --reference_leads, --capture_reference.
 #pragma once
 
 #include "absl/status/statusor.h"
@@ -17,5 +17,7 @@ absl::StatusOr<CaptureSpec> CaptureSpecFromFlags();
 absl::StatusOr<Interventions> InterventionsFromFlags();
 // --reference_leads: the unmodified model chooses the tokens.
 bool ReferenceLeadsFromFlags();
+// --capture_reference: the captures are of the unmodified model's run.
+bool CaptureReferenceFromFlags();
 
 }  // namespace attnscope

@@ -243,6 +243,12 @@ absl::StatusOr<ValidatedRequest> Engine::Validate(GenerateRequest request,
   RETURN_IF_ERROR(ValidateInterventions(request.interventions, info_.num_layers, info_.num_heads,
                                         info_.num_kv_heads, prompt_len,
                                         info_.max_position_embeddings));
+  if (request.interventions.empty() && (request.reference_leads || request.capture_reference)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "interventions.", request.reference_leads ? "reference_leads" : "capture_reference",
+        " needs an intervention (ablations, knockouts or kv_policy): without one there is no "
+        "reference run beside the request's"));
+  }
   if (capture.form == Form::kPooled) {
     // A tile's rows are computed together (blocks never split a tile): pool rows over the prompt's
     // keys for every head. Up to kPoolRowsAlwaysAllowed rows are always allowed; more must fit
@@ -334,6 +340,11 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
       reference_cache = transformer_->NewCache(cache.capacity);
     }
     torch::Tensor reference_logits;
+    // The captures' run: the intervened one, or the reference on request (capture_reference).
+    CaptureProcessor* intervened_capture =
+        what_if && request.capture_reference ? nullptr : &processor;
+    CaptureProcessor* reference_capture =
+        what_if && request.capture_reference ? &processor : nullptr;
 
     auto is_cancelled = [&] { return cancel != nullptr && cancel->cancelled(); };
     if (is_cancelled()) {
@@ -341,17 +352,18 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
       return result;
     }
     auto t0 = std::chrono::steady_clock::now();
-    ASSIGN_OR_RETURN(torch::Tensor logits,
-                     transformer_->Forward(request.prompt_ids, &cache, &processor, Phase::kPrefill,
-                                           0, fwd, what_if ? &intervened : nullptr));
+    ASSIGN_OR_RETURN(
+        torch::Tensor logits,
+        transformer_->Forward(request.prompt_ids, &cache, intervened_capture, Phase::kPrefill, 0,
+                              fwd, what_if ? &intervened : nullptr));
     if (what_if) {
       for (const KvDecision& decision : intervened.decisions) {
         if (sink != nullptr) RETURN_IF_ERROR(sink->OnKvDecision(decision));
       }
       reference.layers = intervened.layers;  // with the policy's evictions, for the measure
-      ASSIGN_OR_RETURN(reference_logits,
-                       transformer_->Forward(request.prompt_ids, &reference_cache, nullptr,
-                                             Phase::kPrefill, 0, fwd, &reference));
+      ASSIGN_OR_RETURN(reference_logits, transformer_->Forward(request.prompt_ids, &reference_cache,
+                                                               reference_capture, Phase::kPrefill,
+                                                               0, fwd, &reference));
     }
     result.timings.prefill_ms = MsSince(t0);
     t0 = std::chrono::steady_clock::now();
@@ -397,12 +409,13 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
         result.finish = FinishReason::kCancelled;
         break;
       }
-      ASSIGN_OR_RETURN(logits, transformer_->Forward({token}, &cache, &processor, Phase::kDecode,
-                                                     step, fwd, what_if ? &intervened : nullptr));
+      ASSIGN_OR_RETURN(
+          logits, transformer_->Forward({token}, &cache, intervened_capture, Phase::kDecode, step,
+                                        fwd, what_if ? &intervened : nullptr));
       if (what_if) {
         ASSIGN_OR_RETURN(reference_logits,
-                         transformer_->Forward({token}, &reference_cache, nullptr, Phase::kDecode,
-                                               step, fwd, &reference));
+                         transformer_->Forward({token}, &reference_cache, reference_capture,
+                                               Phase::kDecode, step, fwd, &reference));
         // A decision after this step (decode_interval): its evictions hide keys from the next
         // rows on, in the intervened run and in the reference's measure.
         if (!intervened.decisions.empty()) {

@@ -53,9 +53,11 @@ struct GenerateRequest {
   std::vector<int64_t> stop_token_ids;  // besides the model's eos ids
   bool ignore_eos = false;
   // Non-empty: the intervened model generates (and is captured), the unmodified model runs beside
-  // it on the same tokens, and the sink gets each step's DivergenceStep.
+  // it on the same tokens, and the sink gets each step's DivergenceStep. reference_leads and
+  // capture_reference need interventions (INVALID_ARGUMENT otherwise).
   Interventions interventions;
-  bool reference_leads = false;  // the unmodified model chooses the tokens instead
+  bool reference_leads = false;    // the unmodified model chooses the tokens instead
+  bool capture_reference = false;  // the captures are of the unmodified model's run instead
 };
 
 // A request and capture spec Engine::Validate accepted. Only Validate makes one, so Generate takes

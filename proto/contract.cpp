@@ -126,7 +126,7 @@ absl::StatusOr<KvPolicyKind> FromProto(v1::KvPolicyKind v, const char* what) {
 }
 
 void FillInterventions(const Interventions& interventions, bool reference_leads,
-                       v1::Interventions* out) {
+                       bool capture_reference, v1::Interventions* out) {
   for (const HeadAblation& a : interventions.ablations) {
     v1::HeadAblation* entry = out->add_ablations();
     entry->set_layer(static_cast<int32_t>(a.layer));
@@ -149,6 +149,7 @@ void FillInterventions(const Interventions& interventions, bool reference_leads,
     ranges(k.queries, entry->mutable_queries());
   }
   out->set_reference_leads(reference_leads);
+  out->set_capture_reference(capture_reference);
   const KvPolicy& p = interventions.kv_policy;
   if (p.kind == KvPolicyKind::kNone) return;
   const KvPolicy d;

@@ -47,7 +47,7 @@ void FillCaptureSpec(const CaptureSpec& spec, int64_t num_layers, int64_t num_he
 // server/convert.h ToInterventions). Optional policy parameters are set only where they differ
 // from KvPolicy{}'s defaults, which are kvpress' and the server's.
 void FillInterventions(const Interventions& interventions, bool reference_leads,
-                       v1::Interventions* out);
+                       bool capture_reference, v1::Interventions* out);
 // Block headers: the proto keeps AttentionChunk and StatisticChunk (compatibility), whose common
 // fields are written and read here, once.
 void FillBlockHeader(const BlockHeader& header, v1::AttentionChunk* out);

@@ -218,6 +218,7 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
   g.ignore_eos = request.ignore_eos();
   ASSIGN_OR_RETURN(g.interventions, ToInterventions(request.interventions(), engine.info()));
   g.reference_leads = request.interventions().reference_leads();
+  g.capture_reference = request.interventions().capture_reference();
   ASSIGN_OR_RETURN(CaptureSpec capture, ToCaptureSpec(request.capture()));
   ASSIGN_OR_RETURN(ValidatedRequest valid, engine.Validate(std::move(g), std::move(capture)));
   ResolvedRequest r{std::move(valid), 0, max_length, untruncated_prompt_tokens};

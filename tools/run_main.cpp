@@ -170,6 +170,7 @@ absl::Status Run() {
   ASSIGN_OR_RETURN(CaptureSpec spec, CaptureSpecFromFlags());
   ASSIGN_OR_RETURN(request.interventions, InterventionsFromFlags());
   request.reference_leads = ReferenceLeadsFromFlags();
+  request.capture_reference = CaptureReferenceFromFlags();
 
   const std::string out = absl::GetFlag(FLAGS_out);
   SafetensorsWriter writer;
@@ -204,7 +205,8 @@ absl::Status Run() {
     summary["interventions"] = {{"ablate", text.ablate},
                                 {"knockout", text.knockout},
                                 {"kv_policy", text.kv_policy},
-                                {"reference_leads", request.reference_leads}};
+                                {"reference_leads", request.reference_leads},
+                                {"capture_reference", request.capture_reference}};
     summary["divergence"] = sink.divergence();
     summary["kv_decisions"] = sink.kv_decisions();
   }

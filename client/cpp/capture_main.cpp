@@ -93,7 +93,8 @@ struct Options {
   int64_t shared_memory_bytes = 0;
   SampleFormat format = SampleFormat::kSafetensors;
   v1::CaptureSpec capture;
-  v1::Interventions interventions;  // --ablate, --knockout, --kv_policy, --reference_leads
+  v1::Interventions interventions;  // --ablate, --knockout, --kv_policy, --reference_leads,
+                                    // --capture_reference
 };
 
 absl::StatusOr<Options> OptionsFromFlags() {
@@ -147,10 +148,12 @@ absl::StatusOr<Options> OptionsFromFlags() {
   }
   ASSIGN_OR_RETURN(const Interventions interventions, InterventionsFromFlags());
   if (!interventions.empty()) {
-    FillInterventions(interventions, ReferenceLeadsFromFlags(), &o.interventions);
-  } else if (ReferenceLeadsFromFlags()) {
+    FillInterventions(interventions, ReferenceLeadsFromFlags(), CaptureReferenceFromFlags(),
+                      &o.interventions);
+  } else if (ReferenceLeadsFromFlags() || CaptureReferenceFromFlags()) {
     return absl::InvalidArgumentError(
-        "--reference_leads needs an intervention (--ablate, --knockout or --kv_policy)");
+        absl::StrCat(ReferenceLeadsFromFlags() ? "--reference_leads" : "--capture_reference",
+                     " needs an intervention (--ablate, --knockout or --kv_policy)"));
   }
   return o;
 }

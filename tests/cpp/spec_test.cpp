@@ -86,8 +86,9 @@ TEST(InterventionText, ParsesTheDialectAndFormatsItBack) {
 
   // The same request on the wire as the Python client builds it.
   v1::Interventions proto;
-  FillInterventions(*x, true, &proto);
+  FillInterventions(*x, true, false, &proto);
   EXPECT_TRUE(proto.reference_leads());
+  EXPECT_FALSE(proto.capture_reference());
   EXPECT_EQ(proto.ablations(1).kind(), v1::ABLATION_KIND_MEAN);
   EXPECT_EQ(proto.knockouts(0).keys(1).begin(), 12);
   EXPECT_EQ(proto.kv_policy().kind(), v1::KV_POLICY_KIND_SNAPKV);

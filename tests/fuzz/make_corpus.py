@@ -156,6 +156,17 @@ def chat_config():
     out("chat_config", "raises", json.dumps({"chat_template": "{{ raise_exception('no system messages') }}"}))
 
 
+def cli_dialect():
+    """The CLIs' dialects: a whole capture spec, then --ablate, --knockout and --kv_policy lines."""
+    out("cli_dialect", "policy", "pooled:4 stats=row_entropy,key_score:16 layers=0,1 heads=2\n"
+        "layer=1 heads=0,3 kind=mean;layer=0 heads=1\nlayers=1 heads=2 keys=3:8 queries=10:40;keys=0:2\n"
+        "snapkv compression_ratio=0.5 window_size=8 kernel_size=3 adaptive=true alpha_safeguard=0.2")
+    out("cli_dialect", "h2o", "top_k:8 phases=decode rows=0:4,9:12 element_type=bfloat16\n\n\n"
+        "h2o budget=6 recent_size=1 decode_interval=3 report_scores=true")
+    out("cli_dialect", "streaming", "none stats=sink_mass:4,local_mass:64\n\nkeys=1:9\n"
+        "streaming_llm n_sink=2 budget=6 decode_interval=2")
+
+
 if __name__ == "__main__":
     build = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build")
     safetensors()
@@ -167,3 +178,4 @@ if __name__ == "__main__":
     request(build)
     template()
     chat_config()
+    cli_dialect()

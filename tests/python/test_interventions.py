@@ -5,7 +5,9 @@ ablated, KL, top-1 agreement, rank and the full model's mass on the hidden keys 
 and attention, to 1e-5; the capture of the intervened run; hostile interventions refused with
 precise statuses."""
 import json
+import os
 import subprocess
+import sys
 
 import grpc
 import numpy as np
@@ -144,6 +146,28 @@ def test_the_capture_is_the_intervened_run(client, model):
     assert np.all(a[2, 8:, 3:8] == 0)
 
 
+def test_capture_reference_gives_the_full_models_rows_on_the_intervened_tokens(client, model):
+    # The intervened model leads (its tokens), the captures are the unmodified model's: the float64
+    # pass without the knockout over the same tokens, prefill and decode rows, and its row entropy.
+    knockouts = [dict(layers=[1], heads=[2], keys=[(3, 8)])]
+    r = client.stream_attention(token_ids=PROMPT, max_new_tokens=STEPS, ignore_eos=True, knockout=knockouts,
+                                capture_reference=True, form="dense", row_entropy=True)
+    _, int_att = expected(model, r.generated_ids, knockouts=knockouts)
+    _, full_att = reference.forward(model, PROMPT + r.generated_ids[:-1])
+    for layer in range(3):
+        a = r.attention(layer)
+        T = a.shape[1]
+        np.testing.assert_allclose(a, full_att[layer][:, :T, :T], atol=1e-5)
+        p = np.clip(full_att[layer][:, :T, :T], 1e-30, None)
+        entropy = -(full_att[layer][:, :T, :T] * np.log(p)).sum(-1)
+        pos, values = r.statistic("row_entropy", layer)
+        assert list(pos) == list(range(T))
+        np.testing.assert_allclose(values, entropy, atol=1e-4)
+    assert np.abs(r.attention(1)[2, 8:, 3:8]).max() > 1e-3  # what the knockout hid, seen
+    assert not np.allclose(int_att[1][2, 8:, 3:8], r.attention(1)[2, 8:, 3:8])
+    assert len(r.divergence()) == STEPS  # the divergence still compares the two runs
+
+
 def test_reference_leads_and_unary_generate(client, model):
     knockouts = [dict(keys=[(1, 10)])]
     r = client.stream_attention(token_ids=PROMPT, max_new_tokens=STEPS, ignore_eos=True, knockout=knockouts,
@@ -159,6 +183,8 @@ def test_reference_leads_and_unary_generate(client, model):
 
 
 BAD = [
+    (dict(capture_reference=True), grpc.StatusCode.INVALID_ARGUMENT, "interventions.capture_reference needs an intervention"),
+    (dict(reference_leads=True), grpc.StatusCode.INVALID_ARGUMENT, "interventions.reference_leads needs an intervention"),
     (dict(ablate=[dict(layer=3, heads=[0])]), grpc.StatusCode.OUT_OF_RANGE, "ablations[0]: layer 3 requested, model has 3 layers"),
     (dict(ablate=[dict(layer=0, heads=[4])]), grpc.StatusCode.OUT_OF_RANGE, "ablations[0].heads: head 4"),
     (dict(ablate=[dict(layer=0, heads=[])]), grpc.StatusCode.INVALID_ARGUMENT, "ablations[0].heads is empty"),
@@ -343,6 +369,12 @@ def test_the_clis_flags_run_what_the_python_client_runs(server, client, model, r
     meta = r.metadata()
     assert [d["kept"] for d in meta["kv_decisions"]] == [d["kept"] for d in stored.metadata["kv_decisions"]]
     assert json.loads(json.dumps(meta["divergence"]))[0].keys() == stored.metadata["divergence"][0].keys()
+    for flag in ("--divergence", "--lost-mass", "--kept"):  # the viewer's command line on the stored sample
+        png = tmp_path / f"view{flag}.png"
+        shown = subprocess.run([sys.executable, "-m", "attnscope.view", str(tmp_path / "attention_sample_0.safetensors"),
+                                flag, "--out", str(png)], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert shown.returncode == 0 and png.stat().st_size > 5000, shown.stderr
 
     bad = subprocess.run([binary("attnscope-capture"), f"--server={server.target}", f"--output_dir={tmp_path / 'x'}",
                           f"--prompt_ids={ids}", "--knockout=layers=1 keys=5:3"], capture_output=True, text=True)
@@ -392,3 +424,43 @@ def test_decode_interval_is_refused_for_window_policies_and_out_of_range(client)
         with pytest.raises(grpc.RpcError) as e:
             client.stream_attention(token_ids=PROMPT, max_new_tokens=2, kv_policy=policy)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in e.value.details(), e.value.details()
+
+
+def test_the_viewer_marks_evicted_cells_where_the_intervened_capture_is_zero_and_the_lost_mass_lies(
+        client, model, tmp_path):
+    """r.evicted(layer, head, rows, cols) from the decisions: the intervened run's weights there are 0,
+    and the reference run's (capture_reference) mass there on each step's last row is the server's
+    lost mass; every intervention picture draws, the heatmap with its evicted overlay."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from attnscope import view
+    steps = 8
+    kw = dict(token_ids=PROMPT, max_new_tokens=steps, ignore_eos=True, form="dense",
+              kv_policy=dict(kind="h2o", budget=6, recent_size=1, decode_interval=3))
+    r = client.stream_attention(**kw)
+    ref = client.stream_attention(capture_reference=True, **kw)
+    assert ref.generated_ids == r.generated_ids and r.decision_steps() == [0, 3, 6]
+    lost, P = r.lost_mass(), len(PROMPT)
+    for layer in range(3):
+        a, full = r.attention(layer), ref.attention(layer)
+        T = a.shape[1]
+        for head in range(4):
+            gone = r.evicted(layer, head, np.arange(T), np.arange(T))
+            assert gone[:P].sum() == 0 and gone[P:].any()
+            assert np.all(a[head][gone] == 0)
+            for t in range(2, steps + 1):  # step t's logits come from row P + t - 2
+                row = P + t - 2
+                assert full[head, row][gone[row]].sum() == pytest.approx(float(lost[t - 1, layer, head]), abs=1e-5)
+    assert lost[1:].max() > 1e-3
+    fig = view.heatmap(ref, 1, 2)
+    assert len(fig.axes[0].get_images()) == 2  # the weights and the evicted overlay
+    for name, fig in [("heatmap", fig), ("divergence", view.divergence_figure(r)), ("lost", view.lost_mass_map(r, 4)),
+                      ("kept", view.kept_figure(r, 1)), ("all", view.intervention_figure(r))]:
+        fig.savefig(tmp_path / f"{name}.png", dpi=60)
+        assert (tmp_path / f"{name}.png").stat().st_size > 5000
+    with pytest.raises(KeyError, match="step 9 is outside"):
+        view.lost_mass_map(r, 9)
+    plain = client.stream_attention(token_ids=PROMPT, max_new_tokens=2)
+    assert not plain.evicted(1, 0, np.arange(4), np.arange(4)).any()
+    with pytest.raises(ValueError, match="without interventions"):
+        view.divergence_figure(plain)

@@ -97,7 +97,7 @@ def _add_kv_policy(field, kv_policy):
             setattr(field, name, int(value))
 
 
-def _add_interventions(field, ablate, knockout, reference_leads, kv_policy=None):
+def _add_interventions(field, ablate, knockout, reference_leads, kv_policy=None, capture_reference=False):
     """Fills GenerateRequest.interventions from the request's keywords."""
     for a in ablate or ():
         a = dict(a)
@@ -121,6 +121,7 @@ def _add_interventions(field, ablate, knockout, reference_leads, kv_policy=None)
             for begin, end in k.get(name, ()):
                 getattr(entry, name).add(begin=int(begin), end=int(end))
     field.reference_leads = bool(reference_leads)
+    field.capture_reference = bool(capture_reference)
     if kv_policy:
         _add_kv_policy(field.kv_policy, kv_policy)
 
@@ -717,7 +718,7 @@ class Client:
     def request(prompt=None, token_ids=None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=0.0, seed=0,
                 stop_token_ids=(), ignore_eos=False, max_length=0, model="", capture=None, chat=None,
                 chat_template_kwargs=None, ablate=(), knockout=(), reference_leads=False, kv_policy=None,
-                **capture_args):
+                capture_reference=False, **capture_args):
         """A GenerateRequest. The input is `prompt` (text), `token_ids`, or `chat`: a list of
         {"role": ..., "content": ...} rendered by the checkpoint's chat template, with
         `chat_template_kwargs` (a dict) as its variables.
@@ -727,7 +728,8 @@ class Client:
         {"layer": L, "heads": [...], "kind": "zero" | "mean"}; `knockout` a list of
         {"layers": [...], "heads": [...], "keys": [(begin, end), ...], "queries": [(begin, end), ...]}
         (empty layers or heads: all; empty queries: every row; a row never loses its own position);
-        `reference_leads`: the unmodified model chooses the tokens; `kv_policy` a KV-cache eviction
+        `reference_leads`: the unmodified model chooses the tokens; `capture_reference`: the captures
+        are of the unmodified model's run (default: the intervened one's); `kv_policy` a KV-cache eviction
         policy with kvpress' parameters, e.g. {"kind": "snapkv", "compression_ratio": 0.5,
         "window_size": 8, "adaptive": True} (kinds streaming_llm, h2o, snapkv, pyramidkv; decisions
         in r.kv_decisions, r.kept(layer), r.key_scores(layer), r.bytes_freed())."""
@@ -738,7 +740,7 @@ class Client:
                                                             seed=seed),
                                  stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos, max_length=max_length,
                                  capture=capture if capture is not None else capture_spec(**capture_args))
-        _add_interventions(req.interventions, ablate, knockout, reference_leads, kv_policy)
+        _add_interventions(req.interventions, ablate, knockout, reference_leads, kv_policy, capture_reference)
         if sum(x is not None for x in (prompt, token_ids, chat)) > 1:
             raise ValueError("give one input: prompt, token_ids or chat")
         if chat_template_kwargs is not None and chat is None:

@@ -262,6 +262,37 @@ class Captured:
             raise ValueError(f"layer {layer}: {bits.size} kept bits for {n} (kv head, key) pairs")
         return bits.astype(bool).reshape(int(d["kv_heads"]), int(d["keys"]))
 
+    def decision_steps(self, layer=None):
+        """The steps at which the KV policy decided (0: end of prefill; s: after decode step s),
+        for `layer` (None: any layer)."""
+        return sorted({int(d["step"]) for d in self._kv_rows if layer is None or int(d["layer"]) == layer})
+
+    def evicted(self, layer, head, rows, cols):
+        """bool [len(rows), len(cols)]: True where the KV policy's decisions hide key position
+        cols[j] from query position rows[i] in `layer` for the model's query head `head` (a decision
+        over keys [0, K) holds from query position K on, until the next; query heads share their
+        kv head's keys). All False without a policy."""
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        out = np.zeros((len(rows), len(cols)), bool)
+        decisions = sorted((d for d in self._kv_rows if int(d["layer"]) == layer), key=lambda d: int(d["step"]))
+        if not decisions:
+            return out
+        heads = self._model_shape[1]
+        kv_heads = int(decisions[0]["kv_heads"])
+        if not 0 <= head < heads:
+            raise KeyError(f"head {head} is outside the model's {heads} heads")
+        group = heads // kv_heads if kv_heads and heads % kv_heads == 0 else 1
+        for i, d in enumerate(decisions):
+            keys = int(d["keys"])
+            until = int(decisions[i + 1]["keys"]) if i + 1 < len(decisions) else np.iinfo(np.int64).max
+            kept = self.kept(layer, int(d["step"]))[head // group]
+            in_rows = (rows >= keys) & (rows < until)
+            col_ok = (cols >= 0) & (cols < keys)
+            lost = np.zeros(len(cols), bool)
+            lost[col_ok] = ~kept[cols[col_ok]]
+            out |= in_rows[:, None] & lost[None, :]
+        return out
+
     def bytes_freed(self):
         """The bytes of keys and values the KV policy evicted, over all layers and decisions."""
         return sum(int(d["bytes_freed"]) for d in self._kv_rows)

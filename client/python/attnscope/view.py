@@ -6,12 +6,17 @@ self-contained interactive HTML page.
     python -m attnscope.view SAMPLE --compare-layers 0,8,16 --out layers.png
     python -m attnscope.view SAMPLE --compare-heads --layer 0 --out heads.png
     python -m attnscope.view SAMPLE --stat row_entropy --out entropy.png   (any statistic captured)
+    python -m attnscope.view SAMPLE --divergence --out whatif.png      (requests with interventions)
+    python -m attnscope.view SAMPLE --lost-mass [--step 3] --out lost.png
+    python -m attnscope.view SAMPLE --kept --layer 1 --out kept.png    (KV policies)
     python -m attnscope.view SAMPLE --html page.html
     python -m attnscope.view SAMPLE --export-pickle sample.pkl
 
 Dense, head_mean/head_max, pooled (axes in token positions) and top_k (a sparse heatmap: each row's
 K keys) all draw as heatmaps; statistics as layer x head overviews (entropy, sink and local mass),
 key scores and their variance along the prompt with its tokens, row statistics along positions.
+Interventions: divergence over steps, a layer x head map of lost attention mass, a KV policy's kept
+keys, and its evicted cells drawn over attention heatmaps.
 Everything here takes a stored sample (attnscope.load) or a stream result alike.
 """
 import html
@@ -42,7 +47,9 @@ def _tokens(sample):
 
 
 def _label(tokens, pos):
-    return repr(tokens[pos])[1:-1][:12] if 0 <= pos < len(tokens) else str(pos)
+    """The token at `pos` as a tick label, its position where there is no piece (no tokenizer)."""
+    piece = repr(tokens[pos])[1:-1][:12] if 0 <= pos < len(tokens) else ""
+    return piece or str(pos)
 
 
 def _ticks(ax, tokens, rows, cols, step=1):
@@ -100,10 +107,12 @@ def matrix(sample, layer, head=None, phase=None):
     return a[head], rows, np.arange(a.shape[2]) * step, step
 
 
-def heatmap(sample, layer, head=None, ax=None, log=False, phase=None):
+def heatmap(sample, layer, head=None, ax=None, log=False, phase=None, evicted=True):
     """Attention of one layer and head (the model's head number; default: the first captured),
     keys on x, queries on y, tokens (or positions, for tiles) as labels. Works for every form;
-    top_k draws its K keys per row."""
+    top_k draws its K keys per row. With a KV policy (and `evicted`), the (query, key) cells its
+    decisions hide from that head are drawn over in red: for the intervened run's capture these
+    weights are 0, for the reference's (capture_reference) they are the mass the policy lost."""
     import matplotlib.pyplot as plt
     head = _first_head(sample, head)
     m, rows, cols, step = matrix(sample, layer, head, phase)
@@ -118,6 +127,14 @@ def heatmap(sample, layer, head=None, ax=None, log=False, phase=None):
     _ticks(ax, _tokens(sample), rows, cols, step)
     form = getattr(sample, "form", "dense")
     what = sample.head_label(head)
+    gone = _evicted_cells(sample, layer, head, rows, cols, step) if evicted else None
+    if gone is not None and gone.any():
+        overlay = np.zeros(gone.shape + (4,), np.float32)
+        overlay[gone] = EVICTED_RGBA
+        ax.imshow(overlay, interpolation="nearest", aspect="auto")
+        import matplotlib.patches as mpatches
+        ax.legend(handles=[mpatches.Patch(color=EVICTED_RGBA, label="evicted by the KV policy")],
+                  loc="upper right", fontsize=7)
     extra = {"pooled": f", {step}x{step} tiles", "top_k": ", top-k keys per row"}
     ax.set_title(f"layer {layer}, {what}{extra.get(form, '')}")
     ax.set_xlabel("key position" if step > 1 else "key")
@@ -125,6 +142,144 @@ def heatmap(sample, layer, head=None, ax=None, log=False, phase=None):
     ax.figure.colorbar(im, ax=ax, fraction=0.046, label="attention weight")
     ax.figure.tight_layout()
     return ax.figure
+
+
+EVICTED_RGBA = (0.9, 0.1, 0.1, 0.55)  # the cells a KV policy hides, over heatmaps
+DIVERGENCE_RATIOS = [2.2, 0.6, 1.2]   # KL, top-1 agreement, rank
+
+
+def _evicted_cells(sample, layer, head, rows, cols, step):
+    """bool [rows, cols] of the cells the sample's KV policy hides from `head`, or None (no policy,
+    reduced heads or tiles: a tile mixes kept and evicted keys)."""
+    if step != 1 or getattr(sample, "reduced_heads", False) or not hasattr(sample, "evicted"):
+        return None
+    try:
+        if not sample.decision_steps(layer):
+            return None
+    except (AttributeError, KeyError):
+        return None
+    return sample.evicted(layer, head, rows, cols)
+
+
+def divergence_figure(sample, axes=None):
+    """Per generated step of a request with interventions: KL(full || intervened) of the
+    next-token distributions, top-1 agreement (green: the same token, red: not), and the chosen
+    token's rank under the full model; KV policy decisions after decode steps as dotted lines.
+    `axes`: three axes to draw in (default: a new figure)."""
+    import matplotlib.pyplot as plt
+    d = sample.divergence()
+    if len(d) == 0:
+        raise ValueError("the sample holds no divergence: it ran without interventions")
+    if axes is None:
+        fig, axes = plt.subplots(3, 1, figsize=(max(6, min(16, len(d) / 4)), 6), sharex=True,
+                                 gridspec_kw={"height_ratios": DIVERGENCE_RATIOS})
+    a, b, c = axes
+    fig = a.figure
+    steps, kl = d["step"].to_numpy(), d["kl"].to_numpy()
+    a.plot(steps, kl, marker="o", ms=3, lw=1.2, color="#1f4e79")
+    if (kl > 0).any():
+        a.set_yscale("symlog", linthresh=max(float(kl[kl > 0].min()), 1e-6))
+    a.set_ylabel("KL(full || intervened)")
+    agree = d["top1_agree"].to_numpy().astype(bool)
+    a.set_title(f"mean KL {kl.mean():.4g} nats, top-1 agreement {agree.mean():.0%} over {len(d)} steps")
+    b.scatter(steps, np.zeros(len(steps)), c=np.where(agree, "#2e7d32", "#c62828"), marker="s", s=30)
+    b.set_yticks([])
+    b.set_ylabel("top-1", rotation=0, ha="right", va="center")
+    c.plot(steps, d["rank"].to_numpy(), marker=".", lw=1, color="#6a1b9a")
+    c.set_yscale("log")
+    c.set_ylabel("rank (full)")
+    c.set_xlabel("generated step")
+    for s in getattr(sample, "decision_steps", lambda: [])():
+        if s > 0:
+            for ax in (a, b, c):
+                ax.axvline(s + 0.5, color="grey", ls=":", lw=0.8)
+    for ax in (a, b):
+        ax.tick_params(labelbottom=False)
+    fig.tight_layout()
+    return fig
+
+
+def lost_mass_map(sample, step=None, ax=None):
+    """Layer x head map of the attention mass the full model puts on keys the intervened model does
+    not see (the mean over generated steps, or at one `step`, 1-based)."""
+    import matplotlib.pyplot as plt
+    lost = sample.lost_mass()
+    if lost.size == 0:
+        raise ValueError("the sample holds no divergence: it ran without interventions")
+    if step is None:
+        grid, how = lost.mean(0), f"mean over {lost.shape[0]} steps"
+    else:
+        if not 1 <= step <= lost.shape[0]:
+            raise KeyError(f"step {step} is outside the generated steps 1-{lost.shape[0]}")
+        grid, how = lost[step - 1], f"step {step}"
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.6 + 0.4 * grid.shape[1], 1.4 + 0.35 * grid.shape[0]))
+    im = ax.imshow(grid, cmap="magma", vmin=0.0, vmax=max(float(grid.max()), 1e-6), aspect="auto",
+                   interpolation="nearest")
+    ax.set_yticks(range(grid.shape[0]))
+    ax.set_xticks(range(grid.shape[1]))
+    ax.tick_params(labelsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"full model's mass on hidden keys ({how})", fontsize=10)
+    for (i, j), v in np.ndenumerate(grid):
+        if grid.size <= 256:
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                    color="black" if v > 0.6 * grid.max() else "white")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, label="attention mass")
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def kept_figure(sample, layer, ax=None):
+    """The KV policy's kept keys in `layer`: one row per (decision, kv head), keys along x (the
+    tokens where they fit); kept in the colour map's bright end, evicted dark, keys not yet there
+    at that decision blank."""
+    import matplotlib.pyplot as plt
+    steps = sample.decision_steps(layer)
+    if not steps:
+        raise KeyError(f"no KV policy decision for layer {layer}")
+    masks = [sample.kept(layer, s) for s in steps]
+    width = max(m.shape[1] for m in masks)
+    kv = masks[0].shape[0]
+    grid = np.full((len(steps) * kv, width), np.nan, np.float32)
+    labels = []
+    for i, (s, m) in enumerate(zip(steps, masks)):
+        grid[i * kv:(i + 1) * kv, :m.shape[1]] = m
+        labels += [f"{'prefill' if s == 0 else f'step {s}'}, kv {h}" for h in range(kv)]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6, min(20, width / 8)), 1.2 + 0.25 * len(labels)))
+    ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=6)
+    tokens = _tokens(sample)
+    every = max(1, int(np.ceil(width / MAX_TICKS)))
+    ax.set_xticks(range(0, width, every))
+    ax.set_xticklabels([_label(tokens, p) for p in range(0, width, every)], rotation=90, fontsize=6)
+    kept = ", ".join(f"{int(m.sum())}/{m.size}" for m in masks)
+    ax.set_title(f"layer {layer}: keys kept (bright) and evicted (dark) per kv head; kept {kept}", fontsize=9)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def intervention_figure(sample, layer=None):
+    """A request with interventions at a glance: divergence over steps, the lost-mass map and
+    (with a KV policy) the kept keys of `layer` (default: the first)."""
+    import matplotlib.pyplot as plt
+    steps = sample.decision_steps() if hasattr(sample, "decision_steps") else []
+    fig = plt.figure(figsize=(14, 9 if steps else 6))
+    grid = fig.add_gridspec(2 if steps else 1, 2, width_ratios=[2.2, 1])
+    sub = grid[0, 0].subgridspec(3, 1, height_ratios=DIVERGENCE_RATIOS, hspace=0.15)
+    first = fig.add_subplot(sub[0])
+    divergence_figure(sample, axes=[first, fig.add_subplot(sub[1], sharex=first),
+                                    fig.add_subplot(sub[2], sharex=first)])
+    lost_mass_map(sample, ax=fig.add_subplot(grid[0, 1]))
+    if steps:
+        if layer is None:
+            layer = min(int(d["layer"]) for d in sample._kv_rows)
+        kept_figure(sample, layer, ax=fig.add_subplot(grid[1, :]))
+    fig.tight_layout()
+    return fig
 
 
 def _grid(sample, panels, title, log):

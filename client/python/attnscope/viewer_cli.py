@@ -34,6 +34,13 @@ def main(argv=None):
                     help="a captured statistic (row_entropy, sink_mass, local_mass, key_score, key_score_variance), "
                          "or 'all'")
     ap.add_argument("--log", action="store_true", help="logarithmic colour scale")
+    ap.add_argument("--divergence", action="store_true",
+                    help="interventions: KL, top-1 agreement and rank over steps, the lost-mass map and "
+                         "the KV policy's kept keys (of --layer)")
+    ap.add_argument("--lost-mass", action="store_true",
+                    help="interventions: the layer x head map of the full model's mass on hidden keys")
+    ap.add_argument("--step", type=int, default=None, help="with --lost-mass: one generated step (1-based)")
+    ap.add_argument("--kept", action="store_true", help="the KV policy's kept and evicted keys of --layer")
     ap.add_argument("--out", default=None, help="PNG file (default with no other output: <sample>.png)")
     ap.add_argument("--html", default=None, help="write the interactive HTML page here")
     ap.add_argument("--export-pickle", default=None, help="write the prototype's pickle layout here")
@@ -53,7 +60,16 @@ def main(argv=None):
     if out is None and not (a.html or a.export_pickle):
         out = os.path.splitext(os.path.basename(path))[0] + ".png"
     if out:
-        if a.stat == "all":
+        if a.divergence:
+            fig = view.intervention_figure(s, a.layer)
+        elif a.lost_mass:
+            fig = view.lost_mass_map(s, a.step)
+        elif a.kept:
+            layers = sorted({int(d["layer"]) for d in s._kv_rows})
+            if not layers:
+                raise SystemExit(f"{path}: no KV policy decisions (the request had no kv_policy)")
+            fig = view.kept_figure(s, layers[0] if a.layer is None else a.layer)
+        elif a.stat == "all":
             fig = view.statistics_figure(s, a.layer)
         elif a.stat:
             layer = a.layer if a.layer is not None else view._stat_layers(s, a.stat)[:1] or [0]
