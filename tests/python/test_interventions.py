@@ -410,6 +410,9 @@ def test_decisions_every_n_decode_steps_compact_the_cache_and_match_two_referenc
         cur = hidden_from[d.layer, :, :d.keys]
         hidden_from[d.layer, :, :d.keys] = np.where(ev & (cur > row), row, cur)
 
+    if policy.get("adaptive"):  # heads keep unequal counts: the compacted cache pads the smaller
+        assert any(len(set(d.kept_per_head)) > 1 for d in r.kv_decisions)
+
     def hidden(layer):
         i = np.arange(T)[None, :, None]
         return hidden_from[layer][:, None, :] <= i
