@@ -25,9 +25,13 @@ struct KVCache {
   int64_t length = 0;  // positions fed
   int64_t capacity = 0;
 
-  // The bytes of layer l's keys and values.
+  // The bytes of layer l's keys and values, and of a compacted layer's slot positions.
   int64_t LayerBytes(size_t l) const {
-    return (k[l].numel() + v[l].numel()) * static_cast<int64_t>(k[l].element_size());
+    int64_t bytes = (k[l].numel() + v[l].numel()) * static_cast<int64_t>(k[l].element_size());
+    if (l < positions.size() && positions[l].defined()) {
+      bytes += positions[l].numel() * static_cast<int64_t>(positions[l].element_size());
+    }
+    return bytes;
   }
 };
 
