@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The first run: installs what is needed, builds, creates the built-in demo checkpoint (a small
 # random-weight Llama 3 style model with the real Llama 3 tokenizer), starts the server, captures
-# the built-in sample prompts, renders the viewer's plots and HTML page, stops the server, and
-# prints where everything is. Idempotent: rerunning reuses what is already there.
+# the built-in sample prompts, renders the viewer's plots and HTML page, runs the quickstart
+# notebook; then serves the trained model of examples/tiny_induction and shows its real heads and
+# what-if runs (examples/circuits.py); stops the servers and prints where everything is. Idempotent: rerunning reuses what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -30,19 +31,26 @@ fi
 cp "$TOKENIZER" "$MODEL/tokenizer.json"
 
 mkdir -p "$OUT"
-"$BUILD"/server/attnscope-server --model_dir="$MODEL" --listen="127.0.0.1:$PORT" > "$OUT/server.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
+SERVERS=()
+trap 'for s in "${SERVERS[@]}"; do kill "$s" 2>/dev/null || true; wait "$s" 2>/dev/null || true; done' EXIT
+# start_server DIR LOG PORT: serves the checkpoint DIR, sets BOUND to the port it listens on.
 # Ready means ready: the server prints "listening on HOST:PORT" once every listener is bound and
 # health says SERVING (with port 0 it also tells which port it got). Waits for that, not for a time;
 # gives up only if the server exits, or after 10 minutes.
-for _ in $(seq 1 6000); do
-  BOUND=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$OUT/server.log")
-  [ -n "$BOUND" ] && break
-  kill -0 $SERVER 2>/dev/null || { echo "demo: the server exited:" >&2; cat "$OUT/server.log" >&2; exit 1; }
-  sleep 0.1
-done
-[ -n "${BOUND:-}" ] || { echo "demo: the server never said it listens:" >&2; cat "$OUT/server.log" >&2; exit 1; }
+start_server() {
+  "$BUILD"/server/attnscope-server --model_dir="$1" --listen="127.0.0.1:$3" > "$2" 2>&1 &
+  local pid=$!
+  SERVERS+=("$pid")
+  BOUND=
+  for _ in $(seq 1 6000); do
+    BOUND=$(sed -n 's/^listening on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$2")
+    [ -n "$BOUND" ] && return 0
+    kill -0 "$pid" 2>/dev/null || { echo "demo: the server of $1 exited:" >&2; cat "$2" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "demo: the server of $1 never said it listens:" >&2; cat "$2" >&2; exit 1
+}
+start_server "$MODEL" "$OUT/server.log" "$PORT"
 PORT=$BOUND
 
 # The prototype's basic command, against the demo server.
@@ -61,8 +69,13 @@ mkdir -p "$OUT/plots"
 ATTNSCOPE_SERVER="127.0.0.1:$PORT" /usr/bin/python3 tests/tools/run_notebook.py examples/quickstart.ipynb \
   "$OUT/notebook"
 
-kill $SERVER
-wait $SERVER 2>/dev/null || true
+# Real circuits: the trained model of examples/tiny_induction (induction and previous-token heads),
+# its heads found by the server's detectors, and what ablating them or evicting keys costs.
+start_server "$ROOT/examples/tiny_induction" "$OUT/circuits_server.log" "${ATTNSCOPE_DEMO_CIRCUITS_PORT:-0}"
+mkdir -p "$OUT/circuits"
+/usr/bin/python3 examples/circuits.py "127.0.0.1:$BOUND" "$OUT/circuits" | tee "$OUT/circuits/summary.txt"
+
+for s in "${SERVERS[@]}"; do kill "$s" 2>/dev/null || true; wait "$s" 2>/dev/null || true; done
 trap - EXIT
 cat <<MSG
 
@@ -71,5 +84,6 @@ attnscope demo done.
   plots:     $OUT/plots/*.png
   HTML page: $OUT/attention.html   (open it in a browser; hover the heatmap)
   notebook:  $OUT/notebook/quickstart.ipynb   (examples/quickstart.ipynb, executed)
-  server log: $OUT/server.log
+  circuits:  $OUT/circuits/*.png, summary.txt   (the trained model's heads and what-if runs)
+  server logs: $OUT/server.log, $OUT/circuits_server.log
 MSG
