@@ -46,7 +46,8 @@ ABSL_FLAG(int, max_new_tokens, 32,
           "tokens to generate per sample (0: the prompt only: one forward pass, prefill captures)");
 ABSL_FLAG(std::string, output_dir, "attention_data", "where sample files go");
 // Connection.
-ABSL_FLAG(std::string, server, "127.0.0.1:50051", "attnscope server address");
+ABSL_FLAG(std::string, server, "",
+          "attnscope server address (default: $ATTNSCOPE_SERVER, else 127.0.0.1:50051)");
 ABSL_FLAG(std::string, token, "", "bearer token (or $ATTNSCOPE_TOKEN)");
 ABSL_FLAG(std::string, tls_ca, "",
           "PEM file of the CA that signed the server's certificate (enables TLS)");
@@ -103,6 +104,10 @@ absl::StatusOr<Options> OptionsFromFlags() {
   o.device = DeviceName(absl::GetFlag(FLAGS_device));
   o.output_dir = absl::GetFlag(FLAGS_output_dir);
   o.server = absl::GetFlag(FLAGS_server);
+  if (o.server.empty()) {
+    const char* env = std::getenv("ATTNSCOPE_SERVER");
+    o.server = env != nullptr && *env != '\0' ? env : "127.0.0.1:50051";
+  }
   o.token = absl::GetFlag(FLAGS_token);
   if (o.token.empty() && std::getenv("ATTNSCOPE_TOKEN") != nullptr)
     o.token = std::getenv("ATTNSCOPE_TOKEN");

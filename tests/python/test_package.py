@@ -27,6 +27,7 @@ def test_the_modules_import_top_down():
         "sample": {"attnscope.blocks", "attnscope.results"},
     }
     base = {"attnscope.sample", "attnscope.results", "attnscope.blocks", "attnscope.client", "attnscope.shared",
+            "attnscope.errors",
             "attnscope.v1", "attnscope.v1.attnscope_pb2", "attnscope.v1.attnscope_pb2_grpc"}
     for module, extra in allowed.items():
         p = run(code.format(module))

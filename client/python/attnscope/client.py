@@ -1,6 +1,7 @@
 """A thin, numpy-returning wrapper around the generated gRPC stubs."""
 import inspect
 import json
+import os
 import threading
 import warnings
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from attnscope import shared
 from attnscope.blocks import BlockAssembler, BlockKey
+from attnscope.errors import ServerError, server_error
 from attnscope.results import Captured
 from attnscope.sample import Sample
 from attnscope.v1 import attnscope_pb2 as pb
@@ -463,6 +465,33 @@ def _progress(iterable, progress, unit):
     return iterable if progress is False or tqdm is None else tqdm(iterable, unit=unit)
 
 
+def _check_on_error(on_error):
+    if on_error not in ("raise", "return"):
+        raise ValueError(f"on_error must be 'raise' or 'return', not {on_error!r}")
+
+
+def _describe_input(item):
+    """A short description of one stream_many input, for its error."""
+    if isinstance(item, str):
+        return f"prompt {item[:60]!r}" + ("..." if len(item) > 60 else "")
+    if isinstance(item, dict):
+        return "request " + ", ".join(f"{k}={str(v)[:40]!r}" for k, v in list(item.items())[:4])
+    ids = list(item)
+    return f"token_ids {ids[:8]}" + ("..." if len(ids) > 8 else "")
+
+
+def _name_input(error, index, item, count):
+    """Marks `error` as that of input `index` of a stream_many (its note and input_index)."""
+    if isinstance(error, ServerError):
+        error.input_index = index
+    else:
+        try:
+            error.input_index = index
+        except AttributeError:
+            pass
+    error.add_note(f"stream_many: input {index} of {count} failed ({_describe_input(item)})")
+
+
 def _item_kwargs(item, kwargs):
     """stream_many's inputs: a prompt string, a dict of request keywords, or token ids."""
     kw = dict(kwargs)
@@ -540,6 +569,11 @@ class _Receiver:
         elif kind == "trailer":
             result.trailer = msg.trailer
 
+    def request_id(self):
+        """The id the server gave the stream in its header (None before it arrived)."""
+        header = self.result.header
+        return header.request_id if header is not None and header.request_id else None
+
     def fail(self):
         if self.bar is not None:
             self.bar.close()
@@ -555,6 +589,7 @@ class _Receiver:
 
 
 MODEL_HEADER = "x-attnscope-model"
+DEFAULT_SERVER = "127.0.0.1:50051"
 
 
 HEAD_KINDS = ("previous_token", "duplicate_token", "induction", "sink")  # DetectHeadsResponse's columns
@@ -617,12 +652,17 @@ def _routable(model):
 
 
 class Client:
-    """Connects to an attnscope server. `token`: bearer token; `root_certificates`: PEM bytes for TLS.
+    """Connects to an attnscope server: `target` (default: $ATTNSCOPE_SERVER, else 127.0.0.1:50051).
+    `token`: bearer token (default: $ATTNSCOPE_TOKEN); `root_certificates`: PEM bytes for TLS.
     `shared_memory`: ring bytes for same-host output (stream_attention's values come through shared
-    memory when the server is on this host, the wire otherwise); 0: always the wire."""
+    memory when the server is on this host, the wire otherwise); 0: always the wire. A call the
+    server refuses raises attnscope.ServerError (its status, message and request id)."""
 
-    def __init__(self, target="127.0.0.1:50051", token=None, root_certificates=None, timeout=None,
+    def __init__(self, target=None, token=None, root_certificates=None, timeout=None,
                  shared_memory=16 << 20, model="", max_bytes=DEFAULT_MAX_BYTES):
+        target = target or os.environ.get("ATTNSCOPE_SERVER") or DEFAULT_SERVER
+        token = token if token is not None else os.environ.get("ATTNSCOPE_TOKEN") or None
+        self.target = target
         options = [("grpc.max_receive_message_length", 256 << 20)]
         channels = self._channels()
         if root_certificates is not None:
@@ -684,8 +724,11 @@ class Client:
 
     # Each RPC once: its request and how its response reads. _unary calls it (AsyncClient's awaits it).
     def _unary(self, method, request, read=None, metadata=None):
-        response = getattr(self.stub, method)(request, metadata=self.metadata if metadata is None else metadata,
-                                              timeout=self.timeout)
+        try:
+            response = getattr(self.stub, method)(request, metadata=self.metadata if metadata is None else metadata,
+                                                  timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise server_error(e, method) from None  # gRPC's call object and debug string stay out
         return response if read is None else read(response)
 
     def model_info(self):
@@ -785,18 +828,32 @@ class Client:
         try:
             for msg in call:
                 receiver.feed(msg)
-        except BaseException:
+        except BaseException as e:
             call.cancel()  # the server stops within a step
             receiver.fail()
+            if isinstance(e, grpc.RpcError):
+                raise server_error(e, "StreamAttention", receiver.request_id()) from None
             raise
         return receiver.finish()
 
-    def stream_many(self, inputs, progress=None, **kwargs):
+    def stream_many(self, inputs, progress=None, on_error="raise", **kwargs):
         """One stream per input (a prompt string, a list of token ids, or a dict of request keywords),
-        with a progress bar over the samples (tqdm when installed); returns the results."""
-        results = []
-        for item in _progress(inputs, progress, "samples"):
-            results.append(self.stream_attention(progress=False, **_item_kwargs(item, kwargs)))
+        in order, with a progress bar over the samples (tqdm when installed); returns the results.
+        `on_error="raise"`: the first input that fails raises its error, which names the input
+        (`input_index`, a note) and carries `results` (the finished ones; None for the rest);
+        `"return"`: every input runs and the list holds each one's result or error."""
+        _check_on_error(on_error)
+        inputs = list(inputs)
+        results = [None] * len(inputs)
+        for index, item in enumerate(_progress(inputs, progress, "samples")):
+            try:
+                results[index] = self.stream_attention(progress=False, **_item_kwargs(item, kwargs))
+            except Exception as e:  # noqa: BLE001 - each input's error is the caller's to see
+                _name_input(e, index, item, len(inputs))
+                if on_error == "raise":
+                    e.results = results
+                    raise
+                results[index] = e
         return results
 
     def _receiver(self, request, progress, max_bytes=0):
@@ -822,7 +879,8 @@ def _sign_calls(cls, concurrency=False):
     _signature(cls.generate, _LIMIT)
     _signature(cls.stream_attention, _keyword("progress", None), _LIMIT)
     inputs = inspect.Parameter("inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    extra = [_keyword("progress", None)] + ([_keyword("concurrency", 4)] if concurrency else [])
+    extra = [_keyword("progress", None)] + ([_keyword("concurrency", 4)] if concurrency else []) + [
+        _keyword("on_error", "raise")]
     _signature(cls.stream_many, *extra, _LIMIT, head=(inputs,), keywords_only=True)
 
 
@@ -845,8 +903,11 @@ class AsyncClient(Client):
     # model_info, tokenize, detokenize, detect_heads and generate are Client's: they return what _unary returns,
     # here a coroutine to await.
     async def _unary(self, method, request, read=None, metadata=None):
-        response = await getattr(self.stub, method)(
-            request, metadata=self.metadata if metadata is None else metadata, timeout=self.timeout)
+        try:
+            response = await getattr(self.stub, method)(
+                request, metadata=self.metadata if metadata is None else metadata, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise server_error(e, method) from None
         return response if read is None else read(response)
 
     async def stream_attention(self, *args, progress=None, **kwargs):
@@ -854,37 +915,50 @@ class AsyncClient(Client):
         try:
             async for msg in call:
                 receiver.feed(msg)
-        except BaseException:
+        except BaseException as e:
             call.cancel()  # the server stops within a step
             receiver.fail()
+            if isinstance(e, grpc.RpcError):
+                raise server_error(e, "StreamAttention", receiver.request_id()) from None
             raise
         return receiver.finish()
 
-    async def stream_many(self, inputs, progress=None, concurrency=4, **kwargs):
-        """Up to `concurrency` streams at once, results in input order, a bar over the samples."""
+    async def stream_many(self, inputs, progress=None, concurrency=4, on_error="raise", **kwargs):
+        """Up to `concurrency` streams at once, results in input order, a bar over the samples.
+        `on_error="raise"`: the first input that fails cancels the others (on the server too) and
+        raises its error, naming the input and carrying the finished `results` (None for the rest);
+        `"return"`: every input runs and the list holds each one's result or error."""
         import asyncio
+        _check_on_error(on_error)
         inputs = list(inputs)
         gate = asyncio.Semaphore(concurrency)
         tqdm = _tqdm()
         bar = None if progress is False or tqdm is None else tqdm(total=len(inputs), unit="samples")
 
-        async def one(item):
-            async with gate:
-                r = await self.stream_attention(progress=False, **_item_kwargs(item, kwargs))
+        async def one(index, item):
+            try:
+                async with gate:
+                    r = await self.stream_attention(progress=False, **_item_kwargs(item, kwargs))
+            except Exception as e:  # noqa: BLE001 - each input's error is the caller's to see
+                _name_input(e, index, item, len(inputs))
+                if on_error == "raise":
+                    raise
+                r = e
             if bar is not None:
                 bar.update(1)
             return r
 
-        # One stream failing ends them all: the others are cancelled (on the shared server too),
-        # never left running with their results dropped.
-        tasks = [asyncio.ensure_future(one(i)) for i in inputs]
+        # With on_error="raise", one stream failing ends them all: the others are cancelled (on the
+        # shared server too), never left running with their results dropped.
+        tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(inputs)]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for index, task in enumerate(tasks):
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    error = task.exception()
-                    error.add_note(f"stream_many: input {index} failed; the other streams were cancelled")
-                    raise error
+            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+            if failed:
+                error = failed[0].exception()
+                error.results = [t.result() if t.done() and not t.cancelled() and t.exception() is None
+                                 else None for t in tasks]
+                raise error
             return [t.result() for t in tasks]
         finally:
             for t in tasks:
