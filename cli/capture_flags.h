@@ -10,6 +10,10 @@
 
 namespace attnscope {
 
+// The capture spec's flags, by name (without --).
+inline constexpr const char* kCaptureSpecFlags[] = {"form",   "stats", "layers",      "heads",
+                                                    "phases", "rows",  "element_type"};
+
 // The spec the flags describe; errors name the flag.
 absl::StatusOr<CaptureSpec> CaptureSpecFromFlags();
 

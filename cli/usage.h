@@ -1,36 +1,30 @@
-// --help for attnscope's programs: a usage line, then every flag the program defines (its own file
-// and the shared flag files it links), grouped by file with their defaults; Abseil's own flags
-// stay under --helpfull. absl's default matches flags only in a file named like the program, so
-// without this --help printed "No flags matched".
+// --help, --version and flag parsing for attnscope's programs. ParseFlags replaces
+// absl::ParseCommandLine: --help (-h, --helpshort, --help=SUBSTRING) prints a usage line, then
+// every flag the program defines (its own file and the shared flag files it links), grouped by file
+// with their defaults, to stdout and exits 0; --helpfull adds Abseil's own flags; --version prints
+// the project version, the build type and the libtorch the build was made with, and exits 0.
+// Without SetUsage, absl matched flags only in a file named like the program, so --help printed
+// "No flags matched", and absl's --help and --version exit 1.
 #pragma once
 
 #include <string>
+#include <vector>
 
-#include "absl/flags/usage.h"
-#include "absl/flags/usage_config.h"
-#include "absl/strings/match.h"
-#include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
 
 namespace attnscope {
 
-inline void SetUsage(const char* program, const char* what, const char* synopsis) {
-  absl::SetProgramUsageMessage(
-      absl::StrCat(what, "\n\nUsage: ", program, " ", synopsis,
-                   "\n\nFlags (grouped by the file that defines them; --helpfull adds Abseil's):"));
-  absl::FlagsUsageConfig config;
-  config.contains_help_flags = [](absl::string_view file) {
-    return !absl::StrContains(file, "absl/") && !absl::StrContains(file, "absl\\");
-  };
-  config.contains_helpshort_flags = config.contains_help_flags;
-  config.normalize_filename = [](absl::string_view file) {
-    // Paths relative to the repository (the part from server/, client/, cli/, tools/, bench/ on).
-    for (const char* root : {"server/", "client/", "cli/", "tools/", "bench/"}) {
-      const size_t at = file.rfind(root);
-      if (at != absl::string_view::npos) return std::string(file.substr(at));
-    }
-    return std::string(file);
-  };
-  absl::SetFlagsUsageConfig(config);
-}
+// The usage text: "WHAT\n\nUsage: PROGRAM SYNOPSIS", and the program's name for --version.
+void SetUsage(const char* program, const char* what, const char* synopsis);
+
+// The --version line: "PROGRAM VERSION (BUILD_TYPE build, libtorch X)".
+std::string VersionLine();
+
+// absl::ParseCommandLine with the help and version flags above; returns the positional arguments
+// (argv[0] first).
+std::vector<char*> ParseFlags(int argc, char** argv);
+
+// Of the flags `names` (without --), those whose value is not their default, in order.
+std::vector<std::string> ChangedFlags(absl::Span<const char* const> names);
 
 }  // namespace attnscope

@@ -10,7 +10,6 @@
 #include <thread>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -325,7 +324,7 @@ int main(int argc, char** argv) {
       "serves one resident Llama-family model over gRPC with exact attention capture",
       "--model_dir DIR | --model NAME --models REGISTRY.json [--device cuda] "
       "[--listen HOST:PORT] [flags]");
-  absl::ParseCommandLine(argc, argv);
+  attnscope::ParseFlags(argc, argv);
   attnscope::RetainFreedHostMemory(absl::GetFlag(FLAGS_host_memory_retain_bytes));
   absl::Status status = attnscope::Serve();
   if (!status.ok()) {

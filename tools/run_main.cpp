@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -222,8 +221,8 @@ int main(int argc, char** argv) {
       "attnscope-run",
       "one generation with attention capture in process (no server), for checks and "
       "benchmarks",
-      "--model_dir DIR (--prompt TEXT | --prompt_ids 1,2,3) [--form ...] [flags]");
-  absl::ParseCommandLine(argc, argv);
+      "--model_dir DIR (--prompt_ids 1,2,3 | --random_prompt N) [--form ...] [flags]");
+  attnscope::ParseFlags(argc, argv);
   attnscope::RetainFreedHostMemory(attnscope::kDefaultRetainedHostBytes);  // as the server
   absl::Status status = attnscope::Run();
   if (!status.ok()) {

@@ -14,11 +14,11 @@
 #include <sstream>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "attnscope/v1/attnscope.grpc.pb.h"
 #include "cli/capture_flags.h"
@@ -70,11 +70,16 @@ ABSL_FLAG(std::string, dtype, "",
 ABSL_FLAG(std::string, format, "safetensors",
           "safetensors, or pickle (the prototype's .pkl layout)");
 ABSL_FLAG(bool, overwrite, false, "redo samples whose file already exists");
+ABSL_FLAG(bool, recapture_changed, false,
+          "on a rerun, redo the samples whose file was made with other settings (prompt, model, "
+          "max_new_tokens, capture spec); default: such samples are refused and the run fails");
 ABSL_FLAG(int64_t, max_bytes, int64_t{4} << 30,
           "refuse a sample whose capture the server estimates above this many bytes, before any "
           "attention byte is sent (0: no limit of this client's; the server's budget still "
           "applies)");
 ABSL_FLAG(double, timeout_s, 0, "deadline per sample in seconds (0: none)");
+ABSL_FLAG(double, progress_s, 1.0,
+          "seconds between progress lines on stderr (received MB of the estimate, tokens)");
 ABSL_FLAG(int64_t, shared_memory_bytes, int64_t{16} << 20,
           "ring size for same-host output: attention values come through shared memory instead "
           "of the wire when the server is on this host (the wire otherwise); 0: always the wire");
@@ -87,13 +92,16 @@ struct Options {
   std::string model, device, output_dir, server, token, tls_ca;
   std::string prompt, prompt_file, prompt_ids, dataset, system, chat_template_kwargs;
   bool save_attention = true, health = false, chat = false, overwrite = false;
+  bool recapture_changed = false;
   int max_samples = 0, max_new_tokens = 0;
   int64_t max_length = 0;
   int64_t max_bytes = 0;  // the client's capture limit (capture.max_bytes); 0: none
   double timeout_s = 0;
+  double progress_s = 1;
   int64_t shared_memory_bytes = 0;
   SampleFormat format = SampleFormat::kSafetensors;
   v1::CaptureSpec capture;
+  CaptureSpec spec;  // the flags' spec, resolved against the model for a rerun's comparison
   v1::Interventions interventions;  // --ablate, --knockout, --kv_policy, --reference_leads,
                                     // --capture_reference
 };
@@ -124,12 +132,15 @@ absl::StatusOr<Options> OptionsFromFlags() {
   if (!o.chat && (!o.system.empty() || !o.chat_template_kwargs.empty()))
     return absl::InvalidArgumentError("--system and --chat_template_kwargs need --chat");
   o.overwrite = absl::GetFlag(FLAGS_overwrite);
+  o.recapture_changed = absl::GetFlag(FLAGS_recapture_changed);
   o.max_samples = absl::GetFlag(FLAGS_max_samples);
   o.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   o.max_length = absl::GetFlag(FLAGS_max_length);
   o.max_bytes = absl::GetFlag(FLAGS_max_bytes);
   if (o.max_bytes < 0) return absl::InvalidArgumentError("--max_bytes must be >= 0 (0: no limit)");
   o.timeout_s = absl::GetFlag(FLAGS_timeout_s);
+  o.progress_s = absl::GetFlag(FLAGS_progress_s);
+  if (!(o.progress_s >= 0)) return absl::InvalidArgumentError("--progress_s must be >= 0");
   o.shared_memory_bytes = absl::GetFlag(FLAGS_shared_memory_bytes);
   if (o.shared_memory_bytes != 0 && o.shared_memory_bytes < shared_ring::kMinCapacity) {
     return absl::InvalidArgumentError(
@@ -147,9 +158,15 @@ absl::StatusOr<Options> OptionsFromFlags() {
         "names the compute type, the server's): pass --element_type=",
         absl::GetFlag(FLAGS_dtype)));
   }
-  if (o.save_attention) {  // without it, nothing is captured
-    ASSIGN_OR_RETURN(const CaptureSpec spec, CaptureSpecFromFlags());
-    FillCaptureSpec(spec, 0, 0, &o.capture);
+  // Checked whether or not it is used, so that a typo never passes silently.
+  ASSIGN_OR_RETURN(o.spec, CaptureSpecFromFlags());
+  if (o.save_attention) {
+    FillCaptureSpec(o.spec, 0, 0, &o.capture);
+  } else if (const std::vector<std::string> unused = ChangedFlags(kCaptureSpecFlags);
+             !unused.empty()) {
+    std::cerr << "attnscope-capture: warning: --" << absl::StrJoin(unused, ", --")
+              << " has no effect without --save_attention (nothing is captured or stored)"
+              << std::endl;
   }
   ASSIGN_OR_RETURN(const Interventions interventions, InterventionsFromFlags());
   if (!interventions.empty()) {
@@ -167,6 +184,7 @@ struct Sample {
   std::string text;
   std::vector<int64_t> ids;
   bool is_ids = false;
+  bool builtin = false;  // one of kBuiltinPrompts: no input was given
 };
 
 // Built-in prompts: the prototype's basic command works without any input.
@@ -238,7 +256,7 @@ absl::StatusOr<std::vector<Sample>> Samples(const Options& o) {
     }
   }
   if (out.empty()) {
-    for (const char* p : kBuiltinPrompts) out.push_back({p, {}, false});
+    for (const char* p : kBuiltinPrompts) out.push_back({p, {}, false, true});
   }
   const int max = o.max_samples;
   if (max > 0 && static_cast<int>(out.size()) > max) out.resize(max);
@@ -323,8 +341,9 @@ absl::Status MakeDirs(const std::string& path) {
   return absl::OkStatus();
 }
 
-// Checks the server answers and serves what was asked; warns about a device it cannot honour.
-absl::Status CheckServer(const Options& o, v1::AttentionService::Stub* stub) {
+// Checks, once before the first sample, that the server answers and serves the model asked for;
+// warns about a device it cannot honour. Returns what it serves.
+absl::StatusOr<v1::ModelInfo> CheckServer(const Options& o, v1::AttentionService::Stub* stub) {
   grpc::ClientContext ctx;
   Authorize(o, &ctx);
   v1::ModelInfo info;
@@ -332,11 +351,19 @@ absl::Status CheckServer(const Options& o, v1::AttentionService::Stub* stub) {
   if (!s.ok()) {
     return absl::UnavailableError(absl::StrCat("cannot reach ", o.server, ": ", s.error_message()));
   }
+  if (!o.model.empty() && info.name() != o.model) {
+    constexpr size_t kShown = 80;  // a name is echoed only this far
+    const std::string shown =
+        o.model.size() > kShown ? absl::StrCat(o.model.substr(0, kShown), "...") : o.model;
+    return absl::NotFoundError(absl::StrCat("--model ", shown, ": the server at ", o.server,
+                                            " serves '", info.name(),
+                                            "'; connect to the server of that model"));
+  }
   if (!o.device.empty() && info.device().rfind(o.device, 0) != 0) {
     std::cerr << "warning: --device " << o.device << " requested, but the server runs on "
               << info.device() << " (the device is chosen where the server starts)" << std::endl;
   }
-  return absl::OkStatus();
+  return info;
 }
 
 v1::GenerateRequest RequestFor(const Options& o, const Sample& sample) {
@@ -435,6 +462,8 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
   v1::StreamTrailer trailer;
   bool have_trailer = false;
   auto last_progress = std::chrono::steady_clock::now();
+  bool progress_shown = false;  // a progress line is open on stderr: ended before anything else
+  int64_t estimated_bytes = 0;
   int layers_captured = 0;
   double kl_sum = 0;  // interventions: the run's divergence, summed for the line printed after it
   int64_t agreed = 0, divergence_steps = 0, freed = 0;
@@ -445,6 +474,7 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
         std::cout << "Processing sample " << index
                   << ", input length: " << msg.header().prompt_token_ids_size() << std::endl;
         layers_captured = msg.header().capture().layers_size();
+        estimated_bytes = msg.header().estimated_bytes();
         if (o.max_bytes > 0 && msg.header().estimated_bytes() > o.max_bytes) {
           local = absl::ResourceExhaustedError(absl::StrCat(
               "the capture would produce about ", msg.header().estimated_bytes() / 1e6,
@@ -506,12 +536,15 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
         break;
     }
     const auto now = std::chrono::steady_clock::now();
-    if (now - last_progress > std::chrono::seconds(1)) {
-      std::cerr << "\r  received " << writer.bytes_received() / 1e6 << " MB, " << writer.tokens()
-                << " tokens" << std::flush;
+    if (now - last_progress >= std::chrono::duration<double>(o.progress_s)) {
+      std::cerr << "\r  received " << writer.bytes_received() / 1e6 << " MB";
+      if (estimated_bytes > 0) std::cerr << " of about " << estimated_bytes / 1e6 << " MB";
+      std::cerr << ", " << writer.tokens() << " tokens" << std::flush;
       last_progress = now;
+      progress_shown = true;
     }
   }
+  if (progress_shown) std::cerr << std::endl;
   if (!local.ok()) ctx.TryCancel();
   grpc::Status status = reader->Finish();
   if (local.ok() && status.ok() && !have_trailer) {
@@ -521,7 +554,7 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
     shared_output->ring.reset();  // the failed stream's server job may still write into it
     return absl::Status(
         local.ok() ? absl::StatusCode::kUnavailable : local.code(),
-        absl::StrCat("\nSample ", index, " failed: ",
+        absl::StrCat("Sample ", index, " failed: ",
                      local.ok() ? status.error_message() : std::string(local.message())));
   }
   std::cout << "Generated: " << trailer.text() << std::endl;
@@ -564,51 +597,97 @@ int Run() {
     std::cerr << "attnscope-capture: " << samples.status().message() << std::endl;
     return 2;
   }
-  if (absl::Status s = CheckServer(o, stub.get()); !s.ok()) {
-    std::cerr << "attnscope-capture: " << s.message() << std::endl;
+  const absl::StatusOr<v1::ModelInfo> info = CheckServer(o, stub.get());
+  if (!info.ok()) {
+    std::cerr << "attnscope-capture: " << info.status().message() << std::endl;
     return 1;
   }
   if (absl::Status made = MakeDirs(o.output_dir); !made.ok()) {
     std::cerr << "attnscope-capture: " << made.message() << std::endl;
     return 1;
   }
-  int failures = 0;
+  if (!samples->empty() && samples->front().builtin) {
+    std::cout << "No --prompt, --prompt_file, --prompt_ids or --dataset given: using the "
+              << samples->size() << " built-in sample prompts" << std::endl;
+  }
+  // What a rerun compares a finished file with: the spec resolved against the served model.
+  v1::CaptureSpec resolved;
+  FillCaptureSpec(o.spec, info->num_layers(), info->num_heads(), &resolved);
+  std::vector<size_t> failed;
+  int stored = 0, skipped = 0;
   SharedOutput shared_output;
   shared_output.bytes = o.shared_memory_bytes;
   for (size_t i = 0; i < samples->size(); ++i) {
+    const Sample& sample = (*samples)[i];
     const std::string path =
         absl::StrCat(o.output_dir, "/attention_sample_", i,
                      o.format == SampleFormat::kPickle ? ".pkl" : ".safetensors");
-    // A rerun skips finished samples; a file there that is not one (cut short, not a sample) is
-    // redone, and said so.
+    // A rerun skips finished samples made with the same settings; a file there that is not one
+    // (cut short, not a sample) is redone, and said so; one made with other settings is refused
+    // (--recapture_changed: redone).
     bool replace = o.overwrite;
     struct stat st {};
     if (o.save_attention && !o.overwrite && lstat(path.c_str(), &st) == 0) {
       if (absl::Status whole = CheckStoredSample(path, o.format); whole.ok()) {
-        std::cout << "Skipping sample " << i << ": " << path << " exists (--overwrite to redo it)"
+        SampleSettings asked;
+        asked.model = o.model;
+        asked.is_ids = sample.is_ids;
+        asked.prompt_text = sample.text;
+        asked.prompt_ids = sample.ids;
+        asked.max_length = o.max_length;
+        asked.max_new_tokens = o.max_new_tokens;
+        asked.capture = resolved;
+        absl::StatusOr<std::vector<std::string>> differences =
+            StoredSampleDifferences(path, o.format, asked);
+        if (differences.ok() && differences->empty()) {
+          std::cout << "Skipping sample " << i << ": " << path
+                    << " exists with these settings (--overwrite to redo it)" << std::endl;
+          ++skipped;
+          continue;
+        }
+        const std::string why = differences.ok() ? absl::StrJoin(*differences, "; ")
+                                                 : std::string(differences.status().message());
+        if (!o.recapture_changed) {
+          std::cerr << "Sample " << i << ": " << path << " was made with other settings (" << why
+                    << "); it is left alone. --recapture_changed redoes such samples, "
+                       "--overwrite every sample, or choose another --output_dir"
+                    << std::endl;
+          failed.push_back(i);
+          continue;
+        }
+        std::cout << "Redoing sample " << i << ": made with other settings (" << why << ")"
                   << std::endl;
-        continue;
+        replace = true;
       } else if (!S_ISREG(st.st_mode)) {
         std::cerr << "Sample " << i << ": " << path
                   << " exists and is not a regular file; it is left alone and the sample not "
                      "stored"
                   << std::endl;
-        ++failures;
+        failed.push_back(i);
         continue;
       } else {
         std::cout << "Redoing sample " << i << ": " << whole.message() << std::endl;
         replace = true;
       }
     }
-    if (absl::Status s =
-            CaptureSample(o, stub.get(), i, (*samples)[i], path, replace, &shared_output);
+    if (absl::Status s = CaptureSample(o, stub.get(), i, sample, path, replace, &shared_output);
         !s.ok()) {
       std::cerr << s.message() << std::endl;
-      ++failures;
+      failed.push_back(i);
+    } else {
+      ++stored;
     }
   }
-  std::cout << "Done!" << std::endl;
-  return failures == 0 ? 0 : 1;
+  if (failed.empty()) {
+    std::cout << "Done!" << std::endl;
+    return 0;
+  }
+  std::cerr << "attnscope-capture: " << failed.size() << " of " << samples->size()
+            << " samples failed (" << absl::StrJoin(failed, ", ") << "); "
+            << (o.save_attention ? absl::StrCat(stored, " stored, ", skipped, " skipped")
+                                 : absl::StrCat(stored, " generated"))
+            << std::endl;
+  return 1;
 }
 
 }  // namespace
@@ -620,6 +699,6 @@ int main(int argc, char** argv) {
       "streams generations with attention from an attnscope server into sample files",
       "[--server HOST:PORT] (--prompt TEXT | --prompt_file F | --prompt_ids 1,2,3 | "
       "--dataset F.jsonl) [--save_attention] [--form ...] [flags]");
-  absl::ParseCommandLine(argc, argv);
+  attnscope::ParseFlags(argc, argv);
   return attnscope::Run();
 }

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
@@ -560,6 +561,90 @@ absl::Status CheckStoredSample(const std::string& path, SampleFormat format) {
   absl::Status s = check();
   close(fd);
   return s;
+}
+
+absl::StatusOr<std::vector<std::string>> StoredSampleDifferences(const std::string& path,
+                                                                 SampleFormat format,
+                                                                 const SampleSettings& asked) {
+  std::vector<std::string> out;
+  if (format == SampleFormat::kPickle) return out;
+  // The header only (CheckStoredSample has bounded it), never the data.
+  struct stat st {};
+  ASSIGN_OR_RETURN(const int fd, OpenRegularFile(path, &st));
+  auto read_header = [&]() -> absl::StatusOr<nlohmann::json> {
+    unsigned char len[8];
+    if (pread(fd, len, 8, 0) != 8) return absl::DataLossError(absl::StrCat(path, " is too short"));
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | len[i];
+    constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;
+    if (n > kMaxHeaderBytes || static_cast<int64_t>(n) > st.st_size - 8)
+      return absl::DataLossError(absl::StrCat(path, ": a header of ", n, " bytes"));
+    std::string text(static_cast<size_t>(n), '\0');
+    if (pread(fd, text.data(), text.size(), 8) != static_cast<ssize_t>(n))
+      return absl::DataLossError(absl::StrCat(path, " is shorter than its header"));
+    nlohmann::json header = nlohmann::json::parse(text, nullptr, false);
+    const auto meta = header.is_object() ? header.find("__metadata__") : header.end();
+    if (meta == header.end() || !meta->is_object() || !meta->contains("attnscope") ||
+        !(*meta)["attnscope"].is_string())
+      return absl::DataLossError(absl::StrCat(path, " holds no attnscope metadata"));
+    nlohmann::json m =
+        nlohmann::json::parse((*meta)["attnscope"].get<std::string>(), nullptr, false);
+    if (!m.is_object())
+      return absl::DataLossError(absl::StrCat(path, ": its attnscope metadata is not an object"));
+    return m;
+  };
+  absl::StatusOr<nlohmann::json> read = read_header();
+  close(fd);
+  if (!read.ok()) return read.status();
+  const nlohmann::json& m = *read;
+  auto shown = [](const nlohmann::json& v) {
+    std::string text = v.is_string() ? v.get<std::string>() : v.dump();
+    constexpr size_t kShown = 60;
+    if (text.size() > kShown) text = text.substr(0, kShown) + "...";
+    return text;
+  };
+  auto field = [&](const char* key) { return m.contains(key) ? m[key] : nlohmann::json(); };
+  if (!asked.model.empty() && field("model") != asked.model)
+    out.push_back(absl::StrCat("model: stored ", shown(field("model")), ", asked ", asked.model));
+  if (!asked.is_ids && field("prompt") != asked.prompt_text) {
+    out.push_back(absl::StrCat("prompt: stored \"", shown(field("prompt")), "\", asked \"",
+                               shown(asked.prompt_text), "\""));
+  } else if (asked.is_ids && (asked.max_length <= 0 ||
+                              static_cast<int64_t>(asked.prompt_ids.size()) <= asked.max_length)) {
+    if (field("prompt_token_ids") != nlohmann::json(asked.prompt_ids)) {
+      out.push_back(absl::StrCat("prompt_ids: stored ", shown(field("prompt_token_ids")),
+                                 ", asked ", shown(nlohmann::json(asked.prompt_ids))));
+    }
+  }
+  const nlohmann::json tokens = field("token_ids");
+  const int64_t generated = tokens.is_array() ? static_cast<int64_t>(tokens.size()) : -1;
+  const bool ended_by_length = field("finish_reason") == "FINISH_LENGTH";
+  if (generated > asked.max_new_tokens || (generated < asked.max_new_tokens && ended_by_length)) {
+    out.push_back(absl::StrCat("max_new_tokens: stored ", generated, " tokens",
+                               ended_by_length ? " (all it asked for)" : "", ", asked ",
+                               asked.max_new_tokens));
+  }
+  const nlohmann::json stored_capture = field("capture");
+  const nlohmann::json asked_capture = CaptureJson(asked.capture);
+  if (!stored_capture.is_object()) {
+    out.push_back("capture: the file stores no resolved capture spec (an older format)");
+  } else if (asked_capture.is_object()) {
+    // Field by field, into nested messages (capture.statistics.row_entropy).
+    std::function<void(const std::string&, const nlohmann::json&, const nlohmann::json&)> compare =
+        [&](const std::string& where, const nlohmann::json& stored, const nlohmann::json& want) {
+          if (stored.is_object() && want.is_object()) {
+            for (const auto& [key, value] : want.items()) {
+              if (where == "capture" && key == "max_bytes") continue;  // a limit, not the file's
+              compare(absl::StrCat(where, ".", key),
+                      stored.contains(key) ? stored[key] : nlohmann::json(), value);
+            }
+          } else if (stored != want) {
+            out.push_back(absl::StrCat(where, ": stored ", shown(stored), ", asked ", shown(want)));
+          }
+        };
+    compare("capture", stored_capture, asked_capture);
+  }
+  return out;
 }
 
 }  // namespace attnscope

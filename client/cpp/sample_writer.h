@@ -119,4 +119,22 @@ class SampleWriter {
 // the file; for pickle, the prototype layout's first and last bytes. DATA_LOSS says what is wrong.
 absl::Status CheckStoredSample(const std::string& path, SampleFormat format);
 
+// What a run asks of sample i, for a rerun to compare with the file it finds.
+struct SampleSettings {
+  std::string model;                // empty: any
+  bool is_ids = false;              // the prompt came as token ids
+  std::string prompt_text;          // else its text (a chat's user message)
+  std::vector<int64_t> prompt_ids;  // with is_ids
+  int64_t max_length = 0;           // truncation: ids are compared only when it did not cut
+  int64_t max_new_tokens = 0;
+  v1::CaptureSpec capture;  // resolved: the model's layers and heads filled in
+};
+
+// How the whole stored sample at `path` differs from `asked`: one line per setting ("capture.form:
+// stored FORM_DENSE, asked FORM_HEAD_MEAN", "prompt: ..."); empty when it matches. Pickle files
+// keep no settings: nothing is compared. Errors: the file's metadata cannot be read.
+absl::StatusOr<std::vector<std::string>> StoredSampleDifferences(const std::string& path,
+                                                                 SampleFormat format,
+                                                                 const SampleSettings& asked);
+
 }  // namespace attnscope

@@ -360,10 +360,15 @@ def test_deadline_ends_a_long_stream(model, tmp_path):
                log_path=str(tmp_path / "log"))
     try:
         c = attnscope.Client(s.target)
+        # The deadline is a quarter of what the whole generation takes here (on an idle 2-core
+        # machine about 0.16 s: a fixed 0.15 s deadline let it finish first).
+        started = time.time()
+        c.generate(token_ids=PROMPT * 20, max_new_tokens=780, ignore_eos=True)
+        timeout = max((time.time() - started) / 4, 0.005)
         for call in (lambda: list(c.stub.StreamAttention(c.request(token_ids=PROMPT * 20, max_new_tokens=780,
-                                                                   ignore_eos=True, row_entropy=True), timeout=0.15)),
+                                                                   ignore_eos=True, row_entropy=True), timeout=timeout)),
                      lambda: c.stub.Generate(c.request(token_ids=PROMPT * 20, max_new_tokens=780, ignore_eos=True),
-                                             timeout=0.15)):
+                                             timeout=timeout)):
             before = metric_value(metrics_text(mport), "attnscope_tokens_generated_total")
             with pytest.raises(grpc.RpcError) as e:
                 call()
