@@ -94,3 +94,13 @@ def serve(server_binary, model_dir, *flags, timeout=120):
     finally:
         c.close()
         s.stop()
+
+
+def served(server_binary, model_dir, tmp_path_factory, *flags):
+    """A Server on `model_dir` logging into a fresh temporary folder, for a module fixture to yield
+    from: `yield from served(binary("attnscope-server"), model, tmp_path_factory)`."""
+    s = Server(server_binary, model_dir, *flags, log_path=str(tmp_path_factory.mktemp("log") / "server.log"))
+    try:
+        yield s
+    finally:
+        s.stop()

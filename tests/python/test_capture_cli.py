@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from conftest import BUILD, ROOT, binary
-from service_fixture import Server, free_port, setup_paths
+from service_fixture import Server, free_port, served, setup_paths
 
 setup_paths(BUILD)
 import attnscope  # noqa: E402
@@ -27,10 +27,7 @@ def run(*args, timeout=120, **kw):
 
 @pytest.fixture(scope="module")
 def server(make_checkpoint, tmp_path_factory):
-    s = Server(binary("attnscope-server"), make_checkpoint("llama_mha"),
-               log_path=str(tmp_path_factory.mktemp("log") / "server.log"))
-    yield s
-    s.stop()
+    yield from served(binary("attnscope-server"), make_checkpoint("llama_mha"), tmp_path_factory)
 
 
 def capture(server, out, *args):

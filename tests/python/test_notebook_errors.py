@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from conftest import BUILD, ROOT, binary
-from service_fixture import Server, setup_paths
+from service_fixture import Server, served, setup_paths
 
 setup_paths(BUILD)
 import attnscope  # noqa: E402
@@ -26,10 +26,7 @@ BAD = [1, 999999]  # outside the vocabulary (128 ids)
 
 @pytest.fixture(scope="module")
 def server(make_checkpoint, tmp_path_factory):
-    s = Server(binary("attnscope-server"), make_checkpoint("llama_mha"),
-               log_path=str(tmp_path_factory.mktemp("log") / "server.log"))
-    yield s
-    s.stop()
+    yield from served(binary("attnscope-server"), make_checkpoint("llama_mha"), tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
