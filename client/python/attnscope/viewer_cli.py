@@ -30,6 +30,10 @@ def main(argv=None):
     ap.add_argument("--head", type=int, default=None, help="the model's head number (default: the first captured)")
     ap.add_argument("--compare-layers", default=None, help="comma-separated layers")
     ap.add_argument("--compare-heads", action="store_true")
+    ap.add_argument("--grid", action="store_true",
+                    help="every layer x head pattern in one figure, one colour scale (--layers/--heads choose)")
+    ap.add_argument("--layers", default=None, help="with --grid: comma-separated layers (default: all)")
+    ap.add_argument("--heads", default=None, help="with --grid: comma-separated heads (default: all captured)")
     ap.add_argument("--stat", default=None,
                     help="a captured statistic (row_entropy, sink_mass, local_mass, key_score, key_score_variance), "
                          "or 'all'")
@@ -41,7 +45,9 @@ def main(argv=None):
                     help="interventions: the layer x head map of the full model's mass on hidden keys")
     ap.add_argument("--step", type=int, default=None, help="with --lost-mass: one generated step (1-based)")
     ap.add_argument("--kept", action="store_true", help="the KV policy's kept and evicted keys of --layer")
-    ap.add_argument("--out", default=None, help="PNG file (default with no other output: <sample>.png)")
+    ap.add_argument("--out", default=None,
+                    help="PNG file (default with no other output: what the prototype drew, <sample>.png with "
+                         "the heatmap, <sample>_layers.png and <sample>_heads.png)")
     ap.add_argument("--html", default=None, help="write the interactive HTML page here")
     ap.add_argument("--export-pickle", default=None, help="write the prototype's pickle layout here")
     a = ap.parse_args(argv)
@@ -57,8 +63,21 @@ def main(argv=None):
             f.write(view.html_page(s))
         print(f"wrote {a.html}")
     out = a.out
+    kind_given = a.divergence or a.lost_mass or a.kept or a.stat or a.compare_layers or a.compare_heads or a.grid
     if out is None and not (a.html or a.export_pickle):
-        out = os.path.splitext(os.path.basename(path))[0] + ".png"
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if not kind_given and view.has_attention(s):
+            # The prototype's viewer: a heatmap, a layer comparison and a head comparison.
+            layers = list(s.layers)
+            picks = sorted({layers[round(i * (len(layers) - 1) / 3)] for i in range(4)}) if len(layers) > 4 else layers
+            layer = layers[0] if a.layer is None else a.layer
+            for name, fig in ((f"{stem}.png", lambda: view.overview(s, a.layer, a.head, a.log)),
+                              (f"{stem}_layers.png", lambda: view.compare_layers(s, picks, a.head, a.log)),
+                              (f"{stem}_heads.png", lambda: view.compare_heads(s, layer, log=a.log))):
+                fig().savefig(name, dpi=110)
+                print(f"wrote {name}")
+            return
+        out = stem + ".png"
     if out:
         if a.divergence:
             fig = view.intervention_figure(s, a.layer)
@@ -75,6 +94,9 @@ def main(argv=None):
             layer = a.layer if a.layer is not None else view._stat_layers(s, a.stat)[:1] or [0]
             layer = layer[0] if isinstance(layer, list) else layer
             fig = view.statistic_positions(s, a.stat, layer) if a.layer is not None else view.statistic_overview(s, a.stat)
+        elif a.grid:
+            fig = view.head_grid(s, [int(x) for x in a.layers.split(",")] if a.layers else None,
+                                 [int(x) for x in a.heads.split(",")] if a.heads else None, log=a.log)
         elif a.compare_layers:
             fig = view.compare_layers(s, [int(x) for x in a.compare_layers.split(",")], a.head, a.log)
         elif a.compare_heads:
