@@ -48,8 +48,8 @@ def test_help_and_version_exit_0(program):
     v = run(binary(program), "--version")
     assert v.returncode == 0, v.stderr
     line = v.stdout.strip()
-    assert re.fullmatch(rf"{program} \d+\.\d+\.\d+ \([A-Za-z]+( \S+)? build, libtorch \d+\.\d+\S*( \(a torch wheel's\))?\)",
-                        line), line
+    assert re.fullmatch(rf"{program} \d+\.\d+\.\d+ \([A-Za-z]+(, -fsanitize=[\w,]+)? build, "
+                        r"libtorch \d+\.\d+\S*( \(a torch wheel's\))?\)", line), line
     assert "NDEBUG" not in line
 
 
