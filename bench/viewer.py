@@ -63,17 +63,26 @@ def capture(client, n, new, **spec):
     return client.stream_attention(token_ids=ids, max_new_tokens=new, ignore_eos=True, **spec)
 
 
+# The viewer's command line, then its own peak RSS (VmHWM: the process image's, not counting what
+# it shared with this process before exec, which ru_maxrss would).
+VIEWER = ("import runpy, sys\n"
+          "sys.argv = ['attnscope.view'] + sys.argv[1:]\n"
+          "runpy.run_module('attnscope.view', run_name='__main__', alter_sys=True)\n"
+          "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+          "print('VmHWM_kB', hwm, file=sys.stderr)\n")
+
+
 def write_page(sample_path, page_path):
-    """(seconds, peak RSS in MB) of the viewer writing the page, in its own process."""
+    """(seconds, peak RSS in MB) of `python -m attnscope.view SAMPLE --html PAGE` in its own process."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([PACKAGE, os.path.join(BUILD, "python")])}
     started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "attnscope.view", sample_path, "--html", page_path], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    p = subprocess.run([sys.executable, "-c", VIEWER, sample_path, "--html", page_path], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=1800)
     seconds = time.time() - started
-    if status != 0:
-        raise SystemExit(f"the viewer failed on {sample_path}: {proc.stderr.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    if p.returncode != 0:
+        raise SystemExit(f"the viewer failed on {sample_path}: {p.stderr[-2000:]}")
+    hwm = [line for line in p.stderr.splitlines() if line.startswith("VmHWM_kB")][-1].split()[1]
+    return seconds, int(hwm) / 1024
 
 
 def browse(page_path, shot):

@@ -168,6 +168,18 @@ class Sample(Captured):
         return (f"<attnscope.Sample {os.path.basename(str(self.path))}: {self.form}, layers {self.layers}, "
                 f"{len(self.token_ids)} positions{', statistics ' + ', '.join(self.statistic_kinds) if self.statistic_kinds else ''}>")
 
+    def release_pages(self):
+        """Gives back the memory of the file's pages this process has read (a memory-mapped
+        sample reads them again when needed), so that a pass over a large sample holds one layer
+        at a time: the viewer's page calls it after each layer."""
+        import mmap
+        done = set()
+        for arr in self.tensors.values():
+            m = getattr(arr, "_mmap", None) if isinstance(arr, np.memmap) else None
+            if m is not None and id(m) not in done and hasattr(m, "madvise"):
+                done.add(id(m))
+                m.madvise(mmap.MADV_DONTNEED)
+
     @property
     def capture(self):
         """The resolved capture spec as stored: the proto's JSON mapping (field names, enum names such

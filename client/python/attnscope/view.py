@@ -722,6 +722,9 @@ def _views(sample, budget=None):
             if pool > 1:  # tiles of the tiles: positions stay in tokens
                 a = _pool(a, pool, gaps=top_k)
                 rows, cols, step = rows[::pool][:a.shape[1]], cols[::pool][:a.shape[2]], step * pool
+            release = getattr(sample, "release_pages", None)
+            if release is not None:  # a stored sample: the next layer's pages replace this one's
+                release()
             labels = [sample.head_label(heads[0])] if sample.reduced_heads else [str(h) for h in heads]
             views.append({"name": f"layer {layer}", "kind": "attention", "labels": labels,
                           "shape": list(a.shape), "data": _encode(a), "rows": [int(r) for r in rows],
