@@ -1,4 +1,4 @@
-#include "client/cpp/pickle_writer.h"
+#include "samples/pickle_writer.h"
 
 namespace attnscope {
 namespace {

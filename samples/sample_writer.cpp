@@ -1,4 +1,4 @@
-#include "client/cpp/sample_writer.h"
+#include "samples/sample_writer.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -13,7 +13,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "client/cpp/pickle_writer.h"
 #include "core/atomic_file.h"
 #include "core/files.h"
 #include "core/half.h"
@@ -21,6 +20,7 @@
 #include "core/status_macros.h"
 #include "google/protobuf/util/json_util.h"
 #include "proto/contract.h"
+#include "samples/pickle_writer.h"
 
 namespace attnscope {
 namespace {

@@ -47,20 +47,25 @@ absl::StatusOr<BearerTokens> BearerTokens::Parse(absl::string_view text, absl::s
   return out;
 }
 
+std::string PresentedBearerToken(absl::string_view authorization) {
+  absl::string_view value = absl::StripAsciiWhitespace(authorization);
+  constexpr absl::string_view kScheme = "bearer";
+  if (value.size() <= kScheme.size() ||
+      !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme) ||
+      (value[kScheme.size()] != ' ' && value[kScheme.size()] != '\t')) {
+    return "";
+  }
+  return std::string(absl::StripLeadingAsciiWhitespace(value.substr(kScheme.size())));
+}
+
 absl::Status BearerTokens::Check(const absl::string_view* authorization) const {
   if (tokens_.empty()) return absl::OkStatus();
   if (authorization == nullptr) {
     return absl::UnauthenticatedError("missing 'authorization: Bearer <token>' metadata");
   }
-  absl::string_view value = absl::StripAsciiWhitespace(*authorization);
-  constexpr absl::string_view kScheme = "bearer";
-  if (value.size() <= kScheme.size() ||
-      !absl::EqualsIgnoreCase(value.substr(0, kScheme.size()), kScheme) ||
-      (value[kScheme.size()] != ' ' && value[kScheme.size()] != '\t')) {
+  const std::string presented = PresentedBearerToken(*authorization);
+  if (presented.empty())
     return absl::UnauthenticatedError("the authorization metadata must be 'Bearer <token>'");
-  }
-  const absl::string_view presented =
-      absl::StripLeadingAsciiWhitespace(value.substr(kScheme.size()));
   bool match = false;
   for (const std::string& token : tokens_) match |= ConstantTimeEquals(token, presented);
   if (!match) return absl::UnauthenticatedError("the bearer token is not valid for this server");

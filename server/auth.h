@@ -28,6 +28,10 @@ class BearerTokens {
   std::vector<std::string> tokens_;
 };
 
+// The token of an `authorization: Bearer <token>` value (the scheme in any case), "" when it is not
+// one. For identity only; BearerTokens::Check decides whether it is accepted.
+std::string PresentedBearerToken(absl::string_view authorization);
+
 // Compares in time that depends only on the lengths, not on where the strings differ.
 bool ConstantTimeEquals(absl::string_view a, absl::string_view b);
 

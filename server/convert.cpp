@@ -7,6 +7,7 @@
 #include "core/status_macros.h"
 #include "core/utf8.h"
 #include "proto/contract.h"
+#include "server/call.h"
 
 namespace attnscope {
 
@@ -319,6 +320,35 @@ absl::Status ChunkBlock(const Block& block, int64_t chunk_bytes, const MessageSi
     RETURN_IF_ERROR(emit(msg));
   }
   return absl::OkStatus();
+}
+
+void FillStreamHeader(const ResolvedRequest& resolved, const Engine& engine,
+                      const std::string& model_name, int64_t chunk_bytes,
+                      const std::string& request_id, v1::StreamHeader* h) {
+  const GenerateRequest& generate = resolved.generate.request();
+  h->set_request_id(request_id);
+  FillModelInfo(engine.info(), model_name, h->mutable_model());
+  for (int64_t id : generate.prompt_ids) h->add_prompt_token_ids(id);
+  for (auto& piece : engine.Pieces(generate.prompt_ids)) h->add_prompt_pieces(std::move(piece));
+  FillCaptureSpec(resolved.generate.capture(), engine.info().num_layers, engine.info().num_heads,
+                  h->mutable_capture());
+  h->set_estimated_bytes(resolved.estimated_bytes);
+  h->set_chunk_bytes(chunk_bytes);
+  h->set_max_new_tokens(generate.max_new_tokens);
+  h->set_max_length(resolved.max_length);
+  h->set_untruncated_prompt_tokens(resolved.untruncated_prompt_tokens);
+}
+
+void FillStreamTrailer(const GenerateResult& result, const Engine& engine, int64_t prompt_tokens,
+                       double queue_ms, int64_t bytes_sent, v1::StreamTrailer* t) {
+  for (int64_t id : result.tokens) t->add_token_ids(id);
+  if (engine.info().has_tokenizer) {
+    auto text = engine.Decode(result.tokens, /*skip_special_tokens=*/true);
+    if (text.ok()) t->set_text(*text);
+  }
+  t->set_finish_reason(ToProto(result.finish));
+  FillTimings(result, prompt_tokens, queue_ms, t->mutable_timings());
+  t->set_bytes_sent(bytes_sent);
 }
 
 }  // namespace attnscope

@@ -56,6 +56,14 @@ absl::StatusOr<ResolvedRequest> ResolveRequest(const v1::GenerateRequest& reques
 std::vector<int64_t> TruncateMiddle(const std::vector<int64_t>& ids, int64_t max_length);
 
 void FillModelInfo(const ModelInfo& info, const std::string& name, v1::ModelInfo* out);
+// A stream's header for a resolved request (StreamAttention and detached jobs alike; the shared
+// output's fields are the stream's own).
+void FillStreamHeader(const ResolvedRequest& resolved, const Engine& engine,
+                      const std::string& model_name, int64_t chunk_bytes,
+                      const std::string& request_id, v1::StreamHeader* header);
+// A finished generation's trailer: tokens, text, finish reason, timings, bytes sent.
+void FillStreamTrailer(const GenerateResult& result, const Engine& engine, int64_t prompt_tokens,
+                       double queue_ms, int64_t bytes_sent, v1::StreamTrailer* trailer);
 v1::FinishReason ToProto(FinishReason reason);
 // The whole statistics block in one message (Generate's response).
 void FillStatistic(const Block& block, v1::StatisticChunk* out);

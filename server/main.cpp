@@ -55,6 +55,16 @@ ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (TLS on when set wit
 ABSL_FLAG(std::string, tls_key, "", "PEM private key");
 ABSL_FLAG(std::string, metrics_listen, "",
           "HOST:PORT for Prometheus metrics over HTTP (/metrics); empty: off");
+ABSL_FLAG(std::string, jobs_dir, "",
+          "folder of the detached jobs' records and results (SubmitJob); empty: no jobs");
+ABSL_FLAG(int64_t, jobs_token_quota_bytes, attnscope::JobOptions{}.quota_bytes_per_owner,
+          "bytes of results (and running jobs' estimates) one bearer token may hold");
+ABSL_FLAG(int64_t, jobs_quota_bytes, attnscope::JobOptions{}.quota_bytes,
+          "bytes of results (and running jobs' estimates) the job store holds in all");
+ABSL_FLAG(double, jobs_ttl_s, attnscope::JobOptions{}.ttl_s,
+          "seconds a completed job's result is kept (and a finished job's record)");
+ABSL_FLAG(int, jobs_per_token, attnscope::JobOptions{}.max_unfinished_per_owner,
+          "unfinished (queued or running) jobs one bearer token may have");
 ABSL_FLAG(bool, insecure, false,
           "allow a non-loopback address (gRPC or metrics) without auth tokens");
 ABSL_FLAG(
@@ -144,6 +154,23 @@ absl::StatusOr<ServiceOptions> ServiceOptionsFromFlags(const std::string& name) 
   if (const std::string f = absl::GetFlag(FLAGS_auth_tokens_file); !f.empty()) {
     ASSIGN_OR_RETURN(std::string text, ReadRegularFile(f, kMaxSmallFileBytes));
     ASSIGN_OR_RETURN(options.auth, BearerTokens::Parse(text, f));
+  }
+  if (const std::string dir = absl::GetFlag(FLAGS_jobs_dir); !dir.empty()) {
+    JobOptions jobs;
+    jobs.dir = dir;
+    jobs.quota_bytes_per_owner = absl::GetFlag(FLAGS_jobs_token_quota_bytes);
+    jobs.quota_bytes = absl::GetFlag(FLAGS_jobs_quota_bytes);
+    jobs.ttl_s = absl::GetFlag(FLAGS_jobs_ttl_s);
+    jobs.max_unfinished_per_owner = absl::GetFlag(FLAGS_jobs_per_token);
+    if (jobs.quota_bytes_per_owner < 0 || jobs.quota_bytes < 0)
+      return absl::InvalidArgumentError(
+          "--jobs_token_quota_bytes and --jobs_quota_bytes must be >= 0");
+    if (!(jobs.ttl_s > 0 && jobs.ttl_s <= 365 * 86400.0))
+      return absl::InvalidArgumentError("--jobs_ttl_s must be in (0, 1 year]");
+    if (jobs.max_unfinished_per_owner < 1 || jobs.max_unfinished_per_owner > 100000)
+      return absl::InvalidArgumentError("--jobs_per_token must be in [1, 100000]");
+    ASSIGN_OR_RETURN(std::unique_ptr<JobStore> store, JobStore::Open(std::move(jobs)));
+    options.jobs = std::move(store);
   }
   return options;
 }

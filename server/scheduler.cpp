@@ -78,4 +78,11 @@ void Scheduler::Loop() {
   }
 }
 
+int Scheduler::Position(Ticket ticket) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t i = 0; i < queue_.size(); ++i)
+    if (queue_[i].first == ticket) return static_cast<int>(i) + 1;
+  return 0;
+}
+
 }  // namespace attnscope

@@ -37,6 +37,8 @@ class Scheduler {
   // Stops accepting; jobs already queued still run.
   void Shutdown();
 
+  // A queued job's place in the queue (1: next), or 0 when it is not queued.
+  int Position(Ticket ticket) const;
   int queued() const;
   int running() const;
 

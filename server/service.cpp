@@ -48,6 +48,11 @@ AttentionServiceImpl::AttentionServiceImpl(const Engine* engine, ServiceOptions 
 }
 
 AttentionServiceImpl::~AttentionServiceImpl() {
+  // Detached jobs outlive their RPCs: they are stopped (a running one ends with a status) and
+  // their threads joined while everything they use still exists.
+  StopAccepting();
+  scheduler_.reset();
+  tokenizer_scheduler_.reset();
   {
     std::lock_guard<std::mutex> lock(watch_mu_);
     watch_stop_ = true;

@@ -22,6 +22,7 @@
 #include "engine/engine.h"
 #include "server/auth.h"
 #include "server/convert.h"
+#include "server/jobs.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 
@@ -44,6 +45,7 @@ struct ServiceOptions {
   BearerTokens auth;                     // accepted bearer tokens; empty: no authentication
   SchedulerOptions scheduler;            // generations (and their request resolution)
   SchedulerOptions tokenizer{2, 64};     // Tokenize / Detokenize calls
+  std::shared_ptr<JobStore> jobs;        // detached jobs' store (--jobs_dir); null: no jobs
 };
 
 // Every method is registered raw (bytes in, bytes out): a request that does not decode is answered
@@ -55,7 +57,12 @@ using RawAttentionService = v1::AttentionService::WithRawCallbackMethod_Generate
             v1::AttentionService::WithRawCallbackMethod_Detokenize<
                 v1::AttentionService::WithRawCallbackMethod_GetModelInfo<
                     v1::AttentionService::WithRawCallbackMethod_DetectHeads<
-                        v1::AttentionService::Service>>>>>>;
+                        v1::AttentionService::WithRawCallbackMethod_SubmitJob<
+                            v1::AttentionService::WithRawCallbackMethod_GetJob<
+                                v1::AttentionService::WithRawCallbackMethod_ListJobs<
+                                    v1::AttentionService::WithRawCallbackMethod_CancelJob<
+                                        v1::AttentionService::WithRawCallbackMethod_FetchResult<
+                                            v1::AttentionService::Service>>>>>>>>>>>;
 
 class AttentionServiceImpl final : public RawAttentionService {
  public:
@@ -86,6 +93,24 @@ class AttentionServiceImpl final : public RawAttentionService {
                                          const grpc::ByteBuffer* request,
                                          grpc::ByteBuffer* response) override;
 
+  // Detached jobs (job_service.cpp): GenerateRequest -> JobInfo; JobRequest -> JobInfo;
+  // ListJobsRequest -> ListJobsResponse; JobRequest -> JobInfo; FetchResultRequest -> stream of
+  // FetchResultChunk.
+  grpc::ServerUnaryReactor* SubmitJob(grpc::CallbackServerContext* context,
+                                      const grpc::ByteBuffer* request,
+                                      grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* GetJob(grpc::CallbackServerContext* context,
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* ListJobs(grpc::CallbackServerContext* context,
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* CancelJob(grpc::CallbackServerContext* context,
+                                      const grpc::ByteBuffer* request,
+                                      grpc::ByteBuffer* response) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* FetchResult(grpc::CallbackServerContext* context,
+                                                          const grpc::ByteBuffer* request) override;
+
   // Stops admitting work (new requests get UNAVAILABLE) and cancels every running generation.
   void StopAccepting();
   Metrics& metrics() { return metrics_; }
@@ -103,6 +128,12 @@ class AttentionServiceImpl final : public RawAttentionService {
   ResolveOptions resolve_options() const {
     return {options_.model_name, options_.max_capture_bytes, options_.default_max_length};
   }
+  // The job store's owner of the caller (authenticated), or why the call is refused.
+  absl::StatusOr<std::string> JobOwner(grpc::CallbackServerContext* context);
+  // A job's record with its live progress and queue position.
+  v1::JobInfo InfoOf(DetachedJob& job) const;
+  // A detached job, on a scheduler thread.
+  void RunJob(const std::shared_ptr<DetachedJob>& job);
   // Streams the stall watchdog looks at.
   void Watch(const std::shared_ptr<StreamState>& state);
   void WatchdogLoop();
@@ -114,6 +145,7 @@ class AttentionServiceImpl final : public RawAttentionService {
   Metrics metrics_;
   std::atomic<bool> accepting_{true};
   std::atomic<int64_t> next_id_{1};
+  std::atomic<int> open_fetches_{0};
   std::mutex active_mu_;
   std::list<CancelToken*> active_;
 

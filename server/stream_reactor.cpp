@@ -166,17 +166,8 @@ absl::Status StreamReactor::Stream() {
   const GenerateRequest& generate = resolved_->generate.request();
   v1::StreamAttentionResponse header;
   auto* h = header.mutable_header();
-  h->set_request_id(absl::StrCat(service_->next_id_++));
-  FillModelInfo(engine.info(), service_->options_.model_name, h->mutable_model());
-  for (int64_t id : generate.prompt_ids) h->add_prompt_token_ids(id);
-  for (auto& piece : engine.Pieces(generate.prompt_ids)) h->add_prompt_pieces(std::move(piece));
-  FillCaptureSpec(resolved_->generate.capture(), engine.info().num_layers, engine.info().num_heads,
-                  h->mutable_capture());
-  h->set_estimated_bytes(resolved_->estimated_bytes);
-  h->set_chunk_bytes(service_->options_.chunk_bytes);
-  h->set_max_new_tokens(generate.max_new_tokens);
-  h->set_max_length(resolved_->max_length);
-  h->set_untruncated_prompt_tokens(resolved_->untruncated_prompt_tokens);
+  FillStreamHeader(*resolved_, engine, service_->options_.model_name,
+                   service_->options_.chunk_bytes, absl::StrCat(service_->next_id_++), h);
   if (request_.has_shared_output())
     RETURN_IF_ERROR(shared_.Attach(request_.shared_output(), started, h));
   absl::Status pushed_header = Push(header);
@@ -190,16 +181,8 @@ absl::Status StreamReactor::Stream() {
       final_status = StoppedStatus();
     } else {
       v1::StreamAttentionResponse trailer;
-      auto* t = trailer.mutable_trailer();
-      for (int64_t id : result->tokens) t->add_token_ids(id);
-      if (engine.info().has_tokenizer) {
-        auto text = engine.Decode(result->tokens, /*skip_special_tokens=*/true);
-        if (text.ok()) t->set_text(*text);
-      }
-      t->set_finish_reason(ToProto(result->finish));
-      FillTimings(*result, generate.prompt_ids.size(), MsBetween(received_, started),
-                  t->mutable_timings());
-      t->set_bytes_sent(bytes_sent_);
+      FillStreamTrailer(*result, engine, generate.prompt_ids.size(), MsBetween(received_, started),
+                        bytes_sent_, trailer.mutable_trailer());
       final_status = Push(trailer);
     }
   } else {

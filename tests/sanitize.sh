@@ -29,7 +29,7 @@ ATTNSCOPE_BUILD_DIR="$BUILD" ATTNSCOPE_SANITIZED=1 ATTNSCOPE_STORM_SECONDS="${AT
   tests/python/test_service_hardening.py tests/python/test_client_hostile_server.py \
   tests/python/test_clients.py tests/python/test_chat_families.py tests/python/test_chat_templates.py \
   tests/python/test_shared_output.py tests/python/test_head_detector.py tests/python/test_interventions.py \
-  tests/python/test_trained_model.py tests/python/test_capture_cli.py || status=1
+  tests/python/test_trained_model.py tests/python/test_capture_cli.py tests/python/test_jobs.py || status=1
 
 if compgen -G "$REPORTS/*" >/dev/null; then
   echo "sanitize: reports in $REPORTS:" >&2

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/usage.h"
@@ -23,12 +24,13 @@
 #include "attnscope/v1/attnscope.grpc.pb.h"
 #include "cli/capture_flags.h"
 #include "cli/usage.h"
-#include "client/cpp/sample_writer.h"
+#include "core/atomic_file.h"
 #include "core/capture_text.h"
 #include "core/device_name.h"
 #include "core/files.h"
 #include "core/status_macros.h"
 #include "proto/contract.h"
+#include "samples/sample_writer.h"
 #include "shm/shared_ring.h"
 
 // The prototype's options, same names.
@@ -52,6 +54,13 @@ ABSL_FLAG(std::string, token, "", "bearer token (or $ATTNSCOPE_TOKEN)");
 ABSL_FLAG(std::string, tls_ca, "",
           "PEM file of the CA that signed the server's certificate (enables TLS)");
 ABSL_FLAG(bool, health, false, "only check the server's health service; exit 0 when SERVING");
+// Detached jobs (servers with --jobs_dir).
+ABSL_FLAG(bool, detach, false,
+          "submit each sample as a detached job and exit: the server stores the samples; ids go "
+          "to OUTPUT_DIR/jobs.txt (fetch them later with --fetch)");
+ABSL_FLAG(std::string, fetch, "",
+          "job ids (comma-separated), or 'all' for those in OUTPUT_DIR/jobs.txt: wait for each, "
+          "then store its sample in OUTPUT_DIR as attention_sample_N.safetensors");
 // Inputs.
 ABSL_FLAG(std::string, prompt, "", "one prompt text");
 ABSL_FLAG(std::string, prompt_file, "", "a file whose whole content is one prompt");
@@ -93,6 +102,8 @@ struct Options {
   std::string prompt, prompt_file, prompt_ids, dataset, system, chat_template_kwargs;
   bool save_attention = true, health = false, chat = false, overwrite = false;
   bool recapture_changed = false;
+  bool detach = false;
+  std::string fetch;
   int max_samples = 0, max_new_tokens = 0;
   int64_t max_length = 0;
   int64_t max_bytes = 0;  // the client's capture limit (capture.max_bytes); 0: none
@@ -133,6 +144,10 @@ absl::StatusOr<Options> OptionsFromFlags() {
     return absl::InvalidArgumentError("--system and --chat_template_kwargs need --chat");
   o.overwrite = absl::GetFlag(FLAGS_overwrite);
   o.recapture_changed = absl::GetFlag(FLAGS_recapture_changed);
+  o.detach = absl::GetFlag(FLAGS_detach);
+  o.fetch = absl::GetFlag(FLAGS_fetch);
+  if (o.detach && !o.fetch.empty())
+    return absl::InvalidArgumentError("--detach submits and --fetch collects: give one of them");
   o.max_samples = absl::GetFlag(FLAGS_max_samples);
   o.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
   o.max_length = absl::GetFlag(FLAGS_max_length);
@@ -577,6 +592,147 @@ absl::Status CaptureSample(const Options& o, v1::AttentionService::Stub* stub, s
   return absl::OkStatus();
 }
 
+// --detach: every sample submitted as a job; "N ID" lines appended to OUTPUT_DIR/jobs.txt.
+int Detach(const Options& o, v1::AttentionService::Stub* stub, const std::vector<Sample>& samples) {
+  const std::string list = o.output_dir + "/jobs.txt";
+  std::FILE* out = std::fopen(list.c_str(), "a");
+  if (out == nullptr) {
+    std::cerr << "attnscope-capture: cannot write " << list << std::endl;
+    return 1;
+  }
+  int failures = 0;
+  for (size_t i = 0; i < samples.size(); ++i) {
+    grpc::ClientContext ctx;
+    Authorize(o, &ctx);
+    v1::JobInfo info;
+    grpc::Status s = stub->SubmitJob(&ctx, RequestFor(o, samples[i]), &info);
+    if (!s.ok()) {
+      std::cerr << "Sample " << i << " not submitted: " << s.error_message() << std::endl;
+      ++failures;
+      continue;
+    }
+    std::fprintf(out, "%zu %s\n", i, info.job_id().c_str());
+    std::fflush(out);
+    std::cout << "Submitted sample " << i << " as job " << info.job_id() << std::endl;
+  }
+  std::fclose(out);
+  if (failures > 0) {
+    std::cerr << "attnscope-capture: " << failures << " of " << samples.size()
+              << " samples not submitted" << std::endl;
+    return 1;
+  }
+  std::cout << "Submitted " << samples.size()
+            << " jobs; fetch them with --fetch=all --output_dir=" << o.output_dir << std::endl;
+  return 0;
+}
+
+// Waits for one job, then stores its result at `path` (whole, or not at all), resuming a broken
+// transfer from the bytes already received.
+absl::Status FetchJob(const Options& o, v1::AttentionService::Stub* stub, const std::string& id,
+                      const std::string& path) {
+  v1::JobInfo info;
+  for (bool shown = false;; shown = true) {
+    grpc::ClientContext ctx;
+    Authorize(o, &ctx);
+    v1::JobRequest request;
+    request.set_job_id(id);
+    grpc::Status s = stub->GetJob(&ctx, request, &info);
+    if (!s.ok())
+      return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+    if (info.status() == v1::JOB_COMPLETED) break;
+    if (info.status() == v1::JOB_FAILED || info.status() == v1::JOB_CANCELLED) {
+      return absl::Status(static_cast<absl::StatusCode>(info.error_code()),
+                          absl::StrCat("job ", id, " ", v1::JobStatus_Name(info.status()), ": ",
+                                       info.error_message()));
+    }
+    std::cerr << "\r  job " << id.substr(0, 8) << ": " << v1::JobStatus_Name(info.status())
+              << (info.queue_position() > 0
+                      ? absl::StrCat(", queue position ", info.queue_position())
+                      : std::string())
+              << ", " << info.tokens() << "/" << info.max_new_tokens() << " tokens" << std::flush;
+    if (!shown) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  ASSIGN_OR_RETURN(auto file, AtomicFile::Create(path));
+  int64_t written = 0;
+  for (int attempt = 0;; ++attempt) {
+    grpc::ClientContext ctx;
+    Authorize(o, &ctx);
+    v1::FetchResultRequest request;
+    request.set_job_id(id);
+    request.set_offset(written);
+    auto reader = stub->FetchResult(&ctx, request);
+    v1::FetchResultChunk chunk;
+    while (reader->Read(&chunk)) {
+      if (chunk.offset() != written || chunk.total_bytes() != info.result_bytes())
+        return absl::DataLossError(
+            absl::StrCat("job ", id, ": a chunk at ", chunk.offset(), ", expected ", written));
+      if (std::fwrite(chunk.data().data(), 1, chunk.data().size(), file->stream()) !=
+          chunk.data().size())
+        return absl::InternalError(absl::StrCat("cannot write ", path));
+      written += static_cast<int64_t>(chunk.data().size());
+    }
+    grpc::Status s = reader->Finish();
+    if (s.ok()) break;
+    if (attempt >= 5 || (s.error_code() != grpc::StatusCode::UNAVAILABLE &&
+                         s.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED))
+      return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+  }
+  if (written != info.result_bytes())
+    return absl::DataLossError(
+        absl::StrCat("job ", id, ": ", written, " of ", info.result_bytes(), " bytes fetched"));
+  return file->Publish(o.overwrite);
+}
+
+// --fetch: the listed jobs (or every job of OUTPUT_DIR/jobs.txt) into OUTPUT_DIR.
+int Fetch(const Options& o, v1::AttentionService::Stub* stub) {
+  std::vector<std::pair<std::string, std::string>> wanted;  // (id, file)
+  if (o.fetch == "all") {
+    auto text = ReadRegularFile(o.output_dir + "/jobs.txt", int64_t{16} << 20);
+    if (!text.ok()) {
+      std::cerr << "attnscope-capture: --fetch=all needs " << o.output_dir
+                << "/jobs.txt (written by --detach): " << text.status().message() << std::endl;
+      return 2;
+    }
+    for (absl::string_view line : absl::StrSplit(*text, '\n', absl::SkipWhitespace())) {
+      std::vector<std::string> parts = absl::StrSplit(line, ' ', absl::SkipWhitespace());
+      if (parts.size() != 2 || parts[0].find_first_not_of("0123456789") != std::string::npos) {
+        std::cerr << "attnscope-capture: " << o.output_dir << "/jobs.txt: not 'N ID': " << line
+                  << std::endl;
+        return 2;
+      }
+      wanted.emplace_back(
+          parts[1], absl::StrCat(o.output_dir, "/attention_sample_", parts[0], ".safetensors"));
+    }
+  } else {
+    for (absl::string_view id : absl::StrSplit(o.fetch, ',', absl::SkipWhitespace()))
+      wanted.emplace_back(std::string(id),
+                          absl::StrCat(o.output_dir, "/job_", id.substr(0, 64), ".safetensors"));
+  }
+  std::vector<std::string> failed;
+  for (const auto& [id, path] : wanted) {
+    struct stat st {};
+    if (!o.overwrite && lstat(path.c_str(), &st) == 0) {
+      std::cout << "Skipping job " << id << ": " << path
+                << " exists (--overwrite to fetch it again)" << std::endl;
+      continue;
+    }
+    if (absl::Status s = FetchJob(o, stub, id, path); !s.ok()) {
+      std::cerr << "\nJob " << id << " not fetched: " << s.message() << std::endl;
+      failed.push_back(id);
+      continue;
+    }
+    std::cout << "\nFetched job " << id << " into " << path << std::endl;
+  }
+  if (failed.empty()) {
+    std::cout << "Done!" << std::endl;
+    return 0;
+  }
+  std::cerr << "attnscope-capture: " << failed.size() << " of " << wanted.size()
+            << " jobs not fetched (" << absl::StrJoin(failed, ", ") << ")" << std::endl;
+  return 1;
+}
+
 int Run() {
   auto options = OptionsFromFlags();
   if (!options.ok()) {
@@ -606,6 +762,8 @@ int Run() {
     std::cerr << "attnscope-capture: " << made.message() << std::endl;
     return 1;
   }
+  if (!o.fetch.empty()) return Fetch(o, stub.get());
+  if (o.detach) return Detach(o, stub.get(), *samples);
   if (!samples->empty() && samples->front().builtin) {
     std::cout << "No --prompt, --prompt_file, --prompt_ids or --dataset given: using the "
               << samples->size() << " built-in sample prompts" << std::endl;

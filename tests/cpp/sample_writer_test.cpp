@@ -1,6 +1,6 @@
 // The C++ client's sample writer without a server: a stream of messages in, a file out, read back
 // with the checkpoint reader (core/safetensors.h); and each malformed chunk refused by name.
-#include "client/cpp/sample_writer.h"
+#include "samples/sample_writer.h"
 
 #include <dirent.h>
 #include <gtest/gtest.h>
@@ -11,10 +11,10 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "client/cpp/pickle_writer.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
 #include "proto/contract.h"
+#include "samples/pickle_writer.h"
 
 namespace attnscope {
 namespace {

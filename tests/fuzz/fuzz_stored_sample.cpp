@@ -1,6 +1,6 @@
 // The capture client's check of an existing sample before a rerun skips it (CheckStoredSample):
 // arbitrary files as safetensors samples and as prototype pickles (header length, JSON, offsets).
-#include "client/cpp/sample_writer.h"
+#include "samples/sample_writer.h"
 #include "tests/fuzz/fuzz_target.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "attnscope/v1/attnscope.pb.h"
-#include "client/cpp/sample_writer.h"
+#include "samples/sample_writer.h"
 #include "tests/fuzz/fuzz_target.h"
 
 namespace {

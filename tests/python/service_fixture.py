@@ -36,7 +36,7 @@ class Server:
     the server printed "listening on HOST:PORT", which it does only after every listener it was
     asked for (gRPC, metrics) is bound and health says SERVING; it never waits for a time."""
 
-    def __init__(self, binary, model_dir, *args, log_path=None, env=None, timeout=120):
+    def __init__(self, binary, model_dir, *args, log_path=None, env=None, timeout=120, preexec_fn=None):
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="attnscope-server-", suffix=".log")
             os.close(fd)
@@ -48,7 +48,7 @@ class Server:
         # Port 0: the kernel picks a free port at bind time, so no other process can take it first.
         self.proc = subprocess.Popen([binary, f"--model_dir={model_dir}", "--listen=127.0.0.1:0", *args],
                                      stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=None if env is None else {**os.environ, **env})
+                                     env=None if env is None else {**os.environ, **env}, preexec_fn=preexec_fn)
         deadline = time.time() + timeout
         while True:
             found = re.search(r"^listening on 127\.0\.0\.1:(\d+)$", self.read_log(), re.M)

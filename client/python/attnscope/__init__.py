@@ -12,7 +12,7 @@ from .sample import Sample, SampleError, load  # noqa: E402
 _CLIENT_NEEDS = ("grpc", "google", "attnscope.v1")
 
 try:
-    from .client import AsyncClient, Client, StreamResult  # noqa: E402
+    from .client import AsyncClient, Client, Job, StreamResult  # noqa: E402
     from .errors import ServerError  # noqa: E402
 except ImportError as e:
     if not any((e.name or "") == m or (e.name or "").startswith(m + ".") for m in _CLIENT_NEEDS):
@@ -20,9 +20,9 @@ except ImportError as e:
     _client_missing = e
 
     def __getattr__(name):
-        if name in ("AsyncClient", "Client", "StreamResult", "ServerError"):
+        if name in ("AsyncClient", "Client", "Job", "StreamResult", "ServerError"):
             raise ImportError(f"attnscope.{name} needs grpcio, protobuf and the generated stubs "
                               f"(attnscope.v1, in build/python): {_client_missing}") from _client_missing
         raise AttributeError(f"module 'attnscope' has no attribute {name!r}")
 
-__all__ = ["AsyncClient", "Client", "ServerError", "StreamResult", "Sample", "SampleError", "load"]
+__all__ = ["AsyncClient", "Client", "Job", "ServerError", "StreamResult", "Sample", "SampleError", "load"]

@@ -671,6 +671,7 @@ class Client:
         else:
             self.channel = channels.insecure_channel(target, options=options)
         self.stub = pb_grpc.AttentionServiceStub(self.channel)
+        self.token, self.root_certificates = token, root_certificates
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         # `model`: the default model of requests, also sent as the x-attnscope-model header that a
         # multi-model front door (deploy/gpus.py's Envoy) routes by.
@@ -756,6 +757,24 @@ class Client:
             req.span = int(span)
         req, metadata = _with_model(self, req)
         return self._unary("DetectHeads", req, HeadScores, metadata=metadata)
+
+    # -- detached jobs ---------------------------------------------------------------------------
+    def submit(self, *args, **kwargs):
+        """Submits a StreamAttention request (the same keywords) as a detached job on a server
+        started with --jobs_dir; returns a Job at once. The server runs it under the same scheduler
+        and limits and stores the sample; the job survives this client, the notebook and the
+        connection. Only this bearer token sees it."""
+        request, _ = self._limited_request(args, kwargs)
+        request, metadata = _with_model(self, request)
+        return self._unary("SubmitJob", request, lambda info: Job(self, info), metadata=metadata)
+
+    def job(self, job_id):
+        """The Job of that id (this token's; NOT_FOUND otherwise)."""
+        return self._unary("GetJob", pb.JobRequest(job_id=job_id), lambda info: Job(self, info))
+
+    def jobs(self):
+        """This token's jobs on the server, newest first."""
+        return self._unary("ListJobs", pb.ListJobsRequest(), lambda r: [Job(self, i) for i in r.jobs])
 
     @staticmethod
     def request(prompt=None, token_ids=None, max_new_tokens=16, temperature=0.0, top_k=0, top_p=0.0, seed=0,
@@ -885,6 +904,106 @@ def _sign_calls(cls, concurrency=False):
 
 
 _sign_calls(Client)
+
+
+JOB_STATUSES = {number: name[len("JOB_"):].lower() for name, number in pb.JobStatus.items()
+                if name.startswith("JOB_") and not name.endswith("UNSPECIFIED")}
+_JOB_DONE = ("completed", "failed", "cancelled")
+
+
+class Job:
+    """A detached job (Client.submit): `id`, `status()` ("received", "queued", "running",
+    "completed", "failed", "cancelled"), `info()` (everything GetJob says: queue position, tokens
+    and bytes so far, the estimate, error, times), `wait(progress=True)`, `result()` (the stored
+    sample, fetched and resumed where a transfer broke off), `cancel()`."""
+
+    def __init__(self, client, info):
+        # An AsyncClient's jobs are polled and fetched with a blocking client of the same server.
+        if isinstance(client, AsyncClient):
+            client = Client(client.target, token=client.token, root_certificates=client.root_certificates,
+                            timeout=client.timeout, shared_memory=0, model=client.model)
+        self.client, self.id, self._info = client, info.job_id, info
+
+    def __repr__(self):
+        i = self._info
+        return f"<attnscope.Job {self.id}: {JOB_STATUSES.get(i.status, '?')}, {i.tokens}/{i.max_new_tokens} tokens>"
+
+    def _refresh(self):
+        self._info = self.client._unary("GetJob", pb.JobRequest(job_id=self.id))
+        return self._info
+
+    def status(self):
+        return JOB_STATUSES.get(self._refresh().status, "unknown")
+
+    def info(self):
+        """The job's record as a dict (JobInfo's fields; status as in status())."""
+        info = self._refresh()
+        d = {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
+        d["status"] = JOB_STATUSES.get(info.status, "unknown")
+        return d
+
+    def cancel(self):
+        self._info = self.client._unary("CancelJob", pb.JobRequest(job_id=self.id))
+        return JOB_STATUSES.get(self._info.status, "unknown")
+
+    def wait(self, progress=None, poll=0.5, timeout=None):
+        """Polls until the job ends; returns the job. A failed or cancelled job raises its
+        ServerError. `progress`: a tqdm bar of the tokens (None: when tqdm is installed)."""
+        import time
+        tqdm = _tqdm()
+        bar = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                info = self._refresh()
+                name = JOB_STATUSES.get(info.status, "unknown")
+                if bar is None and progress is not False and tqdm is not None:
+                    bar = tqdm(total=info.max_new_tokens or None, unit="tok", desc=f"job {self.id[:8]}")
+                if bar is not None:
+                    bar.n = info.tokens
+                    bar.set_postfix_str(name + (f", queue {info.queue_position}" if info.queue_position else ""))
+                    bar.refresh()
+                if name in _JOB_DONE:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id} is still {name} after {timeout} s")
+                time.sleep(poll)
+        finally:
+            if bar is not None:
+                bar.close()
+        if name != "completed":
+            code = next((c for c in grpc.StatusCode if c.value[0] == info.error_code), grpc.StatusCode.UNKNOWN)
+            raise ServerError(code, info.error_message or name, method="job", request_id=self.id)
+        return self
+
+    def result(self, path=None, retries=5):
+        """The stored sample (attnscope.Sample), written to `path` (default: a temporary file),
+        after waiting for the job. A broken transfer resumes from the bytes already written."""
+        import tempfile
+        self.wait(progress=False)
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix=f"attnscope-job-{self.id[:8]}-", suffix=".safetensors")
+            os.close(fd)
+        total = None
+        with open(path, "wb") as f:
+            for attempt in range(retries + 1):
+                try:
+                    for chunk in self.client.stub.FetchResult(pb.FetchResultRequest(job_id=self.id, offset=f.tell()),
+                                                              metadata=self.client.metadata,
+                                                              timeout=self.client.timeout):
+                        if chunk.offset != f.tell():
+                            raise ValueError(f"job {self.id}: a chunk at {chunk.offset}, expected {f.tell()}")
+                        f.write(chunk.data)
+                        total = chunk.total_bytes
+                    break
+                except grpc.RpcError as e:
+                    if attempt == retries or e.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                                              grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise server_error(e, "FetchResult", self.id) from None
+            if total is None or f.tell() != total:
+                raise ValueError(f"job {self.id}: fetched {f.tell()} of {total} bytes")
+        from attnscope.sample import load
+        return load(path)
 
 
 class AsyncClient(Client):
