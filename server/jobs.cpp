@@ -306,6 +306,7 @@ void JobStore::Finish(DetachedJob& job, v1::JobStatus status, const absl::Status
   std::lock_guard<std::mutex> job_lock(job.mu);
   job.reserved = 0;
   job.ticket = 0;
+  job.request = v1::GenerateRequest();  // up to the request size limit each: not kept past the end
   job.info.set_status(status);
   job.info.set_queue_position(0);
   job.info.set_tokens(job.tokens.load());
