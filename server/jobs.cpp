@@ -53,12 +53,17 @@ uint64_t Fnv(const std::string& salt, const std::string& text) {
   return h;
 }
 
-// A job id: 32 hex digits, nothing else (ids name files).
+bool PrefixChar(char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-'; }
+
+// A job id: [PREFIX-]32 hex digits, nothing else (ids name files).
 bool ValidId(const std::string& id) {
-  if (id.size() != 32) return false;
-  for (char c : id)
+  if (id.size() < 32) return false;
+  const std::string hex = id.substr(id.size() - 32);
+  for (char c : hex)
     if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
-  return true;
+  if (id.size() == 32) return true;
+  const std::string prefix = id.substr(0, id.size() - 33);
+  return id[id.size() - 33] == '-' && !prefix.empty() && ValidJobIdPrefix(prefix);
 }
 
 absl::Status WriteWhole(const std::string& path, const std::string& text) {
@@ -70,6 +75,13 @@ absl::Status WriteWhole(const std::string& path, const std::string& text) {
 
 }  // namespace
 
+bool ValidJobIdPrefix(const std::string& prefix) {
+  if (prefix.size() > 63) return false;
+  for (char c : prefix)
+    if (!PrefixChar(c)) return false;
+  return true;
+}
+
 int64_t UnixMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -78,6 +90,8 @@ int64_t UnixMs() {
 
 absl::StatusOr<std::unique_ptr<JobStore>> JobStore::Open(JobOptions options) {
   if (options.dir.empty()) return absl::InvalidArgumentError("--jobs_dir is empty");
+  if (!ValidJobIdPrefix(options.id_prefix))
+    return absl::InvalidArgumentError("--jobs_id_prefix must be [a-z0-9-], at most 63 characters");
   if (mkdir(options.dir.c_str(), 0700) != 0 && errno != EEXIST)
     return absl::PermissionDeniedError(absl::StrCat("cannot create --jobs_dir ", options.dir));
   struct stat st {};
@@ -223,7 +237,8 @@ absl::StatusOr<std::shared_ptr<DetachedJob>> JobStore::Create(const std::string&
         return absl::ResourceExhaustedError("the server holds as many unfinished jobs as it can");
     }
     do {
-      job->id = RandomHex(16);
+      job->id = options_.id_prefix.empty() ? RandomHex(16)
+                                           : absl::StrCat(options_.id_prefix, "-", RandomHex(16));
     } while (jobs_.count(job->id) != 0);
     job->owner = owner;
     job->request = std::move(request);

@@ -32,7 +32,13 @@ struct JobOptions {
   double ttl_s = 24 * 3600;                           // a completed result's life
   int max_unfinished_per_owner = 64;                  // jobs received, queued or running
   int max_records = 10000;                            // records kept (the oldest finished go first)
+  // Begins every job id ("PREFIX-<32 hex>"): a front door with several servers of one model routes
+  // a job's calls (the clients' x-attnscope-job header) to the server that holds it.
+  std::string id_prefix;
 };
+
+// Whether `prefix` may begin job ids: [a-z0-9-], at most 63 characters.
+bool ValidJobIdPrefix(const std::string& prefix);
 
 // One job. `info` and the fields after it are guarded by `mu`.
 struct DetachedJob {

@@ -63,6 +63,9 @@ ABSL_FLAG(int64_t, jobs_quota_bytes, attnscope::JobOptions{}.quota_bytes,
           "bytes of results (and running jobs' estimates) the job store holds in all");
 ABSL_FLAG(double, jobs_ttl_s, attnscope::JobOptions{}.ttl_s,
           "seconds a completed job's result is kept (and a finished job's record)");
+ABSL_FLAG(std::string, jobs_id_prefix, "",
+          "begins every job id (PREFIX-<hex>), e.g. the server's name behind a front door that "
+          "routes a job's calls by it (the clients' x-attnscope-job header; deploy/gpus.py)");
 ABSL_FLAG(int, jobs_per_token, attnscope::JobOptions{}.max_unfinished_per_owner,
           "unfinished (queued or running) jobs one bearer token may have");
 ABSL_FLAG(bool, insecure, false,
@@ -162,6 +165,7 @@ absl::StatusOr<ServiceOptions> ServiceOptionsFromFlags(const std::string& name) 
     jobs.quota_bytes = absl::GetFlag(FLAGS_jobs_quota_bytes);
     jobs.ttl_s = absl::GetFlag(FLAGS_jobs_ttl_s);
     jobs.max_unfinished_per_owner = absl::GetFlag(FLAGS_jobs_per_token);
+    jobs.id_prefix = absl::GetFlag(FLAGS_jobs_id_prefix);
     if (jobs.quota_bytes_per_owner < 0 || jobs.quota_bytes < 0)
       return absl::InvalidArgumentError(
           "--jobs_token_quota_bytes and --jobs_quota_bytes must be >= 0");

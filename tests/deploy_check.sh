@@ -45,15 +45,29 @@ for f in ("docker-compose.yml", "docker-compose.gpus.yml"):
 services = yaml.safe_load(open(f"{tmp}/resolved-docker-compose.gpus.yml"))["services"]
 envoy = yaml.safe_load(open("deploy/envoy.gpus.yaml"))["static_resources"]
 routes = envoy["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+def header_routes(header, kind):
+    return {r["match"]["headers"][0]["string_match"][kind]: r["route"]["cluster"] for r in routes
+            if r["match"].get("headers", [{}])[0].get("name") == header}
+model_routes, job_routes = header_routes("x-attnscope-model", "exact"), header_routes("x-attnscope-job", "prefix")
 for cluster in envoy["clusters"]:
     hosts = {e["endpoint"]["address"]["socket_address"]["address"]
              for g in cluster["load_assignment"]["endpoints"] for e in g["lb_endpoints"]}
+    assert cluster.get("health_checks"), cluster["name"]
+    if cluster["name"] in services:  # one server's own cluster: its detached jobs' calls
+        command = services[cluster["name"]].get("command") or []
+        assert hosts == {cluster["name"]}, (cluster["name"], hosts)
+        assert f"--jobs_id_prefix={cluster['name']}" in command and any(c.startswith("--jobs_dir=") for c in command)
+        assert job_routes.get(cluster["name"] + "-") == cluster["name"], cluster["name"]
+        continue
     serving = {n for n, s in services.items() if f"--model={cluster['name']}" in (s.get("command") or [])}
     assert hosts == serving and hosts, (cluster["name"], hosts, serving)
-    assert any(r["route"]["cluster"] == cluster["name"] and r["match"].get("headers", [{}])[0].get("name") ==
-               "x-attnscope-model" and r["match"]["headers"][0]["string_match"]["exact"] == cluster["name"]
-               for r in routes), cluster["name"]
-    assert cluster.get("health_checks"), cluster["name"]
+    assert model_routes.get(cluster["name"]) == cluster["name"], cluster["name"]
+# Job routes come first (a job's call names its model too), and no server's prefix begins another's.
+first_model = min(i for i, r in enumerate(routes) if r["match"].get("headers", [{}])[0].get("name") == "x-attnscope-model")
+assert all(i < first_model for i, r in enumerate(routes) if r["match"].get("headers", [{}])[0].get("name") == "x-attnscope-job")
+prefixes = sorted(job_routes)
+assert len(prefixes) == sum(1 for s in services if s != "envoy")
+assert not any(b.startswith(a) for a, b in zip(prefixes, prefixes[1:])), prefixes
 PY
 
 grep -q 'deploy/install-deps.sh --build' Dockerfile || fail "CPU build stage must use deploy/install-deps.sh --build"

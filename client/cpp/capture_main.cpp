@@ -626,6 +626,15 @@ int Detach(const Options& o, v1::AttentionService::Stub* stub, const std::vector
   return 0;
 }
 
+// The job's id, which a front door with several servers of one model routes its calls by
+// (deploy/gpus.py, the servers' --jobs_id_prefix); only an id fit for a header.
+void AddJobHeader(const std::string& id, grpc::ClientContext* ctx) {
+  bool routable = !id.empty() && id.size() <= 128;
+  for (char c : id)
+    routable = routable && ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-');
+  if (routable) ctx->AddMetadata("x-attnscope-job", id);
+}
+
 // Waits for one job, then stores its result at `path` (whole, or not at all), resuming a broken
 // transfer from the bytes already received.
 absl::Status FetchJob(const Options& o, v1::AttentionService::Stub* stub, const std::string& id,
@@ -634,6 +643,7 @@ absl::Status FetchJob(const Options& o, v1::AttentionService::Stub* stub, const 
   for (bool shown = false;; shown = true) {
     grpc::ClientContext ctx;
     Authorize(o, &ctx);
+    AddJobHeader(id, &ctx);
     v1::JobRequest request;
     request.set_job_id(id);
     grpc::Status s = stub->GetJob(&ctx, request, &info);
@@ -658,6 +668,7 @@ absl::Status FetchJob(const Options& o, v1::AttentionService::Stub* stub, const 
   for (int attempt = 0;; ++attempt) {
     grpc::ClientContext ctx;
     Authorize(o, &ctx);
+    AddJobHeader(id, &ctx);
     v1::FetchResultRequest request;
     request.set_job_id(id);
     request.set_offset(written);

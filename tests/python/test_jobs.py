@@ -409,3 +409,26 @@ def test_capture_detach_and_fetch(model, tmp_path):
         assert both.returncode == 2 and "--detach" in both.stderr
     finally:
         s.stop()
+
+
+def test_a_job_id_prefix_names_the_server_and_survives_a_restart(model, tmp_path):
+    """Behind a front door with several servers of a model (deploy/gpus.py's Envoy), a job's calls
+    are routed by its id's prefix, which the clients send as x-attnscope-job."""
+    s = start(model, tmp_path, "--jobs_id_prefix=llama-gpu3")
+    try:
+        with attnscope.Client(s.target) as c:
+            job = c.submit(**SPEC).wait(progress=False, timeout=120)
+            assert job.id.startswith("llama-gpu3-") and len(job.id) == len("llama-gpu3-") + 32
+            assert ("x-attnscope-job", job.id) in job._metadata
+    finally:
+        s.stop()
+    s = start(model, tmp_path, "--jobs_id_prefix=llama-gpu3")
+    try:
+        with attnscope.Client(s.target) as c:
+            same_sample(c.job(job.id).result(), c.stream_attention(**SPEC).to_sample())
+    finally:
+        s.stop()
+    bad = subprocess.run([binary("attnscope-server"), f"--model_dir={model}", "--listen=127.0.0.1:0",
+                          f"--jobs_dir={tmp_path / 'jobs'}", "--jobs_id_prefix=Bad/Name"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and "--jobs_id_prefix" in bad.stderr

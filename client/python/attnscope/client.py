@@ -770,7 +770,8 @@ class Client:
 
     def job(self, job_id):
         """The Job of that id (this token's; NOT_FOUND otherwise)."""
-        return self._unary("GetJob", pb.JobRequest(job_id=job_id), lambda info: Job(self, info))
+        return self._unary("GetJob", pb.JobRequest(job_id=job_id), lambda info: Job(self, info),
+                           metadata=_job_metadata(self, job_id))
 
     def jobs(self):
         """This token's jobs on the server, newest first."""
@@ -906,6 +907,16 @@ def _sign_calls(cls, concurrency=False):
 _sign_calls(Client)
 
 
+JOB_HEADER = "x-attnscope-job"
+
+
+def _job_metadata(client, job_id):
+    """The client's metadata and the job's id, which a front door with several servers of a model
+    routes a job's calls by (deploy/gpus.py; the server's --jobs_id_prefix)."""
+    routable = 0 < len(job_id) <= 128 and all(ch.isascii() and (ch.isalnum() or ch == "-") for ch in job_id)
+    return list(client.metadata) + ([(JOB_HEADER, job_id.lower())] if routable else [])
+
+
 JOB_STATUSES = {number: name[len("JOB_"):].lower() for name, number in pb.JobStatus.items()
                 if name.startswith("JOB_") and not name.endswith("UNSPECIFIED")}
 _JOB_DONE = ("completed", "failed", "cancelled")
@@ -923,13 +934,14 @@ class Job:
             client = Client(client.target, token=client.token, root_certificates=client.root_certificates,
                             timeout=client.timeout, shared_memory=0, model=client.model)
         self.client, self.id, self._info = client, info.job_id, info
+        self._metadata = _job_metadata(client, self.id)
 
     def __repr__(self):
         i = self._info
         return f"<attnscope.Job {self.id}: {JOB_STATUSES.get(i.status, '?')}, {i.tokens}/{i.max_new_tokens} tokens>"
 
     def _refresh(self):
-        self._info = self.client._unary("GetJob", pb.JobRequest(job_id=self.id))
+        self._info = self.client._unary("GetJob", pb.JobRequest(job_id=self.id), metadata=self._metadata)
         return self._info
 
     def status(self):
@@ -943,7 +955,7 @@ class Job:
         return d
 
     def cancel(self):
-        self._info = self.client._unary("CancelJob", pb.JobRequest(job_id=self.id))
+        self._info = self.client._unary("CancelJob", pb.JobRequest(job_id=self.id), metadata=self._metadata)
         return JOB_STATUSES.get(self._info.status, "unknown")
 
     def wait(self, progress=None, poll=0.5, timeout=None):
@@ -989,7 +1001,7 @@ class Job:
             for attempt in range(retries + 1):
                 try:
                     for chunk in self.client.stub.FetchResult(pb.FetchResultRequest(job_id=self.id, offset=f.tell()),
-                                                              metadata=self.client.metadata,
+                                                              metadata=self._metadata,
                                                               timeout=self.client.timeout):
                         if chunk.offset != f.tell():
                             raise ValueError(f"job {self.id}: a chunk at {chunk.offset}, expected {f.tell()}")
