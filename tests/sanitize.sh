@@ -23,7 +23,7 @@ export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$REPORTS/asan:stri
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$REPORTS/ubsan"
 
 status=0
-ctest --test-dir "$BUILD" --output-on-failure -j "$JOBS" -E '^(python_tests|demo|deploy_check|image_check)$' || status=1
+ctest --test-dir "$BUILD" --output-on-failure -j "$JOBS" -E '^(python_tests|demo|deploy_check|k8s_check|image_check)$' || status=1
 ATTNSCOPE_BUILD_DIR="$BUILD" ATTNSCOPE_SANITIZED=1 ATTNSCOPE_STORM_SECONDS="${ATTNSCOPE_STORM_SECONDS:-20}" \
   /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/python/test_service.py \
   tests/python/test_service_hardening.py tests/python/test_client_hostile_server.py \
