@@ -20,10 +20,6 @@ namespace {
 constexpr int64_t kFetchChunkBytes = 1 << 20;
 constexpr int kMaxFetches = 64;  // FetchResult streams open at once (each holds a file)
 
-bool Finished(v1::JobStatus s) {
-  return s == v1::JOB_COMPLETED || s == v1::JOB_FAILED || s == v1::JOB_CANCELLED;
-}
-
 // The engine's output of a job, into its stored sample.
 class JobSink : public AttentionSink {
  public:
@@ -166,7 +162,7 @@ v1::JobInfo AttentionServiceImpl::InfoOf(DetachedJob& job) const {
   v1::JobInfo info = job.info;
   if (info.status() == v1::JOB_QUEUED && job.ticket != 0)
     info.set_queue_position(scheduler_->Position(job.ticket));
-  if (!Finished(info.status())) {
+  if (!JobFinished(info.status())) {
     info.set_tokens(job.tokens.load());
     info.set_bytes(job.bytes.load());
   }
@@ -245,7 +241,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CancelJob(grpc::CallbackServerCo
         bool withdrawn = false;
         {
           std::lock_guard<std::mutex> lock(job->mu);
-          if (!Finished(job->info.status())) {
+          if (!JobFinished(job->info.status())) {
             job->cancel_requested = true;
             job->cancel.Cancel();  // a running job stops at its next block or step
             withdrawn = job->ticket != 0 && scheduler_->Withdraw(job->ticket);

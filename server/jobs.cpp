@@ -25,10 +25,6 @@ namespace {
 
 constexpr int64_t kMaxRecordBytes = 1 << 20;
 
-bool Finished(v1::JobStatus s) {
-  return s == v1::JOB_COMPLETED || s == v1::JOB_FAILED || s == v1::JOB_CANCELLED;
-}
-
 std::string RandomHex(int bytes) {
   std::random_device rd;
   static const char* kHex = "0123456789abcdef";
@@ -154,7 +150,7 @@ absl::Status JobStore::Load() {
       continue;
     }
     job->owner = record["owner"].get<std::string>();
-    if (!Finished(job->info.status())) {
+    if (!JobFinished(job->info.status())) {
       // The job was running (or waiting) when the previous server stopped: it cannot go on.
       job->info.set_status(v1::JOB_FAILED);
       job->info.set_error_code(static_cast<int>(absl::StatusCode::kAborted));
@@ -203,7 +199,7 @@ absl::StatusOr<std::shared_ptr<DetachedJob>> JobStore::Create(const std::string&
     for (const auto& [id, other] : jobs_) {
       if (other->owner != owner) continue;
       std::lock_guard<std::mutex> job_lock(other->mu);
-      unfinished += Finished(other->info.status()) ? 0 : 1;
+      unfinished += JobFinished(other->info.status()) ? 0 : 1;
     }
     if (unfinished >= options_.max_unfinished_per_owner) {
       return absl::ResourceExhaustedError(absl::StrCat(
@@ -226,7 +222,7 @@ absl::StatusOr<std::shared_ptr<DetachedJob>> JobStore::Create(const std::string&
       std::vector<std::pair<int64_t, std::string>> finished;
       for (const auto& [id, other] : jobs_) {
         std::lock_guard<std::mutex> job_lock(other->mu);
-        if (Finished(other->info.status()))
+        if (JobFinished(other->info.status()))
           finished.emplace_back(other->info.finished_unix_ms(), id);
       }
       std::sort(finished.begin(), finished.end());
@@ -264,6 +260,10 @@ std::shared_ptr<DetachedJob> JobStore::Find(const std::string& owner, const std:
   std::lock_guard<std::mutex> lock(mu_);
   auto it = jobs_.find(id);
   if (it == jobs_.end() || it->second->owner != owner) return nullptr;
+  if (ExpiredLocked(*it->second, UnixMs())) {  // exact, whenever the last sweep ran
+    ForgetLocked(id);
+    return nullptr;
+  }
   return it->second;
 }
 
@@ -346,19 +346,24 @@ void JobStore::ForgetLocked(const std::string& id) {
   jobs_.erase(id);
 }
 
+bool JobStore::ExpiredLocked(DetachedJob& job, int64_t now) const {
+  std::lock_guard<std::mutex> job_lock(job.mu);
+  if (!JobFinished(job.info.status())) return false;
+  const int64_t end =
+      job.info.status() == v1::JOB_COMPLETED
+          ? job.info.expires_unix_ms()
+          : job.info.finished_unix_ms() + static_cast<int64_t>(options_.ttl_s * 1000);
+  return end <= now;
+}
+
 void JobStore::Sweep() {
   const int64_t now = UnixMs();
+  int64_t last = last_sweep_ms_.load();
+  if (now - last < 1000 || !last_sweep_ms_.compare_exchange_strong(last, now)) return;
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<std::string> expired;
-  for (const auto& [id, job] : jobs_) {
-    std::lock_guard<std::mutex> job_lock(job->mu);
-    const bool done = Finished(job->info.status());
-    const int64_t end =
-        job->info.status() == v1::JOB_COMPLETED
-            ? job->info.expires_unix_ms()
-            : job->info.finished_unix_ms() + static_cast<int64_t>(options_.ttl_s * 1000);
-    if (done && end <= now) expired.push_back(id);
-  }
+  for (const auto& [id, job] : jobs_)
+    if (ExpiredLocked(*job, now)) expired.push_back(id);
   for (const std::string& id : expired) ForgetLocked(id);
 }
 

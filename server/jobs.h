@@ -37,6 +37,11 @@ struct JobOptions {
   std::string id_prefix;
 };
 
+// Whether a job has ended (completed, failed or cancelled).
+inline bool JobFinished(v1::JobStatus s) {
+  return s == v1::JOB_COMPLETED || s == v1::JOB_FAILED || s == v1::JOB_CANCELLED;
+}
+
 // Whether `prefix` may begin job ids: [a-z0-9-], at most 63 characters.
 bool ValidJobIdPrefix(const std::string& prefix);
 
@@ -80,19 +85,22 @@ class JobStore {
   // Ends a job: its status, error and (completed) result size; releases its reservation; records.
   void Finish(DetachedJob& job, v1::JobStatus status, const absl::Status& error,
               int64_t result_bytes);
-  // Deletes the results whose time to live has passed, and their records.
+  // Deletes the results whose time to live has passed, and their records: at most once a second
+  // (Find checks the job it returns itself).
   void Sweep();
 
  private:
   explicit JobStore(JobOptions options) : options_(std::move(options)) {}
   absl::Status Load();
-  int64_t UsedLocked(const std::string* owner) const;  // under mu_
-  void ForgetLocked(const std::string& id);            // under mu_
+  int64_t UsedLocked(const std::string* owner) const;       // under mu_
+  bool ExpiredLocked(DetachedJob& job, int64_t now) const;  // under mu_
+  void ForgetLocked(const std::string& id);                 // under mu_
 
   JobOptions options_;
   std::string salt_;
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<DetachedJob>> jobs_;  // by id
+  std::atomic<int64_t> last_sweep_ms_{0};
 };
 
 int64_t UnixMs();

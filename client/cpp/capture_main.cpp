@@ -640,7 +640,8 @@ void AddJobHeader(const std::string& id, grpc::ClientContext* ctx) {
 absl::Status FetchJob(const Options& o, v1::AttentionService::Stub* stub, const std::string& id,
                       const std::string& path) {
   v1::JobInfo info;
-  for (bool shown = false;; shown = true) {
+  bool shown = false;  // a progress line is open on stderr
+  for (;;) {
     grpc::ClientContext ctx;
     Authorize(o, &ctx);
     AddJobHeader(id, &ctx);
@@ -651,6 +652,7 @@ absl::Status FetchJob(const Options& o, v1::AttentionService::Stub* stub, const 
       return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
     if (info.status() == v1::JOB_COMPLETED) break;
     if (info.status() == v1::JOB_FAILED || info.status() == v1::JOB_CANCELLED) {
+      if (shown) std::cerr << std::endl;
       return absl::Status(static_cast<absl::StatusCode>(info.error_code()),
                           absl::StrCat("job ", id, " ", v1::JobStatus_Name(info.status()), ": ",
                                        info.error_message()));
@@ -660,9 +662,10 @@ absl::Status FetchJob(const Options& o, v1::AttentionService::Stub* stub, const 
                       ? absl::StrCat(", queue position ", info.queue_position())
                       : std::string())
               << ", " << info.tokens() << "/" << info.max_new_tokens() << " tokens" << std::flush;
-    if (!shown) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    shown = true;
     std::this_thread::sleep_for(std::chrono::seconds(1));
   }
+  if (shown) std::cerr << std::endl;
   ASSIGN_OR_RETURN(auto file, AtomicFile::Create(path));
   int64_t written = 0;
   for (int attempt = 0;; ++attempt) {
@@ -729,11 +732,11 @@ int Fetch(const Options& o, v1::AttentionService::Stub* stub) {
       continue;
     }
     if (absl::Status s = FetchJob(o, stub, id, path); !s.ok()) {
-      std::cerr << "\nJob " << id << " not fetched: " << s.message() << std::endl;
+      std::cerr << "Job " << id << " not fetched: " << s.message() << std::endl;
       failed.push_back(id);
       continue;
     }
-    std::cout << "\nFetched job " << id << " into " << path << std::endl;
+    std::cout << "Fetched job " << id << " into " << path << std::endl;
   }
   if (failed.empty()) {
     std::cout << "Done!" << std::endl;

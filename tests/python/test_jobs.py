@@ -432,3 +432,19 @@ def test_a_job_id_prefix_names_the_server_and_survives_a_restart(model, tmp_path
                           f"--jobs_dir={tmp_path / 'jobs'}", "--jobs_id_prefix=Bad/Name"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode != 0 and "--jobs_id_prefix" in bad.stderr
+
+
+def test_an_asyncio_clients_jobs_share_one_blocking_client(model, tmp_path):
+    import asyncio
+    s = start(model, tmp_path)
+    try:
+        async def go():
+            async with attnscope.AsyncClient(s.target) as c:
+                first, second = await c.submit(**SPEC), await c.submit(**SPEC)
+                return c, first, second
+        c, first, second = asyncio.run(go())
+        assert first.client is second.client and first.client is c._blocking
+        same_sample(first.wait(progress=False, timeout=120).result(), second.wait(progress=False).result())
+        first.client.close()
+    finally:
+        s.stop()

@@ -929,10 +929,13 @@ class Job:
     sample, fetched and resumed where a transfer broke off), `cancel()`."""
 
     def __init__(self, client, info):
-        # An AsyncClient's jobs are polled and fetched with a blocking client of the same server.
+        # An AsyncClient's jobs are polled and fetched with one blocking client of the same server.
         if isinstance(client, AsyncClient):
-            client = Client(client.target, token=client.token, root_certificates=client.root_certificates,
-                            timeout=client.timeout, shared_memory=0, model=client.model)
+            if getattr(client, "_blocking", None) is None:
+                client._blocking = Client(client.target, token=client.token,
+                                          root_certificates=client.root_certificates, timeout=client.timeout,
+                                          shared_memory=0, model=client.model)
+            client = client._blocking
         self.client, self.id, self._info = client, info.job_id, info
         self._metadata = _job_metadata(client, self.id)
 
