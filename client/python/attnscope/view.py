@@ -652,12 +652,6 @@ def _encode(a):
         return base64.b64encode(np.ascontiguousarray(a, dtype="<f2").tobytes()).decode("ascii")
 
 
-def _attention_layers(sample):
-    layers = list(sample.layers)
-    heads = _panel_heads(sample, None)
-    return layers, heads
-
-
 def _view_plan(sample, budget):
     """What the page will embed, from shapes alone (no matrix is assembled): per attention layer
     (heads, rows, cols, tile side) and per statistic view (heads, positions, span), within
@@ -665,7 +659,7 @@ def _view_plan(sample, budget):
     plan = []
     attention = has_attention(sample)
     stats = [(kind, layer) for kind in getattr(sample, "statistic_kinds", []) for layer in _stat_layers(sample, kind)]
-    layers, heads = _attention_layers(sample) if attention else ([], [])
+    layers, heads = (list(sample.layers), _panel_heads(sample, None)) if attention else ([], [])
     share = budget / max(1, (len(layers) * len(heads)) + len(stats) * 0.25 * max(1, len(heads)))
     for layer in layers:
         rows = np.asarray(sample.positions(layer))
