@@ -257,12 +257,19 @@ bool Overlaps(const RowRanges& rows, int64_t b, int64_t e) {
 
 absl::StatusOr<torch::Tensor> FusedAttention(const torch::Tensor& q, const torch::Tensor& k,
                                              const torch::Tensor& v, const AttentionShape& shape,
-                                             const ProbsCallback* on_probs, const RowRanges& rows) {
+                                             const ProbsCallback* on_probs, const RowRanges& rows,
+                                             PassStatistics* pass) {
   if (shape.knockout != nullptr && shape.knockout->hides_keys()) {
     return ExplicitAttention(q, k, v, shape, on_probs);  // the fused kernel knows no such mask
   }
 #if TORCH_VERSION_MAJOR >= 2
-  auto fused = FusedKernel(q, k, v, shape, on_probs != nullptr);
+  std::optional<std::pair<torch::Tensor, torch::Tensor>> fused;
+  if (pass != nullptr) {
+    pass->result = CpuFlashAttention(q, k, v, shape.pos0, shape.window, pass->wanted);
+    fused = std::make_pair(pass->result.out, pass->result.lse);
+  } else {
+    fused = FusedKernel(q, k, v, shape, on_probs != nullptr);
+  }
   if (!fused.has_value()) return ExplicitAttention(q, k, v, shape, on_probs);
   if (on_probs == nullptr) return fused->first;
   const torch::Tensor& lse = fused->second;  // (heads, n) float32
@@ -282,6 +289,12 @@ absl::StatusOr<torch::Tensor> FusedAttention(const torch::Tensor& q, const torch
 #else
   return ExplicitAttention(q, k, v, shape, on_probs);
 #endif
+}
+
+bool StatisticsInPass(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                      const AttentionShape& shape) {
+  return HasFusedAttention() && (shape.knockout == nullptr || !shape.knockout->hides_keys()) &&
+         CpuFlashSupports(q, k, v);
 }
 
 }  // namespace attnscope

@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "engine/bounds.h"
+#include "engine/cpu_flash.h"
 #include "engine/layer_intervention.h"
 
 namespace attnscope {
@@ -47,17 +48,30 @@ absl::StatusOr<torch::Tensor> ExplicitAttention(const torch::Tensor& q, const to
                                                 const torch::Tensor& v, const AttentionShape& shape,
                                                 const ProbsCallback* on_probs);
 
+// Statistics computed inside the attention pass itself (CpuFlashAttention), where
+// StatisticsInPass says the pass can.
+struct PassStatistics {
+  FlashStatistics wanted;  // what to compute
+  FlashResult result;      // FusedAttention's pass: the statistics as wanted
+};
+
 // Production path: one fused scaled-dot-product kernel (libtorch >= 2.0: the flash kernel on the
 // CPU, the memory-efficient kernel on CUDA) gives every row's output and, when on_probs is set, its
 // log-sum-exp; the probabilities of the blocks of rows that hold `rows` are then recomputed exactly
 // as exp(scale·q·kᵀ - lse) in float32 (one matrix product and one elementwise pass: no softmax, no
 // second reduction), one block at a time with the same bounds as the explicit path. Without a fused
 // kernel (libtorch 1.x, or a device or type it lacks) it is the explicit path. Same arguments and
-// result as ExplicitAttention.
+// result as ExplicitAttention. With `pass` (only where StatisticsInPass holds) the kernel is
+// CpuFlashAttention, which also fills pass->result with the statistics pass->wanted asks for.
 absl::StatusOr<torch::Tensor> FusedAttention(const torch::Tensor& q, const torch::Tensor& k,
                                              const torch::Tensor& v, const AttentionShape& shape,
                                              const ProbsCallback* on_probs,
-                                             const RowRanges& rows = {});
+                                             const RowRanges& rows = {},
+                                             PassStatistics* pass = nullptr);
+
+// Whether FusedAttention can compute statistics inside its pass for these arguments.
+bool StatisticsInPass(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                      const AttentionShape& shape);
 
 // Attention over a layer whose cache a KV policy compacted: slots instead of positions.
 //   k, v: (kv_heads, slots, head_dim); positions: (kv_heads, slots) int64, the position each slot

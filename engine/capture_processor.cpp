@@ -133,8 +133,21 @@ bool CaptureProcessor::Wants(Phase phase, int64_t layer) const {
   return phase == Phase::kPrefill ? spec_.prefill : spec_.decode;
 }
 
-std::vector<std::pair<int64_t, int64_t>> CaptureProcessor::RowsWanted(Phase phase, int64_t pos0,
-                                                                      int64_t n) const {
+FlashStatistics CaptureProcessor::StatisticsForPass(Phase phase, int64_t pos0, int64_t n) const {
+  FlashStatistics s;
+  if (phase != Phase::kPrefill) return s;
+  s.entropy = spec_.stats.row_entropy;
+  s.sink = spec_.stats.sink_mass;
+  s.local = spec_.stats.local_mass;
+  if (spec_.stats.key_score > 0) {  // the last key_score prompt rows, inside the pass
+    s.key_score_begin = std::clamp<int64_t>(prompt_len_ - spec_.stats.key_score - pos0, 0, n);
+    s.key_score_end = std::clamp<int64_t>(prompt_len_ - pos0, 0, n);
+  }
+  return s;
+}
+
+std::vector<std::pair<int64_t, int64_t>> CaptureProcessor::RowsWanted(
+    Phase phase, int64_t pos0, int64_t n, bool statistics_in_pass) const {
   std::vector<std::pair<int64_t, int64_t>> rows;
   if (phase != Phase::kPrefill) return rows;
   auto add = [&](int64_t begin, int64_t end) {  // absolute positions
@@ -143,10 +156,12 @@ std::vector<std::pair<int64_t, int64_t>> CaptureProcessor::RowsWanted(Phase phas
     if (begin < end) rows.emplace_back(begin, end);
   };
   const auto& st = spec_.stats;
-  if (spec_.form != Form::kNone || st.row_entropy != 0 || st.sink_mass > 0 || st.local_mass > 0) {
+  const bool row_statistics =
+      !statistics_in_pass && (st.row_entropy != 0 || st.sink_mass > 0 || st.local_mass > 0);
+  if (spec_.form != Form::kNone || row_statistics) {
     for (const QueryRange& r : prompt_rows_) add(r.begin, r.end);
   }
-  if (st.key_score > 0) add(prompt_len_ - st.key_score, prompt_len_);
+  if (st.key_score > 0 && !statistics_in_pass) add(prompt_len_ - st.key_score, prompt_len_);
   if (rows.empty()) rows.emplace_back(0, 0);  // none (an empty list would mean all)
   return rows;
 }
@@ -154,7 +169,8 @@ std::vector<std::pair<int64_t, int64_t>> CaptureProcessor::RowsWanted(Phase phas
 absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
                                        int64_t query_begin, const torch::Tensor& probs,
                                        const torch::Tensor& scores, const torch::Tensor& lse,
-                                       int64_t key_length) {
+                                       int64_t key_length, bool statistics_in_pass) {
+  const bool row_entropy_wanted = spec_.stats.row_entropy && !statistics_in_pass;
   torch::Tensor p = probs;  // [heads, m, computed_keys]
   torch::Tensor s = scores;
   torch::Tensor row_lse = lse;  // [heads, m] or undefined
@@ -163,8 +179,10 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
       head_index_ = torch::tensor(heads_, torch::dtype(torch::kInt64)).to(probs.device());
     }
     p = p.index_select(0, head_index_);
-    if (spec_.stats.row_entropy) s = s.index_select(0, head_index_);
-    if (spec_.stats.row_entropy && lse.defined()) row_lse = row_lse.index_select(0, head_index_);
+    if (row_entropy_wanted) {
+      s = s.index_select(0, head_index_);
+      if (lse.defined()) row_lse = row_lse.index_select(0, head_index_);
+    }
   }
   // Row entropy of the whole block at once, from the scores: with lse the softmax's
   // log-normaliser, H = -Σ p log p = -Σ p (s - lse) = lse·Σp - Σ p·s (Σp = 1 up to rounding). The
@@ -172,10 +190,10 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
   // p is largest, so its log is exact). On the CPU one pass over the block (RowEntropyCpu);
   // elsewhere tensor operations.
   torch::Tensor entropy;
-  if (spec_.stats.row_entropy && p.device().is_cpu() && p.scalar_type() == torch::kFloat32 &&
+  if (row_entropy_wanted && p.device().is_cpu() && p.scalar_type() == torch::kFloat32 &&
       s.scalar_type() == torch::kFloat32) {
     entropy = RowEntropyCpu(p, s, row_lse);  // [h, m]
-  } else if (spec_.stats.row_entropy) {
+  } else if (row_entropy_wanted) {
     if (row_lse.defined()) {
       entropy = (row_lse * p.sum(-1) - (p * s).sum(-1)).clamp_min_(0.0);  // [h, m]
     } else {
@@ -189,7 +207,7 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
 
   if (phase == Phase::kPrefill) {
     // Key score: attention each key receives, summed over the last W prompt rows.
-    const int64_t w = spec_.stats.key_score;
+    const int64_t w = statistics_in_pass ? 0 : spec_.stats.key_score;
     if (w > 0) {
       const int64_t from = std::max<int64_t>(query_begin, prompt_len_ - w);
       const int64_t to = query_begin + m;
@@ -212,9 +230,10 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
       const int64_t a = std::max(r.begin, query_begin);
       const int64_t b = std::min(r.end, query_begin + m);
       if (a >= b) continue;
-      RETURN_IF_ERROR(EmitRows(
-          phase, step, layer, a, p.narrow(1, a - query_begin, b - a),
-          entropy.defined() ? entropy.narrow(1, a - query_begin, b - a) : entropy, key_length));
+      RETURN_IF_ERROR(
+          EmitRows(phase, step, layer, a, p.narrow(1, a - query_begin, b - a),
+                   entropy.defined() ? entropy.narrow(1, a - query_begin, b - a) : entropy,
+                   key_length, !statistics_in_pass));
     }
     return absl::OkStatus();
   }
@@ -234,12 +253,63 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
   return EmitRows(phase, step, layer, query_begin, p, entropy, key_length);
 }
 
+absl::Status CaptureProcessor::OnPassStatistics(Phase phase, int64_t step, int64_t layer,
+                                                int64_t pos0, const FlashResult& pass,
+                                                int64_t key_length) {
+  const int64_t n = pass.lse.size(1);
+  auto selected = [&](const torch::Tensor& t) {  // [model heads, n] -> [selected heads, n]
+    if (all_heads_ || !t.defined()) return t;
+    if (!head_index_.defined() || head_index_.device() != t.device()) {
+      head_index_ = torch::tensor(heads_, torch::dtype(torch::kInt64)).to(t.device());
+    }
+    return t.index_select(0, head_index_);
+  };
+  const torch::Tensor entropy = selected(pass.entropy);
+  const torch::Tensor sink = selected(pass.sink);
+  const torch::Tensor local = selected(pass.local);
+  for (const QueryRange& r : prompt_rows_) {  // the selected rows inside the pass, absolute
+    const int64_t a = std::max(r.begin, pos0), b = std::min(r.end, pos0 + n);
+    if (a >= b) continue;
+    if (entropy.defined()) {
+      RETURN_IF_ERROR(EmitStat(StatKind::kRowEntropy, phase, step, layer, a, b, key_length,
+                               entropy.narrow(1, a - pos0, b - a)));
+    }
+    if (sink.defined()) {
+      RETURN_IF_ERROR(EmitStat(StatKind::kSinkMass, phase, step, layer, a, b, key_length,
+                               sink.narrow(1, a - pos0, b - a)));
+    }
+    if (local.defined()) {
+      RETURN_IF_ERROR(EmitStat(StatKind::kLocalMass, phase, step, layer, a, b, key_length,
+                               local.narrow(1, a - pos0, b - a)));
+    }
+  }
+  if (pass.key_score.defined()) {  // this pass's share of the last rows' sums, over its keys
+    if (!key_score_[layer].defined()) {
+      key_score_[layer] = torch::zeros({static_cast<int64_t>(heads_.size()), prompt_len_},
+                                       pass.key_score.options());
+    }
+    const int64_t keys = std::min(pass.key_score.size(1), prompt_len_);
+    key_score_[layer].narrow(1, 0, keys).add_(selected(pass.key_score).narrow(1, 0, keys));
+    if (pos0 + n >= prompt_len_) {
+      RETURN_IF_ERROR(EmitStat(StatKind::kKeyScore, phase, step, layer, 0, prompt_len_, prompt_len_,
+                               key_score_[layer]));
+      key_score_[layer] = torch::Tensor();
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CaptureProcessor::EmitRows(Phase phase, int64_t step, int64_t layer, int64_t row_begin,
                                         const torch::Tensor& rows, const torch::Tensor& entropy,
-                                        int64_t key_length) {
+                                        int64_t key_length, bool row_statistics) {
   const int64_t m = rows.size(1);
   const int64_t computed = rows.size(2);
   const auto& st = spec_.stats;
+  if (!row_statistics) {
+    if (spec_.form != Form::kNone)
+      RETURN_IF_ERROR(EmitForm(phase, step, layer, row_begin, rows, key_length));
+    return absl::OkStatus();
+  }
   if (st.row_entropy) {
     RETURN_IF_ERROR(EmitStat(StatKind::kRowEntropy, phase, step, layer, row_begin, row_begin + m,
                              key_length, entropy));

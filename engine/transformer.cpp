@@ -166,6 +166,12 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
     const bool capturing = capture != nullptr && capture->Wants(phase, l);
     const bool scoring = scorer != nullptr && scorer->NeedsProbs(phase);
     torch::Tensor attn;  // (heads, n, dim)
+    // The capture's statistics, computed inside the attention pass where it can.
+    PassStatistics pass;
+    if (capturing && options.fast_attention && !compacted) {
+      pass.wanted = capture->StatisticsForPass(phase, pos0, n);
+    }
+    const bool in_pass = pass.wanted.any() && StatisticsInPass(q, cache->k[l], cache->v[l], shape);
     const ProbsCallback* probs_callback = nullptr;
     ProbsCallback on_probs;
     RowRanges rows;  // empty: every row
@@ -173,12 +179,12 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
       // Everything the callback reads outlives it: key_length is captured by value because the
       // callback runs after this block ends (inside the attention call below).
       const int64_t key_length = pos0 + n;
-      on_probs = [&, key_length, capturing, scoring, measure](
+      on_probs = [&, key_length, capturing, scoring, measure, in_pass](
                      int64_t begin, const torch::Tensor& probs, const torch::Tensor& scores,
                      const torch::Tensor& lse) -> absl::Status {
         if (capturing) {
-          RETURN_IF_ERROR(
-              capture->OnProbs(phase, step, l, pos0 + begin, probs, scores, lse, key_length));
+          RETURN_IF_ERROR(capture->OnProbs(phase, step, l, pos0 + begin, probs, scores, lse,
+                                           key_length, in_pass));
         }
         if (scoring) scorer->OnProbs(pos0 + begin, probs);
         const int64_t last = n - 1 - begin;  // the last row's index in this block, if it holds it
@@ -190,7 +196,8 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
       };
       probs_callback = &on_probs;
       // The rows each consumer reads, together (the capture's empty list: every row).
-      const RowRanges wanted = capturing ? capture->RowsWanted(phase, pos0, n) : RowRanges{};
+      const RowRanges wanted =
+          capturing ? capture->RowsWanted(phase, pos0, n, in_pass) : RowRanges{};
       if (!capturing || !wanted.empty()) {
         rows = wanted;
         if (scoring) {
@@ -210,8 +217,11 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
           CompactedAttention(q, cache->k[l].narrow(1, 0, slots), cache->v[l].narrow(1, 0, slots),
                              cache->positions[l].narrow(1, 0, slots), shape, probs_callback));
     } else if (options.fast_attention) {
-      ASSIGN_OR_RETURN(attn,
-                       FusedAttention(q, cache->k[l], cache->v[l], shape, probs_callback, rows));
+      ASSIGN_OR_RETURN(attn, FusedAttention(q, cache->k[l], cache->v[l], shape, probs_callback,
+                                            rows, in_pass ? &pass : nullptr));
+      if (in_pass) {
+        RETURN_IF_ERROR(capture->OnPassStatistics(phase, step, l, pos0, pass.result, pos0 + n));
+      }
     } else {
       ASSIGN_OR_RETURN(attn, ExplicitAttention(q, cache->k[l], cache->v[l], shape, probs_callback));
     }

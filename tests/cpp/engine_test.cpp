@@ -412,9 +412,93 @@ TEST_P(AttentionPaths, FusedPathComputesOnlyWantedBlocks) {
   EXPECT_TRUE(begins.empty());
 }
 
+// Statistics inside the pass (CpuFlashAttention): output, lse, entropy, sink, local mass and key
+// score against the float64 reference, masked positions included.
+TEST_P(AttentionPaths, PassStatisticsMatchFloat64Reference) {
+  if (!StatisticsInPass(q_, k_, v_, shape_))
+    GTEST_SKIP() << "no in-pass statistics here (libtorch < 2.0, or no AVX2/FMA or sgemm)";
+  const int64_t n = q_.size(1);
+  PassStatistics pass;
+  pass.wanted = {true, 4, 3, std::max<int64_t>(0, n - 6), n};
+  torch::Tensor out = FusedAttention(q_, k_, v_, shape_, nullptr, {}, &pass).value();
+  const torch::Tensor& p = want_probs_;  // (heads, n, keys) float64
+  torch::Tensor entropy = -(p * torch::where(p > 0, p.log(), torch::zeros_like(p))).sum(-1);
+  torch::Tensor sink = p.narrow(2, 0, 4).sum(-1);
+  auto opts = torch::TensorOptions().dtype(torch::kInt64);
+  torch::Tensor back = torch::arange(shape_.pos0, shape_.pos0 + n, opts).unsqueeze(1) -
+                       torch::arange(0, p.size(2), opts).unsqueeze(0);  // (n, keys): pos - key
+  torch::Tensor local = (p * (back >= 0).logical_and(back < 3)).sum(-1);
+  torch::Tensor key_score =
+      p.narrow(1, pass.wanted.key_score_begin, n - pass.wanted.key_score_begin).sum(1);
+  auto diff = [](const torch::Tensor& got, const torch::Tensor& want) {
+    return (got.to(torch::kFloat64) - want).abs().max().item<double>();
+  };
+  const double d_entropy = diff(pass.result.entropy, entropy);
+  std::printf("pos0 %ld window %ld: max |pass - float64| output %.2e, entropy %.2e\n",
+              static_cast<long>(shape_.pos0), static_cast<long>(shape_.window), MaxDiff(out),
+              d_entropy);
+  EXPECT_LT(MaxDiff(out), 1e-5);
+  EXPECT_LT(d_entropy, 1e-5);
+  EXPECT_LT(diff(pass.result.sink, sink), 1e-6);
+  EXPECT_LT(diff(pass.result.local, local), 1e-6);
+  EXPECT_LT(diff(pass.result.key_score, key_score), 1e-5);
+}
+
 INSTANTIATE_TEST_SUITE_P(PositionsAndWindows, AttentionPaths,
                          ::testing::Combine(::testing::Values(0, 20, 36),
                                             ::testing::Values(0, 5, 64)));
+
+// In-pass statistics at shapes that cross the kernel's tiles (stacked rows of 128, keys of 512):
+// 700 rows after 100 cached positions, grouped heads, the query rows strided as the engine's
+// projections leave them; full causal and a window of 300.
+TEST(PassStatistics, MatchFloat64ReferenceAcrossTiles) {
+  const int64_t heads = 8, kv_heads = 2, dim = 32, pos0 = 100, n = 700, keys = pos0 + n;
+  torch::manual_seed(1);
+  torch::Tensor q = (torch::randn({n, heads, dim}) * 2.0).transpose(0, 1);  // (heads, n, dim)
+  torch::Tensor k = torch::randn({kv_heads, keys + 9, dim});  // a cache with room after the keys
+  torch::Tensor v = torch::randn({kv_heads, keys + 9, dim});
+  for (int64_t window : {0, 300}) {
+    AttentionShape shape;
+    shape.pos0 = pos0;
+    shape.window = window;
+    if (!StatisticsInPass(q, k, v, shape))
+      GTEST_SKIP() << "no in-pass statistics here (libtorch < 2.0, or no AVX2/FMA or sgemm)";
+    PassStatistics pass;
+    pass.wanted = {true, 4, 64, n - 64, n};
+    torch::Tensor out = FusedAttention(q, k, v, shape, nullptr, {}, &pass).value();
+    // float64 reference, all rows at once
+    torch::Tensor k64 = k.narrow(1, 0, keys).to(torch::kFloat64).repeat_interleave(4, 0);
+    torch::Tensor v64 = v.narrow(1, 0, keys).to(torch::kFloat64).repeat_interleave(4, 0);
+    torch::Tensor s = q.to(torch::kFloat64).matmul(k64.transpose(1, 2)) / std::sqrt(32.0);
+    auto opts = torch::TensorOptions().dtype(torch::kInt64);
+    torch::Tensor back = torch::arange(pos0, keys, opts).unsqueeze(1) -
+                         torch::arange(0, keys, opts).unsqueeze(0);  // (n, keys): pos - key
+    torch::Tensor masked = back < 0;
+    if (window > 0) masked = masked.logical_or(back >= window);
+    s.masked_fill_(masked, -std::numeric_limits<double>::infinity());
+    torch::Tensor lse = torch::logsumexp(s, -1);
+    torch::Tensor p = torch::exp(s - lse.unsqueeze(-1));
+    auto diff = [](const torch::Tensor& got, const torch::Tensor& want) {
+      return (got.to(torch::kFloat64) - want).abs().max().item<double>();
+    };
+    const double d_out = diff(out, p.matmul(v64)), d_lse = diff(pass.result.lse, lse);
+    const double d_entropy = diff(
+        pass.result.entropy, -(p * torch::where(p > 0, p.log(), torch::zeros_like(p))).sum(-1));
+    std::printf("window %ld: max |pass - float64| output %.2e, lse %.2e, entropy %.2e\n",
+                static_cast<long>(window), d_out, d_lse, d_entropy);
+    EXPECT_LT(d_out, 1e-5);
+    EXPECT_LT(d_lse, 1e-5);
+    EXPECT_LT(d_entropy, 1e-5);
+    EXPECT_LT(diff(pass.result.sink, p.narrow(2, 0, 4).sum(-1)), 1e-6);
+    EXPECT_LT(diff(pass.result.local, (p * (back >= 0).logical_and(back < 64)).sum(-1)), 1e-6);
+    EXPECT_LT(diff(pass.result.key_score, p.narrow(1, n - 64, 64).sum(1)), 1e-5);
+    // Without statistics asked for, the same output and lse.
+    PassStatistics bare;
+    torch::Tensor out_bare = FusedAttention(q, k, v, shape, nullptr, {}, &bare).value();
+    EXPECT_TRUE(torch::equal(out_bare, out));
+    EXPECT_FALSE(bare.result.entropy.defined());
+  }
+}
 
 // A sink that takes dense blocks unmaterialized (as the server's shared-ring sink does) and has
 // them written in irregular pieces: every byte must equal the materialized block's.

@@ -68,3 +68,33 @@ def test_matches_eager_transformers(variant, make_checkpoint, run_engine):
         bound = 1.0 if layer == 0 else 1.5
         assert ours <= bound * theirs, (layer, ours, theirs)
         assert ours_rms <= bound * theirs_rms, (layer, ours_rms, theirs_rms)
+
+
+@pytest.mark.parametrize("variant", ["llama_mha", "llama31_gqa", "qwen2_swa", "mistral_hd"])
+def test_statistics_match_eager_transformers(variant, make_checkpoint, run_engine):
+    """The prefill's statistics (on libtorch 2.x computed inside the fused attention pass: row
+    entropy, sink and local mass, key score) against the same statistics of transformers' eager
+    attention weights, within 1e-5."""
+    model_dir = make_checkpoint(variant)
+    cfg = checkpoint.VARIANTS[variant]
+    sink, local, window = 2, 3, 4
+    run = run_engine(model_dir, PROMPT, 1, extra=[
+        "--form=none", f"--stats=row_entropy,sink_mass:{sink},local_mass:{local},key_score:{window}"])
+    P = len(PROMPT)
+    _, tf_attn = transformers_forward(model_dir, PROMPT, torch.float32)
+    back = np.arange(P)[:, None] - np.arange(P)[None, :]  # position - key
+    for layer, a in enumerate(tf_attn):  # a: (heads, P, P)
+        want = {
+            "row_entropy": -(a * np.log(np.where(a > 0, a, 1.0))).sum(-1),
+            "sink_mass": a[:, :, :sink].sum(-1),
+            "local_mass": (a * ((back >= 0) & (back < local))).sum(-1),
+            "key_score": a[:, P - window:, :].sum(1),
+        }
+        for kind, w in want.items():
+            blocks = sorted(run.blocks(kind, "prefill", layer).items())
+            got = np.concatenate([v for _, v in blocks], axis=1)
+            assert got.shape == w.shape, (kind, got.shape, w.shape)
+            diff = np.abs(got - w).max()
+            print(f"{variant} layer {layer}: max |{kind} - transformers| = {diff:.2e}")
+            assert diff < 1e-5, (kind, layer, diff)
+    assert cfg["num_hidden_layers"] == len(tf_attn)
