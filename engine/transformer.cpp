@@ -2,13 +2,19 @@
 
 #include "core/status_macros.h"
 #include "engine/attention.h"
+#include "engine/cpu_matvec.h"
 #include "engine/kv_policy.h"
 #include "engine/rope.h"
 
 namespace attnscope {
 namespace {
 
-torch::Tensor Linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+torch::Tensor Linear(const torch::Tensor& x, const torch::Tensor& w,
+                     const torch::Tensor& b = torch::Tensor()) {
+  if (CpuMatvecSupports(x, w)) {  // one row (decode, the LM head) on the CPU
+    torch::Tensor y = CpuMatvec(x, w);
+    return b.defined() ? y.add_(b) : y;
+  }
   return b.defined() ? torch::addmm(b, x, w.t()) : torch::matmul(x, w.t());
 }
 
@@ -246,15 +252,14 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
 
     // MLP block: RMSNorm, SwiGLU: down(silu(gate(h)) * up(h)).
     h = RmsNorm(x, w[TensorId::kMlpNorm]);
-    x = x + torch::matmul(torch::silu(torch::matmul(h, w[TensorId::kWGate].t())) *
-                              torch::matmul(h, w[TensorId::kWUp].t()),
-                          w[TensorId::kWDown].t());
+    x = x + Linear(torch::silu(Linear(h, w[TensorId::kWGate])) * Linear(h, w[TensorId::kWUp]),
+                   w[TensorId::kWDown]);
   }
   cache->length = pos0 + n;
   // Final norm and LM head on the last position only.
   torch::Tensor last =
       RmsNorm(x.narrow(0, n - 1, 1), weights_.global[TensorId::kFinalNorm]);  // (1, hidden)
-  return torch::matmul(last, weights_.global[TensorId::kLmHead].t()).squeeze(0).to(torch::kFloat32);
+  return Linear(last, weights_.global[TensorId::kLmHead]).squeeze(0).to(torch::kFloat32);
 }
 
 }  // namespace attnscope
