@@ -69,9 +69,8 @@ torch::Tensor CpuMatvec(const torch::Tensor& x, const torch::Tensor& w) {
   float* Y = y.data_ptr<float>();
   // Chunks of at least 64 KiB of weights, so that a small projection stays on one thread.
   const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 14) / std::max<int64_t>(in, 1));
-  at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
-    MatvecRows(W, in, X, Y, begin, end);
-  });
+  at::parallel_for(0, out, grain,
+                   [&](int64_t begin, int64_t end) { MatvecRows(W, in, X, Y, begin, end); });
 #endif
   return y;
 }
