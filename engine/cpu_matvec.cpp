@@ -67,8 +67,11 @@ torch::Tensor CpuMatvec(const torch::Tensor& x, const torch::Tensor& w) {
   const float* W = w.data_ptr<float>();
   const float* X = x.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  // Chunks of at least 64 KiB of weights, so that a small projection stays on one thread.
-  const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 14) / std::max<int64_t>(in, 1));
+  // Chunks of at least 2 MiB of weights: a decode step's projections stay on the calling thread
+  // and only a matrix as large as the LM head is split. Every parallel region is a rendezvous of
+  // the intra-op threads, and on a server whose cores the gRPC threads and clients share, thirty
+  // of them per step cost more than the projections themselves.
+  const int64_t grain = std::max<int64_t>(4, (int64_t{1} << 19) / std::max<int64_t>(in, 1));
   at::parallel_for(0, out, grain,
                    [&](int64_t begin, int64_t end) { MatvecRows(W, in, X, Y, begin, end); });
 #endif
