@@ -171,19 +171,10 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
                                        const torch::Tensor& scores, const torch::Tensor& lse,
                                        int64_t key_length, bool statistics_in_pass) {
   const bool row_entropy_wanted = spec_.stats.row_entropy && !statistics_in_pass;
-  torch::Tensor p = probs;  // [heads, m, computed_keys]
-  torch::Tensor s = scores;
-  torch::Tensor row_lse = lse;  // [heads, m] or undefined
-  if (!all_heads_) {
-    if (!head_index_.defined() || head_index_.device() != probs.device()) {
-      head_index_ = torch::tensor(heads_, torch::dtype(torch::kInt64)).to(probs.device());
-    }
-    p = p.index_select(0, head_index_);
-    if (row_entropy_wanted) {
-      s = s.index_select(0, head_index_);
-      if (lse.defined()) row_lse = row_lse.index_select(0, head_index_);
-    }
-  }
+  const torch::Tensor p = SelectedHeads(probs);  // [heads, m, computed_keys]
+  // The scores and lse only where the entropy reads them.
+  const torch::Tensor s = row_entropy_wanted ? SelectedHeads(scores) : scores;
+  torch::Tensor row_lse = row_entropy_wanted ? SelectedHeads(lse) : lse;  // [heads, m] or undefined
   // Row entropy of the whole block at once, from the scores: with lse the softmax's
   // log-normaliser, H = -Σ p log p = -Σ p (s - lse) = lse·Σp - Σ p·s (Σp = 1 up to rounding). The
   // fused path knows lse; on the explicit path lse = s_max - log p_max (at the row's largest score
@@ -257,16 +248,9 @@ absl::Status CaptureProcessor::OnPassStatistics(Phase phase, int64_t step, int64
                                                 int64_t pos0, const FlashResult& pass,
                                                 int64_t key_length) {
   const int64_t n = pass.lse.size(1);
-  auto selected = [&](const torch::Tensor& t) {  // [model heads, n] -> [selected heads, n]
-    if (all_heads_ || !t.defined()) return t;
-    if (!head_index_.defined() || head_index_.device() != t.device()) {
-      head_index_ = torch::tensor(heads_, torch::dtype(torch::kInt64)).to(t.device());
-    }
-    return t.index_select(0, head_index_);
-  };
-  const torch::Tensor entropy = selected(pass.entropy);
-  const torch::Tensor sink = selected(pass.sink);
-  const torch::Tensor local = selected(pass.local);
+  const torch::Tensor entropy = SelectedHeads(pass.entropy);  // [heads, n] or undefined
+  const torch::Tensor sink = SelectedHeads(pass.sink);
+  const torch::Tensor local = SelectedHeads(pass.local);
   for (const QueryRange& r : prompt_rows_) {  // the selected rows inside the pass, absolute
     const int64_t a = std::max(r.begin, pos0), b = std::min(r.end, pos0 + n);
     if (a >= b) continue;
@@ -289,7 +273,7 @@ absl::Status CaptureProcessor::OnPassStatistics(Phase phase, int64_t step, int64
                                        pass.key_score.options());
     }
     const int64_t keys = std::min(pass.key_score.size(1), prompt_len_);
-    key_score_[layer].narrow(1, 0, keys).add_(selected(pass.key_score).narrow(1, 0, keys));
+    key_score_[layer].narrow(1, 0, keys).add_(SelectedHeads(pass.key_score).narrow(1, 0, keys));
     if (pos0 + n >= prompt_len_) {
       RETURN_IF_ERROR(EmitStat(StatKind::kKeyScore, phase, step, layer, 0, prompt_len_, prompt_len_,
                                key_score_[layer]));
@@ -450,6 +434,14 @@ absl::Status CaptureProcessor::EmitStat(StatKind kind, Phase phase, int64_t step
   h.shape.assign(host.sizes().begin(), host.sizes().end());
   block.values = host.data_ptr();
   return sink_->OnBlock(block);
+}
+
+torch::Tensor CaptureProcessor::SelectedHeads(const torch::Tensor& t) {
+  if (all_heads_ || !t.defined()) return t;
+  if (!head_index_.defined() || head_index_.device() != t.device()) {
+    head_index_ = torch::tensor(heads_, torch::dtype(torch::kInt64)).to(t.device());
+  }
+  return t.index_select(0, head_index_);
 }
 
 BlockHeader CaptureProcessor::Header(BlockKind kind, Phase phase, int64_t step, int64_t layer,

@@ -63,6 +63,8 @@ class CaptureProcessor {
                         bool row_statistics = true);
   absl::Status EmitForm(Phase phase, int64_t step, int64_t layer, int64_t row_begin,
                         const torch::Tensor& rows, int64_t key_length);
+  // t [model heads, ...] -> [selected heads, ...] (t itself when every head is selected).
+  torch::Tensor SelectedHeads(const torch::Tensor& t);
   BlockHeader Header(BlockKind kind, Phase phase, int64_t step, int64_t layer, int64_t row_begin,
                      int64_t row_end, int64_t key_length) const;
   absl::Status EmitStat(StatKind kind, Phase phase, int64_t step, int64_t layer, int64_t row_begin,

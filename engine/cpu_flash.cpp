@@ -24,19 +24,16 @@ namespace attnscope {
 #ifdef ATTNSCOPE_CPU_FLASH
 namespace {
 
-#ifndef ATTNSCOPE_ROW_TILE
-#define ATTNSCOPE_ROW_TILE 128
-#define ATTNSCOPE_KEY_TILE 512
-#endif
 // A tile stacks the query heads that share a kv head, position-major (row i·group + j: position
 // first + i, head h0 + j), so that one product per key tile serves the whole group.
-constexpr int64_t kRowTile = ATTNSCOPE_ROW_TILE;  // stacked query rows per tile, at most
-constexpr int64_t kKeyTile = ATTNSCOPE_KEY_TILE;  // keys per tile
+constexpr int64_t kRowTile = 128;  // stacked query rows per tile, at most
+constexpr int64_t kKeyTile = 512;  // keys per tile
 
 // Row-major c (m × n, row stride ldc) = alpha · a (m × k) · bᵀ (b: n × k) + beta · c.
 void GemmAbt(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
              const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  // Column-major: cᵀ (n × m) = bᵀᵀ... i.e. op(B) = Bᵀ of the column-major (k × n) view of b.
+  // Column-major, cᵀ (n × m) = b · aᵀ: b's rows are the columns of a column-major (k × n)
+  // matrix, transposed; a's rows those of a column-major (k × m) one, as they are.
   const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
   const int ia = static_cast<int>(ldb), ib = static_cast<int>(lda), ic = static_cast<int>(ldc);
   sgemm_("T", "N", &im, &in, &ik, &alpha, b, &ia, a, &ib, &beta, c, &ic);

@@ -273,6 +273,16 @@ TEST_F(EngineTest, EstimateMatchesBytesProduced) {
   }
 }
 
+// Whether this build and processor must compute statistics inside the pass (CpuFlashAttention):
+// libtorch 2.x (whose x86 builds carry the sgemm it uses) on an x86 processor with AVX2 and FMA.
+bool PassStatisticsExpected() {
+#if defined(__x86_64__)
+  return HasFusedAttention() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 // Independent float64 attention: q (heads, n, d) at positions pos0..pos0+n-1 over k, v (kv_heads,
 // pos0 + n, d), causal with an optional sliding window (keys with pos > query - window). Returns
 // the output (heads, n, d) and the probabilities (heads, n, keys).
@@ -415,8 +425,8 @@ TEST_P(AttentionPaths, FusedPathComputesOnlyWantedBlocks) {
 // Statistics inside the pass (CpuFlashAttention): output, lse, entropy, sink, local mass and key
 // score against the float64 reference, masked positions included.
 TEST_P(AttentionPaths, PassStatisticsMatchFloat64Reference) {
-  if (!StatisticsInPass(q_, k_, v_, shape_))
-    GTEST_SKIP() << "no in-pass statistics here (libtorch < 2.0, or no AVX2/FMA or sgemm)";
+  if (!PassStatisticsExpected()) GTEST_SKIP() << "no in-pass statistics: libtorch < 2.0 or no AVX2";
+  ASSERT_TRUE(StatisticsInPass(q_, k_, v_, shape_)) << "libtorch 2.x on AVX2: the pass must run";
   const int64_t n = q_.size(1);
   PassStatistics pass;
   pass.wanted = {true, 4, 3, std::max<int64_t>(0, n - 6), n};
@@ -461,8 +471,9 @@ TEST(PassStatistics, MatchFloat64ReferenceAcrossTiles) {
     AttentionShape shape;
     shape.pos0 = pos0;
     shape.window = window;
-    if (!StatisticsInPass(q, k, v, shape))
-      GTEST_SKIP() << "no in-pass statistics here (libtorch < 2.0, or no AVX2/FMA or sgemm)";
+    if (!PassStatisticsExpected())
+      GTEST_SKIP() << "no in-pass statistics: libtorch < 2.0 or no AVX2";
+    ASSERT_TRUE(StatisticsInPass(q, k, v, shape)) << "libtorch 2.x on AVX2: the pass must run";
     PassStatistics pass;
     pass.wanted = {true, 4, 64, n - 64, n};
     torch::Tensor out = FusedAttention(q, k, v, shape, nullptr, {}, &pass).value();
