@@ -1,10 +1,14 @@
 #include "engine/engine.h"
 
+#include <c10/core/Event.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
+#include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -83,6 +87,38 @@ double MsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// The host's copy of a token chosen on the device. On CUDA it is copied into pinned memory behind
+// the work queued so far, and only that copy is waited for (an event on the stream): work queued
+// after it keeps the device busy meanwhile. Elsewhere the value is there at once.
+class TokenReadback {
+ public:
+  explicit TokenReadback(torch::Device device) : device_(device) {
+    if (device.is_cuda()) {
+      host_ = torch::empty({1}, torch::dtype(torch::kInt64).pinned_memory(true));
+      event_.emplace(device.type());
+    }
+  }
+  void Start(const torch::Tensor& token) {
+    if (!device_.is_cuda()) {
+      value_ = token.item<int64_t>();
+      return;
+    }
+    host_.copy_(token, /*non_blocking=*/true);
+    event_->record(c10::impl::getDeviceGuardImpl(device_.type())->getStream(device_));
+  }
+  int64_t Wait() {
+    if (!device_.is_cuda()) return value_;
+    while (!event_->query()) std::this_thread::yield();
+    return host_.data_ptr<int64_t>()[0];
+  }
+
+ private:
+  torch::Device device_;
+  torch::Tensor host_;
+  std::optional<c10::Event> event_;
+  int64_t value_ = 0;
+};
+
 }  // namespace
 
 Engine::~Engine() = default;
@@ -92,6 +128,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   engine->options_ = options;
   ASSIGN_OR_RETURN(torch::Device device, ParseDevice(options.device));
   ASSIGN_OR_RETURN(torch::ScalarType dtype, ParseDType(options.dtype, device));
+  const std::string& lookahead = options.decode_lookahead;
+  if (lookahead != "auto" && lookahead != "on" && lookahead != "off") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("decode lookahead '", lookahead, "' is not auto, on or off"));
+  }
+  engine->lookahead_ = lookahead == "on" || (lookahead == "auto" && device.is_cuda());
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
   Weights weights;
   {
@@ -369,7 +411,35 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
     t0 = std::chrono::steady_clock::now();
     // max_new_tokens 0: the forward pass over the prompt is all (its captures, no token).
     if (request.max_new_tokens == 0) result.finish = FinishReason::kLength;
+    // Greedy decoding without interventions or logits chooses each token on the device and feeds
+    // it from there; the host reads it back for the stream and the stop checks. With lookahead
+    // (nothing captured in the decode phase, whose rows would otherwise go out before the stop
+    // check), the next step is queued before that read.
+    const bool device_tokens =
+        request.sampling.temperature <= 0 && !what_if && (sink == nullptr || !sink->WantsLogits());
+    bool decode_captured = false;
+    for (int64_t l = 0; l < info_.num_layers; ++l)
+      decode_captured = decode_captured || processor.Wants(Phase::kDecode, l);
+    const bool lookahead = device_tokens && lookahead_ && !decode_captured;
+    TokenReadback readback(logits.device());
     for (int64_t step = 1; request.max_new_tokens > 0; ++step) {
+      torch::Tensor fed;  // device_tokens: the token, (1) int64 on the device
+      // Lookahead: the next step's logits, queued before the read; after a stop they are dropped
+      // unread (and an error they carry with them).
+      std::optional<absl::StatusOr<torch::Tensor>> queued;
+      const int64_t length = cache.length;
+      int64_t token = 0;
+      if (device_tokens) {
+        fed = logits.argmax().reshape({1});  // the first maximum, as the sampler's greedy choice
+        readback.Start(fed);
+        // Not past a stop the host already knows of: the last step, a full cache, a cancel.
+        if (lookahead && step < request.max_new_tokens && cache.length < cache.capacity &&
+            !is_cancelled()) {
+          queued = transformer_->Forward(fed, &cache, intervened_capture, Phase::kDecode, step, fwd,
+                                         nullptr);
+        }
+        token = readback.Wait();
+      }
       if (sink != nullptr && sink->WantsLogits()) {
         const torch::Tensor host = logits.to(torch::kFloat32).cpu().contiguous();
         HostArray view;
@@ -378,8 +448,9 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
         view.bytes = host.numel() * 4;
         RETURN_IF_ERROR(sink->OnLogits(step, view));
       }
-      const int64_t token =
-          sampler.Next(what_if && request.reference_leads ? reference_logits : logits);
+      if (!device_tokens) {
+        token = sampler.Next(what_if && request.reference_leads ? reference_logits : logits);
+      }
       result.tokens.push_back(token);
       if (what_if && sink != nullptr) {
         RETURN_IF_ERROR(sink->OnDivergence(Divergence(step, token, reference_logits, logits,
@@ -401,7 +472,7 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
         result.finish = FinishReason::kLength;
         break;
       }
-      if (cache.length >= cache.capacity) {
+      if (length >= cache.capacity) {
         result.finish = FinishReason::kContextFull;
         break;
       }
@@ -409,9 +480,16 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
         result.finish = FinishReason::kCancelled;
         break;
       }
-      ASSIGN_OR_RETURN(
-          logits, transformer_->Forward({token}, &cache, intervened_capture, Phase::kDecode, step,
-                                        fwd, what_if ? &intervened : nullptr));
+      if (queued.has_value()) {
+        ASSIGN_OR_RETURN(logits, std::move(*queued));
+      } else if (device_tokens) {
+        ASSIGN_OR_RETURN(logits, transformer_->Forward(fed, &cache, intervened_capture,
+                                                       Phase::kDecode, step, fwd, nullptr));
+      } else {
+        ASSIGN_OR_RETURN(
+            logits, transformer_->Forward({token}, &cache, intervened_capture, Phase::kDecode, step,
+                                          fwd, what_if ? &intervened : nullptr));
+      }
       if (what_if) {
         ASSIGN_OR_RETURN(reference_logits,
                          transformer_->Forward({token}, &reference_cache, reference_capture,

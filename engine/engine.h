@@ -29,6 +29,12 @@ struct EngineOptions {
   int64_t query_block = kQueryBlock;        // attention rows at once for captured layers
   int64_t block_elements = kBlockElements;  // and at most this many probabilities (flat memory)
   bool fast_attention = true;  // fused attention for layers not captured (libtorch >= 2.0)
+  // Greedy decoding that captures nothing in the decode phase (no interventions, no logits): each
+  // step is queued before the host has read the token it feeds, which stays on the device; the
+  // host reads the tokens one step behind, so the device never waits for it. After a stop the
+  // queued step is dropped. "auto": on for CUDA (on the CPU, where a step runs as it is queued,
+  // that dropped step would cost its full time); "on"; "off".
+  std::string decode_lookahead = "auto";
 };
 
 // The one description of a served model: the checkpoint's configuration as read (ModelConfig:
@@ -159,6 +165,7 @@ class Engine {
   absl::Status NeedTokenizer() const;
   absl::Status TooLong(int64_t max_tokens) const;  // OUT_OF_RANGE: past the context
   EngineOptions options_;
+  bool lookahead_ = false;  // options_.decode_lookahead, resolved for the device
   ModelInfo info_;
   std::unique_ptr<Transformer> transformer_;
   std::unique_ptr<Tokenizer> tokenizer_;

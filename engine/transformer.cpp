@@ -90,10 +90,17 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const std::vector<int64_t>& i
                                                    CaptureProcessor* capture, Phase phase,
                                                    int64_t step, const ForwardOptions& options,
                                                    ForwardInterventions* interventions) const {
-  const int64_t n = static_cast<int64_t>(ids.size());
+  return Forward(torch::tensor(ids, torch::dtype(torch::kInt64)).to(device_), cache, capture, phase,
+                 step, options, interventions);
+}
+
+absl::StatusOr<torch::Tensor> Transformer::Forward(const torch::Tensor& ids_t, KVCache* cache,
+                                                   CaptureProcessor* capture, Phase phase,
+                                                   int64_t step, const ForwardOptions& options,
+                                                   ForwardInterventions* interventions) const {
+  const int64_t n = ids_t.size(0);
   const int64_t pos0 = cache->length;
   const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads, dim = config_.head_dim;
-  torch::Tensor ids_t = torch::tensor(ids, torch::dtype(torch::kInt64)).to(device_);
   torch::Tensor x =
       weights_.global[TensorId::kTokenEmbedding].index_select(0, ids_t);  // (n, hidden)
   auto [cos, sin] = RopeTables(inv_freq_, pos0, n, dtype_);               // (n, head_dim) each

@@ -56,6 +56,12 @@ class Transformer {
                                         CaptureProcessor* capture, Phase phase, int64_t step,
                                         const ForwardOptions& options,
                                         ForwardInterventions* interventions = nullptr) const;
+  // The same, the ids (int64, n) already on the model's device: decode feeds the token it chose
+  // there without a copy from the host (which would wait for the work queued before it).
+  absl::StatusOr<torch::Tensor> Forward(const torch::Tensor& ids, KVCache* cache,
+                                        CaptureProcessor* capture, Phase phase, int64_t step,
+                                        const ForwardOptions& options,
+                                        ForwardInterventions* interventions = nullptr) const;
 
  private:
   torch::Tensor RmsNorm(const torch::Tensor& x, const torch::Tensor& weight) const;

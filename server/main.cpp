@@ -50,6 +50,9 @@ ABSL_FLAG(int64_t, query_block, attnscope::EngineOptions{}.query_block,
 ABSL_FLAG(
     int64_t, block_elements, attnscope::EngineOptions{}.block_elements,
     "at most this many attention probabilities materialized at once (memory per captured layer)");
+ABSL_FLAG(std::string, decode_lookahead, attnscope::EngineOptions{}.decode_lookahead,
+          "queue each greedy decode step that captures nothing before reading the token it feeds "
+          "(auto: on CUDA; on, off)");
 ABSL_FLAG(std::string, auth_tokens_file, "", "file with one accepted bearer token per line");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (TLS on when set with --tls_key)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key");
@@ -256,6 +259,7 @@ absl::StatusOr<EngineOptions> EngineOptionsFromFlags(const std::string& model_di
   o.dtype = absl::GetFlag(FLAGS_dtype);
   o.query_block = absl::GetFlag(FLAGS_query_block);
   o.block_elements = absl::GetFlag(FLAGS_block_elements);
+  o.decode_lookahead = absl::GetFlag(FLAGS_decode_lookahead);
   if (o.query_block < 1 || o.block_elements < 1) {
     return absl::InvalidArgumentError("--query_block and --block_elements must be >= 1");
   }

@@ -44,6 +44,9 @@ ABSL_FLAG(int64_t, block_elements, attnscope::EngineOptions{}.block_elements,
           "at most this many probabilities at once (0: no limit)");
 ABSL_FLAG(bool, fast_attention, attnscope::EngineOptions{}.fast_attention,
           "fused attention for layers not captured (libtorch >= 2)");
+ABSL_FLAG(std::string, decode_lookahead, attnscope::EngineOptions{}.decode_lookahead,
+          "queue each greedy decode step before reading the token it feeds (auto: on CUDA; on, "
+          "off)");
 ABSL_FLAG(bool, logits, false, "store the logits of every step");
 ABSL_FLAG(std::string, out, "", "output safetensors file (empty: count bytes only)");
 
@@ -121,6 +124,7 @@ EngineOptions EngineFromFlags() {
   options.query_block = absl::GetFlag(FLAGS_query_block);
   options.block_elements = absl::GetFlag(FLAGS_block_elements);
   options.fast_attention = absl::GetFlag(FLAGS_fast_attention);
+  options.decode_lookahead = absl::GetFlag(FLAGS_decode_lookahead);
   return options;
 }
 

@@ -9,12 +9,14 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 
 NEW = 32
+DECODE_PROMPT, DECODE_NEW = 512, 65  # the capture-off decode rows (bench/cpu_peers.sh's shape)
 
 
 class ProcessGpuMemory:
@@ -162,6 +164,71 @@ def attnscope(build, model, n, mode, out_dir):
             "prefill_tok_s": s["prefill_tok_s"], "decode_tok_s": s["decode_tok_s"], "bytes": s["capture_bytes"]}
 
 
+def attnscope_decode(build, model, device, lookahead, runs=2):
+    """Capture-off decode after DECODE_PROMPT tokens, the engine direct, with --decode_lookahead set
+    as given: the best tokens/s of `runs`."""
+    args = [os.path.join(build, "tools", "attnscope-run"), f"--model_dir={model}", f"--device={device}",
+            f"--random_prompt={DECODE_PROMPT}", f"--max_new_tokens={DECODE_NEW}", "--form=none",
+            f"--decode_lookahead={lookahead}"] + (["--dtype=bfloat16"] if device != "cpu" else [])
+    best = 0.0
+    for _ in range(runs):
+        p = subprocess.run(args, capture_output=True, text=True)
+        if p.returncode != 0:
+            return {"status": "error", "detail": p.stderr[-300:]}
+        best = max(best, json.loads(p.stdout.strip().splitlines()[-1])["decode_tok_s"])
+    return {"status": "ok", "decode_tok_s": best}
+
+
+def hf_decode(model, device, runs=2):
+    """transformers' sdpa generate on the same checkpoint and prompt ids: DECODE_NEW - 1 decode steps
+    after the first token, tokens/s (generate of DECODE_NEW tokens minus generate of 1, best of
+    `runs` each), as bench/peers.py measures it on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from peers import random_prompt  # attnscope-run --random_prompt's ids
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    m = AutoModelForCausalLM.from_pretrained(model, torch_dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    ids = random_prompt(DECODE_PROMPT, m.config.vocab_size).to(device)
+
+    def gen(n):
+        best = float("inf")
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            if device != "cpu":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return best
+    gen(2)  # warm-up
+    one, full = gen(1), gen(DECODE_NEW)
+    del m
+    if device != "cpu":
+        torch.cuda.empty_cache()
+    return {"status": "ok", "decode_tok_s": (DECODE_NEW - 1) / (full - one)}
+
+
+def decode_table(build, model, device, record):
+    """Capture-off decode: attnscope with the lookahead off and on, transformers' sdpa generate."""
+    rows = {}
+    for lookahead in ("off", "on"):
+        rows[lookahead] = attnscope_decode(build, model, device, lookahead)
+        record(f"attnscope lookahead={lookahead}", DECODE_PROMPT, "decode", dict(rows[lookahead]))
+    rows["tf"] = hf_decode(model, device)
+    record("transformers sdpa", DECODE_PROMPT, "decode", dict(rows["tf"]))
+
+    def rate(r):
+        return f"{r['decode_tok_s']:.1f}" if r["status"] == "ok" else r["status"]
+    ratio = (f"{rows['on']['decode_tok_s'] / rows['tf']['decode_tok_s']:.2f}"
+             if rows["on"]["status"] == "ok" and rows["tf"]["status"] == "ok" else "-")
+    return ["| decode after 512, capture off | attnscope tok/s, lookahead off | attnscope tok/s, lookahead on | "
+            "transformers sdpa generate tok/s | on / transformers |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            f"| {DECODE_NEW - 1} steps, {device} | {rate(rows['off'])} | {rate(rows['on'])} | {rate(rows['tf'])} | "
+            f"{ratio} |"]
+
+
 class HF:
     def __init__(self, model):
         import torch
@@ -220,6 +287,9 @@ def main():
     ap.add_argument("--long_only", action="store_true", help="only the statistics runs from 32k up, attnscope only")
     ap.add_argument("--via", choices=["run", "server"], default="run",
                     help="attnscope through attnscope-run (engine direct) or server + capture client")
+    ap.add_argument("--decode_only", action="store_true", help="only the capture-off decode rows")
+    ap.add_argument("--model", default="", help="an existing checkpoint folder instead of the 8B-shaped one")
+    ap.add_argument("--device", default="cuda", help="the decode rows' device (cpu to try this script there)")
     a = ap.parse_args()
     if a.via == "server" and not os.path.exists(os.path.join(a.build, "server", "attnscope-server")):
         print("attnscope-server was not built: measuring the engine directly (attnscope-run)")
@@ -227,7 +297,7 @@ def main():
     deadline = float(os.environ.get("DEADLINE", time.time() + 400))
     work = "/tmp/h2h"
     os.makedirs(work, exist_ok=True)
-    model = make_model(os.path.join(work, "model"), a.layers)
+    model = a.model or make_model(os.path.join(work, "model"), a.layers)
     results = []
 
     def record(who, n, mode, r):
@@ -237,6 +307,12 @@ def main():
         with open(os.path.join(a.out, "headtohead.json"), "w") as f:
             json.dump(results, f, indent=1)
 
+    decode_lines = [] if a.long_only else decode_table(a.build, model, a.device, record)
+    if a.decode_only:
+        print("\n".join(decode_lines))
+        with open(os.path.join(a.out, "headtohead.md"), "w") as f:
+            f.write("\n".join(decode_lines) + "\n")
+        return
     hf = None
     plan = [("dense", 1024), ("dense", 4096), ("stats", 1024), ("stats", 4096), ("stats", 16384),
             ("stats", 32768), ("stats", 65536), ("stats", 131072)]
@@ -275,6 +351,7 @@ def main():
         lines.append(f"| {mode} | {n} | {wall(at)} | {wall(tf)} | {ratio} | {at.get('peak_mib', 0):.0f} | "
                      f"{(tf or {}).get('peak_mib', 0):.0f} | {at.get('prefill_tok_s', 0):.0f} | "
                      f"{at.get('decode_tok_s', 0):.0f} | {(tf or {}).get('tokens_s', 0):.0f} |")
+    lines += [""] + decode_lines
     with open(os.path.join(a.out, "headtohead.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -197,6 +197,70 @@ TEST_F(EngineTest, CancelStopsWithinOneStep) {
   EXPECT_EQ(r->decode_steps, 2);
 }
 
+// Decode lookahead (each greedy step queued before the host reads the token it feeds; on CUDA by
+// default, forced on here on the CPU): the same tokens, finish reasons and step counts as reading
+// each token first, and the step queued past a stop is dropped.
+TEST_F(EngineTest, DecodeLookaheadKeepsTokensAndStops) {
+  EngineOptions options;
+  options.model_dir = dir_->path();
+  options.decode_lookahead = "on";
+  auto loaded = Engine::Load(options);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const Engine& ahead = **loaded;
+  auto same = [&](const GenerateRequest& r, const CaptureSpec& spec, const char* what) {
+    RecordingSink a, b;
+    auto x = engine_->Generate(r, spec, &a, nullptr);
+    auto y = ahead.Generate(r, spec, &b, nullptr);
+    ASSERT_TRUE(x.ok() && y.ok()) << what << ": " << x.status() << " " << y.status();
+    EXPECT_EQ(x->tokens, y->tokens) << what;
+    EXPECT_EQ(a.tokens, b.tokens) << what;
+    EXPECT_EQ(x->finish, y->finish) << what;
+    EXPECT_EQ(x->decode_steps, y->decode_steps) << what;
+    EXPECT_EQ(a.blocks, b.blocks) << what;
+    EXPECT_EQ(a.bytes, b.bytes) << what;
+  };
+  same(Request(12), {}, "length");
+  auto r = engine_->Generate(Request(12), {}, nullptr, nullptr);
+  ASSERT_TRUE(r.ok());
+  GenerateRequest stop = Request(12);
+  stop.stop_token_ids = {r->tokens[3]};
+  same(stop, {}, "stop token");
+  same(Request(100), {}, "context full");
+  CaptureSpec prefill;  // captures only the prompt: lookahead stays on
+  prefill.form = Form::kDense;
+  prefill.decode = false;
+  prefill.stats.row_entropy = true;
+  same(stop, prefill, "prefill capture");
+  CaptureSpec both;  // decode rows too: each token is read before its rows are computed
+  both.form = Form::kDense;
+  same(stop, both, "decode capture");
+  // The eos id (2) under greedy decoding: the first prompt whose continuation meets it.
+  bool met = false;
+  for (int64_t first = 3; first < 32 && !met; ++first) {
+    GenerateRequest eos = Request(64 - 7);
+    eos.prompt_ids[0] = first;
+    eos.ignore_eos = false;
+    auto e = engine_->Generate(eos, {}, nullptr, nullptr);
+    ASSERT_TRUE(e.ok());
+    if (e->finish != FinishReason::kEos) continue;
+    met = true;
+    same(eos, {}, "eos");
+  }
+  EXPECT_TRUE(met)
+      << "no prompt led greedy decoding to the eos id: the lookahead's eos drop never ran";
+  // A cancel during a step: the step queued behind it is dropped.
+  RecordingSink sink;
+  sink.cancel_after = 3;
+  auto c = ahead.Generate(Request(50), {}, &sink, &sink.cancel);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->finish, FinishReason::kCancelled);
+  EXPECT_EQ(c->tokens.size(), 3u);
+  EXPECT_EQ(c->decode_steps, 2);
+  // An unknown setting is refused at load.
+  options.decode_lookahead = "sometimes";
+  EXPECT_EQ(Engine::Load(options).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // max_new_tokens 0 is a forward pass over the prompt: its prefill blocks, no token (issue 21.A3:
 // it used to become 16 tokens).
 TEST_F(EngineTest, ZeroNewTokensIsThePromptOnly) {
