@@ -188,7 +188,11 @@ def hf_decode(model, device, runs=2):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from peers import random_prompt  # attnscope-run --random_prompt's ids
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    m = AutoModelForCausalLM.from_pretrained(model, torch_dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    try:  # transformers 5 names it dtype; 4.x, torch_dtype
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa")
+    except TypeError:
+        m = AutoModelForCausalLM.from_pretrained(model, torch_dtype=dtype, attn_implementation="sdpa")
+    m = m.to(device).eval()
     ids = random_prompt(DECODE_PROMPT, m.config.vocab_size).to(device)
 
     def gen(n):
