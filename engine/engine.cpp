@@ -415,11 +415,8 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
     // it from there; the host reads it back for the stream and the stop checks. With lookahead
     // (nothing captured in the decode phase, whose rows would otherwise go out before the stop
     // check), the next step is queued before that read.
-    // On the CPU the logits are host memory already, with nothing to copy or wait for, so there
-    // the path is taken only for the lookahead.
-    const bool device_tokens = (logits.is_cuda() || lookahead_) &&
-                               request.sampling.temperature <= 0 && !what_if &&
-                               (sink == nullptr || !sink->WantsLogits());
+    const bool device_tokens =
+        request.sampling.temperature <= 0 && !what_if && (sink == nullptr || !sink->WantsLogits());
     bool decode_captured = false;
     for (int64_t l = 0; l < info_.num_layers; ++l)
       decode_captured = decode_captured || processor.Wants(Phase::kDecode, l);
