@@ -112,8 +112,13 @@ torch::Tensor PadKeys(const torch::Tensor& t, int64_t length) {
 }  // namespace
 
 CaptureProcessor::CaptureProcessor(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
-                                   int64_t prompt_len, AttentionSink* sink)
-    : spec_(spec), prompt_len_(prompt_len), sink_(sink) {
+                                   int64_t prompt_len, AttentionSink* sink, bool queued_copies,
+                                   int64_t max_queued_bytes)
+    : spec_(spec),
+      prompt_len_(prompt_len),
+      sink_(sink),
+      queued_copies_(queued_copies),
+      max_queued_bytes_(max_queued_bytes) {
   layer_on_.assign(num_layers, spec.layers.empty());
   for (int64_t l : spec.layers) layer_on_[l] = true;
   all_heads_ = spec.heads.empty();
@@ -329,7 +334,7 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
   h.form = spec_.form;
   h.pool = spec_.pool;
   h.element_type = spec_.element_type;
-  if (spec_.form == Form::kDense && sink_->PlacesValues()) {
+  if (spec_.form == Form::kDense && sink_->PlacesValues() && !queued_copies_) {
     // Written piece by piece where the sink places them (keys padded with 0 on the way): no
     // materialized copy of the block.
     const int64_t heads = rows.size(0), have = rows.size(2);
@@ -411,15 +416,13 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
       const int64_t k = std::min(spec_.top_k, key_length);
       auto [v, idx] = PadKeys(rows, key_length).topk(k, /*dim=*/-1);
       values = v;
-      indices = idx.to(torch::kInt32).cpu().contiguous();
-      block.indices = indices.data_ptr();
+      indices = idx.to(torch::kInt32);
       break;
     }
   }
-  const torch::Tensor host = values.to(TorchType(spec_.element_type)).cpu().contiguous();
-  h.shape.assign(host.sizes().begin(), host.sizes().end());
-  block.values = host.data_ptr();
-  return sink_->OnBlock(block);
+  values = values.to(TorchType(spec_.element_type));
+  h.shape.assign(values.sizes().begin(), values.sizes().end());
+  return Hand(std::move(block), values, indices);
 }
 
 absl::Status CaptureProcessor::EmitStat(StatKind kind, Phase phase, int64_t step, int64_t layer,
@@ -430,10 +433,62 @@ absl::Status CaptureProcessor::EmitStat(StatKind kind, Phase phase, int64_t step
   h = Header(BlockKind::kStatistic, phase, step, layer, row_begin, row_end, key_length);
   h.stat = kind;
   h.element_type = ElementType::kFloat32;
-  const torch::Tensor host = values.to(torch::kFloat32).cpu().contiguous();
-  h.shape.assign(host.sizes().begin(), host.sizes().end());
-  block.values = host.data_ptr();
-  return sink_->OnBlock(block);
+  h.shape.assign(values.sizes().begin(), values.sizes().end());
+  return Hand(std::move(block), values.to(torch::kFloat32), torch::Tensor());
+}
+
+absl::Status CaptureProcessor::Hand(Block block, const torch::Tensor& values,
+                                    const torch::Tensor& indices) {
+  if (!queued_copies_) {
+    const torch::Tensor host = values.cpu().contiguous();
+    const torch::Tensor host_indices = indices.defined() ? indices.cpu().contiguous() : indices;
+    block.values = host.data_ptr();
+    if (host_indices.defined()) block.indices = host_indices.data_ptr();
+    return sink_->OnBlock(block);
+  }
+  Queued q;
+  q.values = HostCopyQueued(values);
+  if (indices.defined()) q.indices = HostCopyQueued(indices);
+  q.copied = DeviceEvent(values.device());
+  q.from_device = !values.device().is_cpu();
+  q.block = std::move(block);
+  q.block.values = q.values.data_ptr();
+  if (q.indices.defined()) q.block.indices = q.indices.data_ptr();
+  q.bytes = q.values.nbytes() + (q.indices.defined() ? q.indices.nbytes() : 0);
+  queued_bytes_ += q.bytes;
+  queued_.push_back(std::move(q));
+  return HandReady();
+}
+
+absl::Status CaptureProcessor::HandReady() {
+  while (!queued_.empty() && queued_.front().block.header.step < hold_from_ &&
+         (queued_bytes_ > max_queued_bytes_ ||
+          (queued_.front().from_device && queued_.front().copied.Done()))) {
+    RETURN_IF_ERROR(HandOldest());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CaptureProcessor::Flush(int64_t through_step) {
+  while (!queued_.empty() && queued_.front().block.header.step <= through_step) {
+    RETURN_IF_ERROR(HandOldest());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CaptureProcessor::HandOldest() {
+  Queued q = std::move(queued_.front());
+  queued_.pop_front();
+  queued_bytes_ -= q.bytes;
+  q.copied.Wait();
+  return sink_->OnBlock(q.block);
+}
+
+void CaptureProcessor::Drop(int64_t step) {
+  while (!queued_.empty() && queued_.back().block.header.step >= step) {
+    queued_bytes_ -= queued_.back().bytes;
+    queued_.pop_back();
+  }
 }
 
 torch::Tensor CaptureProcessor::SelectedHeads(const torch::Tensor& t) {
@@ -459,6 +514,7 @@ BlockHeader CaptureProcessor::Header(BlockKind kind, Phase phase, int64_t step, 
 }
 
 absl::Status CaptureProcessor::Finish() {
+  RETURN_IF_ERROR(Flush());
   if (!spec_.stats.key_score_variance || decode_steps_seen_ == 0) return absl::OkStatus();
   for (size_t layer = 0; layer < var_sum_.size(); ++layer) {
     if (!var_sum_[layer].defined()) continue;
@@ -468,7 +524,7 @@ absl::Status CaptureProcessor::Finish() {
     RETURN_IF_ERROR(EmitStat(StatKind::kKeyScoreVariance, Phase::kDecode, decode_steps_seen_,
                              static_cast<int64_t>(layer), 0, prompt_len_, prompt_len_, var));
   }
-  return absl::OkStatus();
+  return Flush();
 }
 
 }  // namespace attnscope

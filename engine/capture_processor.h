@@ -5,21 +5,34 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <deque>
+#include <limits>
 #include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "core/block.h"
 #include "engine/cpu_flash.h"
+#include "engine/device_copy.h"
 
 namespace attnscope {
 
 // Turns probability blocks into the spec's forms and statistics on the engine's device, and hands
 // them to the sink. One per generation.
+//
+// With `queued_copies` a block's host copy is queued behind the work that computes it
+// (HostCopyQueued) and the block reaches the sink later, in order: from the device once its copy
+// is done, so the device never waits for the host in the middle of a pass; on the CPU, where
+// nothing runs meanwhile, at the next Flush. Blocks wait at most until the next Flush, or while
+// more than `max_queued_bytes` wait. Blocks of a step the engine queued ahead of its stop check
+// (HoldFrom) wait for Flush, or are dropped (Drop).
 class CaptureProcessor {
  public:
+  static constexpr int64_t kMaxQueuedBytes = int64_t{64} << 20;
+
   CaptureProcessor(const CaptureSpec& spec, int64_t num_layers, int64_t num_heads,
-                   int64_t prompt_len, AttentionSink* sink);
+                   int64_t prompt_len, AttentionSink* sink, bool queued_copies = false,
+                   int64_t max_queued_bytes = kMaxQueuedBytes);
 
   // Whether layer `layer` needs probabilities in this phase (else the fast path runs).
   bool Wants(Phase phase, int64_t layer) const;
@@ -52,7 +65,15 @@ class CaptureProcessor {
   absl::Status OnPassStatistics(Phase phase, int64_t step, int64_t layer, int64_t pos0,
                                 const FlashResult& pass, int64_t key_length);
 
-  // Emits what accumulates across steps (key-score variance). Call once after the last step.
+  // Hands every waiting block of steps <= `through_step` to the sink, waiting for their copies.
+  absl::Status Flush(int64_t through_step = std::numeric_limits<int64_t>::max());
+  // Blocks of steps >= `step` wait for Flush (a step that may yet be dropped).
+  void HoldFrom(int64_t step) { hold_from_ = step; }
+  // Forgets the waiting blocks of steps >= `step` (a step queued past a stop), unhanded.
+  void Drop(int64_t step);
+
+  // Hands over what waits, then emits what accumulates across steps (key-score variance). Call
+  // once after the last step.
   absl::Status Finish();
 
  private:
@@ -69,6 +90,22 @@ class CaptureProcessor {
                      int64_t row_end, int64_t key_length) const;
   absl::Status EmitStat(StatKind kind, Phase phase, int64_t step, int64_t layer, int64_t row_begin,
                         int64_t row_end, int64_t key_length, const torch::Tensor& values);
+  // Hands `block` with `values` (and `indices`, int32, where the form has them) to the sink now,
+  // or queues their host copies (queued_copies_).
+  absl::Status Hand(Block block, const torch::Tensor& values, const torch::Tensor& indices);
+  // Hands over the waiting blocks before hold_from_ whose device copies are done, and waits for
+  // more while over max_queued_bytes_.
+  absl::Status HandReady();
+  // Hands the oldest waiting block over once its copy is done.
+  absl::Status HandOldest();
+
+  struct Queued {
+    Block block;                    // values and indices point into the host copies
+    torch::Tensor values, indices;  // host copies
+    DeviceEvent copied;
+    bool from_device = false;  // copied from a device (else cloned on the CPU)
+    int64_t bytes = 0;
+  };
 
   CaptureSpec spec_;
   int64_t prompt_len_;
@@ -82,6 +119,11 @@ class CaptureProcessor {
   std::vector<torch::Tensor> var_sum_;     // per layer [heads, prompt] float64
   std::vector<torch::Tensor> var_sum_sq_;  // per layer [heads, prompt] float64
   int64_t decode_steps_seen_ = 0;
+  bool queued_copies_ = false;
+  std::deque<Queued> queued_;  // in the order the blocks were made
+  int64_t queued_bytes_ = 0;
+  int64_t max_queued_bytes_ = kMaxQueuedBytes;
+  int64_t hold_from_ = std::numeric_limits<int64_t>::max();
 };
 
 }  // namespace attnscope

@@ -1,14 +1,11 @@
 #include "engine/engine.h"
 
-#include <c10/core/Event.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <optional>
-#include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -18,6 +15,7 @@
 #include "engine/capture_processor.h"
 #include "engine/checkpoint/config.h"
 #include "engine/checkpoint/weights.h"
+#include "engine/device_copy.h"
 #include "engine/sampler.h"
 #include "engine/transformer.h"
 #include "text/tokenizer/tokenizer.h"
@@ -87,37 +85,39 @@ double MsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// The host's copy of a token chosen on the device. On CUDA it is copied into pinned memory behind
-// the work queued so far, and only that copy is waited for (an event on the stream): work queued
-// after it keeps the device busy meanwhile. Elsewhere the value is there at once.
+// The host's copy of a token chosen on the device: on CUDA queued behind the work so far, and only
+// that copy is waited for; work queued after it keeps the device busy meanwhile. On the CPU the
+// value is there at once.
 class TokenReadback {
  public:
-  explicit TokenReadback(torch::Device device) : device_(device) {
-    if (device.is_cuda()) {
-      host_ = torch::empty({1}, torch::dtype(torch::kInt64).pinned_memory(true));
-      event_.emplace(device.type());
-    }
-  }
   void Start(const torch::Tensor& token) {
-    if (!device_.is_cuda()) {
+    if (!token.device().is_cuda()) {
       value_ = token.item<int64_t>();
+      host_ = torch::Tensor();
       return;
     }
-    host_.copy_(token, /*non_blocking=*/true);
-    event_->record(c10::impl::getDeviceGuardImpl(device_.type())->getStream(device_));
+    host_ = HostCopyQueued(token);
+    copied_ = DeviceEvent(token.device());
   }
   int64_t Wait() {
-    if (!device_.is_cuda()) return value_;
-    while (!event_->query()) std::this_thread::yield();
+    if (!host_.defined()) return value_;
+    copied_.Wait();
     return host_.data_ptr<int64_t>()[0];
   }
 
  private:
-  torch::Device device_;
-  torch::Tensor host_;
-  std::optional<c10::Event> event_;
+  torch::Tensor host_;  // CUDA: the pinned copy
+  DeviceEvent copied_;
   int64_t value_ = 0;
 };
+
+absl::StatusOr<bool> AutoOnOff(const std::string& what, const std::string& value,
+                               const torch::Device& device) {
+  if (value != "auto" && value != "on" && value != "off") {
+    return absl::InvalidArgumentError(absl::StrCat(what, " '", value, "' is not auto, on or off"));
+  }
+  return value == "on" || (value == "auto" && device.is_cuda());
+}
 
 }  // namespace
 
@@ -128,12 +128,10 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   engine->options_ = options;
   ASSIGN_OR_RETURN(torch::Device device, ParseDevice(options.device));
   ASSIGN_OR_RETURN(torch::ScalarType dtype, ParseDType(options.dtype, device));
-  const std::string& lookahead = options.decode_lookahead;
-  if (lookahead != "auto" && lookahead != "on" && lookahead != "off") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("decode lookahead '", lookahead, "' is not auto, on or off"));
-  }
-  engine->lookahead_ = lookahead == "on" || (lookahead == "auto" && device.is_cuda());
+  ASSIGN_OR_RETURN(engine->lookahead_,
+                   AutoOnOff("decode lookahead", options.decode_lookahead, device));
+  ASSIGN_OR_RETURN(engine->queued_copies_,
+                   AutoOnOff("queued copies", options.queued_copies, device));
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
   Weights weights;
   {
@@ -359,7 +357,8 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
     const int64_t capacity =
         std::min(prompt_len + request.max_new_tokens - 1, info_.max_position_embeddings);
     KVCache cache = transformer_->NewCache(std::max(capacity, prompt_len));
-    CaptureProcessor processor(capture, info_.num_layers, info_.num_heads, prompt_len, sink);
+    CaptureProcessor processor(capture, info_.num_layers, info_.num_heads, prompt_len, sink,
+                               queued_copies_);
     ForwardOptions fwd;
     fwd.query_block = options_.query_block;
     fwd.block_elements = options_.block_elements;
@@ -399,6 +398,7 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
         transformer_->Forward(request.prompt_ids, &cache, intervened_capture, Phase::kPrefill, 0,
                               fwd, what_if ? &intervened : nullptr));
     if (what_if) {
+      RETURN_IF_ERROR(processor.Flush());  // the blocks before the decisions, as they were made
       for (const KvDecision& decision : intervened.decisions) {
         if (sink != nullptr) RETURN_IF_ERROR(sink->OnKvDecision(decision));
       }
@@ -407,21 +407,26 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
                                                                reference_capture, Phase::kPrefill,
                                                                0, fwd, &reference));
     }
+    WaitForDevice(logits.device());  // the prefill's time, not the time to queue it
     result.timings.prefill_ms = MsSince(t0);
     t0 = std::chrono::steady_clock::now();
     // max_new_tokens 0: the forward pass over the prompt is all (its captures, no token).
     if (request.max_new_tokens == 0) result.finish = FinishReason::kLength;
     // Greedy decoding without interventions or logits chooses each token on the device and feeds
-    // it from there; the host reads it back for the stream and the stop checks. With lookahead
-    // (nothing captured in the decode phase, whose rows would otherwise go out before the stop
-    // check), the next step is queued before that read.
+    // it from there; the host reads it back for the stream and the stop checks. With lookahead the
+    // next step is queued before that read: where the decode phase captures nothing, or only
+    // statistics whose blocks wait in the processor for the stop check (queued copies; dropped
+    // after a stop). Matrices are too large to hold back, and the key-score variance would
+    // already have summed a dropped step.
     const bool device_tokens =
         request.sampling.temperature <= 0 && !what_if && (sink == nullptr || !sink->WantsLogits());
     bool decode_captured = false;
     for (int64_t l = 0; l < info_.num_layers; ++l)
       decode_captured = decode_captured || processor.Wants(Phase::kDecode, l);
-    const bool lookahead = device_tokens && lookahead_ && !decode_captured;
-    TokenReadback readback(logits.device());
+    const bool statistics_held =
+        queued_copies_ && capture.form == Form::kNone && !capture.stats.key_score_variance;
+    const bool lookahead = device_tokens && lookahead_ && (!decode_captured || statistics_held);
+    TokenReadback readback;
     for (int64_t step = 1; request.max_new_tokens > 0; ++step) {
       torch::Tensor fed;  // device_tokens: the token, (1) int64 on the device
       // Lookahead: the next step's logits, queued before the read; after a stop they are dropped
@@ -435,11 +440,14 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
         // Not past a stop the host already knows of: the last step, a full cache, a cancel.
         if (lookahead && step < request.max_new_tokens && cache.length < cache.capacity &&
             !is_cancelled()) {
+          processor.HoldFrom(step);
           queued = transformer_->Forward(fed, &cache, intervened_capture, Phase::kDecode, step, fwd,
                                          nullptr);
         }
         token = readback.Wait();
       }
+      // The blocks of the steps before this token (the prefill's, the last step's), before it.
+      RETURN_IF_ERROR(processor.Flush(step - 1));
       if (sink != nullptr && sink->WantsLogits()) {
         const torch::Tensor host = logits.to(torch::kFloat32).cpu().contiguous();
         HostArray view;
@@ -497,6 +505,7 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
         // A decision after this step (decode_interval): its evictions hide keys from the next
         // rows on, in the intervened run and in the reference's measure.
         if (!intervened.decisions.empty()) {
+          RETURN_IF_ERROR(processor.Flush());
           for (const KvDecision& decision : intervened.decisions) {
             if (sink != nullptr) RETURN_IF_ERROR(sink->OnKvDecision(decision));
           }
@@ -506,6 +515,7 @@ absl::StatusOr<GenerateResult> Engine::Generate(const ValidatedRequest& valid, A
       ++result.decode_steps;
     }
     result.timings.decode_ms = MsSince(t0);
+    processor.Drop(result.decode_steps + 1);  // a step queued past the stop
     RETURN_IF_ERROR(processor.Finish());
     return result;
   } catch (const c10::Error& e) {

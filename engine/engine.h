@@ -35,6 +35,13 @@ struct EngineOptions {
   // queued step is dropped. "auto": on for CUDA (on the CPU, where a step runs as it is queued,
   // that dropped step would cost its full time); "on"; "off".
   std::string decode_lookahead = "auto";
+  // Captured blocks' host copies queued behind the work that computes them, the blocks handed to
+  // the sink once copied (in order, at the latest before the next token): the device does not
+  // wait for the host at every block. With it the lookahead also covers decode steps that capture
+  // statistics only (no form, no key-score variance): their blocks wait for the stop check.
+  // "auto": on for CUDA (on the CPU a copy is done when it is queued; "on" there only clones the
+  // blocks); "on"; "off".
+  std::string queued_copies = "auto";
 };
 
 // The one description of a served model: the checkpoint's configuration as read (ModelConfig:
@@ -165,7 +172,8 @@ class Engine {
   absl::Status NeedTokenizer() const;
   absl::Status TooLong(int64_t max_tokens) const;  // OUT_OF_RANGE: past the context
   EngineOptions options_;
-  bool lookahead_ = false;  // options_.decode_lookahead, resolved for the device
+  bool lookahead_ = false;      // options_.decode_lookahead, resolved for the device
+  bool queued_copies_ = false;  // options_.queued_copies, resolved for the device
   ModelInfo info_;
   std::unique_ptr<Transformer> transformer_;
   std::unique_ptr<Tokenizer> tokenizer_;

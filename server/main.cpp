@@ -53,6 +53,9 @@ ABSL_FLAG(
 ABSL_FLAG(std::string, decode_lookahead, attnscope::EngineOptions{}.decode_lookahead,
           "queue each greedy decode step that captures nothing before reading the token it feeds "
           "(auto: on CUDA; on, off)");
+ABSL_FLAG(std::string, queued_copies, attnscope::EngineOptions{}.queued_copies,
+          "queue captured blocks' host copies behind the work that computes them, handing the "
+          "blocks over once copied (auto: on CUDA; on, off)");
 ABSL_FLAG(std::string, auth_tokens_file, "", "file with one accepted bearer token per line");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (TLS on when set with --tls_key)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key");
@@ -260,6 +263,7 @@ absl::StatusOr<EngineOptions> EngineOptionsFromFlags(const std::string& model_di
   o.query_block = absl::GetFlag(FLAGS_query_block);
   o.block_elements = absl::GetFlag(FLAGS_block_elements);
   o.decode_lookahead = absl::GetFlag(FLAGS_decode_lookahead);
+  o.queued_copies = absl::GetFlag(FLAGS_queued_copies);
   if (o.query_block < 1 || o.block_elements < 1) {
     return absl::InvalidArgumentError("--query_block and --block_elements must be >= 1");
   }

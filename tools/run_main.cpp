@@ -47,6 +47,9 @@ ABSL_FLAG(bool, fast_attention, attnscope::EngineOptions{}.fast_attention,
 ABSL_FLAG(std::string, decode_lookahead, attnscope::EngineOptions{}.decode_lookahead,
           "queue each greedy decode step before reading the token it feeds (auto: on CUDA; on, "
           "off)");
+ABSL_FLAG(std::string, queued_copies, attnscope::EngineOptions{}.queued_copies,
+          "queue captured blocks' host copies behind the work that computes them, handing the "
+          "blocks over once copied (auto: on CUDA; on, off)");
 ABSL_FLAG(bool, logits, false, "store the logits of every step");
 ABSL_FLAG(std::string, out, "", "output safetensors file (empty: count bytes only)");
 
@@ -125,6 +128,7 @@ EngineOptions EngineFromFlags() {
   options.block_elements = absl::GetFlag(FLAGS_block_elements);
   options.fast_attention = absl::GetFlag(FLAGS_fast_attention);
   options.decode_lookahead = absl::GetFlag(FLAGS_decode_lookahead);
+  options.queued_copies = absl::GetFlag(FLAGS_queued_copies);
   return options;
 }
 

@@ -164,12 +164,17 @@ def attnscope(build, model, n, mode, out_dir):
             "prefill_tok_s": s["prefill_tok_s"], "decode_tok_s": s["decode_tok_s"], "bytes": s["capture_bytes"]}
 
 
-def attnscope_decode(build, model, device, lookahead, runs=2):
-    """Capture-off decode after DECODE_PROMPT tokens, the engine direct, with --decode_lookahead set
-    as given: the best tokens/s of `runs`."""
+DECODE_STATS = "row_entropy,sink_mass:4,local_mass:64"  # the statistics of a decode row
+
+
+def attnscope_decode(build, model, device, lookahead, runs=2, queued="auto", stats=""):
+    """Decode after DECODE_PROMPT tokens, the engine direct, with --decode_lookahead and
+    --queued_copies set as given, capturing `stats` (none: capture off): the best tokens/s of
+    `runs`."""
     args = [os.path.join(build, "tools", "attnscope-run"), f"--model_dir={model}", f"--device={device}",
             f"--random_prompt={DECODE_PROMPT}", f"--max_new_tokens={DECODE_NEW}", "--form=none",
-            f"--decode_lookahead={lookahead}"] + (["--dtype=bfloat16"] if device != "cpu" else [])
+            f"--decode_lookahead={lookahead}", f"--queued_copies={queued}"] + (
+                ["--dtype=bfloat16"] if device != "cpu" else []) + ([f"--stats={stats}"] if stats else [])
     best = 0.0
     for _ in range(runs):
         p = subprocess.run(args, capture_output=True, text=True)
@@ -214,23 +219,33 @@ def hf_decode(model, device, runs=2):
 
 
 def decode_table(build, model, device, record):
-    """Capture-off decode: attnscope with the lookahead off and on, transformers' sdpa generate."""
+    """Decode: capture off with the lookahead off and on, transformers' sdpa generate; then every
+    layer's decode-row statistics with the queued copies off (each block read back at once, no
+    lookahead) and on (with the lookahead)."""
     rows = {}
     for lookahead in ("off", "on"):
         rows[lookahead] = attnscope_decode(build, model, device, lookahead)
         record(f"attnscope lookahead={lookahead}", DECODE_PROMPT, "decode", dict(rows[lookahead]))
     rows["tf"] = hf_decode(model, device)
     record("transformers sdpa", DECODE_PROMPT, "decode", dict(rows["tf"]))
+    for queued, lookahead in (("off", "off"), ("on", "on")):
+        key = f"stats_{queued}"
+        rows[key] = attnscope_decode(build, model, device, lookahead, queued=queued, stats=DECODE_STATS)
+        record(f"attnscope statistics queued_copies={queued}", DECODE_PROMPT, "decode", dict(rows[key]))
 
     def rate(r):
         return f"{r['decode_tok_s']:.1f}" if r["status"] == "ok" else r["status"]
-    ratio = (f"{rows['on']['decode_tok_s'] / rows['tf']['decode_tok_s']:.2f}"
-             if rows["on"]["status"] == "ok" and rows["tf"]["status"] == "ok" else "-")
-    return ["| decode after 512, capture off | attnscope tok/s, lookahead off | attnscope tok/s, lookahead on | "
-            "transformers sdpa generate tok/s | on / transformers |",
-            "| --- | ---: | ---: | ---: | ---: |",
+
+    def ratio(a, b):
+        ok = rows[a]["status"] == "ok" and rows[b]["status"] == "ok"
+        return f"{rows[a]['decode_tok_s'] / rows[b]['decode_tok_s']:.2f}" if ok else "-"
+    return ["| decode after 512 | attnscope tok/s, capture off, lookahead off | capture off, lookahead on | "
+            "transformers sdpa generate tok/s | capture off (on) / transformers | statistics, queued copies off | "
+            "statistics, queued copies and lookahead on | statistics (on) / capture off (on) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             f"| {DECODE_NEW - 1} steps, {device} | {rate(rows['off'])} | {rate(rows['on'])} | {rate(rows['tf'])} | "
-            f"{ratio} |"]
+            f"{ratio('on', 'tf')} | {rate(rows['stats_off'])} | {rate(rows['stats_on'])} | "
+            f"{ratio('stats_on', 'on')} |"]
 
 
 class HF:

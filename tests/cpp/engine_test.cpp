@@ -9,9 +9,13 @@
 #include <functional>
 #include <iterator>
 #include <limits>
+#include <optional>
 #include <thread>
 
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
 #include "engine/attention.h"
+#include "engine/capture_processor.h"
 #include "tests/cpp/tiny_checkpoint.h"
 
 namespace attnscope {
@@ -38,6 +42,17 @@ class EngineTest : public ::testing::Test {
     r.max_new_tokens = max_new;
     r.ignore_eos = true;
     return r;
+  }
+  // A request whose greedy continuation meets the eos id (2): the first prompt that leads there.
+  static std::optional<GenerateRequest> EosRequest() {
+    for (int64_t first = 3; first < 32; ++first) {
+      GenerateRequest eos = Request(64 - 7);
+      eos.prompt_ids[0] = first;
+      eos.ignore_eos = false;
+      auto e = engine_->Generate(eos, {}, nullptr, nullptr);
+      if (e.ok() && e->finish == FinishReason::kEos) return eos;
+    }
+    return std::nullopt;
   }
   static testing::TempDir* dir_;
   static Engine* engine_;
@@ -234,20 +249,10 @@ TEST_F(EngineTest, DecodeLookaheadKeepsTokensAndStops) {
   CaptureSpec both;  // decode rows too: each token is read before its rows are computed
   both.form = Form::kDense;
   same(stop, both, "decode capture");
-  // The eos id (2) under greedy decoding: the first prompt whose continuation meets it.
-  bool met = false;
-  for (int64_t first = 3; first < 32 && !met; ++first) {
-    GenerateRequest eos = Request(64 - 7);
-    eos.prompt_ids[0] = first;
-    eos.ignore_eos = false;
-    auto e = engine_->Generate(eos, {}, nullptr, nullptr);
-    ASSERT_TRUE(e.ok());
-    if (e->finish != FinishReason::kEos) continue;
-    met = true;
-    same(eos, {}, "eos");
-  }
-  EXPECT_TRUE(met)
+  const std::optional<GenerateRequest> eos = EosRequest();
+  ASSERT_TRUE(eos.has_value())
       << "no prompt led greedy decoding to the eos id: the lookahead's eos drop never ran";
+  same(*eos, {}, "eos");
   // A cancel during a step: the step queued behind it is dropped.
   RecordingSink sink;
   sink.cancel_after = 3;
@@ -259,6 +264,193 @@ TEST_F(EngineTest, DecodeLookaheadKeepsTokensAndStops) {
   // An unknown setting is refused at load.
   options.decode_lookahead = "sometimes";
   EXPECT_EQ(Engine::Load(options).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Everything a generation hands its sink, in order, with every byte of every block: the measure
+// of "the same output" for the queued copies and the lookahead.
+class TranscriptSink : public AttentionSink {
+ public:
+  explicit TranscriptSink(bool places = false) : places_(places) {}
+  bool PlacesValues() const override { return places_; }
+  absl::Status OnBlock(const Block& b) override {
+    const BlockHeader& h = b.header;
+    std::string values(static_cast<size_t>(h.value_bytes()), '\0');
+    if (b.values != nullptr) {
+      std::memcpy(values.data(), b.values, values.size());
+    } else {
+      b.fill(0, h.numel(), values.data());
+    }
+    std::string line = absl::StrCat("block ", BlockName(h), " keys ", h.key_length, " shape");
+    for (int64_t d : h.shape) absl::StrAppend(&line, " ", d);
+    absl::StrAppend(&line, " values ", absl::BytesToHexString(values));
+    if (h.has_indices()) {
+      absl::StrAppend(&line, " indices ",
+                      absl::BytesToHexString(
+                          absl::string_view(static_cast<const char*>(b.indices), h.index_bytes())));
+    }
+    calls.push_back(line);
+    return absl::OkStatus();
+  }
+  absl::Status OnToken(int64_t step, int64_t id) override {
+    calls.push_back(absl::StrCat("token ", step, " ", id));
+    if (cancel_after > 0 && ++tokens == cancel_after) cancel.Cancel();
+    return absl::OkStatus();
+  }
+  absl::Status OnDivergence(const DivergenceStep& d) override {
+    calls.push_back(absl::StrCat("divergence ", d.step, " ", d.token, " ", d.kl));
+    return absl::OkStatus();
+  }
+  absl::Status OnKvDecision(const KvDecision& d) override {
+    calls.push_back(absl::StrCat("kv ", d.step, " ", d.layer, " ", d.keys));
+    return absl::OkStatus();
+  }
+  std::vector<std::string> calls;
+  int64_t tokens = 0, cancel_after = 0;
+  CancelToken cancel;
+
+ private:
+  bool places_;
+};
+
+// Queued copies (on CUDA by default, forced on here on the CPU, where blocks then wait for the
+// engine's flushes) and the lookahead over decode steps that capture statistics: the sink gets
+// the same calls in the same order with the same bytes as when each block is handed over at
+// once; a step queued past a stop leaves nothing behind.
+TEST_F(EngineTest, QueuedCopiesHandTheSameBlocksInOrder) {
+  auto load = [&](const char* queued, const char* lookahead) {
+    EngineOptions options;
+    options.model_dir = dir_->path();
+    options.queued_copies = queued;
+    options.decode_lookahead = lookahead;
+    auto loaded = Engine::Load(options);
+    EXPECT_TRUE(loaded.ok()) << loaded.status();
+    return std::move(loaded).value();
+  };
+  const std::unique_ptr<Engine> queued = load("on", "off"), ahead = load("on", "on");
+  auto same = [&](const GenerateRequest& r, const CaptureSpec& spec, const std::string& what,
+                  bool places = false, int64_t cancel_after = 0) {
+    TranscriptSink want(places);
+    want.cancel_after = cancel_after;
+    auto x = engine_->Generate(r, spec, &want, &want.cancel);
+    ASSERT_TRUE(x.ok()) << what << ": " << x.status();
+    ASSERT_FALSE(want.calls.empty()) << what;
+    for (const Engine* e : {queued.get(), ahead.get()}) {
+      TranscriptSink got(places);
+      got.cancel_after = cancel_after;
+      auto y = e->Generate(r, spec, &got, &got.cancel);
+      ASSERT_TRUE(y.ok()) << what << ": " << y.status();
+      EXPECT_EQ(x->tokens, y->tokens) << what;
+      EXPECT_EQ(x->finish, y->finish) << what;
+      EXPECT_EQ(x->decode_steps, y->decode_steps) << what;
+      ASSERT_EQ(want.calls.size(), got.calls.size()) << what;
+      for (size_t i = 0; i < want.calls.size(); ++i) {
+        ASSERT_EQ(want.calls[i], got.calls[i]) << what << ", call " << i;
+      }
+    }
+  };
+  CaptureSpec stats;  // decode statistics only: the lookahead holds them for the stop check
+  stats.form = Form::kNone;
+  stats.stats.row_entropy = true;
+  stats.stats.sink_mass = 2;
+  stats.stats.local_mass = 3;
+  stats.stats.key_score = 4;
+  same(Request(12), stats, "statistics, length");
+  auto r = engine_->Generate(Request(12), {}, nullptr, nullptr);
+  ASSERT_TRUE(r.ok());
+  GenerateRequest stop = Request(12);
+  stop.stop_token_ids = {r->tokens[3]};
+  same(stop, stats, "statistics, stop token");
+  same(Request(100), stats, "statistics, context full");
+  same(Request(50), stats, "statistics, cancel", false, 3);
+  const std::optional<GenerateRequest> eos = EosRequest();
+  ASSERT_TRUE(eos.has_value());
+  same(*eos, stats, "statistics, eos");
+  CaptureSpec variance = stats;  // summed across steps: no lookahead
+  variance.stats.key_score_variance = true;
+  same(stop, variance, "key-score variance");
+  CaptureSpec dense = stats;  // matrices in both phases, and the statistics
+  dense.form = Form::kDense;
+  same(stop, dense, "dense");
+  same(stop, dense, "dense, placed by the sink", /*places=*/true);
+  dense.heads = {3, 1};
+  dense.element_type = ElementType::kBFloat16;
+  same(stop, dense, "dense, two heads, bfloat16");
+  CaptureSpec top = stats;
+  top.form = Form::kTopK;
+  top.top_k = 3;
+  same(stop, top, "top-k");
+  CaptureSpec pooled;
+  pooled.form = Form::kPooled;
+  pooled.pool = 2;
+  same(stop, pooled, "pooled");
+  CaptureSpec mean;
+  mean.form = Form::kHeadMean;
+  mean.decode = false;
+  same(stop, mean, "head mean, prefill only");
+  GenerateRequest what_if = Request(8);  // kv decisions between the blocks
+  what_if.interventions.kv_policy.kind = KvPolicyKind::kH2o;
+  what_if.interventions.kv_policy.budget = 4;
+  what_if.interventions.kv_policy.decode_interval = 2;
+  same(what_if, stats, "h2o every 2 steps");
+  what_if.capture_reference = true;
+  same(what_if, stats, "h2o, the reference captured");
+  // An unknown setting is refused at load.
+  EngineOptions options;
+  options.model_dir = dir_->path();
+  options.queued_copies = "later";
+  EXPECT_EQ(Engine::Load(options).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// The processor's own queue: blocks wait for Flush, a held step waits even past the byte bound,
+// Drop forgets the held step, and past the bound the oldest blocks go first.
+TEST(CaptureProcessorTest, QueuedBlocksWaitForFlushHoldAndTheBound) {
+  CaptureSpec spec;
+  spec.form = Form::kNone;
+  spec.stats.row_entropy = true;
+  TranscriptSink sink;
+  const int64_t heads = 2, prompt = 3;
+  auto row = [&](int64_t keys) {  // one decode row of uniform probabilities
+    return torch::full({heads, 1, keys}, 1.0f / static_cast<float>(keys));
+  };
+  auto decode = [&](CaptureProcessor& p, int64_t step) {
+    const int64_t keys = prompt + step;
+    const torch::Tensor probs = row(keys);
+    const torch::Tensor scores = torch::zeros({heads, 1, keys});
+    return p.OnProbs(Phase::kDecode, step, 0, keys - 1, probs, scores, torch::Tensor(), keys);
+  };
+  {
+    CaptureProcessor p(spec, 1, heads, prompt, &sink, /*queued_copies=*/true);
+    ASSERT_TRUE(decode(p, 1).ok());
+    ASSERT_TRUE(decode(p, 2).ok());
+    EXPECT_TRUE(sink.calls.empty());
+    p.HoldFrom(3);
+    ASSERT_TRUE(decode(p, 3).ok());
+    ASSERT_TRUE(p.Flush(2).ok());
+    EXPECT_EQ(sink.calls.size(), 2u);
+    p.Drop(3);
+    ASSERT_TRUE(p.Finish().ok());
+    EXPECT_EQ(sink.calls.size(), 2u);
+  }
+  sink.calls.clear();
+  {
+    // Each block is 8 bytes (2 heads x 1 float32): a bound of 12 hands one over as the second
+    // arrives, and never one of a held step.
+    CaptureProcessor p(spec, 1, heads, prompt, &sink, /*queued_copies=*/true,
+                       /*max_queued_bytes=*/12);
+    ASSERT_TRUE(decode(p, 1).ok());
+    EXPECT_TRUE(sink.calls.empty());
+    ASSERT_TRUE(decode(p, 2).ok());
+    ASSERT_EQ(sink.calls.size(), 1u);
+    EXPECT_NE(sink.calls[0].find("statistic.row_entropy.decode.0.1."), std::string::npos)
+        << sink.calls[0];
+    p.HoldFrom(2);
+    ASSERT_TRUE(decode(p, 3).ok());
+    EXPECT_EQ(sink.calls.size(), 1u);
+    ASSERT_TRUE(p.Flush().ok());
+    ASSERT_EQ(sink.calls.size(), 3u);
+    EXPECT_NE(sink.calls[2].find("statistic.row_entropy.decode.0.3."), std::string::npos)
+        << sink.calls[2];
+  }
 }
 
 // max_new_tokens 0 is a forward pass over the prompt: its prefill blocks, no token (issue 21.A3:
