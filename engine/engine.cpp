@@ -132,6 +132,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
                    AutoOnOff("decode lookahead", options.decode_lookahead, device));
   ASSIGN_OR_RETURN(engine->queued_copies_,
                    AutoOnOff("queued copies", options.queued_copies, device));
+  ASSIGN_OR_RETURN(const bool warmup, AutoOnOff("warmup", options.warmup, device));
   ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
   Weights weights;
   {
@@ -160,7 +161,32 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   }
   engine->transformer_ =
       std::make_unique<Transformer>(std::move(config), std::move(weights), device, dtype);
+  if (warmup) RETURN_IF_ERROR(engine->Warmup());
   return engine;
+}
+
+absl::Status Engine::Warmup() const {
+  // Dense blocks and every statistic, in both phases: the fused pass, the recomputed rows and the
+  // statistics' kernels run once, and the greedy token's path.
+  constexpr int64_t kWarmupPromptTokens = 16;
+  GenerateRequest request;
+  const int64_t n = std::min<int64_t>(kWarmupPromptTokens, info_.max_position_embeddings);
+  for (int64_t i = 0; i < n; ++i) request.prompt_ids.push_back(i % info_.vocab_size);
+  request.max_new_tokens = 2;
+  request.ignore_eos = true;
+  CaptureSpec capture;
+  capture.form = Form::kDense;
+  capture.stats.row_entropy = true;
+  capture.stats.sink_mass = 1;
+  capture.stats.local_mass = 2;
+  capture.stats.key_score = std::min<int64_t>(2, n);
+  AttentionSink discard;
+  auto warmed = Generate(request, capture, &discard, nullptr);
+  if (!warmed.ok()) {
+    return absl::Status(warmed.status().code(),
+                        absl::StrCat("warm-up generation: ", warmed.status().message()));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Engine::NeedTokenizer() const {

@@ -42,6 +42,10 @@ struct EngineOptions {
   // "auto": on for CUDA (on the CPU a copy is done when it is queued; "on" there only clones the
   // blocks); "on"; "off".
   std::string queued_copies = "auto";
+  // Load ends with a short generation that captures dense blocks and every statistic once (16
+  // prompt tokens, 2 new), so the first request does not pay for the device's libraries and kernels
+  // loading. "auto": on for CUDA; "on"; "off".
+  std::string warmup = "auto";
 };
 
 // The one description of a served model: the checkpoint's configuration as read (ModelConfig:
@@ -171,6 +175,7 @@ class Engine {
   Engine() = default;
   absl::Status NeedTokenizer() const;
   absl::Status TooLong(int64_t max_tokens) const;  // OUT_OF_RANGE: past the context
+  absl::Status Warmup() const;                     // EngineOptions::warmup's generation
   EngineOptions options_;
   bool lookahead_ = false;      // options_.decode_lookahead, resolved for the device
   bool queued_copies_ = false;  // options_.queued_copies, resolved for the device

@@ -56,6 +56,9 @@ ABSL_FLAG(std::string, decode_lookahead, attnscope::EngineOptions{}.decode_looka
 ABSL_FLAG(std::string, queued_copies, attnscope::EngineOptions{}.queued_copies,
           "queue captured blocks' host copies behind the work that computes them, handing the "
           "blocks over once copied (auto: on CUDA; on, off)");
+ABSL_FLAG(std::string, warmup, attnscope::EngineOptions{}.warmup,
+          "end loading with a short captured generation, so the first request does not pay for "
+          "the device's libraries and kernels loading (auto: on CUDA; on, off)");
 ABSL_FLAG(std::string, auth_tokens_file, "", "file with one accepted bearer token per line");
 ABSL_FLAG(std::string, tls_cert, "", "PEM certificate chain (TLS on when set with --tls_key)");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key");
@@ -264,6 +267,7 @@ absl::StatusOr<EngineOptions> EngineOptionsFromFlags(const std::string& model_di
   o.block_elements = absl::GetFlag(FLAGS_block_elements);
   o.decode_lookahead = absl::GetFlag(FLAGS_decode_lookahead);
   o.queued_copies = absl::GetFlag(FLAGS_queued_copies);
+  o.warmup = absl::GetFlag(FLAGS_warmup);
   if (o.query_block < 1 || o.block_elements < 1) {
     return absl::InvalidArgumentError("--query_block and --block_elements must be >= 1");
   }

@@ -50,6 +50,9 @@ ABSL_FLAG(std::string, decode_lookahead, attnscope::EngineOptions{}.decode_looka
 ABSL_FLAG(std::string, queued_copies, attnscope::EngineOptions{}.queued_copies,
           "queue captured blocks' host copies behind the work that computes them, handing the "
           "blocks over once copied (auto: on CUDA; on, off)");
+ABSL_FLAG(std::string, warmup, attnscope::EngineOptions{}.warmup,
+          "end loading with a short captured generation, so the first request does not pay for "
+          "the device's libraries and kernels loading (auto: on CUDA; on, off)");
 ABSL_FLAG(bool, logits, false, "store the logits of every step");
 ABSL_FLAG(std::string, out, "", "output safetensors file (empty: count bytes only)");
 
@@ -129,6 +132,7 @@ EngineOptions EngineFromFlags() {
   options.fast_attention = absl::GetFlag(FLAGS_fast_attention);
   options.decode_lookahead = absl::GetFlag(FLAGS_decode_lookahead);
   options.queued_copies = absl::GetFlag(FLAGS_queued_copies);
+  options.warmup = absl::GetFlag(FLAGS_warmup);
   return options;
 }
 
