@@ -334,9 +334,12 @@ absl::Status CaptureProcessor::EmitForm(Phase phase, int64_t step, int64_t layer
   h.form = spec_.form;
   h.pool = spec_.pool;
   h.element_type = spec_.element_type;
-  if (spec_.form == Form::kDense && sink_->PlacesValues() && !queued_copies_) {
+  const int64_t dense_bytes =
+      rows.size(0) * m * std::max(rows.size(2), key_length) * ElementSize(spec_.element_type);
+  if (spec_.form == Form::kDense && sink_->PlacesValues() && !Queues(step, dense_bytes)) {
     // Written piece by piece where the sink places them (keys padded with 0 on the way): no
-    // materialized copy of the block.
+    // materialized copy of the block. After the blocks made before it.
+    RETURN_IF_ERROR(Flush());
     const int64_t heads = rows.size(0), have = rows.size(2);
     const int64_t keys = std::max(have, key_length);
     h.shape = {heads, m, keys};
@@ -439,7 +442,9 @@ absl::Status CaptureProcessor::EmitStat(StatKind kind, Phase phase, int64_t step
 
 absl::Status CaptureProcessor::Hand(Block block, const torch::Tensor& values,
                                     const torch::Tensor& indices) {
-  if (!queued_copies_) {
+  if (!Queues(block.header.step,
+              values.nbytes() + (indices.defined() ? indices.nbytes() : int64_t{0}))) {
+    RETURN_IF_ERROR(Flush());  // the blocks made before it first
     const torch::Tensor host = values.cpu().contiguous();
     const torch::Tensor host_indices = indices.defined() ? indices.cpu().contiguous() : indices;
     block.values = host.data_ptr();

@@ -24,8 +24,9 @@ namespace attnscope {
 // (HostCopyQueued) and the block reaches the sink later, in order: from the device once its copy
 // is done, so the device never waits for the host in the middle of a pass; on the CPU, where
 // nothing runs meanwhile, at the next Flush. Blocks wait at most until the next Flush, or while
-// more than `max_queued_bytes` wait. Blocks of a step the engine queued ahead of its stop check
-// (HoldFrom) wait for Flush, or are dropped (Drop).
+// more than `max_queued_bytes` wait. A larger block is handed over at once, after those before it
+// (no overlap is to be had, and pinned host memory stays within the bound). Blocks of a step the
+// engine queued ahead of its stop check (HoldFrom) wait for Flush, or are dropped (Drop).
 class CaptureProcessor {
  public:
   static constexpr int64_t kMaxQueuedBytes = int64_t{64} << 20;
@@ -93,6 +94,11 @@ class CaptureProcessor {
   // Hands `block` with `values` (and `indices`, int32, where the form has them) to the sink now,
   // or queues their host copies (queued_copies_).
   absl::Status Hand(Block block, const torch::Tensor& values, const torch::Tensor& indices);
+  // Whether a block of `step` and `bytes` is queued rather than handed over at once: with queued
+  // copies, up to the bound, and always in a held step.
+  bool Queues(int64_t step, int64_t bytes) const {
+    return queued_copies_ && (bytes <= max_queued_bytes_ || step >= hold_from_);
+  }
   // Hands over the waiting blocks before hold_from_ whose device copies are done, and waits for
   // more while over max_queued_bytes_.
   absl::Status HandReady();

@@ -456,6 +456,31 @@ TEST(CaptureProcessorTest, QueuedBlocksWaitForFlushHoldAndTheBound) {
     EXPECT_NE(sink.calls[2].find("statistic.row_entropy.decode.0.3."), std::string::npos)
         << sink.calls[2];
   }
+  sink.calls.clear();
+  {
+    // A block over the bound is handed over at once, after the ones waiting, unless held.
+    CaptureProcessor p(spec, 1, heads, prompt, &sink, /*queued_copies=*/true,
+                       /*max_queued_bytes=*/8);
+    ASSERT_TRUE(decode(p, 1).ok());
+    EXPECT_TRUE(sink.calls.empty());
+    spec.stats.row_entropy = false;
+    spec.form = Form::kDense;  // a decode row: 2 heads x (3 + step) keys x 4 bytes
+    CaptureProcessor dense(spec, 1, heads, prompt, &sink, /*queued_copies=*/true,
+                           /*max_queued_bytes=*/8);
+    ASSERT_TRUE(decode(dense, 1).ok());  // 16 bytes: at once
+    ASSERT_EQ(sink.calls.size(), 1u);
+    EXPECT_NE(sink.calls[0].find("attention.decode.0.1."), std::string::npos) << sink.calls[0];
+    dense.HoldFrom(2);
+    ASSERT_TRUE(decode(dense, 2).ok());  // held, whatever its size
+    EXPECT_EQ(sink.calls.size(), 1u);
+    dense.Drop(2);
+    ASSERT_TRUE(dense.Finish().ok());
+    EXPECT_EQ(sink.calls.size(), 1u);
+    ASSERT_TRUE(p.Finish().ok());
+    ASSERT_EQ(sink.calls.size(), 2u);
+    EXPECT_NE(sink.calls[1].find("statistic.row_entropy.decode.0.1."), std::string::npos)
+        << sink.calls[1];
+  }
 }
 
 // max_new_tokens 0 is a forward pass over the prompt: its prefill blocks, no token (issue 21.A3:
