@@ -84,10 +84,14 @@ def deadline(rng):
     return rng.choice([0.01, 0.05, 0.2, 30])
 
 
-@pytest.mark.parametrize("flags", [[], ["--max_concurrent=2"]], ids=["default", "max_concurrent_2"])
+@pytest.mark.parametrize("flags", [[], ["--max_concurrent=2"],
+                                   ["--queued_copies=on", "--decode_lookahead=on", "--warmup=on"]],
+                         ids=["default", "max_concurrent_2", "queued_copies"])
 def test_cancel_and_deadline_storm_leaves_the_server_correct(model, tmp_path, flags):
     """Issue 11.1: 16 clients opening dense streams, reading 0-12 messages, then cancelling or
-    letting a 50-200 ms deadline expire crashed the server within seconds (use after free)."""
+    letting a 50-200 ms deadline expire crashed the server within seconds (use after free).
+    queued_copies: the blocks waiting in the engine (CUDA's default, forced on here) when a stream
+    ends."""
     s = start(model, tmp_path, "--chunk_bytes=1024", "--max_queue=64", *flags)
     try:
         c = attnscope.Client(s.target)
