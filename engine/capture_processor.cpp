@@ -140,11 +140,15 @@ bool CaptureProcessor::Wants(Phase phase, int64_t layer) const {
 
 FlashStatistics CaptureProcessor::StatisticsForPass(Phase phase, int64_t pos0, int64_t n) const {
   FlashStatistics s;
-  if (phase != Phase::kPrefill) return s;
+  // In decode only where nothing else needs the row's probabilities: no form, no key-score
+  // variance.
+  if (phase != Phase::kPrefill && (spec_.form != Form::kNone || spec_.stats.key_score_variance)) {
+    return s;
+  }
   s.entropy = spec_.stats.row_entropy;
   s.sink = spec_.stats.sink_mass;
   s.local = spec_.stats.local_mass;
-  if (spec_.stats.key_score > 0) {  // the last key_score prompt rows, inside the pass
+  if (phase == Phase::kPrefill && spec_.stats.key_score > 0) {  // the last prompt rows
     s.key_score_begin = std::clamp<int64_t>(prompt_len_ - spec_.stats.key_score - pos0, 0, n);
     s.key_score_end = std::clamp<int64_t>(prompt_len_ - pos0, 0, n);
   }
@@ -154,7 +158,11 @@ FlashStatistics CaptureProcessor::StatisticsForPass(Phase phase, int64_t pos0, i
 std::vector<std::pair<int64_t, int64_t>> CaptureProcessor::RowsWanted(
     Phase phase, int64_t pos0, int64_t n, bool statistics_in_pass) const {
   std::vector<std::pair<int64_t, int64_t>> rows;
-  if (phase != Phase::kPrefill) return rows;
+  if (phase != Phase::kPrefill) {
+    // Every row, or none where the pass computes the statistics, the only thing captured then.
+    if (statistics_in_pass) rows.emplace_back(0, 0);
+    return rows;
+  }
   auto add = [&](int64_t begin, int64_t end) {  // absolute positions
     begin = std::max<int64_t>(begin - pos0, 0);
     end = std::min<int64_t>(end - pos0, n);
@@ -246,7 +254,9 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
     var_sum_sq_[layer].narrow(1, 0, keys).add_(row * row);
     decode_steps_seen_ = std::max(decode_steps_seen_, step);
   }
-  return EmitRows(phase, step, layer, query_begin, p, entropy, key_length);
+  // With the statistics in the pass the rows are here for another consumer (a KV policy, the
+  // measure): nothing of them is emitted (no form then).
+  return EmitRows(phase, step, layer, query_begin, p, entropy, key_length, !statistics_in_pass);
 }
 
 absl::Status CaptureProcessor::OnPassStatistics(Phase phase, int64_t step, int64_t layer,
@@ -256,7 +266,9 @@ absl::Status CaptureProcessor::OnPassStatistics(Phase phase, int64_t step, int64
   const torch::Tensor entropy = SelectedHeads(pass.entropy);  // [heads, n] or undefined
   const torch::Tensor sink = SelectedHeads(pass.sink);
   const torch::Tensor local = SelectedHeads(pass.local);
-  for (const QueryRange& r : prompt_rows_) {  // the selected rows inside the pass, absolute
+  // The selected prompt rows inside the pass, absolute; in decode every row.
+  const std::vector<QueryRange> decode_rows = {{pos0, pos0 + n}};
+  for (const QueryRange& r : phase == Phase::kPrefill ? prompt_rows_ : decode_rows) {
     const int64_t a = std::max(r.begin, pos0), b = std::min(r.end, pos0 + n);
     if (a >= b) continue;
     if (entropy.defined()) {

@@ -172,6 +172,30 @@ def test_statistics(model, run_engine, dense_ref):
         np.testing.assert_allclose(var, steps.var(axis=0), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("extra", [[], ["--heads=3,1"], ["--fast_attention=false"]],
+                         ids=["all_heads", "two_heads", "explicit"])
+def test_decode_statistics_without_probabilities(model, run_engine, dense_ref, extra):
+    """Decode rows' statistics with no form and no key-score variance: on the fused path the
+    attention pass computes them (CpuFlashAttention, no probabilities recomputed); the explicit
+    path from its probabilities. Both against the float64 reference, for the selected heads."""
+    _, ref = dense_ref
+    P = len(PROMPT)
+    K, L = 2, 3
+    heads = [3, 1] if "--heads=3,1" in extra else list(range(H))
+    run = run_engine(model, PROMPT, NEW, extra=["--form=none", f"--stats=row_entropy,sink_mass:{K},local_mass:{L}",
+                                                *extra])
+    for layer in range(3):
+        for t in range(1, NEW):
+            row = rows_of(ref[layer], "decode", t)[heads, 0]  # [heads, P + t]
+            key = (t, P + t - 1)
+            np.testing.assert_allclose(run.blocks("row_entropy", "decode", layer)[key][:, 0], entropy(row),
+                                       atol=TOL, rtol=0)
+            np.testing.assert_allclose(run.blocks("sink_mass", "decode", layer)[key][:, 0], row[:, :K].sum(-1),
+                                       atol=TOL, rtol=0)
+            np.testing.assert_allclose(run.blocks("local_mass", "decode", layer)[key][:, 0],
+                                       row[:, P + t - L:].sum(-1), atol=TOL, rtol=0)
+
+
 def test_element_types(model, run_engine, dense_ref):
     _, ref = dense_ref
     for et, tol in [("float16", 1e-3), ("bfloat16", 4e-3)]:
