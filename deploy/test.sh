@@ -11,14 +11,15 @@ bash deploy/fetch-tokenizers.sh
 bash tests/format_check.sh
 bash deploy/build.sh
 ctest --test-dir build --output-on-failure -j 2 -E '^image_check$'
-# The engine on libtorch 2.x (the torch wheel's, from the project venv): the fused attention path
-# with captured rows from its log-sum-exp, its engine tests, the fidelity and capture tests again,
-# and the tests against eager transformers itself (tests/peers).
+# The engine on libtorch 2.x (the torch wheel's, from the project venv; the production platform):
+# the fused attention path with captured rows from its log-sum-exp, its engine tests, every Python
+# test again (python_tests; fused_python_tests repeats only the fidelity and capture tests, so it
+# is left out here), and the tests against eager transformers itself (tests/peers).
 bash deploy/python-env.sh
 bash deploy/build.sh --build-dir build-torch2 \
-  --targets "attnscope_engine_tests attnscope-run attnscope-server attnscope-capture attnscope-bench-engine" \
+  --targets "attnscope_engine_tests attnscope-run attnscope-server attnscope-capture attnscope-bench-engine attnscope-tokenize attnscope-chat-template" \
   -- "-DATTNSCOPE_TORCH_DIR=$(bash deploy/python-env.sh --prefix)" "-DATTNSCOPE_PEER_PYTHON=$PWD/.venv/bin/python" -DATTNSCOPE_FUZZ=off
-ctest --test-dir build-torch2 --output-on-failure -j 2 -E '_NOT_BUILT$|^(python_tests|deploy_check|image_check|demo)$'
+ctest --test-dir build-torch2 --output-on-failure -j 2 -E '_NOT_BUILT$|^(fused_python_tests|deploy_check|image_check|demo)$'
 # The same C++ suites, fuzz targets and service tests against an ASan + UBSan build.
 bash tests/sanitize.sh
 ctest --test-dir build --output-on-failure -R '^image_check$'

@@ -69,7 +69,8 @@ absl::StatusOr<torch::Tensor> FusedAttention(const torch::Tensor& q, const torch
                                              const RowRanges& rows = {},
                                              PassStatistics* pass = nullptr);
 
-// Whether FusedAttention can compute statistics inside its pass for these arguments.
+// Whether FusedAttention can run CpuFlashAttention for these arguments (and so compute statistics
+// inside its pass).
 bool StatisticsInPass(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                       const AttentionShape& shape);
 

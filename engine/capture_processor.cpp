@@ -140,11 +140,6 @@ bool CaptureProcessor::Wants(Phase phase, int64_t layer) const {
 
 FlashStatistics CaptureProcessor::StatisticsForPass(Phase phase, int64_t pos0, int64_t n) const {
   FlashStatistics s;
-  // In decode only where nothing else needs the row's probabilities: no form, no key-score
-  // variance.
-  if (phase != Phase::kPrefill && (spec_.form != Form::kNone || spec_.stats.key_score_variance)) {
-    return s;
-  }
   s.entropy = spec_.stats.row_entropy;
   s.sink = spec_.stats.sink_mass;
   s.local = spec_.stats.local_mass;
@@ -159,8 +154,9 @@ std::vector<std::pair<int64_t, int64_t>> CaptureProcessor::RowsWanted(
     Phase phase, int64_t pos0, int64_t n, bool statistics_in_pass) const {
   std::vector<std::pair<int64_t, int64_t>> rows;
   if (phase != Phase::kPrefill) {
-    // Every row, or none where the pass computes the statistics, the only thing captured then.
-    if (statistics_in_pass) rows.emplace_back(0, 0);
+    // Every row, or none where the pass computes the statistics and nothing else is captured.
+    const bool probs = spec_.form != Form::kNone || spec_.stats.key_score_variance;
+    if (statistics_in_pass && !probs) rows.emplace_back(0, 0);
     return rows;
   }
   auto add = [&](int64_t begin, int64_t end) {  // absolute positions
@@ -254,8 +250,7 @@ absl::Status CaptureProcessor::OnProbs(Phase phase, int64_t step, int64_t layer,
     var_sum_sq_[layer].narrow(1, 0, keys).add_(row * row);
     decode_steps_seen_ = std::max(decode_steps_seen_, step);
   }
-  // With the statistics in the pass the rows are here for another consumer (a KV policy, the
-  // measure): nothing of them is emitted (no form then).
+  // With the statistics in the pass only the form is emitted from the rows.
   return EmitRows(phase, step, layer, query_begin, p, entropy, key_length, !statistics_in_pass);
 }
 

@@ -40,14 +40,14 @@ class CaptureProcessor {
 
   // The statistics of a pass over positions [pos0, pos0 + n) that the attention pass can compute
   // itself (CpuFlashAttention): the prefill's row entropy, sink mass, local mass and key score;
-  // in decode the row statistics where no form and no key-score variance need the probabilities.
+  // in decode the row statistics.
   FlashStatistics StatisticsForPass(Phase phase, int64_t pos0, int64_t n) const;
 
   // Rows of a forward pass over positions [pos0, pos0 + n) (0-based in the pass, half-open ranges)
   // whose probabilities the spec needs: the selected prompt rows if a form or a row statistic is
   // asked for, the key score's last rows (the statistics only when the pass does not compute them:
-  // `statistics_in_pass`); in decode every row, or none with `statistics_in_pass`. Empty: every
-  // row.
+  // `statistics_in_pass`); in decode every row, or none with `statistics_in_pass` and neither a
+  // form nor the key-score variance. Empty: every row.
   std::vector<std::pair<int64_t, int64_t>> RowsWanted(Phase phase, int64_t pos0, int64_t n,
                                                       bool statistics_in_pass = false) const;
 

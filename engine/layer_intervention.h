@@ -23,8 +23,9 @@ class LayerInterventions {
   // Those of `interventions` that touch `layer`.
   LayerInterventions(const Interventions& interventions, int64_t layer, int64_t num_heads);
 
-  // Knockouts, or a KV policy (whose evictions hide keys once it has decided).
-  bool hides_keys() const { return !rules_.empty() || policy_ != nullptr; }
+  // Knockouts, or a KV policy's evictions once it has decided (before that the layer runs as the
+  // unmodified model's, on the same kernels).
+  bool hides_keys() const { return !rules_.empty() || evicted_at_.defined(); }
   bool knocks_out() const { return !rules_.empty(); }
   const KvPolicy* policy() const { return policy_; }
   bool ablates() const { return !zero_.empty() || !mean_.empty(); }

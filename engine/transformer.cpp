@@ -179,12 +179,14 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const torch::Tensor& ids_t, K
     const bool capturing = capture != nullptr && capture->Wants(phase, l);
     const bool scoring = scorer != nullptr && scorer->NeedsProbs(phase);
     torch::Tensor attn;  // (heads, n, dim)
-    // The capture's statistics, computed inside the attention pass where it can.
+    // Where the CPU flash pass runs, it gives every layer's output and lse, captured or not, so a
+    // capture never changes the model's numbers (torch's kernel rounds differently); and the
+    // capture's statistics come from inside it.
+    const bool flash = options.fast_attention && !compacted &&
+                       StatisticsInPass(q, cache->k[l], cache->v[l], shape);
     PassStatistics pass;
-    if (capturing && options.fast_attention && !compacted) {
-      pass.wanted = capture->StatisticsForPass(phase, pos0, n);
-    }
-    const bool in_pass = pass.wanted.any() && StatisticsInPass(q, cache->k[l], cache->v[l], shape);
+    if (capturing && flash) pass.wanted = capture->StatisticsForPass(phase, pos0, n);
+    const bool in_pass = flash && pass.wanted.any();
     const ProbsCallback* probs_callback = nullptr;
     ProbsCallback on_probs;
     RowRanges rows;  // empty: every row
@@ -231,7 +233,7 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const torch::Tensor& ids_t, K
                              cache->positions[l].narrow(1, 0, slots), shape, probs_callback));
     } else if (options.fast_attention) {
       ASSIGN_OR_RETURN(attn, FusedAttention(q, cache->k[l], cache->v[l], shape, probs_callback,
-                                            rows, in_pass ? &pass : nullptr));
+                                            rows, flash ? &pass : nullptr));
       if (in_pass) {
         RETURN_IF_ERROR(capture->OnPassStatistics(phase, step, l, pos0, pass.result, pos0 + n));
       }
