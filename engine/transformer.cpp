@@ -103,7 +103,7 @@ absl::StatusOr<torch::Tensor> Transformer::Forward(const torch::Tensor& ids_t, K
   const int64_t heads = config_.num_heads, kv_heads = config_.num_kv_heads, dim = config_.head_dim;
   torch::Tensor x =
       weights_.global[TensorId::kTokenEmbedding].index_select(0, ids_t);  // (n, hidden)
-  auto [cos, sin] = RopeTables(inv_freq_, pos0, n, dtype_);               // (n, head_dim) each
+  auto [cos, sin] = cache->rope.Rows(inv_freq_, pos0, n, dtype_);         // (n, head_dim) each
 
   if (interventions != nullptr && interventions->measure) {
     interventions->hidden_mass.assign(config_.num_layers, torch::Tensor());

@@ -11,6 +11,7 @@
 #include "engine/checkpoint/config.h"
 #include "engine/checkpoint/weights.h"
 #include "engine/layer_intervention.h"
+#include "engine/rope.h"
 
 namespace attnscope {
 
@@ -24,6 +25,7 @@ struct KVCache {
   std::vector<int64_t> filled;
   int64_t length = 0;  // positions fed
   int64_t capacity = 0;
+  RopeTableCache rope;  // this generation's cos and sin tables
 
   // The bytes of layer l's keys and values, and of a compacted layer's slot positions.
   int64_t LayerBytes(size_t l) const {

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/attention.h"
 #include "engine/capture_processor.h"
+#include "engine/rope.h"
 #include "tests/cpp/tiny_checkpoint.h"
 
 namespace attnscope {
@@ -743,6 +744,77 @@ TEST_P(AttentionPaths, PassStatisticsMatchFloat64Reference) {
 INSTANTIATE_TEST_SUITE_P(PositionsAndWindows, AttentionPaths,
                          ::testing::Combine(::testing::Values(0, 20, 36),
                                             ::testing::Values(0, 5, 64)));
+
+// The CPU's one-pass RoPE against the tensor expression it replaces (x·cos, rotate_half(x)·sin,
+// each rounded, then their sum), bit for bit: queries strided as the projections leave them,
+// contiguous keys, one decode row, head dims 64 and 128, values up to 1e4; and against float64.
+TEST(Rope, CpuPassEqualsTheTensorExpressionBitForBit) {
+  torch::manual_seed(3);
+  RopeConfig config;
+  for (int64_t dim : {64, 128}) {
+    const torch::Tensor inv_freq = RopeInverseFrequencies(config, dim);
+    for (int64_t n : {1, 7, 300}) {
+      for (bool strided : {true, false}) {
+        const int64_t heads = strided ? 8 : 4, pos0 = 1000;
+        torch::Tensor x = strided ? (torch::randn({n, heads, dim}) * 1e4).transpose(0, 1)
+                                  : torch::randn({heads, n, dim});
+        auto [cos, sin] = RopeTables(inv_freq, pos0, n, torch::kFloat32);
+        const int64_t half = dim / 2;
+        torch::Tensor rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+        const torch::Tensor expected = x * cos + rotated * sin;
+        const torch::Tensor got = ApplyRope(x, cos, sin);
+        ASSERT_EQ(got.sizes(), x.sizes());
+        EXPECT_TRUE(torch::equal(got, expected))
+            << "dim " << dim << " n " << n << " strided " << strided;
+        const torch::Tensor x64 = x.to(torch::kFloat64), r64 = rotated.to(torch::kFloat64);
+        const torch::Tensor reference =
+            x64 * cos.to(torch::kFloat64) + r64 * sin.to(torch::kFloat64);
+        EXPECT_LE((got.to(torch::kFloat64) - reference).abs().max().item<double>(),
+                  1e-6 * x.abs().max().item<double>());
+      }
+    }
+    // Another type or a table that does not fit x: the expression itself.
+    torch::Tensor xb = torch::randn({2, 5, dim}).to(torch::kBFloat16);
+    auto [cos, sin] = RopeTables(inv_freq, 0, 5, torch::kBFloat16);
+    torch::Tensor rb =
+        torch::cat({-xb.narrow(-1, dim / 2, dim / 2), xb.narrow(-1, 0, dim / 2)}, -1);
+    EXPECT_TRUE(torch::equal(ApplyRope(xb, cos, sin), xb * cos + rb * sin));
+  }
+}
+
+// A generation's tables: a prefill's table serves the next kAhead decode steps, rows are those of
+// the table that holds them and agree with a float64 cos and sin of the same angles, and a pass
+// behind or past the table gets a new one.
+TEST(Rope, TableCacheServesDecodeStepsFromThePrefillTable) {
+  RopeConfig config;
+  const int64_t dim = 64;
+  const torch::Tensor inv_freq = RopeInverseFrequencies(config, dim);
+  RopeTableCache cache;
+  const auto check = [&](int64_t pos0, int64_t n) {
+    auto [cos, sin] = cache.Rows(inv_freq, pos0, n, torch::kFloat32);
+    ASSERT_EQ(cos.sizes(), (std::vector<int64_t>{n, dim}));
+    ASSERT_EQ(sin.sizes(), (std::vector<int64_t>{n, dim}));
+    // The angle as the tables make it (a float32 product), its cos and sin in float64.
+    torch::Tensor pos = torch::arange(pos0, pos0 + n, torch::kFloat32);
+    torch::Tensor freqs = torch::outer(pos, inv_freq).to(torch::kFloat64);
+    torch::Tensor angles = torch::cat({freqs, freqs}, -1);
+    EXPECT_LE((cos.to(torch::kFloat64) - angles.cos()).abs().max().item<double>(), 3e-7);
+    EXPECT_LE((sin.to(torch::kFloat64) - angles.sin()).abs().max().item<double>(), 3e-7);
+  };
+  check(0, 100);
+  EXPECT_EQ(cache.tables_made(), 1);
+  for (int64_t p = 100; p < 100 + RopeTableCache::kAhead; ++p) check(p, 1);
+  EXPECT_EQ(cache.tables_made(), 1);  // every decode step from the prefill's table
+  check(100 + RopeTableCache::kAhead, 1);
+  EXPECT_EQ(cache.tables_made(), 2);
+  check(100 + RopeTableCache::kAhead + 1, 3);
+  EXPECT_EQ(cache.tables_made(), 2);
+  check(5, 2);  // behind the table (a new generation's positions): a new one
+  EXPECT_EQ(cache.tables_made(), 3);
+  auto [c16, s16] = cache.Rows(inv_freq, 5, 2, torch::kBFloat16);  // another type: a new one
+  EXPECT_EQ(c16.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(cache.tables_made(), 4);
+}
 
 // In-pass statistics at shapes that cross the kernel's tiles (stacked rows of 128, keys of 512):
 // 700 rows after 100 cached positions, grouped heads, the query rows strided as the engine's
