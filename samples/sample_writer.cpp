@@ -1,7 +1,6 @@
 #include "samples/sample_writer.h"
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -95,7 +94,6 @@ SampleWriter::SampleWriter(std::string path, SampleFormat format, bool replace)
 
 SampleWriter::~SampleWriter() {
   if (data_ != nullptr) std::fclose(data_);
-  if (pickle_map_ != nullptr) munmap(pickle_map_, static_cast<size_t>(pickle_map_size_));
   // pickle_file_ removes its work file unless it was published.
 }
 
@@ -155,22 +153,14 @@ absl::Status SampleWriter::OnHeader(const v1::StreamHeader& header, int64_t max_
           absl::StrCat("the pickle would hold ", bytes / 1e12, " TB of full matrices"));
     }
     const PrototypePickleLayout layout{static_cast<int64_t>(layer_slot_.size()), heads_, max_rows_};
-    pickle_map_size_ = layout.FileSize();
     ASSIGN_OR_RETURN(pickle_file_, AtomicFile::Create(path_));
-    const int pickle_fd = pickle_file_->fd();
-    const std::string& tmp = pickle_file_->work_path();
-    // The space is reserved now: a full disk is an error here, never a SIGBUS while writing.
-    if (const int err = posix_fallocate(pickle_fd, 0, pickle_map_size_); err != 0) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "cannot reserve ", pickle_map_size_, " bytes for ", tmp, ": ", std::strerror(err)));
+    // The space is reserved now: a full disk is an error here, not after the generation. Whatever
+    // is never written reads as zeros.
+    if (const int err = posix_fallocate(pickle_file_->fd(), 0, layout.FileSize()); err != 0) {
+      return absl::ResourceExhaustedError(absl::StrCat("cannot reserve ", layout.FileSize(),
+                                                       " bytes for ", pickle_file_->work_path(),
+                                                       ": ", std::strerror(err)));
     }
-    void* map = mmap(nullptr, static_cast<size_t>(pickle_map_size_), PROT_READ | PROT_WRITE,
-                     MAP_SHARED, pickle_fd, 0);
-    if (map == MAP_FAILED) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("cannot map ", tmp, ": ", std::strerror(errno)));
-    }
-    pickle_map_ = static_cast<char*>(map);
   }
   return absl::OkStatus();
 }
@@ -209,13 +199,14 @@ absl::Status SampleWriter::Append(const std::string& name, const std::string& dt
 absl::Status SampleWriter::WriteFull(const BlockHeader& h, absl::string_view data,
                                      int64_t byte_offset) {
   // Block values are [heads, rows, keys] row-major; this chunk holds elements [first, first + n).
-  // They go straight to their place in the mapped pickle, converted to float32.
+  // They go to their place in the pickle, converted to float32; a row's last keys bring the zeros
+  // after them, so consecutive rows of a head are one run of bytes in the file.
   const int64_t elem = ElementSize(h.element_type);
   const int64_t rows = h.shape[1], keys = h.shape[2];
   const int64_t first = byte_offset / elem;
   const int64_t n = static_cast<int64_t>(data.size()) / elem;
   const PrototypePickleLayout layout{static_cast<int64_t>(layer_slot_.size()), heads_, max_rows_};
-  char* base = pickle_map_ + layout.DataOffset(static_cast<int64_t>(layer_slot_.at(h.layer)));
+  const int64_t base = layout.DataOffset(static_cast<int64_t>(layer_slot_.at(h.layer)));
   for (int64_t e = first; e < first + n;) {
     const int64_t head = e / (rows * keys), r = (e / keys) % rows, k = e % keys;
     const int64_t len = std::min(keys - k, first + n - e);
@@ -224,17 +215,65 @@ absl::Status SampleWriter::WriteFull(const BlockHeader& h, absl::string_view dat
       return Malformed(
           absl::StrCat("row ", row, " beyond the ", max_rows_, " rows of the matrices"));
     }
-    char* dst = base + ((head * max_rows_ + row) * max_rows_ + k) * 4;
-    const char* src = data.data() + (e - first) * elem;
-    if (h.element_type == ElementType::kFloat32) {
-      std::memcpy(dst, src, static_cast<size_t>(len) * 4);
+    const int64_t zeros = k + len == keys ? max_rows_ - keys : 0;
+    RETURN_IF_ERROR(Stage(base + ((head * max_rows_ + row) * max_rows_ + k) * 4,
+                          data.data() + (e - first) * elem, len, h.element_type, zeros));
+    e += len;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SampleWriter::Stage(int64_t file_offset, const char* src, int64_t count,
+                                 ElementType type, int64_t zeros) {
+  constexpr int64_t kStageBytes = int64_t{4} << 20;
+  if (stage_ == nullptr) stage_ = std::make_unique<char[]>(kStageBytes);
+  const int64_t elem = ElementSize(type);
+  while (count + zeros > 0) {
+    if (stage_bytes_ > 0 &&
+        (file_offset != stage_offset_ + stage_bytes_ || stage_bytes_ == kStageBytes)) {
+      RETURN_IF_ERROR(FlushStage());
+    }
+    if (stage_bytes_ == 0) stage_offset_ = file_offset;
+    char* dst = stage_.get() + stage_bytes_;
+    int64_t room = (kStageBytes - stage_bytes_) / 4;
+    const int64_t c = std::min(count, room);
+    if (type == ElementType::kFloat32) {
+      std::memcpy(dst, src, static_cast<size_t>(c) * 4);
     } else {
-      for (int64_t i = 0; i < len; ++i) {
-        const float f = ToFloat(src + i * elem, h.element_type);
+      for (int64_t i = 0; i < c; ++i) {
+        const float f = ToFloat(src + i * elem, type);
         std::memcpy(dst + i * 4, &f, 4);
       }
     }
-    e += len;
+    const int64_t z = std::min(zeros, room - c);
+    std::memset(dst + c * 4, 0, static_cast<size_t>(z) * 4);
+    src += c * elem;
+    count -= c;
+    zeros -= z;
+    file_offset += (c + z) * 4;
+    stage_bytes_ += (c + z) * 4;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SampleWriter::FlushStage() {
+  if (stage_bytes_ == 0) return absl::OkStatus();
+  RETURN_IF_ERROR(PickleWrite(stage_offset_, stage_.get(), stage_bytes_));
+  stage_bytes_ = 0;
+  return absl::OkStatus();
+}
+
+absl::Status SampleWriter::PickleWrite(int64_t file_offset, const char* data, int64_t bytes) {
+  while (bytes > 0) {
+    const ssize_t w = pwrite(pickle_file_->fd(), data, static_cast<size_t>(bytes), file_offset);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      return absl::DataLossError(absl::StrCat("cannot write ", pickle_file_->work_path(), ": ",
+                                              w < 0 ? std::strerror(errno) : "no progress"));
+    }
+    data += w;
+    bytes -= w;
+    file_offset += w;
   }
   return absl::OkStatus();
 }
@@ -369,41 +408,61 @@ absl::Status SampleWriter::WriteSafetensors(const std::string& metadata) {
 }
 
 absl::Status SampleWriter::WritePickle() {
+  RETURN_IF_ERROR(FlushStage());
   const int64_t T = std::min<int64_t>(max_rows_, prompt_len_ + std::max<int64_t>(0, tokens() - 1));
   const int64_t layers = static_cast<int64_t>(layer_slot_.size());
   const PrototypePickleLayout full{layers, heads_, max_rows_}, final_layout{layers, heads_, T};
-  // A generation shorter than max_new_tokens: rows move to their final, lower offsets, in order
-  // (a destination never passes a source not yet moved).
+  // A generation shorter than max_new_tokens: rows move to their final, lower offsets, a batch of
+  // one head's rows at a time, in order (a batch's destination ends before the next batch's
+  // source begins, and its own source is read before it is written).
   if (T < max_rows_) {
+    const int64_t batch_rows = std::max<int64_t>(1, (int64_t{4} << 20) / (max_rows_ * 4));
+    std::vector<char> in, out;
     for (int64_t slot = 0; slot < layers; ++slot) {
       for (int64_t h = 0; h < heads_; ++h) {
-        for (int64_t r = 0; r < T; ++r) {
-          std::memmove(pickle_map_ + final_layout.DataOffset(slot) + (h * T + r) * T * 4,
-                       pickle_map_ + full.DataOffset(slot) + (h * max_rows_ + r) * max_rows_ * 4,
-                       static_cast<size_t>(T) * 4);
+        for (int64_t r0 = 0; r0 < T; r0 += batch_rows) {
+          const int64_t m = std::min(batch_rows, T - r0);
+          in.resize(static_cast<size_t>(m * max_rows_ * 4));
+          out.resize(static_cast<size_t>(m * T * 4));
+          const int64_t from = full.DataOffset(slot) + (h * max_rows_ + r0) * max_rows_ * 4;
+          for (int64_t got = 0; got < static_cast<int64_t>(in.size());) {
+            const ssize_t n =
+                pread(pickle_file_->fd(), in.data() + got, in.size() - got, from + got);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) {
+              return absl::DataLossError(
+                  absl::StrCat("cannot read back ", pickle_file_->work_path()));
+            }
+            got += n;
+          }
+          for (int64_t i = 0; i < m; ++i) {
+            std::memcpy(out.data() + i * T * 4, in.data() + i * max_rows_ * 4,
+                        static_cast<size_t>(T) * 4);
+          }
+          RETURN_IF_ERROR(PickleWrite(final_layout.DataOffset(slot) + (h * T + r0) * T * 4,
+                                      out.data(), static_cast<int64_t>(out.size())));
         }
       }
     }
   }
   const std::string preamble = PrototypePickleLayout::Preamble();
   const std::string tail = PrototypePickleLayout::Tail();
-  std::memcpy(pickle_map_, preamble.data(), preamble.size());
+  RETURN_IF_ERROR(PickleWrite(0, preamble.data(), static_cast<int64_t>(preamble.size())));
   int64_t slot = 0;
   for (const auto& [layer, unused] : layer_slot_) {
     const std::string head = final_layout.Head(layer);
     const int64_t data = final_layout.DataOffset(slot++);
-    std::memcpy(pickle_map_ + data - static_cast<int64_t>(head.size()), head.data(), head.size());
-    std::memcpy(pickle_map_ + data + final_layout.data_bytes(), tail.data(), tail.size());
+    RETURN_IF_ERROR(PickleWrite(data - static_cast<int64_t>(head.size()), head.data(),
+                                static_cast<int64_t>(head.size())));
+    RETURN_IF_ERROR(PickleWrite(data + final_layout.data_bytes(), tail.data(),
+                                static_cast<int64_t>(tail.size())));
   }
   const std::string end = PrototypePickleLayout::End();
-  std::memcpy(pickle_map_ + final_layout.FileSize() - static_cast<int64_t>(end.size()), end.data(),
-              end.size());
-  munmap(pickle_map_, static_cast<size_t>(pickle_map_size_));
-  pickle_map_ = nullptr;
+  RETURN_IF_ERROR(PickleWrite(final_layout.FileSize() - static_cast<int64_t>(end.size()),
+                              end.data(), static_cast<int64_t>(end.size())));
   if (ftruncate(pickle_file_->fd(), final_layout.FileSize()) != 0)
     return absl::DataLossError(absl::StrCat("cannot size ", pickle_file_->work_path()));
-  // The values were written through the mapping: fsync (in Publish) writes them out too.
-  return pickle_file_->Publish(replace_);
+  return pickle_file_->Publish(replace_);  // fsync first
 }
 
 absl::Status SampleWriter::OnDivergence(const v1::DivergenceEvent& event) {

@@ -97,12 +97,17 @@ class SampleWriter {
   int64_t max_rows_ = 0;  // prompt + max_new_tokens - 1: row capacity of the full matrices
   int64_t heads_ = 0;
   std::FILE* data_ = nullptr;  // blocks, appended as they arrive
-  // Pickle: the output file itself, mapped, laid out for T = max_rows_ (PrototypePickleLayout);
-  // dense values are converted straight into their place. A shorter generation is compacted in
-  // place at the end.
+  // Pickle: the output file itself, reserved for T = max_rows_ (PrototypePickleLayout); dense
+  // values are converted into a staging buffer, their rows padded with the zeros of the keys past
+  // the block's, and written with pwrite where consecutive rows of a head meet (no page faults of a
+  // mapping, no rows written one by one). A shorter generation is compacted at the end.
+  absl::Status Stage(int64_t file_offset, const char* src, int64_t count, ElementType type,
+                     int64_t zeros);
+  absl::Status FlushStage();
+  absl::Status PickleWrite(int64_t file_offset, const char* data, int64_t bytes);
   std::unique_ptr<AtomicFile> pickle_file_;
-  char* pickle_map_ = nullptr;
-  int64_t pickle_map_size_ = 0;
+  std::unique_ptr<char[]> stage_;  // stage_bytes_ bytes for the file from stage_offset_ on
+  int64_t stage_offset_ = 0, stage_bytes_ = 0;
   std::vector<Entry> entries_;              // in arrival (= file) order
   std::map<std::string, size_t> entry_of_;  // name -> index in entries_
   std::map<int64_t, size_t> layer_slot_;    // layer -> slot in full_

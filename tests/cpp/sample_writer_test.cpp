@@ -281,6 +281,65 @@ TEST_F(SampleWriterTest, PickleAssemblesFullMatrices) {
   }
 }
 
+// Matrices larger than the writer's 4 MiB staging buffer and its compaction batches: a 1000-token
+// prompt whose blocks come in pieces that end mid-row, 59 decode rows of a generation that stopped
+// at 60 of 113 tokens (compacted from 1112 rows to 1059; at 1112 keys a row, the buffer fills in
+// the zeros after a prompt row's 1000 values). Every value where the prototype's layout
+// puts it, every other entry 0.
+TEST_F(SampleWriterTest, PickleOfAShortGenerationAcrossStagingAndCompactionBatches) {
+  const int64_t P = 1000, max_new = 113, tokens = 60, T = P + tokens - 1;
+  v1::StreamHeader header = Header();
+  header.clear_prompt_token_ids();
+  for (int64_t i = 0; i < P; ++i) header.add_prompt_token_ids(5);
+  header.set_max_new_tokens(max_new);
+  SampleWriter w(path_ + ".pkl", SampleFormat::kPickle);
+  ASSERT_TRUE(w.OnHeader(header, 0).ok());
+  for (int64_t layer : {0, 1}) {
+    for (const auto& c : Attention(Phase::kPrefill, 0, layer, 0, P, P, 7))
+      ASSERT_TRUE(w.OnAttention(c).ok());
+  }
+  for (int64_t step = 1; step <= tokens; ++step) {
+    ASSERT_TRUE(w.OnToken(Token(step, 8)).ok());
+    if (step == tokens) break;  // the last token's row is never computed
+    for (int64_t layer : {0, 1}) {
+      for (const auto& c : Attention(Phase::kDecode, step, layer, P + step - 1, 1, P + step))
+        ASSERT_TRUE(w.OnAttention(c).ok());
+    }
+  }
+  ASSERT_TRUE(w.Finish(Trailer(), "").ok());
+  std::ifstream in(path_ + ".pkl", std::ios::binary);
+  std::stringstream bytes;
+  bytes << in.rdbuf();
+  const std::string pickle = bytes.str();
+  const PrototypePickleLayout layout{2, 2, T};
+  ASSERT_EQ(static_cast<int64_t>(pickle.size()), layout.FileSize());
+  EXPECT_EQ(pickle.back(), '.');
+  int64_t wrong = 0;
+  for (int64_t slot = 0; slot < 2; ++slot) {
+    EXPECT_EQ(
+        pickle.substr(layout.DataOffset(slot) - layout.Head(slot).size(), layout.Head(slot).size()),
+        layout.Head(slot));
+    const char* data = pickle.data() + layout.DataOffset(slot);
+    for (int64_t h = 0; h < 2; ++h) {
+      for (int64_t r = 0; r < T; ++r) {
+        const int64_t keys = r < P ? P : r + 1;  // the block's keys: the prompt's, or a step's
+        for (int64_t k = 0; k < T; ++k) {
+          float v;
+          std::memcpy(&v, data + ((h * T + r) * T + k) * 4, 4);
+          const float want =
+              k >= keys ? 0.0f
+                        : static_cast<float>(r < P ? (h * P + r) * P + k : h * keys + k) + 0.5f;
+          if (v != want && ++wrong <= 5) {
+            ADD_FAILURE() << "layer " << slot << " head " << h << " row " << r << " key " << k
+                          << ": " << v << ", want " << want;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(wrong, 0);
+}
+
 TEST_F(SampleWriterTest, RefusesMalformedChunksByName) {
   struct Case {
     const char* want;
