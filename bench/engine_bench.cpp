@@ -17,6 +17,7 @@
 #include "bench/counting_sink.h"
 #include "cli/host_memory.h"
 #include "engine/engine.h"
+#include "engine/rope.h"
 
 ABSL_FLAG(std::string, model_dir, "",
           "checkpoint folder (tests/tools/checkpoint.py bench_engine DIR)");
@@ -110,6 +111,59 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// RoPE alone, per forward pass of the model's shapes (every layer's q and k): the tensor expression
+// with a table built for each pass (the engine before its table cache and CPU pass) against the
+// engine's RopeTableCache and ApplyRope; best of 5 timings of many passes each.
+void RopeRows(const ModelInfo& info, int64_t prompt) {
+  const int64_t dim = info.hidden_size / info.num_heads;
+  const torch::Tensor inv_freq = RopeInverseFrequencies(RopeConfig{}, dim);
+  const auto expression = [](const torch::Tensor& x, const torch::Tensor& cos,
+                             const torch::Tensor& sin) {
+    const int64_t half = x.size(-1) / 2;
+    torch::Tensor rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+    return x * cos + rotated * sin;
+  };
+  std::printf(
+      "\n| RoPE per forward pass (%ld layers, q and k as the projections leave them) | "
+      "tensor expression, a table per pass (us) | table cache + CPU pass (us) | ratio |\n",
+      (long)info.num_layers);
+  std::printf("| --- | ---: | ---: | ---: |\n");
+  for (const int64_t n : {int64_t{1}, prompt}) {
+    const torch::Tensor q = torch::randn({n, info.num_heads, dim}).transpose(0, 1);
+    const torch::Tensor k = torch::randn({n, info.num_kv_heads, dim}).transpose(0, 1);
+    const int passes = n == 1 ? 5000 : 100;
+    double best[2] = {1e18, 1e18};
+    for (int trial = 0; trial < 5; ++trial) {
+      for (int variant = 0; variant < 2; ++variant) {
+        RopeTableCache decode_cache;  // a decode step's row from the generation's table
+        const auto t0 = Clock::now();
+        for (int pass = 0; pass < passes; ++pass) {
+          const int64_t pos0 = n == 1 ? prompt + pass : 0;
+          torch::Tensor cos, sin;
+          if (variant == 0) {
+            std::tie(cos, sin) = RopeTables(inv_freq, pos0, n, torch::kFloat32);
+          } else if (n == 1) {
+            std::tie(cos, sin) = decode_cache.Rows(inv_freq, pos0, n, torch::kFloat32);
+          } else {
+            RopeTableCache prefill_cache;  // a prefill makes its generation's first table
+            std::tie(cos, sin) = prefill_cache.Rows(inv_freq, pos0, n, torch::kFloat32);
+          }
+          for (int64_t l = 0; l < info.num_layers; ++l) {
+            torch::Tensor qr = variant == 0 ? expression(q, cos, sin) : ApplyRope(q, cos, sin);
+            torch::Tensor kr = variant == 0 ? expression(k, cos, sin) : ApplyRope(k, cos, sin);
+          }
+        }
+        const double us =
+            std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / passes;
+        best[variant] = std::min(best[variant], us);
+      }
+    }
+    std::printf("| %s (%ld position%s) | %.1f | %.1f | %.2f |\n",
+                n == 1 ? "decode step" : "prefill", (long)n, n == 1 ? "" : "s", best[0], best[1],
+                best[1] / best[0]);
+  }
+}
+
 int Main() {
   EngineOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model_dir);
@@ -185,6 +239,7 @@ int Main() {
   row("engine, full dense capture", full_s);
   std::printf("\ncapture on / off: prefill %.3f, decode %.3f (throughput ratio)\n",
               off_s.prefill_ms / full_s.prefill_ms, off_s.decode_ms / full_s.decode_ms);
+  RopeRows(info, prompt);
   return 0;
 }
 
