@@ -117,12 +117,6 @@ double Median(std::vector<double> v) {
 void RopeRows(const ModelInfo& info, int64_t prompt) {
   const int64_t dim = info.hidden_size / info.num_heads;
   const torch::Tensor inv_freq = RopeInverseFrequencies(RopeConfig{}, dim);
-  const auto expression = [](const torch::Tensor& x, const torch::Tensor& cos,
-                             const torch::Tensor& sin) {
-    const int64_t half = x.size(-1) / 2;
-    torch::Tensor rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-    return x * cos + rotated * sin;
-  };
   std::printf(
       "\n| RoPE per forward pass (%ld layers, q and k as the projections leave them) | "
       "tensor expression, a table per pass (us) | table cache + CPU pass (us) | ratio |\n",
@@ -149,8 +143,8 @@ void RopeRows(const ModelInfo& info, int64_t prompt) {
             std::tie(cos, sin) = prefill_cache.Rows(inv_freq, pos0, n, torch::kFloat32);
           }
           for (int64_t l = 0; l < info.num_layers; ++l) {
-            torch::Tensor qr = variant == 0 ? expression(q, cos, sin) : ApplyRope(q, cos, sin);
-            torch::Tensor kr = variant == 0 ? expression(k, cos, sin) : ApplyRope(k, cos, sin);
+            torch::Tensor qr = variant == 0 ? RopeExpression(q, cos, sin) : ApplyRope(q, cos, sin);
+            torch::Tensor kr = variant == 0 ? RopeExpression(k, cos, sin) : ApplyRope(k, cos, sin);
           }
         }
         const double us =

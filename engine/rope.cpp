@@ -42,9 +42,7 @@ std::pair<torch::Tensor, torch::Tensor> RopeTables(const torch::Tensor& inv_freq
   return {angles.cos().to(dtype), angles.sin().to(dtype)};
 }
 
-namespace {
-
-// The tensor expression: what every other device and type runs, and what the CPU pass equals.
+// What every other device and type runs, and what the CPU pass equals.
 torch::Tensor RopeExpression(const torch::Tensor& x, const torch::Tensor& cos,
                              const torch::Tensor& sin) {
   const int64_t half = x.size(-1) / 2;
@@ -52,8 +50,6 @@ torch::Tensor RopeExpression(const torch::Tensor& x, const torch::Tensor& cos,
   torch::Tensor rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
   return x * cos + rotated * sin;
 }
-
-}  // namespace
 
 torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos,
                         const torch::Tensor& sin) {
@@ -67,8 +63,8 @@ torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos,
   }
   const int64_t heads = x.size(0), n = x.size(1), dim = x.size(2), half = dim / 2;
   const torch::Tensor c = cos.contiguous(), s = sin.contiguous();
-  torch::Tensor out = torch::empty_like(x);  // x's layout (a transposed projection stays one)
-  if (out.stride(2) != 1) out = torch::empty({heads, n, dim}, x.options());
+  // x's layout (a transposed projection stays one; anything else comes out contiguous).
+  torch::Tensor out = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
   const float* cp = c.data_ptr<float>();
   const float* sp = s.data_ptr<float>();

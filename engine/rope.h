@@ -3,8 +3,6 @@
 
 #include <torch/torch.h>
 
-#include <vector>
-
 #include "engine/checkpoint/config.h"
 
 namespace attnscope {
@@ -20,6 +18,10 @@ std::pair<torch::Tensor, torch::Tensor> RopeTables(const torch::Tensor& inv_freq
 // float32 one pass over x (no rotated copy, no products in between), bit for bit the tensor
 // expression (each product rounded, then the sum); elsewhere that expression.
 torch::Tensor ApplyRope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+
+// That tensor expression itself, on any device and type (the bench's baseline).
+torch::Tensor RopeExpression(const torch::Tensor& x, const torch::Tensor& cos,
+                             const torch::Tensor& sin);
 
 // The cos and sin tables of one generation, kept from one forward pass to the next: each table is
 // made for the positions asked for and kAhead more, so the decode steps after it take their rows

@@ -235,7 +235,7 @@ absl::Status SampleWriter::Stage(int64_t file_offset, const char* src, int64_t c
     }
     if (stage_bytes_ == 0) stage_offset_ = file_offset;
     char* dst = stage_.get() + stage_bytes_;
-    int64_t room = (kStageBytes - stage_bytes_) / 4;
+    const int64_t room = (kStageBytes - stage_bytes_) / 4;
     const int64_t c = std::min(count, room);
     if (type == ElementType::kFloat32) {
       std::memcpy(dst, src, static_cast<size_t>(c) * 4);
